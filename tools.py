@@ -44,7 +44,8 @@ SECTIONS = ("run", "env", "world", "model", "synth", "sft", "worldmodel", "rl", 
 
 @dataclass
 class RunConfig:
-    name: str = "tiny"  # every artifact of this pipeline goes under runs/<name>/
+    name: str = "tiny"  # every artifact of this pipeline goes under <runs_dir>/<name>/
+    runs_dir: str = "runs"
     seed: int = 0
     data_dir: str = "data/tiny"  # corpus.jsonl, train/dev/test.jsonl (data.py writes them for the tiny world)
     device: str = "auto"  # auto = cuda if available, else cpu
@@ -52,7 +53,7 @@ class RunConfig:
 
     @property
     def dir(self):
-        return os.path.join("runs", self.name)
+        return os.path.join(self.runs_dir, self.name)
 
 
 @dataclass

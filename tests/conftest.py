@@ -1,0 +1,48 @@
+"""Shared fixtures: a small tiny world, its tokenizer and an untrained tiny model, built once per test session.
+
+    tiny_cfg   the resolved config (run.data_dir and run.runs_dir point into a temporary folder)
+    tiny_base  the path of the untrained base model folder (model + tokenizer)
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(1)  # tests share 2 cores; small models are not faster with more threads
+
+import data  # noqa: E402
+from tools import EnvConfig, RunConfig, load_config  # noqa: E402
+
+SMALL_WORLD = ["world.n_people=200", "world.n_famous=8", "world.n_cities=12", "world.n_countries=4",
+               "world.n_companies=10", "world.n_first=16", "world.n_last=16", "world.n_dev=40", "world.n_test=60",
+               "world.famous_repeats=4"]
+
+
+def tiny_config(root, extra=()):
+    """Config for a small tiny world living under root (data in root/data, stage outputs in root/runs/test)."""
+    argv = ["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
+            f"run.data_dir={root}/data", f"run.runs_dir={root}/runs", "run.name=test", *SMALL_WORLD, *extra]
+    return load_config({"run": RunConfig, "env": EnvConfig, "world": data.WorldConfig, "model": data.ModelConfig},
+                       argv, own="world")
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tiny"))
+    cfg = tiny_config(root)
+    data.build_world(cfg.world, cfg.run.seed, cfg.run.data_dir)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_root):
+    return tiny_config(tiny_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_cfg, tiny_root):
+    path = os.path.join(tiny_root, "base")
+    data.build_tiny(tiny_cfg, path)
+    return path
