@@ -85,10 +85,10 @@ class EnvConfig:
     worldmodel: str = ""  # path of the world-model LM, for env=worldmodel
 
 
-def parse_value(text, typ):
+def parse_value(text, typ, name):
     """Parse a command-line string into the dataclass field's type."""
     value = yaml.safe_load(text) if typ is not str else text
-    return check_type(value, typ, text)
+    return check_type(value, typ, name)
 
 
 def check_type(value, typ, name):
@@ -151,7 +151,7 @@ def load_config(sections, argv=None, own=None):
         fields = {f.name: f.type for f in dataclasses.fields(sections[name])}
         if key not in fields:
             raise ValueError(f"config: unknown key '{name}.{key}' (known: {', '.join(fields)})")
-        values[name][key] = parse_value(text, fields[key])
+        values[name][key] = parse_value(text, fields[key], f"{name}.{key}")
     cfg = {name: build(cls, values[name], name) for name, cls in sections.items()}
     return _Namespace(cfg, path=path, flags=flags)
 
