@@ -407,15 +407,31 @@ def format_observation(passages, tokenizer, env):
     return f"{env.obs_open} {body.strip()} {env.obs_close}"
 
 
+def split_context(context, tokenizer, env):
+    """(question, history) of a trajectory's text so far (prompt + completion, as rollout.py passes it).
+
+    The prompt is matched against build_prompt's own shape, so this works with and without a chat template;
+    text of another shape comes back as ("", context): all of it history.
+    """
+    marker = "QUESTIONMARKER"
+    prefix, _, suffix = build_prompt(tokenizer, marker, env).partition(marker)
+    if context.startswith(prefix) and suffix in context[len(prefix):]:
+        question, _, history = context[len(prefix):].partition(suffix)
+        return question, history
+    return "", context
+
+
 class SearchEnv:
     """The real environment: a batch of queries -> a batch of observation strings; counts real calls.
 
-    `contexts` (the text of each trajectory so far) is unused here; a world model reads it (worldmodel.py).
+    `contexts` (the text of each trajectory so far) does not change the result; with `log_path` every real call
+    is appended to a JSONL file as {"question", "history", "query", "observation"}: the world model's training
+    data (worldmodel.py), collected for free during synthesis, RL with the real tool, and eval.
     """
     simulated = False
 
-    def __init__(self, tool, tokenizer, env):
-        self.tool, self.tokenizer, self.env = tool, tokenizer, env
+    def __init__(self, tool, tokenizer, env, log_path=None):
+        self.tool, self.tokenizer, self.env, self.log_path = tool, tokenizer, env, log_path
         self.calls = 0  # real tool calls spent, one per query
         self.failures = 0
 
@@ -429,7 +445,21 @@ class SearchEnv:
                 raise ToolError(str(e)) from e
             self.failures += len(queries)
             return [f"{self.env.obs_open} search failed: {type(e).__name__} {self.env.obs_close}"] * len(queries)
-        return [format_observation(p, self.tokenizer, self.env) for p in results]
+        observations = [format_observation(p, self.tokenizer, self.env) for p in results]
+        if self.log_path:
+            self.log(queries, contexts or [""] * len(queries), observations)
+        return observations
+
+    def log(self, queries, contexts, observations):
+        """Append one row per call; one write per batch, so concurrent ranks do not interleave rows."""
+        rows = []
+        for query, context, obs in zip(queries, contexts, observations):
+            question, history = split_context(context, self.tokenizer, self.env)
+            rows.append(json.dumps({"question": question, "history": history, "query": query, "observation": obs},
+                                   ensure_ascii=False) + "\n")
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write("".join(rows))
 
 
 # -----------------------------------------------------------------------------
