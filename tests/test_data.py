@@ -168,3 +168,17 @@ def test_smollm2_converts_from_gguf_and_answers(tmp_path):
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text
     assert all(len(tok.encode(tag, add_special_tokens=False)) > 1 for tag in data.tag_list(cfg.env))
+
+
+def test_hub_sets_load_by_flashrag_name(monkeypatch):
+    """Offline stand-in for the hub: the loader asks for FlashRAG's config name and validates the rows."""
+    import datasets
+    asked = {}
+
+    def fake_load_dataset(repo, name, split):
+        asked.update(repo=repo, name=name, split=split)
+        return [{"id": "1", "question": "q", "golden_answers": ["a"]}, {"id": "2", "question": "q2"}]
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows = data.load_qa("2wiki", split="dev")
+    assert asked == {"repo": "RUC-NLPIR/FlashRAG_datasets", "name": "2wikimultihopqa", "split": "dev"}
+    assert [r["id"] for r in rows] == ["1"]
