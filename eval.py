@@ -1,0 +1,570 @@
+"""
+eval.py -- evaluate any model on any QA set with any environment, and the baselines the paper compares against.
+
+What it measures (AutoCoA, arXiv 2503.06580, Sec. 4 / Table 1), per question and in a summary:
+    EM, F1 (SQuAD normalisation, several gold answers), the paper's lenient accuracy (EM, or >= 70% of a gold
+    answer's tokens in the prediction), format-error rate (tools.parse), actions per question, real and simulated
+    tool calls, generated tokens per question (tokens the model wrote; observations excluded), wall time, all of
+    them also by question kind (the tiny world's city/employer/country/comparison/yesno). Greedy by default; with
+    eval.samples=n and eval.temperature>0, n samples per question and the mean and spread (std over the n samples)
+    of each accuracy. An optional LLM judge (an OpenAI-compatible /chat/completions endpoint through `requests`)
+    adds a judged accuracy; it is off by default and its key is read from an environment variable, never a file.
+
+The answer scored is the last \\boxed{} after </think> (tools.parse); when the format is broken the last \\boxed{}
+anywhere is still scored, so EM measures what the model answered and format_error counts the broken trajectories
+separately (the training reward, tools.reward, is stricter: 0 on any format error).
+
+Three modes, all through rollout.py so the rows compare fairly:
+    agent     the model decides when to search (CoA): rollout() with the configured environment;
+    notool    the model answers from what it knows: the same rollout() with env.max_actions=0 (an action is cut
+              off and the answer forced, Algorithm 1) and, for instruct models, a system prompt that offers no tool;
+    workflow  the actions are decided by an external loop, not by the model (the paper's contrast):
+              fixed  (the tiny world) search each entity the question names (the row's "queries"; the question
+                     itself for real sets), write those actions and observations into the context, then let the model
+                     reason and answer with no further search allowed;
+              react  (instruct models) a few-shot Thought / Action: Search[...] / Observation loop: generate until
+                     "Observation:", run the query, append the result, repeat; "Action: Finish[...]" answers.
+              auto   react for a model with a chat template, fixed otherwise.
+
+Outputs: <run.dir>/<eval.out>/<tag>.jsonl (one row per question and sample) and <tag>.summary.json.
+
+    python eval.py --config configs/tiny.yaml init=sft2                     # the agent, greedy, real tool
+    python eval.py --config configs/tiny.yaml init=sft2 mode=notool
+    python eval.py --config configs/tiny.yaml init=sft2 samples=4 temperature=0.7 env.env=policy
+    python eval.py --config configs/smollm2_eval.yaml mode=workflow data=/path/hotpotqa.jsonl limit=50
+    torchrun is not needed: evaluation is one process (batched); run several evals side by side instead.
+
+Not here: the pass@k family, retrieval metrics (data.bm25_recall has recall@k), an LLM judge for training rewards.
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import data
+from tools import (EnvConfig, RunConfig, SearchEnv, exact_match, extract_boxed, f1_score, lenient_match,
+                   load_config, load_model, make_tool, parse)
+
+
+@dataclass
+class EvalConfig:
+    init: str = "sft2"  # the model: a folder, a stage name under <run.dir>/, "base", or an HF hub name
+    data: str = "test"  # a split of run.data_dir (train|dev|test), a QA JSONL path, or a FlashRAG name (nq, ...)
+    limit: int = 0  # evaluate the first N questions only (0 = all)
+    mode: str = "agent"  # agent | notool | workflow (see the docstring)
+    workflow: str = "auto"  # auto | fixed | react: how the workflow baseline decides its actions
+    samples: int = 1  # samples per question; 1 with temperature 0 = greedy
+    temperature: float = 0.0
+    top_p: float = 1.0
+    batch_size: int = 64  # questions per rollout call (times samples = sequences in flight)
+    tag: str = ""  # name of the output files; empty = <init>-<mode>-<data>
+    out: str = "eval"  # results go to <run.dir>/<out>/
+    show: int = 0  # print this many trajectories with model vs environment tokens told apart
+    judge: bool = False  # also ask an LLM judge (OpenAI-compatible endpoint) whether each answer is right
+    judge_url: str = "http://127.0.0.1:8001/v1/chat/completions"
+    judge_model: str = "gpt-4o-mini"
+    judge_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (empty: no auth header)
+    judge_timeout_s: float = 30.0
+    seed: int = 0  # sampling seed (a torch.Generator), so sampled evals repeat exactly
+
+
+NOTOOL_PROMPT = ("Answer the question from what you know. Think inside <think> </think>, then give the final "
+                 "answer as \\boxed{answer}.")
+
+# -----------------------------------------------------------------------------
+# Inputs: the model and the questions
+
+def resolve_model(init, cfg):
+    """A model path from eval.init: an existing folder, a stage output under run.dir, 'base', or a hub name."""
+    if init == "base":
+        return data.base_model_path(cfg)
+    if os.path.isdir(init):
+        return init
+    staged = os.path.join(cfg.run.dir, init)
+    if os.path.isdir(staged):
+        return staged
+    if init.count("/") == 1 and not init.startswith((".", "/")):  # owner/name: from_pretrained reads the hub
+        return init
+    raise FileNotFoundError(f"eval.init={init!r}: no folder {init!r} or {staged!r} (run that stage first)")
+
+
+def load_questions(cfg):
+    source = cfg.eval.data
+    if source in ("train", "dev", "test") and not os.path.exists(source):
+        source = os.path.join(cfg.run.data_dir, f"{source}.jsonl")
+    return data.load_qa(source, limit=cfg.eval.limit or None)
+
+
+def make_environment(cfg, tokenizer):
+    """The environment rollout() talks to, by env.env: the real tool, the policy itself, or a world-model LM."""
+    if cfg.env.env == "real":
+        return SearchEnv(make_tool(cfg.env, cfg.run), tokenizer, cfg.env)
+    if cfg.env.env == "policy":
+        return None  # the policy writes its own observations (rollout's simulated mode)
+    if cfg.env.env == "worldmodel":
+        import worldmodel
+        return worldmodel.make_environment(cfg.env, cfg.run, tokenizer)
+    raise ValueError(f"config: env.env must be real, policy or worldmodel, got {cfg.env.env!r}")
+
+
+# -----------------------------------------------------------------------------
+# Running the model: the agent, the no-tool baseline, the two workflow baselines
+
+def run_agent(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
+    """rollout() over batches of questions; episodes come back in row order, samples adjacent."""
+    from rollout import rollout
+    episodes = []
+    for i in range(0, len(rows), ecfg.batch_size):
+        episodes += rollout(model, tokenizer, rows[i:i + ecfg.batch_size], env_cfg, environment,
+                            group_size=ecfg.samples, temperature=ecfg.temperature, top_p=ecfg.top_p,
+                            generator=generator)
+    return episodes
+
+
+def notool_env(env_cfg, tokenizer):
+    """The no-tool baseline's env: no action allowed (rollout forces the answer) and no tool in the prompt."""
+    changes = {"max_actions": 0, "env": "real"}  # "real" with a tool that is never called (NoTool)
+    if getattr(tokenizer, "chat_template", None):
+        changes["system_prompt"] = NOTOOL_PROMPT
+    return dataclasses.replace(env_cfg, **changes)
+
+
+def generate_batch(model, tokenizer, prompts, max_new_tokens, stop_strings, ecfg, generator):
+    """rollout.generate over batches: prompts (lists of ids) -> [(ids, logps)] in order."""
+    from rollout import generate
+    out = []
+    for i in range(0, len(prompts), ecfg.batch_size):
+        ids, logps = generate(model, tokenizer, prompts[i:i + ecfg.batch_size], max_new_tokens,
+                              stop_strings=stop_strings, temperature=ecfg.temperature, top_p=ecfg.top_p,
+                              generator=generator)
+        out += list(zip(ids, logps))
+    return out
+
+
+class Trace:
+    """One workflow trajectory being built: completion ids with who wrote each (mask), like rollout's Episode."""
+
+    def __init__(self, row, prompt_ids):
+        self.row, self.prompt_ids = row, list(prompt_ids)
+        self.ids, self.mask, self.logps, self.actions = [], [], [], []
+        self.real_calls = self.sim_calls = 0
+        self.finish, self.answer, self.done = "length", None, False
+
+    def add(self, ids, who, logps=None):
+        """Append tokens; who = 'model' (mask 1, trained on) or 'env' (mask 0, written by the loop/tool)."""
+        ids = [int(t) for t in ids]
+        self.ids += ids
+        self.mask += [1 if who == "model" else 0] * len(ids)
+        self.logps += [float(x) for x in logps] if logps is not None else [0.0] * len(ids)
+
+    def episode(self, tokenizer):
+        from rollout import Episode
+        return Episode(question=self.row["question"], golds=list(self.row["golden_answers"]),
+                       prompt_ids=self.prompt_ids, ids=self.ids, mask=self.mask, logps=self.logps,
+                       actions=self.actions, real_calls=self.real_calls, sim_calls=self.sim_calls,
+                       finish=self.finish, text=tokenizer.decode(self.ids), reward=0.0)
+
+
+def encode(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def count_calls(trace, environment, n):
+    if getattr(environment, "simulated", False):
+        trace.sim_calls += n
+    else:
+        trace.real_calls += n
+
+
+def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
+    """Search first, then answer. The loop (not the model) writes the actions and their observations (mask 0);
+    the model then writes its reasoning and answer. If it starts another action, the action is cut and the answer
+    forced with the same note as rollout's action limit: the model never decides to search."""
+    if environment is None:
+        raise ValueError("the fixed workflow needs a tool: env.env=real or worldmodel")
+    traces = []
+    for row in rows:
+        for _ in range(ecfg.samples):
+            traces.append(Trace(row, encode(tokenizer, tools_prompt(tokenizer, row["question"], env_cfg))))
+    # 1) the external workflow: one batched search of every question's entities
+    queries = [workflow_queries(t.row) for t in traces]
+    flat = [q for qs in queries for q in qs]
+    contexts = [t.row["question"] for t, qs in zip(traces, queries) for _ in qs]
+    observations = iter(environment(flat, contexts)) if flat else iter(())
+    for trace, qs in zip(traces, queries):
+        for q in qs:
+            trace.add(encode(tokenizer, f" {env_cfg.action_open} {q} {env_cfg.action_close}"), "env")
+            trace.add(encode(tokenizer, " " + next(observations)), "env")
+            trace.actions.append(q)
+        count_calls(trace, environment, len(qs))
+    # 2) the model reasons and answers; an attempted action is cut off and the answer forced
+    budget = env_cfg.max_new_tokens
+    outs = generate_batch(model, tokenizer, [t.prompt_ids + t.ids for t in traces], budget,
+                          (env_cfg.action_open,), ecfg, generator)
+    again = []
+    for trace, (ids, logps) in zip(traces, outs):
+        text = tokenizer.decode(ids)
+        if env_cfg.action_open in text:  # cut at the action opener: keep the tokens before it
+            keep = cut_before(tokenizer, ids, env_cfg.action_open)
+            trace.add(ids[:keep], "model", logps[:keep])
+            trace.add(encode(tokenizer, f" {env_cfg.think_close} {env_cfg.answer_open}"), "env")
+            again.append(trace)
+        else:
+            trace.add(ids, "model", logps)
+            trace.finish = "answer" if parse(trace_text(tokenizer, trace), env_cfg).answer is not None else "eos"
+    if again:
+        outs = generate_batch(model, tokenizer, [t.prompt_ids + t.ids for t in again], 32, ("}",), ecfg, generator)
+        for trace, (ids, logps) in zip(again, outs):
+            trace.add(ids, "model", logps)
+            trace.finish = "max_actions"
+    return [t.episode(tokenizer) for t in traces]
+
+
+def tools_prompt(tokenizer, question, env_cfg):
+    from tools import build_prompt
+    return build_prompt(tokenizer, question, env_cfg)
+
+
+def trace_text(tokenizer, trace):
+    return tokenizer.decode(trace.ids)
+
+
+def cut_before(tokenizer, ids, marker):
+    """The number of leading ids whose text does not yet contain marker (ids are never re-encoded)."""
+    for n in range(len(ids) + 1):
+        if marker in tokenizer.decode(ids[:n]):
+            return n - 1
+    return len(ids)
+
+
+# -----------------------------------------------------------------------------
+# The ReAct workflow for instruct models: an external prompt and loop decide the actions
+
+REACT_PROMPT = """Answer the question by searching Wikipedia. Use exactly this format:
+Thought: what you need to find
+Action: Search[a short search query]
+Observation: the search result
+... (Thought / Action / Observation may repeat)
+Thought: I now know the answer
+Action: Finish[the short answer]
+
+Example.
+Question: Which country is the birthplace of the author of Dracula?
+Thought: I need the author of Dracula.
+Action: Search[Dracula author]
+Observation: Dracula is an 1897 novel by Irish author Bram Stoker.
+Thought: Bram Stoker was Irish, born in Dublin.
+Action: Search[Bram Stoker birthplace]
+Observation: Bram Stoker was born in Clontarf, Dublin, Ireland.
+Thought: I now know the answer
+Action: Finish[Ireland]"""
+
+REACT_ACTION = re.compile(r"Action\s*:\s*(Search|Finish)\s*\[(.*?)(\]|$)", re.S | re.I)
+
+
+def parse_react(text):
+    """The last action of one ReAct turn: ('search', query) | ('finish', answer) | ('answer', text) | (None, '').
+
+    A turn without an Action line that says 'Final Answer: X' or 'answer is X' is read as an answer; anything else
+    is a broken turn (None), which ends the trajectory with no answer.
+    """
+    actions = REACT_ACTION.findall(text)
+    if actions:
+        verb, arg, _ = actions[-1]
+        arg = arg.strip()
+        if arg:
+            return verb.lower(), arg
+    m = re.search(r"(?:final answer|answer is)\s*:?\s*(.+)", text, flags=re.I)
+    if m:
+        return "answer", m.group(1).strip().split("\n")[0].rstrip(".").strip()
+    return None, ""
+
+
+def react_prompt(tokenizer, question):
+    messages = [{"role": "system", "content": REACT_PROMPT}, {"role": "user", "content": f"Question: {question}"}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = f"{REACT_PROMPT}\n\nQuestion: {question}\n"
+    return text + "Thought:"
+
+
+def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
+    """Thought/Action/Observation: generate until 'Observation:', run the query, append the result, repeat.
+
+    Each turn re-prefills the text so far (the workflow's own loop; the agent modes use rollout's KV-cached
+    interrupts). Tool text is environment-written (mask 0). At env.max_actions searches the loop asks for the
+    answer with a forced 'Action: Finish['.
+    """
+    if environment is None:
+        raise ValueError("the ReAct workflow needs a tool: env.env=real or worldmodel")
+    traces = [Trace(row, encode(tokenizer, react_prompt(tokenizer, row["question"])))
+              for row in rows for _ in range(ecfg.samples)]
+    for turn in range(env_cfg.max_actions + 1):
+        live = [t for t in traces if not t.done and len(t.ids) < env_cfg.max_new_tokens]
+        if not live:
+            break
+        budget = max(1, min(env_cfg.max_new_tokens - min(len(t.ids) for t in live), 128))
+        outs = generate_batch(model, tokenizer, [t.prompt_ids + t.ids for t in live], budget,
+                              ("Observation:",), ecfg, generator)
+        searching = []
+        for trace, (ids, logps) in zip(live, outs):
+            trace.add(ids, "model", logps)
+            verb, arg = parse_react(tokenizer.decode(ids))
+            if verb == "search" and len(trace.actions) < env_cfg.max_actions:
+                searching.append((trace, arg))
+            elif verb in ("finish", "answer"):
+                trace.answer, trace.finish, trace.done = arg, "answer", True
+            elif verb == "search":  # over the action limit: ask for the answer
+                trace.add(encode(tokenizer, "\nThought: I must answer now.\nAction: Finish["), "env")
+            else:
+                trace.finish, trace.done = ("eos" if len(ids) < budget else "length"), True
+        if searching:
+            results = environment([q for _, q in searching], [t.row["question"] for t, _ in searching])
+            for (trace, query), obs in zip(searching, results):
+                body = strip_tags(obs, env_cfg)
+                head = "" if tokenizer.decode(trace.ids[-4:]).rstrip().endswith("Observation:") else "\nObservation:"
+                trace.add(encode(tokenizer, f"{head} {body}\nThought:"), "env")
+                trace.actions.append(query)
+                count_calls(trace, environment, 1)
+    for trace in traces:
+        if not trace.done and trace.finish != "answer":
+            verb, arg = parse_react(tokenizer.decode(trace.ids))
+            if verb in ("finish", "answer"):
+                trace.answer, trace.finish = arg, "answer"
+            else:
+                trace.finish = "max_actions" if len(trace.actions) >= env_cfg.max_actions else "length"
+    return [with_answer(t.episode(tokenizer), t.answer) for t in traces]
+
+
+def strip_tags(observation, env_cfg):
+    return observation.replace(env_cfg.obs_open, "").replace(env_cfg.obs_close, "").strip()
+
+
+def with_answer(ep, answer):
+    ep.react_answer = answer  # the ReAct answer is read from Finish[...], not from \boxed{}
+    return ep
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+def predicted_answer(ep, env_cfg):
+    """(answer, format_ok, reason) of one episode. CoA: tools.parse; broken format -> the last \\boxed{} anywhere."""
+    if hasattr(ep, "react_answer"):
+        ok = ep.react_answer is not None
+        return ep.react_answer or "", ok, "" if ok else f"no Finish[] ({ep.finish})"
+    parsed = parse(ep.text, env_cfg)
+    if parsed.format_ok:
+        return parsed.answer, True, ""
+    answer = parsed.answer if parsed.answer is not None else extract_boxed(ep.text, env_cfg.answer_open)
+    return answer or "", False, parsed.reason
+
+
+def score(episodes, rows, env_cfg, samples):
+    """One record per episode (question x sample): the answer, its metrics and the episode's costs."""
+    records = []
+    for i, ep in enumerate(episodes):
+        row, sample = rows[i // samples], i % samples
+        answer, format_ok, reason = predicted_answer(ep, env_cfg)
+        golds = list(row["golden_answers"])
+        ep.reward = exact_match(answer, golds) if format_ok else 0.0  # the training reward's rule
+        records.append({
+            "id": row.get("id"), "sample": sample, "question": row["question"], "golden_answers": golds,
+            "kind": row.get("kind", "all"), "needs_search": row.get("needs_search"),
+            "answer": answer, "em": exact_match(answer, golds), "f1": f1_score(answer, golds),
+            "lenient": lenient_match(answer, golds), "reward": ep.reward,
+            "format_error": float(not format_ok), "reason": reason,
+            "actions": len(ep.actions), "queries": list(ep.actions), "real_calls": ep.real_calls,
+            "sim_calls": ep.sim_calls, "gen_tokens": int(sum(ep.mask)), "tokens": len(ep.ids),
+            "finish": ep.finish, "text": ep.text})
+    return records
+
+
+METRICS = ("em", "f1", "lenient", "reward", "format_error", "actions", "real_calls", "sim_calls", "gen_tokens")
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def std(xs):
+    xs = list(xs)
+    if len(xs) < 2:
+        return 0.0
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def summarize(records, samples=1):
+    """Means over all records; per accuracy also the spread: std over the per-sample means (0 when greedy)."""
+    out = {"questions": len(records) // max(samples, 1), "samples": samples}
+    for key in METRICS + (("judge",) if any("judge" in r for r in records) else ()):
+        vals = [r[key] for r in records if r.get(key) is not None]
+        out[key] = mean(vals)
+        if key in ("em", "f1", "lenient", "judge") and samples > 1:
+            out[key + "_std"] = std(mean(r[key] for r in records if r["sample"] == s and r.get(key) is not None)
+                                    for s in range(samples))
+    groups = {}
+    for r in records:
+        groups.setdefault(r["kind"], []).append(r)
+        if r.get("needs_search") is False:  # the tiny world's well-known facts: a good agent does not search
+            groups.setdefault("well_known", []).append(r)
+    out["by_kind"] = {k: {"n": len(rs), **{m: mean(r[m] for r in rs) for m in ("em", "f1", "actions")}}
+                      for k, rs in sorted(groups.items())}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The optional LLM judge: an OpenAI-compatible /chat/completions endpoint
+
+JUDGE_PROMPT = ("You grade answers to questions. Given the question, the gold answers and a predicted answer, "
+                "reply with exactly one word: yes if the prediction means the same as a gold answer, else no.")
+
+
+def judge_one(record, ecfg, key=None):
+    """1.0 / 0.0 from the judge, or None when the endpoint fails (counted, never fatal)."""
+    import requests
+    user = (f"Question: {record['question']}\nGold answers: {' | '.join(record['golden_answers'])}\n"
+            f"Predicted answer: {record['answer'] or '(none)'}\nCorrect?")
+    body = {"model": ecfg.judge_model, "temperature": 0, "max_tokens": 3,
+            "messages": [{"role": "system", "content": JUDGE_PROMPT}, {"role": "user", "content": user}]}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    for attempt in range(3):
+        try:
+            r = requests.post(ecfg.judge_url, json=body, headers=headers, timeout=ecfg.judge_timeout_s)
+            r.raise_for_status()
+            text = r.json()["choices"][0]["message"]["content"]
+            return 1.0 if text.strip().lower().startswith("yes") else 0.0
+        except (requests.RequestException, ValueError, KeyError, IndexError, TypeError):
+            time.sleep(0.2 * 2 ** attempt)
+    return None
+
+
+def judge(records, ecfg):
+    """Add record['judge'] to every record; returns how many calls failed."""
+    key = os.environ.get(ecfg.judge_key_env) if ecfg.judge_key_env else None
+    failures = 0
+    for r in records:
+        r["judge"] = judge_one(r, ecfg, key) if r["answer"] else 0.0  # no answer: wrong, no call spent
+        failures += r["judge"] is None
+    return failures
+
+
+# -----------------------------------------------------------------------------
+# Showing one trajectory: who wrote which token
+
+def show_trajectory(ep, tokenizer, color=None):
+    """The prompt, then the completion with the environment's tokens told apart from the model's:
+    ANSI colour on a terminal (model green, environment grey), else the environment's text in [[ ]]."""
+    color = sys.stdout.isatty() if color is None else color
+    parts = [tokenizer.decode(ep.prompt_ids)]
+    start = 0
+    for i in range(1, len(ep.ids) + 1):
+        if i == len(ep.ids) or ep.mask[i] != ep.mask[start]:
+            text = tokenizer.decode(ep.ids[start:i])
+            if ep.mask[start]:
+                parts.append(f"\033[32m{text}\033[0m" if color else text)
+            else:
+                parts.append(f"\033[90m{text}\033[0m" if color else f"[[{text}]]")
+            start = i
+    legend = ("(green: written by the model; grey: written by the environment)" if color else
+              "([[...]]: written by the environment; the rest after the prompt: written by the model)")
+    return "".join(parts) + f"\n{legend}\nreward: {ep.reward}  finish: {ep.finish}  actions: {ep.actions}"
+
+
+# -----------------------------------------------------------------------------
+
+def evaluate(model, tokenizer, rows, cfg):
+    """Run the configured mode over rows; (summary, records, episodes)."""
+    ecfg, env_cfg = cfg.eval, cfg.env
+    generator = torch.Generator(device=model.device).manual_seed(ecfg.seed)
+    mode = ecfg.mode
+    t0 = time.time()
+    if mode == "agent":
+        episodes = run_agent(model, tokenizer, rows, env_cfg, make_environment(cfg, tokenizer), ecfg, generator)
+    elif mode == "notool":
+        episodes = run_agent(model, tokenizer, rows, notool_env(env_cfg, tokenizer), NoTool(), ecfg, generator)
+    elif mode == "workflow":
+        style = ecfg.workflow
+        if style == "auto":
+            style = "react" if getattr(tokenizer, "chat_template", None) else "fixed"
+        runner = {"fixed": run_fixed_workflow, "react": run_react}.get(style)
+        if runner is None:
+            raise ValueError(f"config: eval.workflow must be auto, fixed or react, got {style!r}")
+        episodes = runner(model, tokenizer, rows, env_cfg, make_environment(cfg, tokenizer), ecfg, generator)
+    else:
+        raise ValueError(f"config: eval.mode must be agent, notool or workflow, got {mode!r}")
+    wall_s = time.time() - t0
+    records = score(episodes, rows, env_cfg, ecfg.samples)
+    judge_failures = judge(records, ecfg) if ecfg.judge else 0
+    summary = summarize(records, ecfg.samples)
+    summary.update(wall_s=wall_s, s_per_question=wall_s / max(len(rows), 1))
+    if ecfg.judge:
+        summary["judge_failures"] = judge_failures
+    return summary, records, episodes
+
+
+class NoTool:
+    """The no-tool baseline's environment: it is never called (max_actions=0); if it were, it says so."""
+    simulated = False
+    calls = 0
+
+    def __call__(self, queries, contexts=None):
+        raise RuntimeError("no-tool baseline: the environment must not be called (env.max_actions=0)")
+
+
+def write_results(records, summary, out_dir, tag):
+    os.makedirs(out_dir, exist_ok=True)
+    data.write_jsonl(os.path.join(out_dir, f"{tag}.jsonl"), records)
+    path = os.path.join(out_dir, f"{tag}.summary.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def summary_line(summary):
+    spread = f" ± {summary['em_std']:.3f}" if "em_std" in summary else ""
+    kinds = "  ".join(f"{k} {v['em']:.2f}" for k, v in summary["by_kind"].items())
+    return (f"EM {summary['em']:.3f}{spread}  F1 {summary['f1']:.3f}  lenient {summary['lenient']:.3f}  "
+            f"format errors {summary['format_error']:.3f}  actions/q {summary['actions']:.2f}  "
+            f"real calls/q {summary['real_calls']:.2f}  gen tokens/q {summary['gen_tokens']:.0f}  "
+            f"{summary['wall_s']:.1f}s\n  by kind: {kinds}")
+
+
+def main(argv=None):
+    cfg = load_config({"run": RunConfig, "env": EnvConfig, "eval": EvalConfig}, argv, own="eval")
+    ecfg = cfg.eval
+    if ecfg.samples < 1:
+        raise ValueError("config: eval.samples must be >= 1")
+    if ecfg.samples > 1 and ecfg.temperature == 0:
+        print("warning: eval.samples > 1 with temperature 0: every sample is the same greedy trajectory")
+    torch.manual_seed(cfg.run.seed)
+    path = resolve_model(ecfg.init, cfg)
+    model, tokenizer = load_model(path, cfg.run)
+    model.eval()
+    rows = load_questions(cfg)
+    if not rows:
+        raise ValueError(f"eval.data={ecfg.data!r}: no usable questions")
+    with torch.no_grad():
+        summary, records, episodes = evaluate(model, tokenizer, rows, cfg)
+    tag = ecfg.tag or f"{os.path.basename(path.rstrip('/'))}-{ecfg.mode}-{os.path.basename(ecfg.data).split('.')[0]}"
+    summary.update(model=path, mode=ecfg.mode, data=ecfg.data, env=cfg.env.env, config=cfg.to_dict())
+    out = write_results(records, summary, os.path.join(cfg.run.dir, ecfg.out), tag)
+    print(f"eval {tag}: {len(rows)} questions -> {out}\n  {summary_line(summary)}")
+    for ep in episodes[:ecfg.show]:
+        print(show_trajectory(ep, tokenizer))
+    summary["tag"] = tag
+    return summary
+
+
+if __name__ == "__main__":
+    main()

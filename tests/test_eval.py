@@ -1,0 +1,167 @@
+"""Tests for eval.py: metrics on fixed predictions, the summary's spread and groups, the LLM judge against a local
+server, the ReAct workflow's parsing, the trajectory printout, and the modes on the tiny model.
+
+    .venv/bin/python -m pytest -q tests/test_eval.py
+"""
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+import eval as ev
+from tools import EnvConfig
+
+
+@dataclass
+class FakeEpisode:
+    """The fields of rollout.Episode that scoring reads."""
+    text: str
+    actions: list = field(default_factory=list)
+    real_calls: int = 0
+    sim_calls: int = 0
+    ids: list = field(default_factory=list)
+    mask: list = field(default_factory=list)
+    prompt_ids: list = field(default_factory=list)
+    logps: list = field(default_factory=list)
+    finish: str = "answer"
+    reward: float = 0.0
+
+
+ENV = EnvConfig()
+
+
+def coa(answer, queries=()):
+    acts = "".join(f" <begin_search> {q} </end_search> <search_result> doc </search_result>" for q in queries)
+    return f"<think> thinking{acts} done </think> \\boxed{{{answer}}}"
+
+
+def test_metrics_on_fixed_predictions():
+    rows = [{"id": "a", "question": "q1", "golden_answers": ["Lorn"], "kind": "city"},
+            {"id": "b", "question": "q2", "golden_answers": ["Ada Brun", "A. Brun"], "kind": "comparison"},
+            {"id": "c", "question": "q3", "golden_answers": ["New York City"], "kind": "city"},
+            {"id": "d", "question": "q4", "golden_answers": ["yes"], "kind": "yesno"}]
+    episodes = [FakeEpisode(coa("the Lorn", ["Ada"]), actions=["Ada"], real_calls=1, mask=[1, 1, 0, 1]),
+                FakeEpisode(coa("Ada"), mask=[1, 1]),
+                FakeEpisode(coa("New York City Hall"), mask=[1]),
+                FakeEpisode("<think> no close \\boxed{yes}", finish="length", mask=[1, 1, 1])]
+    records = ev.score(episodes, rows, ENV, samples=1)
+    assert [r["em"] for r in records] == [1.0, 0.0, 0.0, 1.0]  # article dropped; a broken format is still scored
+    assert records[1]["f1"] == pytest.approx(2 * 1 * 0.5 / 1.5)  # "ada" vs "ada brun": precision 1, recall 0.5
+    assert records[2]["lenient"] == 1.0 and records[1]["lenient"] == 0.0  # all gold tokens present vs half
+    assert [r["format_error"] for r in records] == [0.0, 0.0, 0.0, 1.0]
+    assert records[3]["reward"] == 0.0 and records[0]["reward"] == 1.0  # the training rule: broken format -> 0
+    assert [r["gen_tokens"] for r in records] == [3, 2, 1, 3]  # observation tokens (mask 0) are not counted
+    s = ev.summarize(records)
+    assert s["em"] == 0.5 and s["actions"] == 0.25 and s["real_calls"] == 0.25 and s["format_error"] == 0.25
+    assert s["by_kind"]["city"]["n"] == 2 and s["by_kind"]["city"]["em"] == 0.5
+    assert s["by_kind"]["city"]["f1"] == pytest.approx((1 + 2 * 0.75 / 1.75) / 2)
+    assert "em_std" not in s  # greedy: no spread
+
+
+def test_samples_give_mean_and_spread_over_samples():
+    rows = [{"question": "q1", "golden_answers": ["x"]}, {"question": "q2", "golden_answers": ["y"]}]
+    # question-major, samples adjacent: q1 s0, q1 s1, q2 s0, q2 s1; sample 0 gets both right, sample 1 none
+    episodes = [FakeEpisode(coa("x")), FakeEpisode(coa("z")), FakeEpisode(coa("y")), FakeEpisode(coa("z"))]
+    records = ev.score(episodes, rows, ENV, samples=2)
+    assert [(r["question"], r["sample"]) for r in records] == [("q1", 0), ("q1", 1), ("q2", 0), ("q2", 1)]
+    s = ev.summarize(records, samples=2)
+    assert s["questions"] == 2 and s["em"] == 0.5
+    assert s["em_std"] == pytest.approx(0.7071, abs=1e-4)  # std of the per-sample means (1.0, 0.0)
+
+
+def test_well_known_questions_get_their_own_group():
+    rows = [{"question": "q", "golden_answers": ["x"], "kind": "city", "needs_search": False},
+            {"question": "r", "golden_answers": ["y"], "kind": "city", "needs_search": True}]
+    records = ev.score([FakeEpisode(coa("x")), FakeEpisode(coa("x", ["r"]), actions=["r"])], rows, ENV, 1)
+    s = ev.summarize(records)
+    assert s["by_kind"]["well_known"] == {"n": 1, "em": 1.0, "f1": 1.0, "actions": 0.0}
+    assert s["by_kind"]["city"]["n"] == 2 and s["by_kind"]["city"]["actions"] == 0.5
+
+
+@pytest.mark.parametrize("text, expected", [
+    (" I need the author.\nAction: Search[Dracula author]\nObservation:", ("search", "Dracula author")),
+    (" done.\nAction: Finish[Bram Stoker]", ("finish", "Bram Stoker")),
+    (" a\nAction: Search[first]\nAction: search [second]", ("search", "second")),  # the last action counts
+    (" I know it.\nFinal Answer: Ireland.\nmore", ("answer", "Ireland")),
+    (" so the answer is Paris", ("answer", "Paris")),
+    (" Action: Finish[unclosed answer", ("finish", "unclosed answer")),  # cut by the token limit
+    (" Action: Search[]\n", (None, "")),  # an empty query is a broken turn
+    (" just rambling", (None, "")),
+])
+def test_react_turn_parsing(text, expected):
+    assert ev.parse_react(text) == expected
+
+
+def test_react_answers_are_scored_from_finish():
+    ep = FakeEpisode(" Action: Finish[Paris]")
+    ep.react_answer = "Paris"
+    broken = FakeEpisode(" rambling", finish="length")
+    broken.react_answer = None
+    records = ev.score([ep, broken], [{"question": "q", "golden_answers": ["paris"]}] * 2, ENV, 1)
+    assert records[0]["em"] == 1.0 and records[0]["format_error"] == 0.0
+    assert records[1]["em"] == 0.0 and records[1]["format_error"] == 1.0
+
+
+class Judge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible judge: 'yes' when the predicted answer appears among the golds, 500 on 'crash'."""
+    seen = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Judge.seen.append((self.headers.get("Authorization"), body))
+        user = body["messages"][-1]["content"]
+        if "crash" in user:
+            self.send_response(500)
+            self.end_headers()
+            return
+        golds = user.split("Gold answers: ")[1].split("\n")[0].lower()
+        pred = user.split("Predicted answer: ")[1].split("\n")[0].lower()
+        reply = {"choices": [{"message": {"role": "assistant", "content": "Yes" if pred in golds else "no"}}]}
+        out = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_llm_judge_against_a_local_server(monkeypatch):
+    server = HTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test")
+        cfg = ev.EvalConfig(judge=True, judge_url=f"http://127.0.0.1:{server.server_port}/v1/chat/completions",
+                            judge_key_env="TEST_JUDGE_KEY", judge_timeout_s=5.0)
+        records = [{"question": "q", "golden_answers": ["Lorn"], "answer": "lorn"},
+                   {"question": "q", "golden_answers": ["Lorn"], "answer": "Kesh"},
+                   {"question": "q", "golden_answers": ["Lorn"], "answer": ""},
+                   {"question": "crash", "golden_answers": ["Lorn"], "answer": "Lorn"}]
+        failures = ev.judge(records, cfg)
+    finally:
+        server.shutdown()
+    assert [r["judge"] for r in records] == [1.0, 0.0, 0.0, None]  # no answer: no call; a dead call: None
+    assert failures == 1
+    assert Judge.seen[0][0] == "Bearer sk-test" and Judge.seen[0][1]["temperature"] == 0
+    assert ev.summarize([dict(r, kind="all", sample=0, em=0.0, f1=0.0, lenient=0.0, reward=0.0, format_error=0.0,
+                              actions=0, real_calls=0, sim_calls=0, gen_tokens=0) for r in records])["judge"] == \
+        pytest.approx(1 / 3)  # failed judgements are left out of the mean
+
+
+class FakeTokenizer:
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_trajectory_printout_tells_model_and_environment_apart():
+    text = "ab<obs>cd"
+    ep = FakeEpisode(text, ids=[ord(c) for c in text], mask=[1, 1, 0, 0, 0, 0, 0, 1, 1], prompt_ids=[ord("Q")])
+    plain = ev.show_trajectory(ep, FakeTokenizer(), color=False)
+    assert plain.startswith("Qab[[<obs>]]cd\n")
+    colored = ev.show_trajectory(ep, FakeTokenizer(), color=True)
+    assert "\033[32mab\033[0m\033[90m<obs>\033[0m\033[32mcd\033[0m" in colored
+    assert "reward: 0.0" in plain
