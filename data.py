@@ -21,8 +21,8 @@ data.py -- stage 0: the data and models every later stage starts from.
 
     python data.py --config configs/tiny.yaml      # world, tokenizer, tiny model, BM25 recall
     python data.py --config configs/smollm2.yaml   # SmolLM2 safetensors, Wikipedia corpus
-
-Not here: the synthesised SFT data (data.py's synthesis section is added by sft stage work).
+5. Synthesis of the SFT data (CoT, CoA, CoT+A pairs) by a teacher into <data_dir>/synth/ (see section 5):
+    python data.py --config configs/tiny.yaml --synth   # the tiny world's oracle (also run when synth/ is missing)
 """
 import importlib.util
 import json
@@ -30,9 +30,11 @@ import os
 import random
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from tools import RunConfig, EnvConfig, load_config, make_tool, SECTIONS  # noqa: F401  (SECTIONS for readers)
+from tools import SearchEnv, build_prompt, parse, reward
 
 
 @dataclass
@@ -430,9 +432,374 @@ def bm25_recall(cfg, split="test", ks=(1, 3)):
                                for q, hs in zip(queries, hits)) / len(rows) for k in ks}
 
 
+# -----------------------------------------------------------------------------
+# 5. Synthesis: the SFT data (AutoCoA Sec. 3.2), written to <run.data_dir>/synth/<split>.jsonl
+#
+# Three kinds of rows, all about one question each:
+#   cot   reasoning and an answer, no tool                       {"type": "cot", "segments": [...]}
+#   coa   reasoning interleaved with searches and their real observations, then the answer
+#   pair  CoT+A: a shared prefix from a no-tool attempt, and two continuations, one that searches and one that
+#         does not; chosen = the one that ends with the right answer (on a well-known fact both are right and
+#         the one without the search is chosen: that search was wasted)
+#                                                 {"type": "pair", "prefix": [...], "chosen": [...], "rejected": [...]}
+# A trajectory is the completion only (the prompt is built per model by tools.build_prompt), stored as
+# segments {"who": "model"|"env", "text"}: the text after the prompt's think opener, in order. Each segment is
+# tokenized on its own, so the observation mask never depends on matching strings.
+#
+# Teachers:
+#   oracle       the tiny world's scripted teacher: it knows world.json, writes short readable reasoning, and
+#                calls the real BM25 tool through tools.SearchEnv (every fact it states was in an observation).
+#                A share of its CoA trajectories is imperfect (a vague first query, or a wasted repeat search),
+#                so RL has something to improve. Its closed-book CoT is right on every training question (it
+#                plays a reasoning model that memorised the training set); its failed attempts guess.
+#   HF model     any causal LM path/name, driven by rollout.py with the real tool: `samples` per question,
+#                rejection sampling keeps the right ones; pairs come from a question's wrong no-search sample
+#                and right search sample (or the reverse), with an empty shared prefix.
+#   http://...   an OpenAI-compatible /v1/completions endpoint, through requests, same rejection sampling.
+#
+#   python data.py --config configs/tiny.yaml                      # also synthesises, when synth/ is missing
+#   python data.py --config configs/tiny.yaml --synth              # synthesise again
+#   python data.py --config configs/smollm2.yaml --synth synth.teacher=http://127.0.0.1:8080 synth.api_model=m
+#
+# The oracle's real calls are logged ({"question", "history", "query", "observation"}) to
+# synth/calls_<split>.jsonl: the world model's training data (worldmodel.py).
+
+@dataclass
+class SynthConfig:
+    teacher: str = "oracle"  # oracle (tiny world only) | an HF model path or hub name | http(s)://... endpoint
+    out: str = ""  # output folder; "" = <run.data_dir>/synth
+    splits: str = "train,dev"  # question splits to synthesise, comma-separated (dev = held-out trajectories)
+    limit: int = 0  # questions per split (0 = all)
+    imperfect_share: float = 0.25  # oracle: share of CoA trajectories with a vague query or a wasted search
+    samples: int = 4  # real teacher: samples per question (rejection sampling)
+    temperature: float = 0.7  # real teacher
+    top_p: float = 1.0  # real teacher
+    batch_size: int = 16  # real teacher: questions per rollout call
+    api_model: str = ""  # endpoint teacher: the request's "model"
+    api_key_env: str = "OPENAI_API_KEY"  # endpoint teacher: environment variable holding the key (unset: none)
+    max_tokens: int = 256  # endpoint teacher: tokens per completion request
+
+
+def synth_dir(cfg):
+    return cfg.synth.out or os.path.join(cfg.run.data_dir, "synth")
+
+
+def check_synth_row(row):
+    """The reason a synthesised row is unusable, or None (sft.py reports and skips such rows)."""
+    problem = check_row(row)
+    if problem:
+        return problem
+    kind = row.get("type")
+    parts = {"cot": ["segments"], "coa": ["segments"], "pair": ["prefix", "chosen", "rejected"]}.get(kind)
+    if parts is None:
+        return f"'type' must be cot, coa or pair, got {kind!r}"
+    for part in parts:
+        segments = row.get(part)
+        if not isinstance(segments, list) or (part != "prefix" and not segments):
+            return f"'{part}' must be a non-empty list of segments"
+        for s in segments:
+            if not isinstance(s, dict) or s.get("who") not in ("model", "env") or not isinstance(s.get("text"), str):
+                return f"'{part}' has a segment that is not {{'who': 'model'|'env', 'text': str}}"
+    return None
+
+
+def add(segments, who, text):
+    """Append text to a segment list, merging with the previous segment of the same writer."""
+    if segments and segments[-1]["who"] == who:
+        segments[-1]["text"] += text
+    else:
+        segments.append({"who": who, "text": text})
+    return segments
+
+
+def completion_text(segments):
+    return "".join(s["text"] for s in segments)
+
+
+class Oracle:
+    """The tiny world's scripted teacher. One question row -> its cot, coa and pair rows."""
+
+    def __init__(self, world, env_cfg, search, tokenizer, imperfect_share, rng):
+        self.world, self.env, self.search, self.rng = world, env_cfg, search, rng
+        self.tokenizer, self.imperfect_share = tokenizer, imperfect_share
+        self.people = {p["name"]: p for p in world["people"]}
+        self.cities = list(world["city_country"])
+        self.companies = list(world["company_city"])
+
+    # the facts behind each question kind, as (sentence, query that finds it, text the observation must hold)
+    def facts(self, row):
+        a = self.people[row["queries"][0]]
+        b = self.people.get(row["queries"][1]) if len(row["queries"]) > 1 else None
+        born = lambda p: (f" {p['name']} was born in {p['city']}.", p["name"],
+                          f"{p['name']} was born in {p['city']} in {p['year']}.")
+        works = lambda p: (f" {p['name']} works for {p['company']}.", p["name"], f"{p['name']} works for {p['company']}.")
+        year = lambda p: (f" {p['name']} was born in {p['year']}.", p["name"],
+                          f"{p['name']} was born in {p['city']} in {p['year']}.")
+        kind = row["kind"]
+        if kind == "city":
+            return [born(a)], ""
+        if kind == "employer":
+            return [works(a)], ""
+        if kind == "country":
+            country = self.world["city_country"][a["city"]]
+            return [born(a), (f" {a['city']} is a city in {country}.", a["city"], f"{a['city']} is a city in {country}.")], ""
+        if kind == "comparison":
+            first, second = (a, b) if a["year"] < b["year"] else (b, a)
+            return [year(a), year(b)], f" {first['name']} was born earlier than {second['name']}."
+        return [works(a), works(b)], f" The answer is {row['golden_answers'][0]}."
+
+    def answer(self, gold):
+        return f" {self.env.think_close} {self.env.answer_open}{gold}}}"
+
+    def act(self, row, segments, query, before=""):
+        """One real search appended to segments; the trajectory so far is the context the call log keeps."""
+        add(segments, "model", f" {self.env.action_open} {query} {self.env.action_close}")
+        context = build_prompt(self.tokenizer, row["question"], self.env) + before + completion_text(segments)
+        obs = self.search([query], [context])[0]
+        add(segments, "env", obs)
+        return obs
+
+    def searching(self, row, opener, imperfect=None, before=""):
+        """opener, then one search per fact, each fact read from its observation; None if BM25 missed one.
+        before: the text already written ahead of opener (a pair's prefix), for the call log only."""
+        facts, conclusion = self.facts(row)
+        segments = add([], "model", opener)
+        for i, (sentence, query, needed) in enumerate(facts):
+            if i == 0 and imperfect == "vague":  # a surname alone: often someone else's document comes back
+                if needed in self.act(row, segments, query.split()[-1], before):
+                    add(segments, "model", sentence)
+                    continue
+                add(segments, "model", " Searching did not help. Let me search again.")
+            if needed not in self.act(row, segments, query, before):
+                return None
+            add(segments, "model", sentence)
+        add(segments, "model", conclusion)
+        if imperfect == "wasted":  # search again for what is already known
+            add(segments, "model", " I should check.")
+            self.act(row, segments, facts[0][1], before)
+            add(segments, "model", " I will answer now.")
+        return add(segments, "model", self.answer(row["golden_answers"][0]))
+
+    def closed_book(self, row):
+        """A right no-tool attempt as sentences: the facts from memory."""
+        facts, conclusion = self.facts(row)
+        sentences = [" I know this one."] + [s for s, _, _ in facts] + ([conclusion] if conclusion else [])
+        return sentences, row["golden_answers"][0]
+
+    def guess(self, row):
+        """A wrong no-tool attempt, consistent with itself."""
+        a = self.people[row["queries"][0]]
+        b = self.people.get(row["queries"][1]) if len(row["queries"]) > 1 else None
+        other = lambda pool, right: self.rng.choice([x for x in pool if x != right])
+        kind, gold = row["kind"], row["golden_answers"][0]
+        if kind == "city":
+            city = other(self.cities, a["city"])
+            return [" I know this one.", f" {a['name']} was born in {city}."], city
+        if kind == "employer":
+            company = other(self.companies, a["company"])
+            return [" I know this one.", f" {a['name']} works for {company}."], company
+        if kind == "country":
+            country = self.world["city_country"][a["city"]]
+            city = self.rng.choice([c for c in self.cities if self.world["city_country"][c] != country])
+            wrong = self.world["city_country"][city]
+            return [" I know this one.", f" {a['name']} was born in {city}.", f" {city} is a city in {wrong}."], wrong
+        if kind == "comparison":
+            early, late = (a, b) if a["year"] < b["year"] else (b, a)  # the guess swaps who came first
+            y1 = self.rng.randint(1900, 1998)
+            y2 = self.rng.randint(y1 + 1, 1999)
+            return [" I know this one.", f" {early['name']} was born in {y2}.", f" {late['name']} was born in {y1}.",
+                    f" {late['name']} was born earlier than {early['name']}."], late["name"]
+        same = gold == "no"  # the guess flips the answer
+        ca = self.rng.choice(self.companies)
+        cb = ca if same else other(self.companies, ca)
+        return [" I know this one.", f" {a['name']} works for {ca}.", f" {b['name']} works for {cb}.",
+                f" The answer is {'yes' if same else 'no'}."], "yes" if same else "no"
+
+    def __call__(self, row):
+        base = {k: row[k] for k in ("id", "question", "golden_answers", "kind", "needs_search")}
+        out = []
+        sentences, gold = self.closed_book(row)
+        cot = add([], "model", "".join(sentences) + self.answer(gold))
+        out.append({**base, "type": "cot", "segments": cot})
+        if row["needs_search"]:
+            imperfect = None
+            if self.rng.random() < self.imperfect_share:
+                imperfect = self.rng.choice(["vague", "wasted"])
+                if len(self.facts(row)[0]) + 1 > self.env.max_actions:
+                    imperfect = None
+            coa = self.searching(row, " I need to search for this.", imperfect)
+            if coa is not None:
+                out.append({**base, "type": "coa", "segments": coa, "imperfect": imperfect or ""})
+            sentences, guess = self.guess(row)
+        # CoT+A: cut the no-tool attempt after a sentence (never after its last); search or go on from there
+        cut = self.rng.randint(1, len(sentences) - 1)
+        prefix = add([], "model", "".join(sentences[:cut])) if cut else []
+        no_search = add([], "model", "".join(sentences[cut:]) + self.answer(guess if row["needs_search"] else gold))
+        search = self.searching(row, " I should check.", before=completion_text(prefix))
+        if search is not None:
+            chosen, rejected = (search, no_search) if row["needs_search"] else (no_search, search)
+            out.append({**base, "type": "pair", "prefix": prefix, "chosen": chosen, "rejected": rejected,
+                        "chosen_searches": bool(row["needs_search"])})
+        return out
+
+
+# the real teachers: sample, run the real tool, keep what is right (rejection sampling)
+
+def episode_segments(episode, tokenizer):
+    """An Episode's completion as segments: runs of equal mask decoded on their own (1 = model, 0 = env)."""
+    specials = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ids = [i for i in episode.ids]
+    while ids and ids[-1] in specials:  # the stop token is added back by sft.py
+        ids.pop()
+    segments, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or episode.mask[end] != episode.mask[start]:
+            add(segments, "model" if episode.mask[start] else "env", tokenizer.decode(ids[start:end]))
+            start = end
+    return segments
+
+
+def hf_samples(cfg, rows, search, tokenizer, model):
+    """samples per row from an HF model through rollout.py: lists of segments, grouped per row."""
+    import rollout
+    out = []
+    for i in range(0, len(rows), cfg.synth.batch_size):
+        batch = rows[i:i + cfg.synth.batch_size]
+        episodes = rollout.rollout(model, tokenizer, batch, cfg.env, search, group_size=cfg.synth.samples,
+                                   temperature=cfg.synth.temperature, top_p=cfg.synth.top_p)
+        for j in range(len(batch)):
+            group = episodes[j * cfg.synth.samples:(j + 1) * cfg.synth.samples]
+            out.append([episode_segments(e, tokenizer) for e in group])
+    return out
+
+
+def endpoint_complete(cfg, prompt):
+    """One /v1/completions call (OpenAI-compatible) that stops at the action close tag: (text, finish_reason)."""
+    import requests
+    url = cfg.synth.teacher.rstrip("/")
+    url = url if url.endswith("/completions") else url + ("/completions" if url.endswith("/v1") else "/v1/completions")
+    key = os.environ.get(cfg.synth.api_key_env, "") if cfg.synth.api_key_env else ""
+    body = {"model": cfg.synth.api_model, "prompt": prompt, "max_tokens": cfg.synth.max_tokens,
+            "temperature": cfg.synth.temperature, "top_p": cfg.synth.top_p, "stop": [cfg.env.action_close]}
+    error = None
+    for attempt in range(cfg.env.retries + 1):
+        if attempt:
+            time.sleep(0.5 * 2 ** (attempt - 1))
+        try:
+            r = requests.post(url, json=body, timeout=cfg.env.timeout_s,
+                              headers={"Authorization": f"Bearer {key}"} if key else {})
+            r.raise_for_status()
+            choice = r.json()["choices"][0]
+            return str(choice.get("text") or ""), choice.get("finish_reason")
+        except (requests.RequestException, ValueError, KeyError, IndexError, TypeError) as e:
+            error = e
+    raise RuntimeError(f"teacher endpoint {url} failed after {cfg.env.retries + 1} tries: {error}")
+
+
+def endpoint_samples(cfg, rows, search, tokenizer):
+    """samples per row from an endpoint: the text stops at each action close; the real tool's observation is
+    appended and the request repeated, until the model answers or spends env.max_actions searches."""
+    env, out = cfg.env, []
+    for row in rows:
+        group = []
+        for _ in range(cfg.synth.samples):
+            prompt, segments = build_prompt(tokenizer, row["question"], env), []
+            for _ in range(env.max_actions + 1):
+                text, finish = endpoint_complete(cfg, prompt + completion_text(segments))
+                if text.rstrip().endswith(env.action_close):  # servers that keep the stop string
+                    text = text.rstrip()[:-len(env.action_close)]
+                opened = text.rfind(env.action_open) > text.rfind(env.action_close)
+                if not (finish == "stop" and opened) or len(parse_actions(segments, env)) >= env.max_actions:
+                    add(segments, "model", text)
+                    break
+                add(segments, "model", text + env.action_close)
+                query = text[text.rfind(env.action_open) + len(env.action_open):].strip()
+                context = prompt + completion_text(segments)
+                add(segments, "env", search([query], [context])[0])
+            group.append(segments)
+        out.append(group)
+    return out
+
+
+def parse_actions(segments, env):
+    return parse(completion_text(segments), env).actions
+
+
+def judged(row, group, env):
+    """Rejection sampling: the right samples become cot/coa rows (one of each at most); a wrong and a right
+    sample that differ in searching make a pair with an empty shared prefix."""
+    base = {k: row[k] for k in ("id", "question", "golden_answers") if k in row}
+    base.update(kind=row.get("kind", ""), needs_search=row.get("needs_search", True))
+    scored = [(s, reward(completion_text(s), row["golden_answers"], env) > 0, len(parse_actions(s, env)) > 0)
+              for s in group]
+    out, seen = [], set()
+    for segments, right, searched in scored:
+        kind = "coa" if searched else "cot"
+        if right and kind not in seen:
+            seen.add(kind)
+            out.append({**base, "type": kind, "segments": segments})
+    right_ones = [s for s in scored if s[1]]
+    wrong_ones = [s for s in scored if not s[1]]
+    for good in right_ones:
+        bad = next((w for w in wrong_ones if w[2] != good[2]), None)
+        if bad:
+            out.append({**base, "type": "pair", "prefix": [], "chosen": good[0], "rejected": bad[0],
+                        "chosen_searches": good[2]})
+            break
+    return out
+
+
+def synthesize(cfg, tokenizer=None):
+    """Write <synth>/<split>.jsonl for each split and <synth>/stats.json; returns the stats."""
+    from tools import load_model
+    out_dir = synth_dir(cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    teacher, model = cfg.synth.teacher, None
+    if teacher == "oracle":
+        world_path = os.path.join(cfg.run.data_dir, "world.json")
+        if not os.path.exists(world_path):
+            raise ValueError(f"synth.teacher=oracle needs the tiny world ({world_path} is missing)")
+        with open(world_path) as f:
+            world = json.load(f)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(base_model_path(cfg))
+    elif not teacher.startswith(("http://", "https://")):
+        model, tokenizer = load_model(teacher, cfg.run)
+    elif tokenizer is None:  # the endpoint's text is measured (observation budget) with the base model's tokenizer
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(base_model_path(cfg))
+    stats = {"teacher": teacher}
+    tool = make_tool(cfg.env, cfg.run)
+    for split in [s.strip() for s in cfg.synth.splits.split(",") if s.strip()]:
+        rows = load_qa(os.path.join(cfg.run.data_dir, f"{split}.jsonl"), limit=cfg.synth.limit or None)
+        log_path = os.path.join(out_dir, f"calls_{split}.jsonl")
+        if os.path.exists(log_path):
+            os.remove(log_path)  # the log appends: start it afresh with the data it belongs to
+        search = SearchEnv(tool, tokenizer, cfg.env, log_path=log_path)
+        out = []
+        if teacher == "oracle":
+            oracle = Oracle(world, cfg.env, search, tokenizer, cfg.synth.imperfect_share,
+                            random.Random(f"{cfg.run.seed}-{split}"))
+            for row in rows:
+                out += oracle(row)
+        else:
+            groups = (hf_samples(cfg, rows, search, tokenizer, model) if model is not None
+                      else endpoint_samples(cfg, rows, search, tokenizer))
+            for row, group in zip(rows, groups):
+                out += judged(row, group, cfg.env)
+        write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), out)
+        counts = Counter(r["type"] for r in out)
+        stats[split] = {"questions": len(rows), **counts, "real_calls": search.calls,
+                        "imperfect": sum(bool(r.get("imperfect")) for r in out)}
+    with open(os.path.join(out_dir, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=1)
+    return stats
+
+
 def main(argv=None):
-    cfg = load_config({"run": RunConfig, "env": EnvConfig, "world": WorldConfig, "model": ModelConfig},
-                      argv, own="world")
+    cfg = load_config({"run": RunConfig, "env": EnvConfig, "world": WorldConfig, "model": ModelConfig,
+                       "synth": SynthConfig}, argv, own="world")
     t0 = time.time()
     if cfg.model.base == "tiny":
         if not os.path.exists(os.path.join(cfg.run.data_dir, "world.json")):
@@ -442,6 +809,10 @@ def main(argv=None):
         print("wiki corpus docs:", build_wiki_corpus(cfg.env.corpus or "data/wiki/corpus.jsonl"))
     path = base_model_path(cfg)
     print(f"base model: {path} ({time.time() - t0:.1f}s)")
+    oracle_missing = cfg.model.base == "tiny" and not os.path.exists(os.path.join(synth_dir(cfg), "stats.json"))
+    if "synth" in cfg.flags or (cfg.synth.teacher == "oracle" and oracle_missing):
+        t0 = time.time()
+        print("synth:", json.dumps(synthesize(cfg)), f"({time.time() - t0:.1f}s)")
 
 
 if __name__ == "__main__":
