@@ -1,0 +1,186 @@
+"""worldmodel.py: the real-call log, the world model's data and loss, the served environment, fidelity metrics."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import worldmodel as wmod
+from tools import EnvConfig, SearchEnv, build_prompt, load_model, make_tool
+
+ENV = EnvConfig()
+
+
+def wm_argv(root, base, name, *extra):
+    here = os.path.dirname(__file__)
+    return ["--config", os.path.join(here, "..", "configs", "tiny.yaml"), f"run.data_dir={root}/data",
+            f"run.runs_dir={root}/runs", f"run.name={name}", f"model.base={base}", "run.device=cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def base(tiny_base):
+    return load_model(tiny_base, device=torch.device("cpu"))
+
+
+# -----------------------------------------------------------------------------
+# Data: the real-call log, oracle calls, histories, examples
+
+def test_search_env_logs_one_row_per_real_call_with_question_and_history(tiny_cfg, base, tmp_path):
+    _, tok = base
+    log = tmp_path / "calls.jsonl"
+    env = SearchEnv(make_tool(ENV, tiny_cfg.run), tok, ENV, log_path=str(log))
+    people = [json.loads(line)["contents"].split("\n")[0] for line in open(f"{tiny_cfg.run.data_dir}/corpus.jsonl")][:2]
+    contexts = [build_prompt(tok, f"Where was {p} born?", ENV) + f" I should check. {wmod.action_text(p, ENV)}"
+                for p in people]
+    obs = env(people, contexts)
+    rows = wmod.read_calls(str(log))
+    assert [r["query"] for r in rows] == people and [r["observation"] for r in rows] == obs
+    assert rows[0]["question"] == f"Where was {people[0]} born?"
+    assert rows[0]["history"].startswith(" I should check.")
+    assert people[0] in obs[0]
+
+
+def test_read_calls_skips_malformed_rows_and_refuses_a_missing_file(tmp_path, capsys):
+    path = tmp_path / "calls.jsonl"
+    good = {"question": "q", "history": "", "query": "x", "observation": "<search_result> x </search_result>"}
+    path.write_text(json.dumps(good) + "\nnot json\n" + json.dumps({"question": "q"}) + "\n")
+    assert wmod.read_calls(str(path)) == [good]
+    assert f"{path}:2" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        wmod.read_calls(str(tmp_path / "missing-*.jsonl"))
+
+
+def test_oracle_calls_carry_earlier_calls_as_history(tiny_cfg, base):
+    _, tok = base
+    search = SearchEnv(make_tool(ENV, tiny_cfg.run), tok, ENV)
+    rows = [r for r in data.load_qa(f"{tiny_cfg.run.data_dir}/train.jsonl") if r["kind"] == "country"][:3]
+    calls = wmod.oracle_calls(rows, search)
+    assert search.calls == len(calls) == 6
+    first, second = [c for c in calls if c["question"] == rows[0]["question"]]
+    assert first["history"] == "" and second["query"] == rows[0]["queries"][1]
+    assert second["history"] == f" {wmod.action_text(first['query'], ENV)}{first['observation']}"
+
+
+def test_history_keeps_calls_and_drops_thoughts_and_the_pending_action():
+    obs = "<search_result> Ada Brun\nAda Brun was born in Lorn. </search_result>"
+    text = f" I need to search. <begin_search> Ada Brun </end_search>{obs} Now the city. <begin_search> Lorn </end_search>"
+    assert wmod.interaction_history(text, ENV) == f" <begin_search> Ada Brun </end_search>{obs}"
+    assert wmod.interaction_history(" just thinking", ENV) == ""
+
+
+def test_example_trains_on_the_observation_tokens_only(base):
+    _, tok = base
+    call = {"question": "Where was Ada Brun born?", "history": "", "query": "Ada Brun",
+            "observation": "<search_result> Ada Brun was born in Lorn. </search_result>"}
+    prompt, target = wmod.make_example(tok, call, ENV, 64)
+    ids, attn, labels = wmod.collate([(prompt, target), (prompt[:3], target[:2])], tok.pad_token_id)
+    assert (labels[0, :len(prompt)] == -100).all()
+    assert tok.decode(labels[0, len(prompt):].tolist()) == call["observation"] + tok.eos_token
+    assert attn[1].sum() == 5 and (labels[1, 5:] == -100).all()
+    assert tok.decode(prompt).endswith("<begin_search> Ada Brun </end_search>")
+
+
+# -----------------------------------------------------------------------------
+# Fidelity metrics on hand-made pairs
+
+REAL = "<search_result> Ada Brun\nAda Brun was born in Lorn in 1950. Ada Brun works for Vexa. </search_result>"
+KNOWN = {"Ada", "Brun", "Lorn", "Vexa", "Kesh"}
+
+
+def test_fidelity_of_a_perfect_copy():
+    m = wmod.fidelity(REAL, REAL, "Ada Brun", ["Lorn"], KNOWN, ENV)
+    assert m == {"answer_kept": 1.0, "fact_recall": 1.0, "token_f1": 1.0, "invented": 0.0, "unsupported": 0.0,
+                 "well_formed": 1.0}
+
+
+def test_fidelity_of_a_wrong_and_invented_fact():
+    sim = "<search_result> Ada Brun\nAda Brun was born in Zorp in 1950. Ada Brun works for Vexa. </search_result>"
+    m = wmod.fidelity(sim, REAL, "Ada Brun", ["Lorn"], KNOWN, ENV)
+    assert m["answer_kept"] == 0.0
+    assert m["fact_recall"] == pytest.approx(1 / 2)  # the employer sentence is kept, the birth sentence is not
+    assert 0.5 < m["token_f1"] < 1.0
+    names = ["Ada", "Brun", "Ada", "Brun", "Zorp", "Ada", "Brun", "Vexa"]
+    assert m["invented"] == m["unsupported"] == pytest.approx(1 / len(names))
+
+
+def test_fidelity_answer_applies_only_when_the_real_observation_holds_an_answer_the_query_lacks():
+    # the real observation lacks the answer (first hop of a bridge question): nothing to keep
+    assert wmod.fidelity(REAL, REAL, "Ada Brun", ["Kesh"], KNOWN, ENV)["answer_kept"] is None
+    # the gold is the queried name (comparison questions): copying the query is no evidence
+    assert wmod.fidelity(REAL, REAL, "Ada Brun", ["Ada Brun"], KNOWN, ENV)["answer_kept"] is None
+
+
+def test_fidelity_of_a_broken_simulation():
+    m = wmod.fidelity("<search_result> Ada", REAL, "Ada Brun", ["Lorn"], KNOWN, ENV)
+    assert m["well_formed"] == 0.0 and m["answer_kept"] == 0.0 and m["fact_recall"] == 0.0
+    assert wmod.fidelity("<search_result> </search_result>", REAL, "Ada Brun", ["Lorn"], KNOWN, ENV)["token_f1"] == 0
+
+
+def test_mean_metrics_averages_where_a_metric_applies():
+    rows = [{"answer_kept": 1.0, "token_f1": 0.5}, {"answer_kept": None, "token_f1": 1.0}]
+    out = wmod.mean_metrics(rows)
+    assert out == {"calls": 2, "answer_kept": 1.0, "n_answer_kept": 1, "token_f1": 0.75}
+
+
+# -----------------------------------------------------------------------------
+# Serving and the config
+
+def test_served_environment_returns_well_formed_observations_for_a_batch(base):
+    model, tok = base
+    env = dataclasses.replace(ENV, obs_max_tokens=6)
+    world = wmod.WorldModelEnv(model, tok, env, tok, batch_size=2)
+    queries = ["Ada Brun", "Lorn", "Olo Vess"]
+    contexts = [build_prompt(tok, f"Where was {q} born?", env) + " " + wmod.action_text(q, env) for q in queries]
+    obs = world(queries, contexts)
+    assert len(obs) == 3 and world.calls == 3 and world.simulated
+    for o in obs:  # an untrained model writes anything: the format and the budget hold all the same
+        assert o.startswith(env.obs_open) and o.endswith(env.obs_close)
+        assert len(tok.encode(" " + wmod.observation_body(o, env), add_special_tokens=False)) <= 6
+    assert world(queries[1:2], contexts[1:2]) == obs[1:2]  # batched = alone (greedy, per-row KV cache)
+
+
+def test_config_picks_the_environment(tiny_cfg, tiny_base, base):
+    _, tok = base
+    real = wmod.make_environment(dataclasses.replace(ENV, env="real"), tiny_cfg.run, tok)
+    assert isinstance(real, SearchEnv) and not real.simulated
+    world = wmod.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=tiny_base), tiny_cfg.run, tok)
+    assert isinstance(world, wmod.WorldModelEnv) and world.simulated
+    assert wmod.make_environment(dataclasses.replace(ENV, env="policy"), tiny_cfg.run, tok) is None
+    with pytest.raises(ValueError, match="env.worldmodel"):
+        wmod.make_environment(dataclasses.replace(ENV, env="worldmodel"), tiny_cfg.run, tok)
+    with pytest.raises(ValueError, match="real, policy or worldmodel"):
+        wmod.make_environment(dataclasses.replace(ENV, env="oracle"), tiny_cfg.run, tok)
+
+
+# -----------------------------------------------------------------------------
+# The script: training, the report, resume
+
+def test_world_model_loss_falls_and_the_report_covers_every_simulator(tiny_root, tiny_base):
+    report = wmod.main(wm_argv(tiny_root, tiny_base, "wm", "steps=60", "batch_size=16", "log_every=10",
+                               "eval_calls=6", f"policy={tiny_base}", "eval_questions=3"))
+    losses = [loss for _, loss in report["train_loss"]]
+    assert losses[-1] < 0.6 * losses[0]
+    assert set(report["fidelity"]) == {"worldmodel", "policy"}
+    for groups in report["fidelity"].values():
+        assert set(groups) == {"seen", "unseen"} and all(g["well_formed"] == 1.0 for g in groups.values())
+    runs = report["end_to_end"]["unseen"]
+    assert set(runs) == {"real", "worldmodel", "policy"}
+    assert runs["real"]["sim_calls"] == 0 and runs["worldmodel"]["real_calls"] == 0
+    assert runs["policy"]["real_calls"] == 0
+    assert os.path.exists(os.path.join(tiny_root, "runs", "wm", "worldmodel", "config.json"))
+
+
+def test_resume_after_a_kill_gives_the_same_weights(tiny_root, tiny_base):
+    argv = wm_argv(tiny_root, tiny_base, "wmresume", "steps=6", "batch_size=4", "save_every=3", "keep_ckpts=3",
+                   "eval_calls=0", "history_max_tokens=32")
+    wmod.main(argv)
+    run_dir = os.path.join(tiny_root, "runs", "wmresume")
+    straight = load_model(os.path.join(run_dir, "worldmodel"), device=torch.device("cpu"))[0].state_dict()
+    import shutil
+    shutil.rmtree(os.path.join(run_dir, "worldmodel.ckpt", "step_000006"))  # as if killed after step 3
+    shutil.rmtree(os.path.join(run_dir, "worldmodel"))
+    wmod.main(argv + ["--resume"])
+    resumed = load_model(os.path.join(run_dir, "worldmodel"), device=torch.device("cpu"))[0].state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

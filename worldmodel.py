@@ -1,0 +1,563 @@
+"""
+worldmodel.py -- a world model that simulates the search tool, and a measurement of how faithful it is.
+
+AutoCoA (arXiv 2503.06580, Sec. 3.3) trains most of RL in a simulated environment: instead of calling the real
+tool, a *world model* writes the observation. Real calls are then few (costly, slow, changing), simulated calls
+are cheap. Two world models are compared here:
+
+    policy      the internal world model: the policy itself (after SFT-3) writes its own <search_result> ...
+                </search_result> (rollout.py's env=policy mode); the paper's choice.
+    worldmodel  a separate LM fine-tuned here on logged real calls to write the observation
+
+The separate world model learns p(observation | question, history, query) from real calls
+
+    Question: Where was Ada Brun born?                                     <- question
+    <begin_search> Ada Brun </end_search> <search_result> ... </search_result>   <- earlier calls (history)
+    <begin_search> Lorn </end_search>                                      <- the query
+    <search_result> Lorn\\nLorn is a city in Kesh. </search_result><eos>    <- target: the only trained tokens
+
+    loss = - sum_t log p(obs_t | prompt, obs_<t) / #obs tokens        (prompt tokens masked out)
+
+The history keeps only earlier actions and observations, not the policy's thoughts: the tool never sees them,
+and so the world model stays the same whatever style of reasoning the policy writes.
+
+Data: real calls as JSONL rows {"question", "history", "query", "observation"}. tools.SearchEnv(log_path=...)
+writes them during synthesis, RL with the real tool and eval; or (`calls: oracle`, the default on the tiny world)
+they are made here by sending each training question's oracle queries to the real tool.
+
+Served as an environment (`WorldModelEnv`): the same call signature as tools.SearchEnv, `(queries, contexts) ->
+observations`, tags included, body cut to the same env.obs_max_tokens of the policy's tokenizer; batched, greedy,
+KV-cached; `simulated = True`; it counts its calls, so every run can report real vs simulated calls.
+
+The fidelity report, on held-out real calls, split into queries the world model has seen in training (entities
+it could have memorised) and queries it has not:
+    answer kept     of the calls whose real observation holds a gold answer (one the query does not already
+                    contain), the share whose simulated observation holds it too
+    fact recall     of the real observation's sentences about the queried entity, the share reproduced verbatim
+    token F1        SQuAD token F1 between the simulated and the real observation body
+    invented        share of the simulated observation's entity mentions (capitalised words) found nowhere in
+                    the corpus; `unsupported`: share not in the real observation
+and end to end: the agent's EM on questions with the real tool, the world model, and the policy's own
+simulation, with the real and simulated calls each run spent.
+
+Departures from the paper: the paper uses only the policy as world model; a separate LM is our addition, as is
+the whole fidelity report. The history drops the policy's thoughts (above).
+
+    python worldmodel.py --config configs/tiny.yaml                     # train on the tiny world, print the report
+    python worldmodel.py --config configs/tiny.yaml steps=600 policy=runs/tiny/sft
+    python worldmodel.py --config configs/tiny.yaml calls=runs/tiny/calls.jsonl   # logged real calls
+    python worldmodel.py --config configs/tiny.yaml --resume            # after a crash
+    torchrun --nproc_per_node 2 worldmodel.py --config configs/tiny.yaml
+
+Not here: generation (rollout.py), the policy's SFT-3 (sft.py), choosing real vs simulated steps (rl.py).
+"""
+import glob
+import json
+import math
+import os
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+import data
+from rollout import generate
+from tools import (EnvConfig, RunConfig, SearchEnv, build_prompt, format_observation, load_config, load_model,
+                   make_tool, normalize_answer, split_context)
+
+
+@dataclass
+class WorldModelConfig:
+    # model and data
+    init: str = ""  # model to fine-tune (HF folder or hub name); empty = the base model (tiny world: untrained)
+    out: str = "worldmodel"  # output folder name under <run.dir>
+    calls: str = "auto"  # logged real calls (JSONL path or glob) | oracle (the train questions' oracle queries sent to
+    # the real tool) | auto: <run.data_dir>/synth/calls_train.jsonl (logged by synthesis) if it exists, else oracle
+    heldout_share: float = 0.05  # share of training questions whose calls are held out (their entities are seen)
+    unseen: str = ""  # questions whose oracle calls make the unseen held-out set; empty = <run.data_dir>/test.jsonl
+    history_max_tokens: int = 256  # earlier calls kept in the prompt, cut from the left
+    # optimisation
+    steps: int = 300
+    batch_size: int = 32  # calls per step, all ranks together
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decay to lr * this
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # report
+    eval_calls: int = 100  # held-out calls per group (seen, unseen); 0 = no fidelity report
+    policy: str = ""  # policy folder whose own simulation is measured too (SFT-3); empty = <run.dir>/sft if it exists
+    agent: str = ""  # agent folder for the end-to-end EM; empty = the policy folder
+    eval_questions: int = 50  # test questions per end-to-end run; 0 = skip
+    eval_batch: int = 32  # sequences per generation batch
+    # bookkeeping
+    save_every: int = 0  # steps between resumable checkpoints; 0 = only at the end
+    keep_ckpts: int = 2
+    log_every: int = 50
+
+
+# -----------------------------------------------------------------------------
+# Real calls: logs, or the oracle's queries sent to the real tool
+
+def read_calls(pattern):
+    """Logged real calls from a JSONL path or glob; malformed rows are reported with file:line and skipped."""
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"worldmodel.calls: no file matches {pattern!r}")
+    calls = []
+    for path in paths:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if not all(isinstance(row.get(k), str) for k in ("question", "history", "query", "observation")):
+                        raise ValueError("needs string question, history, query, observation")
+                    calls.append(row)
+                except ValueError as e:
+                    print(f"warning: {path}:{n}: skipped bad call row ({e})")
+    return calls
+
+
+def oracle_calls(rows, search):
+    """Every question's oracle queries, in order, sent to `search` (a SearchEnv, which counts them).
+
+    The history of a call is the earlier calls of the same question, as the policy would have written them.
+    Returns rows shaped like a SearchEnv log, plus "qid".
+    """
+    calls, histories = [], [""] * len(rows)
+    for hop in range(max(len(r.get("queries", [])) for r in rows)):
+        live = [i for i, r in enumerate(rows) if len(r.get("queries", [])) > hop]
+        queries = [rows[i]["queries"][hop] for i in live]
+        for i, query, obs in zip(live, queries, search(queries)):
+            calls.append({"qid": rows[i].get("id"), "question": rows[i]["question"], "history": histories[i],
+                          "query": query, "observation": obs})
+            histories[i] += f" {action_text(query, search.env)}{obs}"  # as rollout.py joins them
+    return calls
+
+
+def action_text(query, env):
+    return f"{env.action_open} {query} {env.action_close}"
+
+
+def interaction_history(history, env):
+    """The earlier (action, observation) pairs of a trajectory's text, canonically spaced; thoughts dropped.
+
+    A trailing action without its observation (the call being answered) is not part of the history.
+    """
+    pattern = (re.escape(env.action_open) + r"(.*?)" + re.escape(env.action_close) + r"\s*(" +
+               re.escape(env.obs_open) + r".*?" + re.escape(env.obs_close) + ")")
+    return "".join(f" {action_text(q.strip(), env)}{obs}" for q, obs in re.findall(pattern, history, flags=re.S))
+
+
+# -----------------------------------------------------------------------------
+# The world model's examples: prompt ids (masked) + observation ids (trained)
+
+def wm_prompt_ids(tokenizer, question, history, query, env, history_max_tokens):
+    """Ids of `Question: q\\n<history> <begin_search> query </end_search>`; the history is cut from the left."""
+    head = tokenizer.encode(f"Question: {question}\n", add_special_tokens=False)
+    past = tokenizer.encode(interaction_history(history, env), add_special_tokens=False)
+    past = past[-history_max_tokens:] if history_max_tokens > 0 else []
+    return head + past + tokenizer.encode(" " + action_text(query, env), add_special_tokens=False)
+
+
+def make_example(tokenizer, call, env, history_max_tokens):
+    """(prompt_ids, target_ids): the target is the observation then eos, tokenized on its own like rollout.py."""
+    prompt = wm_prompt_ids(tokenizer, call["question"], call["history"], call["query"], env, history_max_tokens)
+    target = tokenizer.encode(call["observation"], add_special_tokens=False) + [tokenizer.eos_token_id]
+    return prompt, target
+
+
+def collate(examples, pad_id):
+    """Right-padded input_ids, attention_mask, labels (-100 on prompt and padding: loss on observations only)."""
+    width = max(len(p) + len(t) for p, t in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (p, t) in enumerate(examples):
+        seq = p + t
+        ids[i, :len(seq)] = torch.tensor(seq)
+        labels[i, len(p):len(seq)] = torch.tensor(t)
+        attn[i, :len(seq)] = 1
+    return ids, attn, labels
+
+
+def lr_at(step, cfg):
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def batch_at(step, n_examples, batch_size, seed):
+    """The example indices of a step: a pure function of (seed, step), so a resumed run sees the same data."""
+    return random.Random(seed * 1_000_003 + step).sample(range(n_examples), min(batch_size, n_examples))
+
+
+# -----------------------------------------------------------------------------
+# Serving: the world model as an environment (generation is rollout.generate: batched, KV-cached)
+
+def observation_body(text, env):
+    """The text between the observation tags (a missing closing tag: up to the end)."""
+    text = text.split(env.obs_open, 1)[1] if env.obs_open in text else text
+    return text.split(env.obs_close, 1)[0].strip()
+
+
+class WorldModelEnv:
+    """A world-model LM served like tools.SearchEnv: `(queries, contexts) -> observations`, tags included.
+
+    contexts are the trajectories' text so far (prompt + completion); the question and earlier calls are read
+    from them. The observation body is cut to env.obs_max_tokens tokens of the *policy's* tokenizer, the same
+    budget as the real tool's observations.
+    """
+    simulated = True
+
+    def __init__(self, model, wm_tokenizer, env, tokenizer=None, history_max_tokens=256, batch_size=32):
+        self.model, self.wm_tokenizer, self.env = model.eval(), wm_tokenizer, env
+        self.tokenizer = tokenizer or wm_tokenizer  # the policy's: contexts and the token budget are in its terms
+        self.history_max_tokens, self.batch_size = history_max_tokens, batch_size
+        self.calls = 0  # simulated calls, one per query
+
+    @classmethod
+    def from_path(cls, path, env, tokenizer=None, run=None, **kwargs):
+        model, wm_tokenizer = load_model(path, run)
+        return cls(model, wm_tokenizer, env, tokenizer, **kwargs)
+
+    def __call__(self, queries, contexts=None):
+        queries = [q.strip()[:self.env.max_query_chars] for q in queries]
+        contexts = contexts or [""] * len(queries)
+        self.calls += len(queries)
+        prompts = []
+        for query, context in zip(queries, contexts):
+            question, history = split_context(context, self.tokenizer, self.env)
+            prompts.append(wm_prompt_ids(self.wm_tokenizer, question, history, query, self.env,
+                                         self.history_max_tokens))
+        return [self.finish(text) for text in self.write(prompts)]
+
+    def write(self, prompts):
+        """Raw generated texts, in batches."""
+        texts = []
+        for i in range(0, len(prompts), self.batch_size):
+            outs, _ = generate(self.model, self.wm_tokenizer, prompts[i:i + self.batch_size],
+                               self.env.obs_max_tokens + 8, [self.env.obs_close])
+            texts += [self.wm_tokenizer.decode(o, skip_special_tokens=False) for o in outs]
+        return texts
+
+    def finish(self, text):
+        """A well-formed observation within the real tool's token budget, whatever the model wrote."""
+        text = text.replace(self.wm_tokenizer.eos_token, "")
+        return format_observation([observation_body(text, self.env)], self.tokenizer, self.env)
+
+
+def make_environment(env, run, tokenizer):
+    """The environment env.env names: real -> SearchEnv, worldmodel -> WorldModelEnv(env.worldmodel),
+    policy -> None (the policy writes its own observations in rollout.py)."""
+    if env.env == "real":
+        return SearchEnv(make_tool(env, run), tokenizer, env)
+    if env.env == "worldmodel":
+        if not env.worldmodel:
+            raise ValueError("config: env.env=worldmodel needs env.worldmodel (a world-model folder)")
+        return WorldModelEnv.from_path(env.worldmodel, env, tokenizer, run)
+    if env.env == "policy":
+        return None
+    raise ValueError(f"config: env.env must be real, policy or worldmodel, got {env.env!r}")
+
+
+# -----------------------------------------------------------------------------
+# Fidelity: simulated vs real observation of the same call
+
+NOT_ENTITIES = {"the", "a", "an", "in", "on", "at", "it", "he", "she", "they", "this", "that", "his", "her", "no",
+                "search", "question", "i", "we", "of", "and", "is", "was"}
+
+
+def entities(text):
+    """Entity mentions: capitalised words (the tiny world's names; a cheap proxy for real text)."""
+    return [w for w in re.findall(r"\b[A-Z][\w'-]*", text) if w.lower() not in NOT_ENTITIES]
+
+
+def contains(text, answer):
+    """Whole-word containment after SQuAD normalisation."""
+    a = normalize_answer(answer)
+    return bool(a) and f" {a} " in f" {normalize_answer(text)} "
+
+
+def sentences(text):
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n", text) if s.strip()]
+
+
+def token_f1(pred, gold):
+    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+    common = sum((Counter(p) & Counter(g)).values())
+    if not p or not g or not common:
+        return float(p == g)
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def fidelity(sim, real, query, golds, known, env):
+    """Per-call fidelity of a simulated observation against the real one (None: the metric does not apply).
+
+    known: the set of entity names of the corpus (anything else the simulation names is invented).
+    """
+    sim_body, real_body = observation_body(sim, env), observation_body(real, env)
+    answers = [g for g in golds if contains(real_body, g) and not contains(query, g)]
+    facts = [s for s in sentences(real_body) if contains(s, query) and normalize_answer(s) != normalize_answer(query)]
+    sim_facts = {normalize_answer(s) for s in sentences(sim_body)}
+    names, real_names = entities(sim_body), set(entities(real_body))
+    return {
+        "answer_kept": float(any(contains(sim_body, g) for g in answers)) if answers else None,
+        "fact_recall": sum(normalize_answer(s) in sim_facts for s in facts) / len(facts) if facts else None,
+        "token_f1": token_f1(sim_body, real_body),
+        "invented": sum(n not in known for n in names) / len(names) if names else 0.0,
+        "unsupported": sum(n not in real_names for n in names) / len(names) if names else 0.0,
+        "well_formed": float(sim.startswith(env.obs_open) and sim.endswith(env.obs_close)),
+    }
+
+
+def mean_metrics(rows):
+    """Average each metric over the calls where it applies; n_<metric> says over how many."""
+    out = {"calls": len(rows)}
+    for key in rows[0] if rows else []:
+        vals = [r[key] for r in rows if r[key] is not None]
+        out[key] = sum(vals) / len(vals) if vals else float("nan")
+        if len(vals) != len(rows):
+            out[f"n_{key}"] = len(vals)
+    return out
+
+
+def policy_observations(model, tokenizer, calls, env, batch_size=32):
+    """The policy's internal world model, as rollout.py's env=policy runs it: after its action the observation
+    opener is appended and the policy writes the rest, up to the closer or the token budget."""
+    prompts = [tokenizer.encode(c, add_special_tokens=False) + tokenizer.encode(env.obs_open, add_special_tokens=False)
+               for c in contexts_of(calls, tokenizer, env)]
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        outs, _ = generate(model, tokenizer, prompts[i:i + batch_size], env.obs_max_tokens + 8, [env.obs_close])
+        texts += [tokenizer.decode(o).replace(tokenizer.eos_token, "") for o in outs]
+    return [format_observation([observation_body(t, env)], tokenizer, env) for t in texts]
+
+
+def corpus_entities(env, run):
+    from tools import read_corpus
+    path = env.corpus or os.path.join(run.data_dir, "corpus.jsonl")
+    return {name for doc in read_corpus(path) for name in entities(doc["contents"])}
+
+
+def fidelity_table(sim_obs, calls, known, env):
+    return mean_metrics([fidelity(s, c["observation"], c["query"], c.get("golden_answers", []), known, env)
+                         for s, c in zip(sim_obs, calls)])
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def split_calls(calls, heldout_share, seed):
+    """(train, heldout) by question: all calls of a held-out question are held out."""
+    questions = sorted({c["question"] for c in calls})
+    random.Random(seed).shuffle(questions)
+    held = set(questions[:int(len(questions) * heldout_share)])
+    return [c for c in calls if c["question"] not in held], [c for c in calls if c["question"] in held]
+
+
+def train(cfg, model, tokenizer, examples, device, rank, world_size):
+    """Fine-tune on (prompt, observation) examples; returns the list of (step, loss) logged on rank 0."""
+    from sft import latest_checkpoint, load_checkpoint, save_checkpoint, wrap_model, all_mean, print0, unwrap
+    wm = cfg.worldmodel
+    model.train()
+    ddp_model = wrap_model(model, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=wm.lr, weight_decay=wm.weight_decay, betas=(0.9, 0.95))
+    ckpt_dir = os.path.join(cfg.run.dir, wm.out + ".ckpt")
+    start = 0
+    if "resume" in cfg.flags and latest_checkpoint(ckpt_dir):
+        meta = load_checkpoint(latest_checkpoint(ckpt_dir), ddp_model, optimizer)
+        start = meta["step"]
+        print0(f"resumed from {latest_checkpoint(ckpt_dir)} at step {start}")
+    log, t0 = [], time.time()
+    for step in range(start, wm.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, wm)
+        batch = batch_at(step, len(examples), wm.batch_size, cfg.run.seed)[rank::world_size]
+        ids, attn, labels = (t.to(device) for t in collate([examples[i] for i in batch], tokenizer.pad_token_id))
+        loss = ddp_model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"world model loss is {loss.item()} at step {step}; lower worldmodel.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if wm.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), wm.grad_clip)
+        optimizer.step()
+        if step % wm.log_every == 0 or step == wm.steps - 1:
+            mean = all_mean(loss.item())
+            log.append((step, mean))
+            print0(f"step {step:5d} | loss {mean:.4f} | lr {lr_at(step, wm):.2e} | {time.time() - t0:.1f}s")
+        if (wm.save_every and (step + 1) % wm.save_every == 0) or step == wm.steps - 1:
+            save_checkpoint(ckpt_dir, step + 1, ddp_model, optimizer, meta={"config": cfg.to_dict()},
+                            keep=wm.keep_ckpts)
+    model.eval()
+    return unwrap(ddp_model), log
+
+
+# -----------------------------------------------------------------------------
+# The report: fidelity on held-out real calls, then the agent end to end
+
+def held_out_groups(heldout, extra, train_queries, n, seed):
+    """(seen, unseen): held-out calls whose query the world model was trained on, and calls whose query it never saw."""
+    rng = random.Random(seed + 1)
+    seen = [c for c in heldout if normalize_answer(c["query"]) in train_queries]
+    unseen = [c for c in heldout + extra if normalize_answer(c["query"]) not in train_queries]
+    return rng.sample(seen, min(n, len(seen))), rng.sample(unseen, min(n, len(unseen)))
+
+
+def contexts_of(calls, tokenizer, env):
+    """The text a rollout would hand the environment for each call: prompt + history + the action."""
+    return [build_prompt(tokenizer, c["question"], env) + c["history"] + " " + action_text(c["query"], env)
+            for c in calls]
+
+
+def end_to_end(agent_path, rows, cfg, environments):
+    """Agent EM and call counts with each environment: {name: {"em", "real_calls", "sim_calls", "seconds"}}."""
+    import dataclasses
+    from rollout import rollout
+    from tools import reward
+    agent, agent_tok = load_model(agent_path, cfg.run)
+    out = {}
+    for name, make in environments.items():
+        env_cfg = dataclasses.replace(cfg.env, env={"real": "real", "worldmodel": "worldmodel"}.get(name, "policy"))
+        environment = make(agent_tok)
+        t0 = time.time()
+        episodes = []
+        for i in range(0, len(rows), cfg.worldmodel.eval_batch):
+            episodes += rollout(agent, agent_tok, rows[i:i + cfg.worldmodel.eval_batch], env_cfg, environment)
+        out[name] = {"em": sum(reward(e.text, e.golds, cfg.env) for e in episodes) / max(1, len(episodes)),
+                     "real_calls": sum(e.real_calls for e in episodes),
+                     "sim_calls": sum(e.sim_calls for e in episodes), "seconds": round(time.time() - t0, 1)}
+    return out
+
+
+def print_report(report):
+    cols = ["calls", "well_formed", "answer_kept", "fact_recall", "token_f1", "invented", "unsupported"]
+    print("\nfidelity on held-out real calls (seen: the world model was trained on calls with this query)")
+    print(f"{'simulator':<12} {'entities':<8} " + " ".join(f"{c:>11}" for c in cols))
+    for name, groups in report["fidelity"].items():
+        for group, m in groups.items():
+            cells = [f"{m.get(c, float('nan')):>11.3f}" if c != "calls" else f"{m['calls']:>11d}" for c in cols]
+            print(f"{name:<12} {group:<8} " + " ".join(cells))
+    for split, runs in report.get("end_to_end", {}).items():
+        print(f"\nagent end to end on {split} questions ({report['agent']})")
+        for name, r in runs.items():
+            print(f"  tool={name:<11} EM {r['em']:.3f} | real calls {r['real_calls']:5d} | simulated calls "
+                  f"{r['sim_calls']:5d} | {r['seconds']:.1f}s")
+
+
+def golds_by_question(data_dir):
+    """question -> golden answers, from the QA files of the data dir (logged calls carry no answers)."""
+    out = {}
+    for name in ("train", "dev", "test"):
+        path = os.path.join(data_dir, f"{name}.jsonl")
+        if os.path.exists(path):
+            out.update({r["question"]: r["golden_answers"] for r in data.load_qa(path)})
+    return out
+
+
+def main(argv=None):
+    from sft import barrier, print0, setup_dist
+    from transformers import AutoTokenizer
+    cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig,
+                       "worldmodel": WorldModelConfig}, argv, own="worldmodel")
+    wm, env = cfg.worldmodel, cfg.env
+    rank, world_size, device = setup_dist(cfg.run)
+    torch.manual_seed(cfg.run.seed)
+    if rank == 0:
+        data.base_model_path(cfg)  # build the tiny base once, before other ranks read it
+    barrier()
+    base = data.base_model_path(cfg)
+    policy_tok = AutoTokenizer.from_pretrained(base)  # the observation budget is counted in the policy's tokens
+    t0 = time.time()
+
+    # 1. real calls: logged, or the oracle's queries through the real tool
+    search = SearchEnv(make_tool(env, cfg.run), policy_tok, env)
+    golds = golds_by_question(cfg.run.data_dir)
+    source = wm.calls
+    if source == "auto":
+        logged = os.path.join(cfg.run.data_dir, "synth", "calls_train.jsonl")
+        source = logged if os.path.exists(logged) else "oracle"
+    if source == "oracle":
+        calls = oracle_calls(data.load_qa(os.path.join(cfg.run.data_dir, "train.jsonl")), search)
+    else:
+        calls = read_calls(source)
+    for c in calls:
+        c["golden_answers"] = golds.get(c["question"], [])
+    train_calls, heldout = split_calls(calls, wm.heldout_share, cfg.run.seed)
+    if not train_calls:
+        raise ValueError("worldmodel: no training calls (empty log, or heldout_share=1)")
+    print0(f"real calls from {source}: {len(train_calls)} train, {len(heldout)} held out ({search.calls} tool calls made, "
+           f"{time.time() - t0:.1f}s)")
+
+    # 2. fine-tune the world model: loss on observation tokens only
+    model, tokenizer = load_model(wm.init or base, cfg.run, device=device)
+    examples = [make_example(tokenizer, c, env, wm.history_max_tokens) for c in train_calls]
+    model, log = train(cfg, model, tokenizer, examples, device, rank, world_size)
+    out_dir = os.path.join(cfg.run.dir, wm.out)
+    if rank == 0:
+        data.save_atomic(out_dir, model, tokenizer)
+        print0(f"world model saved to {out_dir} ({time.time() - t0:.1f}s)")
+    barrier()
+    if rank != 0 or not wm.eval_calls:
+        return {"log": log}
+
+    # 3. fidelity on held-out real calls, seen vs unseen queries
+    unseen_path = wm.unseen or os.path.join(cfg.run.data_dir, "test.jsonl")
+    extra = []
+    if os.path.exists(unseen_path):  # questions about people no training question names
+        extra = oracle_calls(data.load_qa(unseen_path), search)
+        for c in extra:
+            c["golden_answers"] = golds.get(c["question"], [])
+    train_queries = {normalize_answer(c["query"]) for c in train_calls}
+    groups = dict(zip(("seen", "unseen"), held_out_groups(heldout, extra, train_queries, wm.eval_calls,
+                                                          cfg.run.seed)))
+    known = corpus_entities(env, cfg.run)
+    world_env = WorldModelEnv(model, tokenizer, env, policy_tok, wm.history_max_tokens, wm.eval_batch)
+    report = {"fidelity": {"worldmodel": {}}, "train_loss": log}
+    for group, sample in groups.items():
+        if sample:
+            sim = world_env([c["query"] for c in sample], contexts_of(sample, policy_tok, env))
+            report["fidelity"]["worldmodel"][group] = fidelity_table(sim, sample, known, env)
+    policy = wm.policy or os.path.join(cfg.run.dir, "sft")
+    if os.path.exists(os.path.join(policy, "config.json")):
+        pmodel, ptok = load_model(policy, cfg.run)
+        report["fidelity"]["policy"] = {group: fidelity_table(policy_observations(pmodel, ptok, sample, env,
+                                                                                  wm.eval_batch), sample, known, env)
+                                        for group, sample in groups.items() if sample}
+    else:
+        print(f"no policy folder at {policy}: the policy's own simulation is not measured")
+
+    # 4. the agent end to end: EM with the real tool, the world model, its own simulation
+    agent = wm.agent or policy
+    if wm.eval_questions and os.path.exists(os.path.join(agent, "config.json")):
+        rng = random.Random(cfg.run.seed + 2)
+        held_q = {c["question"] for c in heldout}
+        splits = {"seen": [r for r in data.load_qa(os.path.join(cfg.run.data_dir, "train.jsonl"))
+                           if r["question"] in held_q and r.get("needs_search", True)],
+                  "unseen": [r for r in data.load_qa(unseen_path) if r.get("needs_search", True)]}
+        environments = {"real": lambda tok: SearchEnv(make_tool(env, cfg.run), tok, env),
+                        "worldmodel": lambda tok: WorldModelEnv(model, tokenizer, env, tok, wm.history_max_tokens,
+                                                                wm.eval_batch),
+                        "policy": lambda tok: None}
+        report["agent"] = agent
+        report["end_to_end"] = {split: end_to_end(agent, rng.sample(rows, min(wm.eval_questions, len(rows))), cfg,
+                                                  environments) for split, rows in splits.items() if rows}
+    else:
+        print(f"no agent folder at {agent}: end-to-end EM skipped")
+    print_report(report)
+    with open(os.path.join(cfg.run.dir, wm.out + ".report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"total {time.time() - t0:.1f}s")
+    return report
+
+
+if __name__ == "__main__":
+    main()
