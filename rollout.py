@@ -205,20 +205,22 @@ class Row:
 class Tags:
     """The strings the loop watches for, their token ids, and which vocabulary ids could end one of them."""
 
-    def __init__(self, tokenizer, env_cfg, stop_strings=()):
-        self.tokenizer, self.env = tokenizer, env_cfg
-        self.stop_strings = list(stop_strings)
-        watched = [env_cfg.action_close, env_cfg.think_close, env_cfg.obs_close, "}"] + self.stop_strings
-        last_chars = {s[-1] for s in watched if s}
+    def __init__(self, tokenizer, env_cfg, watched):
+        self.tokenizer = tokenizer
+        watched = [s for s in watched if s]
+        last_chars = {s[-1] for s in watched}
         vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         texts = [tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in vocab]
         # a token can end a tag only if its text contains the tag's last character; only then is a tail decoded
-        self.may_end = torch.tensor([any(c in t for c in last_chars) for t in texts])
-        self.longest = max(len(tokenizer.encode(s, add_special_tokens=False)) for s in watched if s) + 2
+        self.may_end = [any(c in t for c in last_chars) for t in texts]
+        self.longest = max([len(tokenizer.encode(s, add_special_tokens=False)) for s in watched] + [1]) + 2
         self.note_ids = tokenizer.encode(NOTE.format(think_close=env_cfg.think_close,
                                                      answer_open=env_cfg.answer_open), add_special_tokens=False)
         self.obs_open_ids = tokenizer.encode(env_cfg.obs_open, add_special_tokens=False)
         self.obs_close_ids = tokenizer.encode(env_cfg.obs_close, add_special_tokens=False)
+
+    def can_end(self, token):
+        return token < len(self.may_end) and self.may_end[token]  # ids past the tokenizer (padded vocab): no
 
     def just_wrote(self, ids, start, tag):
         """Did the last id of ids[start:] complete `tag`? (decodes at most a short tail)"""
@@ -266,7 +268,7 @@ def rollout(model, tokenizer, rows, env_cfg, environment, group_size=1, temperat
         for _ in range(group_size):
             episodes.append(Episode(question=row["question"], golds=list(row.get("golden_answers", [])),
                                     prompt_ids=list(prompt_ids), row=row))
-    tags = Tags(tokenizer, env_cfg)
+    tags = Tags(tokenizer, env_cfg, [env_cfg.action_close, env_cfg.think_close, env_cfg.obs_close, "}"])
     prompts = [ep.prompt_ids for ep in episodes]
 
     def on_token(state, token):
@@ -276,7 +278,7 @@ def rollout(model, tokenizer, rows, env_cfg, environment, group_size=1, temperat
             return finish(state, "eos")
         if len(ep.ids) >= max_new:
             return finish(state, "length")
-        if not tags.may_end[token]:
+        if not tags.can_end(token):
             return None
         if state.in_obs >= 0:  # policy env: the policy is writing its own observation
             if tags.just_wrote(ep.ids, state.in_obs, env_cfg.obs_close):
@@ -365,6 +367,8 @@ def run_loop(model, tokenizer, prompts, episodes, on_token, act, after_token, te
     """The shared engine: prefill, then step until every row is done. Fills each episode's ids/mask/logps."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("rollout: every prompt needs at least one token")
     states = [Row(episode=ep, feed=list(p), slot=i) for i, (ep, p) in enumerate(zip(episodes, prompts))]
     capacity = max(len(p) for p in prompts) + 64
     cache = RowCache(len(states), capacity, device)
@@ -414,8 +418,8 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, stop_strings=(), temp
     """
     from tools import EnvConfig
     episodes = [Episode(question="", golds=[], prompt_ids=list(p)) for p in prompt_ids]
-    tags = Tags(tokenizer, EnvConfig(), stop_strings)
     stop_strings = [s for s in stop_strings if s]
+    tags = Tags(tokenizer, EnvConfig(), stop_strings)
 
     def on_token(state, token):
         ep = state.episode
@@ -423,7 +427,7 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, stop_strings=(), temp
             ep.finish, state.done = "eos", True
         elif len(ep.ids) >= max_new_tokens:
             ep.finish, state.done = "length", True
-        elif stop_strings and tags.may_end[token] and any(tags.just_wrote(ep.ids, 0, s) for s in stop_strings):
+        elif stop_strings and tags.can_end(token) and any(tags.just_wrote(ep.ids, 0, s) for s in stop_strings):
             ep.finish, state.done = "stop", True
         return None
 

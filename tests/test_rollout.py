@@ -1,0 +1,333 @@
+"""Tests for rollout.py: the KV-cached engine against HF generate and a from-scratch reference.
+
+    .venv/bin/python -m pytest -q tests/test_rollout.py
+
+The model is the untrained tiny model with its weights scaled up (so greedy text varies instead of repeating
+one token) and an LM-head bias towards the CoA tags (so it acts, thinks, closes and answers often enough to
+exercise every branch). It is still a plain HF Qwen2ForCausalLM: model(...) and model.generate work on it.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from rollout import NOTE, Episode, encode_prompt, generate, rollout, sample
+from tools import EnvConfig, SearchEnv, ToolError, build_prompt, extract_boxed, make_tool
+
+
+@pytest.fixture(scope="module")
+def agent(tiny_base):
+    """(model, tokenizer): the tiny model, weights x4, LM head untied with a bias towards the tags."""
+    from tools import load_model
+    model, tok = load_model(tiny_base)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+        head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+        head.weight.copy_(model.get_output_embeddings().weight)
+        head.bias.zero_()
+        for tag, b in [("</end_search>", 4.0), ("<begin_search>", 3.0), ("</think>", 2.5), ("\\boxed{", 3.0)]:
+            head.bias[tok.convert_tokens_to_ids(tag)] = b
+        head.bias[tok.convert_tokens_to_ids("}")] = 5.0
+        head.bias[tok.eos_token_id] = 1.0
+        model.lm_head = head
+    model.config.tie_word_embeddings = False
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def questions(tiny_cfg):
+    from data import load_qa
+    return load_qa(f"{tiny_cfg.run.data_dir}/test.jsonl")
+
+
+@pytest.fixture(scope="module")
+def search(tiny_cfg, agent):
+    env = EnvConfig(max_new_tokens=96, max_actions=2, obs_max_tokens=40)
+    return env, SearchEnv(make_tool(env, tiny_cfg.run), agent[1], env)
+
+
+# -----------------------------------------------------------------------------
+# A slow reference: recompute the whole sequence from scratch at every step, find tags in the decoded text
+
+def reference_rollout(model, tok, question, env, environment, max_new):
+    """Greedy CoA loop with no cache: one full forward of prompt + completion per new token."""
+    prompt = encode_prompt(tok, question, env)
+    ids, mask, actions = [], [], []
+    seg = 0  # start of the model's current stretch of writing
+    answer_from, forced = None, False
+
+    def add_env(new):
+        nonlocal seg
+        new = new[:max_new - len(ids)]
+        ids.extend(new)
+        mask.extend([0] * len(new))
+        seg = len(ids)
+
+    while True:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ids])).logits[0, -1]
+        token = int(logits.argmax())
+        ids.append(token)
+        mask.append(1)
+        if token == tok.eos_token_id:
+            return ids, mask, actions, "eos"
+        if len(ids) >= max_new:
+            return ids, mask, actions, "length"
+        if answer_from is not None:
+            if extract_boxed(tok.decode(ids[answer_from:]), env.answer_open) is not None:
+                return ids, mask, actions, "max_actions" if forced else "answer"
+            continue
+        stretch = tok.decode(ids[seg:])
+        if env.think_close in stretch:
+            answer_from = len(ids)
+        elif env.action_close in stretch:
+            if len(actions) >= env.max_actions:
+                forced, answer_from = True, len(ids)
+                add_env(tok.encode(NOTE.format(think_close=env.think_close, answer_open=env.answer_open),
+                                   add_special_tokens=False))
+            else:
+                query = stretch.split(env.action_close)[0].rpartition(env.action_open)[2].strip()
+                actions.append(query)
+                add_env(tok.encode(environment([query])[0], add_special_tokens=False))
+            if len(ids) >= max_new:
+                return ids, mask, actions, "length"
+
+
+def full_forward_logps(model, prompt_ids, ids):
+    """log p(ids[t] | prompt, ids[:t]) from one plain forward of the whole sequence."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + ids])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)[len(prompt_ids) - 1:-1]
+    return logp.gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# Equivalence
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_generate_without_tools_equals_hf_generate_greedy(agent, questions, batch):
+    model, tok = agent
+    env = EnvConfig()
+    # ragged prompts: different questions, and a few extra words on some
+    prompts = [encode_prompt(tok, q["question"] + " please" * (i % 3), env) for i, q in enumerate(questions[:batch])]
+    assert batch == 1 or len({len(p) for p in prompts}) > 1
+    ids, logps = generate(model, tok, prompts, 24)
+    padded = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    out = model.generate(**padded, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+    for i in range(batch):
+        hf = out[i, padded["input_ids"].shape[1]:].tolist()
+        if tok.eos_token_id in hf:  # HF pads after EOS; ours stops at EOS (kept)
+            hf = hf[:hf.index(tok.eos_token_id) + 1]
+        assert ids[i] == hf
+        assert len(logps[i]) == len(ids[i])
+
+
+def test_generate_stops_after_a_stop_string(agent, questions):
+    model, tok = agent
+    prompts = [encode_prompt(tok, q["question"], EnvConfig()) for q in questions[:6]]
+    free, _ = generate(model, tok, prompts, 40)
+    stopped, _ = generate(model, tok, prompts, 40, stop_strings=("}",))
+    for a, b in zip(free, stopped):
+        text = tok.decode(a)
+        if "}" in text:  # the stopped run is the free run cut right after the token that wrote the "}"
+            cut = next(i for i in range(1, len(a) + 1) if "}" in tok.decode(a[:i]))
+            assert b == a[:cut]
+        else:
+            assert b == a
+    assert any("}" in tok.decode(a) for a in free)  # the test saw a stop at least once
+
+
+@pytest.mark.parametrize("batch,group", [(1, 1), (3, 1), (4, 2)])
+def test_rollout_with_tool_calls_equals_from_scratch_reference(agent, questions, search, batch, group):
+    model, tok = agent
+    env, environment = search
+    rows = questions[batch:2 * batch]
+    episodes = rollout(model, tok, rows, env, environment, group_size=group)
+    assert len(episodes) == batch * group
+    for i, ep in enumerate(episodes):
+        assert ep.question == rows[i // group]["question"]
+        ids, mask, actions, finish = reference_rollout(model, tok, ep.question, env, environment, env.max_new_tokens)
+        assert ep.ids == ids
+        assert ep.mask == mask
+        assert ep.actions == actions
+        assert ep.finish == finish
+        assert ep.real_calls == len(actions) and ep.sim_calls == 0
+    assert sum(len(ep.actions) for ep in episodes) >= batch  # the tool really was called
+
+
+def test_rollout_covers_every_finish_reason(agent, questions, search):
+    model, tok = agent
+    env, environment = search
+    env = dataclasses.replace(env, max_actions=1)
+    episodes = rollout(model, tok, questions[:16], env, environment, group_size=2, temperature=1.0,
+                       generator=torch.Generator().manual_seed(0))
+    finishes = {ep.finish for ep in episodes}
+    assert {"answer", "length", "eos"} <= finishes, finishes  # max_actions: see test_action_limit_forces_an_answer
+
+
+# -----------------------------------------------------------------------------
+# Mask, log-probs, sampling
+
+def test_mask_covers_exactly_the_model_written_tokens_and_logps_match_a_full_forward(agent, questions, search):
+    model, tok = agent
+    env, environment = search
+    episodes = rollout(model, tok, questions[:6], env, environment, group_size=2, temperature=1.0,
+                       generator=torch.Generator().manual_seed(1))
+    n_env = 0
+    for ep in episodes:
+        assert len(ep.ids) == len(ep.mask) == len(ep.logps) <= env.max_new_tokens
+        # every environment token sits inside an observation or the forced note, each right after an action
+        text_env = tok.decode([t for t, m in zip(ep.ids, ep.mask) if m == 0])
+        assert text_env.count(env.obs_open) == len(ep.actions) == ep.real_calls
+        if ep.finish == "max_actions":
+            assert text_env.count(env.think_close) == 1  # the forced note
+        ref = full_forward_logps(model, ep.prompt_ids, ep.ids)
+        got = torch.tensor(ep.logps)
+        m = torch.tensor(ep.mask, dtype=torch.bool)
+        assert torch.allclose(got[m], ref[m], atol=1e-4)
+        assert (got[~m] == 0).all()
+        n_env += int((~m).sum())
+        assert ep.text == tok.decode(ep.ids)
+    assert n_env > 0
+
+
+def test_sampling_is_reproducible_given_a_generator(agent, questions, search):
+    model, tok = agent
+    env, environment = search
+    runs = [rollout(model, tok, questions[:4], env, environment, group_size=3, temperature=1.0, top_p=0.9,
+                    generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert [ep.ids for ep in runs[0]] == [ep.ids for ep in runs[1]]
+    other = rollout(model, tok, questions[:4], env, environment, group_size=3, temperature=1.0, top_p=0.9,
+                    generator=torch.Generator().manual_seed(8))
+    assert [ep.ids for ep in other] != [ep.ids for ep in runs[0]]
+    assert len({tuple(ep.ids) for ep in runs[0][:3]}) > 1  # group members differ
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(sample(logits, 1.0, 0.7, g)[0]) for _ in range(200)}
+    assert seen == {0, 1}  # 0.5 + 0.3 >= 0.7: the tail is never drawn
+    tokens, logps = sample(logits.repeat(3, 1), 0.0)
+    assert tokens.tolist() == [0, 0, 0] and torch.allclose(logps, torch.log(torch.tensor(0.5)))
+
+
+# -----------------------------------------------------------------------------
+# Limits and failures
+
+def test_action_limit_forces_an_answer(agent, questions, search):
+    model, tok = agent
+    env = dataclasses.replace(search[0], max_actions=0, max_new_tokens=80)
+    episodes = rollout(model, tok, questions[:12], env, search[1])
+    note = NOTE.format(think_close=env.think_close, answer_open=env.answer_open)
+    forced = [ep for ep in episodes if ep.finish == "max_actions"]
+    assert forced
+    for ep in episodes:
+        assert ep.actions == [] and ep.real_calls == 0  # no action ever reaches the tool
+    for ep in forced:
+        after = ep.text.partition(note.strip())[2]
+        assert after and extract_boxed(env.answer_open + after) is not None and ep.text.endswith("}")
+        # the note is the loop's: masked, right after the refused action's closing tag (the model's)
+        first = ep.mask.index(0)
+        assert tok.decode(ep.ids[:first]).endswith(env.action_close) and ep.mask[first - 1] == 1
+
+
+class Broken:
+    simulated = False
+
+    def __init__(self, error):
+        self.error, self.calls = error, 0
+
+    def __call__(self, queries, contexts=None):
+        self.calls += 1
+        if isinstance(self.error, Exception):
+            raise self.error
+        return self.error  # a malformed reply
+
+
+@pytest.mark.parametrize("error", [ConnectionError("down"), ["one"] * 99, 42])
+def test_a_failing_tool_yields_the_failed_observation_not_a_crash(agent, questions, search, error):
+    model, tok = agent
+    env = search[0]
+    tool = Broken(error)
+    episodes = rollout(model, tok, questions[:8], env, tool)
+    acted = [ep for ep in episodes if ep.actions]
+    assert acted and tool.calls >= 1
+    for ep in acted:
+        assert f"{env.obs_open} search failed:" in ep.text
+
+
+def test_a_failing_tool_raises_with_on_error_raise(agent, questions, search):
+    model, tok = agent
+    env = dataclasses.replace(search[0], on_error="raise")
+    with pytest.raises(ToolError):
+        rollout(model, tok, questions[:8], env, Broken(ConnectionError("down")))
+
+
+def test_length_limit_counts_observations(agent, questions, search):
+    model, tok = agent
+    env, environment = search
+    episodes = rollout(model, tok, questions[:8], env, environment, max_new_tokens=30)
+    assert all(len(ep.ids) <= 30 for ep in episodes)
+    assert any(ep.finish == "length" for ep in episodes)
+
+
+# -----------------------------------------------------------------------------
+# Simulated environments
+
+class FakeWorldModel:
+    """Stands in for worldmodel.py's environment: same interface, simulated = True, sees the contexts."""
+    simulated = True
+
+    def __init__(self, env):
+        self.env, self.contexts = env, []
+
+    def __call__(self, queries, contexts):
+        self.contexts += contexts
+        return [f"{self.env.obs_open} {q} was born in Lorn {self.env.obs_close}" for q in queries]
+
+
+def test_world_model_env_counts_simulated_calls_and_sees_the_context(agent, questions, search):
+    model, tok = agent
+    env = search[0]
+    wm = FakeWorldModel(env)
+    episodes = rollout(model, tok, questions[:6], dataclasses.replace(env, env="worldmodel"), wm)
+    acted = [ep for ep in episodes if ep.actions]
+    assert acted
+    for ep in episodes:
+        assert ep.real_calls == 0 and ep.sim_calls == len(ep.actions)
+    prompt = build_prompt(tok, acted[0].question, env)
+    assert any(c.startswith(prompt) and c.rstrip().endswith(env.action_close) for c in wm.contexts)
+
+
+def test_policy_env_writes_its_own_observation_under_mask_zero(agent, questions, search):
+    model, tok = agent
+    env = dataclasses.replace(search[0], env="policy", obs_max_tokens=10)
+    episodes = rollout(model, tok, questions[:8], env, None, temperature=1.0,
+                       generator=torch.Generator().manual_seed(0))
+    acted = [ep for ep in episodes if ep.actions]
+    assert acted
+    for ep in episodes:
+        assert ep.real_calls == 0 and ep.sim_calls == len(ep.actions)
+        ref = full_forward_logps(model, ep.prompt_ids, ep.ids)
+        m = torch.tensor(ep.mask, dtype=torch.bool)
+        assert torch.allclose(torch.tensor(ep.logps)[m], ref[m], atol=1e-4)
+    for ep in acted:
+        # after the action close comes the observation opener (the loop's), then the policy's own words, masked
+        first = ep.mask.index(0)
+        assert tok.decode(ep.ids[:first]).rstrip().endswith(env.action_close)
+        assert tok.decode(ep.ids[first:first + 1]) == env.obs_open
+        span = ep.ids[first:]
+        end = next((i for i in range(1, len(span) + 1) if env.obs_close in tok.decode(span[:i])), len(span))
+        assert all(m == 0 for m in ep.mask[first:first + end])
+        assert end <= env.obs_max_tokens + 2
+
+
+def test_episode_defaults_and_prompt_encoding(agent):
+    _, tok = agent
+    env = EnvConfig()
+    ep = Episode(question="q", golds=["a"], prompt_ids=encode_prompt(tok, "q", env))
+    assert ep.ids == [] and ep.reward == 0.0 and ep.finish == ""
+    assert tok.decode(ep.prompt_ids) == build_prompt(tok, "q", env)
