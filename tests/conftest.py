@@ -46,3 +46,14 @@ def tiny_base(tiny_cfg, tiny_root):
     path = os.path.join(tiny_root, "base")
     data.build_tiny(tiny_cfg, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tiny_root, tiny_base):
+    """The oracle's SFT data for the small world (data.synthesize): root/data/synth/{train,dev}.jsonl."""
+    from transformers import AutoTokenizer
+    cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "synth": data.SynthConfig},
+                      ["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
+                       f"run.data_dir={tiny_root}/data", f"run.runs_dir={tiny_root}/runs", "run.name=test"])
+    stats = data.synthesize(cfg, AutoTokenizer.from_pretrained(tiny_base))
+    return os.path.join(tiny_root, "data", "synth"), stats

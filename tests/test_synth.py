@@ -1,0 +1,239 @@
+"""Synthesis (data.py section 5): the oracle's CoT / CoA / CoT+A rows, the real teachers' rejection sampling
+(an HF model through rollout.py, an OpenAI-compatible endpoint mocked on 127.0.0.1), malformed rows.
+
+    .venv/bin/python -m pytest -q tests/test_synth.py
+"""
+import json
+import os
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+import data
+import sft
+from tools import EnvConfig, RunConfig, SearchEnv, load_config, make_tool, parse, reward
+
+ENV = EnvConfig()
+
+
+def rows_of(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def text(segments):
+    return data.completion_text(segments)
+
+
+def synth_config(root, *extra):
+    return load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "synth": data.SynthConfig},
+                       ["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
+                        f"run.data_dir={root}/data", f"run.runs_dir={root}/runs", "run.name=test", *extra])
+
+
+def test_oracle_writes_every_kind_and_logs_its_real_calls(tiny_synth):
+    folder, stats = tiny_synth
+    train = rows_of(os.path.join(folder, "train.jsonl"))
+    kinds = {r["type"] for r in train}
+    assert kinds == {"cot", "coa", "pair"}
+    assert stats["train"]["real_calls"] > 0
+    with open(os.path.join(folder, "calls_train.jsonl")) as f:
+        calls = [json.loads(line) for line in f]
+    assert len(calls) == stats["train"]["real_calls"]
+    assert all(c["question"] and c["observation"].startswith(ENV.obs_open) for c in calls)
+
+
+def test_oracle_coa_observations_are_the_real_tool_output(tiny_synth, tiny_root, tiny_base):
+    from transformers import AutoTokenizer
+    folder, _ = tiny_synth
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    search = SearchEnv(make_tool(ENV, RunConfig(data_dir=f"{tiny_root}/data")), tokenizer, ENV)
+    coa = [r for r in rows_of(os.path.join(folder, "train.jsonl")) if r["type"] == "coa"]
+    for row in random.Random(0).sample(coa, 30):
+        parsed = parse(text(row["segments"]), ENV)
+        assert parsed.format_ok and parsed.answer == row["golden_answers"][0]
+        observations = [s["text"] for s in row["segments"] if s["who"] == "env"]
+        assert observations == search(parsed.actions)  # one observation per action, exactly what the tool returns
+        assert len(parsed.actions) <= ENV.max_actions
+
+
+def test_imperfect_share_controls_vague_and_wasted_searches(tiny_root, tiny_base, tmp_path):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    minimal = {"city": 1, "employer": 1, "country": 2, "comparison": 2, "yesno": 2}
+    shares = {}
+    for share in (0.0, 0.5):
+        cfg = synth_config(tiny_root, f"synth.out={tmp_path}/s{share}", f"synth.imperfect_share={share}",
+                           "synth.splits=train", "synth.limit=200")
+        data.synthesize(cfg, tokenizer)
+        coa = [r for r in rows_of(f"{tmp_path}/s{share}/train.jsonl") if r["type"] == "coa"]
+        extra = [len(parse(text(r["segments"]), ENV).actions) > minimal[r["kind"]] for r in coa]
+        for e, r in zip(extra, coa):
+            assert e == (r["imperfect"] == "wasted") or r["imperfect"] == "vague"  # a vague query may get lucky
+        shares[share] = (sum(extra) / len(coa), sum(bool(r["imperfect"]) for r in coa) / len(coa))
+    assert shares[0.0] == (0.0, 0.0)
+    assert 0.3 < shares[0.5][1] < 0.7 and shares[0.5][0] > 0.2
+
+
+def test_pairs_choose_the_right_continuation_and_skip_wasted_searches(tiny_synth):
+    folder, _ = tiny_synth
+    pairs = [r for r in rows_of(os.path.join(folder, "train.jsonl")) if r["type"] == "pair"]
+    assert any(r["needs_search"] for r in pairs) and any(not r["needs_search"] for r in pairs)
+    for row in pairs:
+        full = {part: text(row["prefix"]) + text(row[part]) for part in ("chosen", "rejected")}
+        acts = {part: parse(full[part], ENV).actions for part in full}
+        assert reward(full["chosen"], row["golden_answers"], ENV) == 1.0
+        if row["needs_search"]:  # the no-tool attempt failed: searching is chosen
+            assert acts["chosen"] and not acts["rejected"]
+            assert reward(full["rejected"], row["golden_answers"], ENV) == 0.0
+        else:  # a well-known fact: both are right, the search was wasted
+            assert acts["rejected"] and not acts["chosen"]
+            assert reward(full["rejected"], row["golden_answers"], ENV) == 1.0
+        assert all(s["who"] == "model" for s in row["prefix"])
+
+
+def test_cot_rows_answer_right_without_searching(tiny_synth):
+    folder, _ = tiny_synth
+    cot = [r for r in rows_of(os.path.join(folder, "train.jsonl")) if r["type"] == "cot"]
+    for row in cot:
+        assert reward(text(row["segments"]), row["golden_answers"], ENV) == 1.0
+        assert not parse(text(row["segments"]), ENV).actions
+
+
+def test_teacher_words_are_whole_tokens_of_the_tiny_tokenizer(tiny_synth, tiny_base):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    for phrase in (" I need to search for this.", " I know this one.", " I should check.", " Let me search again."):
+        words = phrase.split()
+        assert len(tokenizer.encode(phrase, add_special_tokens=False)) <= len(words) + 1  # "." may be its own
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"question": "q?", "golden_answers": ["a"], "type": "coa"}, "segments"),
+    ({"question": "q?", "golden_answers": ["a"], "type": "coa", "segments": [{"who": "tool", "text": "x"}]},
+     "segment"),
+    ({"question": "q?", "golden_answers": ["a"], "type": "pair", "prefix": [], "chosen": [{"who": "model", "text": "x"}]},
+     "rejected"),
+    ({"question": "q?", "golden_answers": ["a"], "type": "essay", "segments": []}, "type"),
+    ({"question": "", "golden_answers": ["a"], "type": "cot", "segments": [{"who": "model", "text": "x"}]}, "question"),
+    ({"question": "q?", "golden_answers": "a", "type": "cot", "segments": [{"who": "model", "text": "x"}]}, "golden"),
+])
+def test_check_synth_row_names_the_problem(row, problem):
+    assert problem in data.check_synth_row(row)
+
+
+def test_malformed_synth_rows_are_reported_with_file_and_line(tmp_path, capsys):
+    good = {"id": "1", "question": "q?", "golden_answers": ["a"], "type": "cot",
+            "segments": [{"who": "model", "text": " I know this one. </think> \\boxed{a}"}]}
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(good) + "\n{not json\n" + json.dumps({**good, "segments": "x"}) + "\n")
+    rows = sft.read_synth(str(path))
+    assert rows == [good]
+    out = capsys.readouterr().out
+    assert f"{path}:2" in out and f"{path}:3" in out
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match="no usable rows"):
+        sft.read_synth(str(path))
+
+
+# -----------------------------------------------------------------------------
+# the real teachers
+
+def test_judged_keeps_right_samples_and_pairs_a_wrong_one_that_differs_in_searching():
+    row = {"id": "x", "question": "Where was Ada Brun born?", "golden_answers": ["Lorn"], "kind": "city",
+           "needs_search": True}
+    m = lambda t: {"who": "model", "text": t}
+    right_search = [m(" <begin_search> Ada Brun </end_search>"), {"who": "env", "text": "<search_result> Ada Brun "
+                    "was born in Lorn. </search_result>"}, m(" </think> \\boxed{Lorn}")]
+    wrong_cot = [m(" I know this one. </think> \\boxed{Kovar}")]
+    broken = [m(" I know this one. \\boxed{Lorn}")]  # right answer, no </think>: rejected
+    out = data.judged(row, [wrong_cot, right_search, broken, right_search], ENV)
+    assert [r["type"] for r in out] == ["coa", "pair"]
+    pair = out[1]
+    assert pair["chosen"] == right_search and pair["rejected"] == wrong_cot and pair["chosen_searches"]
+    assert data.judged(row, [wrong_cot, broken], ENV) == []
+
+
+def test_hf_teacher_through_rollout_keeps_only_right_trajectories(tiny_root, tiny_base, tmp_path):
+    cfg = synth_config(tiny_root, f"synth.teacher={tiny_base}", f"synth.out={tmp_path}/hf", "synth.splits=dev",
+                       "synth.limit=6", "synth.samples=2", "synth.batch_size=3", "env.max_new_tokens=40",
+                       "run.device=cpu")
+    stats = data.synthesize(cfg)
+    assert stats["dev"]["questions"] == 6
+    for row in rows_of(f"{tmp_path}/hf/dev.jsonl"):  # an untrained model is rarely right: whatever is kept is
+        if row["type"] != "pair":
+            assert reward(text(row["segments"]), row["golden_answers"], ENV) == 1.0
+
+
+def test_episode_segments_split_model_and_environment_tokens(tiny_base):
+    from transformers import AutoTokenizer
+    from rollout import Episode
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model_ids = tokenizer.encode(" I need to search for this. <begin_search> Ada </end_search>", add_special_tokens=False)
+    obs_ids = tokenizer.encode("<search_result> Ada was born in Lorn. </search_result>", add_special_tokens=False)
+    end_ids = tokenizer.encode(" </think> \\boxed{Lorn}", add_special_tokens=False)
+    ep = Episode(question="q", golds=["Lorn"], prompt_ids=[], ids=model_ids + obs_ids + end_ids + [tokenizer.eos_token_id],
+                 mask=[1] * len(model_ids) + [0] * len(obs_ids) + [1] * (len(end_ids) + 1))
+    segments = data.episode_segments(ep, tokenizer)
+    assert [s["who"] for s in segments] == ["model", "env", "model"]
+    assert segments[1]["text"] == "<search_result> Ada was born in Lorn. </search_result>"
+    assert sft.encode_segments(tokenizer, segments)[0] == ep.ids[:-1]
+
+
+class ScriptedTeacher(BaseHTTPRequestHandler):
+    """/v1/completions: searches the person named in the question, then answers from the observation."""
+    prompts = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["prompt"]
+        ScriptedTeacher.prompts.append(prompt)
+        assert body["stop"] == [ENV.action_close] and body["model"] == "scripted"
+        name = prompt.split("Where was ")[1].split(" born?")[0] if "Where was " in prompt else None
+        if name is None:  # not a city question: a wrong answer from memory
+            reply = f" I know this one. {ENV.think_close} {ENV.answer_open}nowhere}}"
+        elif ENV.obs_open not in prompt:
+            reply = f" I need to search for this. {ENV.action_open} {name} "
+        else:
+            city = prompt.split(f"{name} was born in ")[1].split(" in ")[0]
+            reply = f" {name} was born in {city}. {ENV.think_close} {ENV.answer_open}{city}}}"
+        payload = json.dumps({"choices": [{"text": reply, "finish_reason": "stop"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_endpoint_teacher_searches_with_the_real_tool_and_keeps_right_answers(tiny_root, tiny_base, tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), ScriptedTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = synth_config(tiny_root, f"synth.teacher=http://127.0.0.1:{server.server_port}", "synth.api_model=scripted",
+                           f"synth.out={tmp_path}/ep", "synth.splits=dev", "synth.samples=1", "synth.limit=40")
+        stats = data.synthesize(cfg, __import__("transformers").AutoTokenizer.from_pretrained(tiny_base))
+        rows = rows_of(f"{tmp_path}/ep/dev.jsonl")
+        coa = [r for r in rows if r["type"] == "coa"]
+        n_city = sum(r["kind"] == "city" for r in data.load_qa(f"{tiny_root}/data/dev.jsonl", limit=40))
+        assert len(coa) == n_city > 0  # the scripted teacher is right exactly on "Where was X born?"
+        for row in coa:
+            assert [s["who"] for s in row["segments"]] == ["model", "env", "model"]
+            assert row["segments"][0]["text"].endswith(ENV.action_close)
+            assert reward(text(row["segments"]), row["golden_answers"], ENV) == 1.0
+        assert any(row["segments"][1]["text"] in p for row in coa for p in ScriptedTeacher.prompts)
+        assert stats["dev"]["real_calls"] >= n_city
+    finally:
+        server.shutdown()
+
+
+def test_endpoint_teacher_that_is_down_fails_with_a_clear_error(tiny_root, tiny_base, tmp_path):
+    from transformers import AutoTokenizer
+    cfg = synth_config(tiny_root, "synth.teacher=http://127.0.0.1:9", f"synth.out={tmp_path}/down",
+                       "synth.splits=dev", "synth.limit=1", "env.retries=0", "env.timeout_s=1.0")
+    with pytest.raises(RuntimeError, match="teacher endpoint .* failed"):
+        data.synthesize(cfg, AutoTokenizer.from_pretrained(tiny_base))
