@@ -12,7 +12,7 @@ PY := .venv/bin/python
 setup: .venv/.done
 
 demo: setup
-	$(PY) data.py --config configs/tiny.yaml
+	$(PY) demo.py --config configs/tiny.yaml
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -182,6 +182,12 @@ def count_calls(trace, environment, n):
         trace.real_calls += n
 
 
+def workflow_queries(row):
+    """The fixed workflow's searches: the entities the question names (the tiny world's rows list them), else the
+    question itself (real sets: one search with the whole question, as a retrieve-then-read pipeline does)."""
+    return list(row.get("queries") or [row["question"]])
+
+
 def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
     """Search first, then answer. The loop (not the model) writes the actions and their observations (mask 0);
     the model then writes its reasoning and answer. If it starts another action, the action is cut and the answer
@@ -204,7 +210,7 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
             trace.actions.append(q)
         count_calls(trace, environment, len(qs))
     # 2) the model reasons and answers; an attempted action is cut off and the answer forced
-    budget = env_cfg.max_new_tokens
+    budget = max(48, env_cfg.max_new_tokens - max(len(t.ids) for t in traces))  # observations count, as in rollout
     outs = generate_batch(model, tokenizer, [t.prompt_ids + t.ids for t in traces], budget,
                           (env_cfg.action_open,), ecfg, generator)
     again = []
@@ -306,7 +312,8 @@ def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
         raise ValueError("the ReAct workflow needs a tool: env.env=real or worldmodel")
     traces = [Trace(row, encode(tokenizer, react_prompt(tokenizer, row["question"])))
               for row in rows for _ in range(ecfg.samples)]
-    for turn in range(env_cfg.max_actions + 1):
+    forcing = set()  # traces whose context ends with a forced "Action: Finish[" (the action limit was hit)
+    for turn in range(env_cfg.max_actions + 2):
         live = [t for t in traces if not t.done and len(t.ids) < env_cfg.max_new_tokens]
         if not live:
             break
@@ -316,13 +323,18 @@ def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
         searching = []
         for trace, (ids, logps) in zip(live, outs):
             trace.add(ids, "model", logps)
+            if id(trace) in forcing:  # the model completes the forced Finish[: its answer runs to "]"
+                trace.answer = re.split(r"[\]\n]", tokenizer.decode(ids))[0].strip() or None
+                trace.finish, trace.done = "max_actions", True
+                continue
             verb, arg = parse_react(tokenizer.decode(ids))
             if verb == "search" and len(trace.actions) < env_cfg.max_actions:
                 searching.append((trace, arg))
             elif verb in ("finish", "answer"):
                 trace.answer, trace.finish, trace.done = arg, "answer", True
             elif verb == "search":  # over the action limit: ask for the answer
-                trace.add(encode(tokenizer, "\nThought: I must answer now.\nAction: Finish["), "env")
+                trace.add(encode(tokenizer, " (no more searches)\nThought: I must answer now.\nAction: Finish["), "env")
+                forcing.add(id(trace))
             else:
                 trace.finish, trace.done = ("eos" if len(ids) < budget else "length"), True
         if searching:
@@ -541,7 +553,8 @@ def summary_line(summary):
 
 
 def main(argv=None):
-    cfg = load_config({"run": RunConfig, "env": EnvConfig, "eval": EvalConfig}, argv, own="eval")
+    cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "eval": EvalConfig}, argv,
+                      own="eval")
     ecfg = cfg.eval
     if ecfg.samples < 1:
         raise ValueError("config: eval.samples must be >= 1")
@@ -551,6 +564,9 @@ def main(argv=None):
     path = resolve_model(ecfg.init, cfg)
     model, tokenizer = load_model(path, cfg.run)
     model.eval()
+    corpus = cfg.env.corpus or os.path.join(cfg.run.data_dir, "corpus.jsonl")
+    if cfg.model.wiki and cfg.env.tool == "bm25" and not os.path.exists(corpus):
+        print("wiki corpus docs:", data.build_wiki_corpus(corpus))  # the offline Wikipedia, built on first use
     rows = load_questions(cfg)
     if not rows:
         raise ValueError(f"eval.data={ecfg.data!r}: no usable questions")
