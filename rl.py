@@ -42,6 +42,8 @@ Outputs: <run.dir>/<out>/ (HF folder), <run.dir>/<out>.ckpt/step_XXXXXX/ (resume
 Not here: value functions (GRPO has none), vLLM or any separate inference engine (rollouts run on the training
 weights through rollout.py's KV cache), sequence packing, multi-node launch scripts.
 """
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -51,6 +53,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import load_qa, save_atomic
+from rollout import rollout
+from sft import (barrier, full_state_dict, is_dist, latest_checkpoint, load_checkpoint, print0, save_checkpoint,
+                 setup_dist, unwrap, wrap_model)
+from tools import EnvConfig, RunConfig, SearchEnv, load_config, load_model, make_tool, parse, reward
 
 
 @dataclass
@@ -192,3 +202,376 @@ def token_logps(model, input_ids, attention_mask, n_completion, temperature=1.0,
         probs = torch.softmax(logits, dim=-1)
         entropy = log_z - (probs * logits).sum(-1)
     return logps, entropy
+
+
+# -----------------------------------------------------------------------------
+# One step: which environment, which prompts, rollout, reward
+
+def step_env(step, rcfg, env_cfg):
+    """The environment kind of this step: simulated for the first round(sim_share * steps), then env.env."""
+    if step < round(rcfg.sim_share * rcfg.steps):
+        if rcfg.sim_env == "auto":
+            return "worldmodel" if env_cfg.worldmodel else "policy"
+        return rcfg.sim_env
+    return env_cfg.env
+
+
+def make_environment(kind, env_cfg, run, tokenizer, cache):
+    """The callable rollout.py sends queries to: SearchEnv (real), None (policy), or the world model; built once."""
+    if kind not in cache:
+        if kind == "real":
+            cache[kind] = SearchEnv(make_tool(env_cfg, run), tokenizer, env_cfg)
+        elif kind == "policy":
+            cache[kind] = None  # the policy writes its own observation; rollout.py masks it and counts sim_calls
+        elif kind == "worldmodel":
+            if not env_cfg.worldmodel:
+                raise ValueError("config: a worldmodel environment needs env.worldmodel=<model folder>")
+            from worldmodel import WorldModelEnv  # imported only when used
+            cache[kind] = WorldModelEnv.from_path(env_cfg.worldmodel, env_cfg, tokenizer, run)
+        else:
+            raise ValueError(f"config: environment must be real, policy or worldmodel, got {kind!r}")
+    return cache[kind]
+
+
+def step_prompts(rows, step, n, seed):
+    """The n prompts of a step: consecutive slices of a stream of per-epoch shuffles (resume needs only the step)."""
+    out, start = [], step * n
+    for i in range(start, start + n):
+        epoch, pos = divmod(i, len(rows))
+        if pos == 0 or not out:
+            order = list(range(len(rows)))
+            random.Random(seed * 100_003 + epoch).shuffle(order)
+        out.append(rows[order[pos]])
+    return out
+
+
+def score(episodes, rows, group_size, env_cfg, kind="em"):
+    """Fill ep.reward (tools.reward) and return (rewards (B,), em (B,), actions (B,))."""
+    rewards, em, actions = [], [], []
+    for i, ep in enumerate(episodes):
+        golds = rows[i // group_size]["golden_answers"]
+        ep.reward = reward(ep.text, golds, env_cfg, kind)
+        rewards.append(ep.reward)
+        em.append(reward(ep.text, golds, env_cfg, "em") if kind != "em" else ep.reward)
+        actions.append(len(ep.actions))
+    return torch.tensor(rewards), torch.tensor(em), torch.tensor(actions, dtype=torch.float)
+
+
+# -----------------------------------------------------------------------------
+# The update: mini-batches of episodes, micro-batches inside each, one optimizer step per mini-batch
+
+def collate(episodes, pad_id, device):
+    """Episodes -> (input_ids, attention_mask) of [left pad | prompt | completion | right pad], and the (B, T)
+    completion tensors mask and old_logps (0 on padding)."""
+    P = max(len(ep.prompt_ids) for ep in episodes)
+    T = max(len(ep.ids) for ep in episodes)
+    B = len(episodes)
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attention = torch.zeros(B, P + T, dtype=torch.long)
+    mask, old_logps = torch.zeros(B, T), torch.zeros(B, T)
+    for i, ep in enumerate(episodes):
+        p, t = len(ep.prompt_ids), len(ep.ids)
+        input_ids[i, P - p:P] = torch.tensor(ep.prompt_ids)
+        input_ids[i, P:P + t] = torch.tensor(ep.ids)
+        attention[i, P - p:P + t] = 1
+        mask[i, :t] = torch.tensor(ep.mask, dtype=torch.float)
+        old_logps[i, :t] = torch.tensor(ep.logps, dtype=torch.float)
+    return input_ids.to(device), attention.to(device), mask.to(device), old_logps.to(device), T
+
+
+def minibatches(episodes, advantages, keep, prompt_index, group_size, n_updates, micro_batch):
+    """Split this rank's episodes into n_updates mini-batches, each a list of micro-batches [(episodes, adv)].
+
+    A group goes to mini-batch (global prompt index % n_updates), so 1 and N ranks build the same global
+    mini-batches. Dropped episodes (keep False) are left out.
+    """
+    out = []
+    for u in range(n_updates):
+        idx = [i for i in range(len(episodes)) if keep[i] and prompt_index[i // group_size] % n_updates == u]
+        out.append([([episodes[i] for i in idx[s:s + micro_batch]], advantages[idx[s:s + micro_batch]])
+                    for s in range(0, len(idx), micro_batch)])
+    return out
+
+
+def all_reduce(values, op=None):
+    """Sum (or op) of a list of floats over ranks; unchanged in one process."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if is_dist():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def learn(model, ref, optimizer, scheduler, episodes, rewards, prompt_index, rcfg, max_tokens, pad_id, device,
+          totals):
+    """Advantages, then `updates_per_step` optimizer steps on this rank's episodes; returns the last stats.
+
+    Groups live on one rank, so advantages need no communication. prompt_index[i]: the global index of this
+    rank's i-th prompt. totals["skipped"] and totals["bad_in_row"] count NaN/inf updates.
+    """
+    advantages = group_advantages(rewards, rcfg.group_size, rcfg.scale_std)
+    keep = ~zero_variance(rewards, rcfg.group_size) if rcfg.drop_zero_var else torch.ones(len(episodes), dtype=bool)
+    stats = {}
+    for micro in minibatches(episodes, advantages, keep, prompt_index, rcfg.group_size, rcfg.updates_per_step,
+                             rcfg.micro_batch):
+        s, ok = update(model, ref, optimizer, scheduler, micro, rcfg, max_tokens, pad_id, device, episodes[0])
+        totals["skipped"] += not ok
+        totals["bad_in_row"] = 0 if ok else totals["bad_in_row"] + 1
+        stats = s or stats
+    return stats
+
+
+def update(model, ref_model, optimizer, scheduler, micro_batches, rcfg, max_tokens, pad_id, device, filler):
+    """One optimizer step on one global mini-batch. Returns (stats, ok); ok False = non-finite loss, step skipped.
+
+    Every rank runs the same number of forward/backward passes (DDP and FSDP2 need it): a rank with fewer
+    micro-batches runs `filler` episodes with their mask zeroed, which add nothing to the gradient.
+    """
+    world_size = dist.get_world_size() if is_dist() else 1
+    n_micro = int(all_reduce([len(micro_batches)], dist.ReduceOp.MAX if is_dist() else None)[0])
+    while len(micro_batches) < n_micro:
+        micro_batches.append((None, None))
+    # the normaliser of the whole global mini-batch (see grpo_loss): counted before any forward
+    local = sum(loss_denominator(torch.tensor(e.mask, dtype=torch.float).view(1, -1), rcfg.loss_type, max_tokens)
+                for eps, _ in micro_batches if eps for e in eps)
+    denominator = all_reduce([local])[0]
+    if denominator == 0:
+        return {}, True
+    model.train()
+    stats, loss_sum = {}, 0.0
+    for j, (eps, adv) in enumerate(micro_batches):
+        dummy = eps is None
+        if dummy:
+            eps, adv = [filler], torch.zeros(1)
+        input_ids, attention, mask, old_logps, T = collate(eps, pad_id, device)
+        if dummy:
+            mask = torch.zeros_like(mask)
+        logps, entropy = token_logps(model, input_ids, attention, T, rcfg.temperature, rcfg.entropy_coef > 0)
+        ref_logps = None
+        if rcfg.kl_coef:
+            with torch.no_grad():
+                ref_logps, _ = token_logps(ref_model, input_ids, attention, T, rcfg.temperature)
+        loss, s = grpo_loss(logps, old_logps, ref_logps, adv.to(device), mask, rcfg.eps_low, rcfg.eps_high,
+                            rcfg.kl_coef, rcfg.loss_type, entropy, rcfg.entropy_coef, max_tokens, denominator)
+        # DDP and FSDP2 average gradients over ranks; the loss is already normalised globally, so undo the mean
+        sync = j == n_micro - 1 or not isinstance(model, DDP)
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            (loss * world_size).backward()
+        loss_sum += loss.item()
+        for k, v in s.items():
+            stats[k] = stats.get(k, 0.0) + (v * s["tokens"] if k != "tokens" else v)
+    # one number per stat for the global mini-batch: token-weighted means over ranks
+    keys = sorted(stats)
+    totals = dict(zip(keys, all_reduce([stats[k] for k in keys])))
+    tokens = max(totals.get("tokens", 0.0), 1.0)
+    out = {k: v / tokens for k, v in totals.items() if k != "tokens"}
+    out["loss"] = all_reduce([loss_sum])[0]
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rcfg.grad_clip or float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    out["grad_norm"] = grad_norm
+    ok = math.isfinite(out["loss"]) and math.isfinite(grad_norm)
+    if ok:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out, ok
+
+
+# -----------------------------------------------------------------------------
+# Models, evaluation, logging, saving
+
+def build_models(rcfg, run, device, init):
+    """(policy, reference or None, tokenizer). The policy trains in float32 (an RL learning rate of 1e-6 vanishes
+    in bf16 weights); FSDP2 with rl.bf16 computes in bf16 with fp32 master weights and gradient reductions."""
+    train_dtype = getattr(torch, run.dtype) if run.dtype != "auto" else torch.float32
+    model, tokenizer = load_model(init, run, device=device, dtype=train_dtype)
+    if rcfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    ref = None
+    if rcfg.kl_coef:  # frozen copy of the start; with kl_coef 0 it is never loaded
+        ref_dtype = torch.bfloat16 if (rcfg.bf16 or device.type == "cuda") and run.dtype == "auto" else train_dtype
+        ref, _ = load_model(init, run, device=device, dtype=ref_dtype)
+        ref.eval().requires_grad_(False)
+    return shard(model, rcfg, device), shard(ref, rcfg, device) if ref is not None else None, tokenizer
+
+
+def shard(model, rcfg, device):
+    """DDP (small models: a whole copy per rank) or FSDP2 (one shard group per decoder layer, then the root)."""
+    if rcfg.parallel == "fsdp" and rcfg.bf16 and is_dist():
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
+    if not any(p.requires_grad for p in model.parameters()):  # the reference: no gradients, no DDP
+        return wrap_model(model, device, "fsdp") if rcfg.parallel == "fsdp" else model
+    return wrap_model(model, device, rcfg.parallel)
+
+
+@contextlib.contextmanager
+def generation_mode(model):
+    """The module rollout.py should call. FSDP2: gather every shard once for the whole rollout (ranks generate
+    different lengths, so per-forward all-gathers would deadlock), then free them. DDP: the inner module."""
+    from torch.distributed.fsdp import FSDPModule
+    was_training = model.training
+    model.eval()
+    if isinstance(model, FSDPModule):
+        model.set_reshard_after_forward(False)
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.unshard()
+    try:
+        with torch.no_grad():
+            yield unwrap(model)
+    finally:
+        if isinstance(model, FSDPModule):
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+            model.set_reshard_after_forward(True)
+        model.train(was_training)
+
+
+def evaluate(model, tokenizer, rows, cfg, environment, rank, world_size):
+    """Greedy held-out EM, format rate and actions per question, over all ranks (each rank its shard)."""
+    mine = rows[rank::world_size]
+    env_cfg = dataclasses.replace(cfg.env, env="real")
+    em = fmt = acts = 0.0
+    if mine:
+        with generation_mode(model) as policy:
+            episodes = rollout(policy, tokenizer, mine, env_cfg, environment, group_size=1, temperature=0.0)
+        for ep, row in zip(episodes, mine):
+            parsed = parse(ep.text, cfg.env)
+            em += reward(ep.text, row["golden_answers"], cfg.env, "em")
+            fmt += parsed.format_ok
+            acts += len(ep.actions)
+    em, fmt, acts, n = all_reduce([em, fmt, acts, len(mine)])
+    return {"eval_em": em / max(n, 1), "eval_format": fmt / max(n, 1), "eval_actions": acts / max(n, 1)}
+
+
+def save_final(model, tokenizer, out_dir, rank):
+    """The trained policy as an HF folder (full weights gathered from FSDP2 shards), written atomically."""
+    state_dict = full_state_dict(model)
+    if rank == 0:
+        class Weights:  # save_atomic calls save_pretrained on each object it is given
+            def save_pretrained(self, path):
+                unwrap(model).save_pretrained(path, state_dict=state_dict)
+        save_atomic(out_dir, Weights(), tokenizer)
+    barrier()
+
+
+def log_line(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_log(path, step):
+    """Drop metric lines past `step` (written after the checkpoint a resumed run starts from)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = load_config({"run": RunConfig, "env": EnvConfig, "rl": RLConfig}, argv, own="rl")
+    run, env_cfg, rcfg = cfg.run, cfg.env, cfg.rl
+    rank, world_size, device = setup_dist(run)
+    if rcfg.prompts_per_step % world_size:
+        raise ValueError(f"config: rl.prompts_per_step ({rcfg.prompts_per_step}) must divide by the number of "
+                         f"ranks ({world_size})")
+    torch.manual_seed(run.seed)
+    init = rcfg.init or os.path.join(run.dir, "sft")
+    if not os.path.isdir(init) and os.path.isdir(os.path.join(run.dir, init)):
+        init = os.path.join(run.dir, init)  # a stage name: sft, sft2, ...
+    model, ref, tokenizer = build_models(rcfg, run, device, init)
+    betas = tuple(float(b) for b in rcfg.betas.split(","))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, betas=betas, weight_decay=rcfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (rcfg.warmup_steps + 1)))
+    train_rows = load_qa(rcfg.train or os.path.join(run.data_dir, "train.jsonl"))
+    eval_rows = load_qa(rcfg.eval or os.path.join(run.data_dir, "dev.jsonl"))[:rcfg.eval_n]
+    ckpt_dir = os.path.join(run.dir, rcfg.out + ".ckpt")
+    metrics_path = os.path.join(run.dir, rcfg.out + ".metrics.jsonl")
+    os.makedirs(run.dir, exist_ok=True)
+
+    # resume: weights, optimizer, scheduler from the newest checkpoint; prompts and sampling seeds follow the step
+    start, totals = 0, {"real_calls": 0, "sim_calls": 0, "skipped": 0, "bad_in_row": 0}
+    if "resume" in cfg.flags and latest_checkpoint(ckpt_dir):
+        meta = load_checkpoint(latest_checkpoint(ckpt_dir), model, optimizer, scheduler)
+        start, totals = meta["step"], meta["totals"]
+        print0(f"resumed from {latest_checkpoint(ckpt_dir)} at step {start}")
+    elif rank == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    if rank == 0:
+        truncate_log(metrics_path, start)
+    barrier()
+
+    envs, eval_env = {}, None
+    if eval_rows:
+        eval_env = SearchEnv(make_tool(env_cfg, run), tokenizer, env_cfg)  # its calls are not training's
+    if eval_rows and start == 0:  # the starting point, on the same questions as the final eval
+        ev = evaluate(model, tokenizer, eval_rows, cfg, eval_env, rank, world_size)
+        print0(f"rl: start {ev}")
+        if rank == 0:
+            log_line(metrics_path, {"step": 0, **ev})
+    max_tokens = env_cfg.max_new_tokens
+    bar = tqdm(range(start, rcfg.steps), initial=start, total=rcfg.steps, disable=rank != 0, desc="rl")
+    for step in bar:
+        t0 = time.time()
+        # 1) rollout: this rank's prompts, group members adjacent, in the environment of the schedule
+        kind = step_env(step, rcfg, env_cfg)
+        environment = make_environment(kind, env_cfg, run, tokenizer, envs)
+        prompts = step_prompts(train_rows, step, rcfg.prompts_per_step, run.seed)
+        prompt_index = list(range(rank, rcfg.prompts_per_step, world_size))
+        rows = [prompts[i] for i in prompt_index]
+        generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + step * 1009 + rank)
+        with generation_mode(model) as policy:
+            episodes = rollout(policy, tokenizer, rows, dataclasses.replace(env_cfg, env=kind), environment,
+                               group_size=rcfg.group_size, temperature=rcfg.temperature, top_p=rcfg.top_p,
+                               max_new_tokens=max_tokens, generator=generator)
+        t_rollout = time.time() - t0
+        # 2) reward
+        rewards, em, actions = score(episodes, rows, rcfg.group_size, env_cfg, rcfg.reward)
+        # 3) advantages and updates: one optimizer step per mini-batch, old log-probs = the rollout's
+        stats = learn(model, ref, optimizer, scheduler, episodes, rewards, prompt_index, rcfg, max_tokens,
+                      tokenizer.pad_token_id, device, totals)
+        if totals["bad_in_row"] >= rcfg.max_bad_steps:
+            raise RuntimeError(f"rl: {totals['bad_in_row']} updates in a row had a NaN/inf loss or gradient "
+                               f"(step {step + 1}); lower rl.lr or check the model {init}; the last good "
+                               f"checkpoint is {latest_checkpoint(ckpt_dir)}")
+        flat = zero_variance(rewards, rcfg.group_size)
+        # 4) metrics over all ranks
+        n_model_tokens = sum(sum(ep.mask) for ep in episodes)
+        sums = all_reduce([rewards.sum().item(), em.sum().item(), actions.sum().item(), len(episodes),
+                           sum(ep.real_calls for ep in episodes), sum(ep.sim_calls for ep in episodes),
+                           n_model_tokens, flat.float().sum().item()])
+        r_sum, em_sum, act_sum, n, real, sim, n_tokens, n_flat = sums
+        totals["real_calls"] += int(real)
+        totals["sim_calls"] += int(sim)
+        dt = time.time() - t0
+        row = {"step": step + 1, "env": kind, "reward": r_sum / n, "em": em_sum / n, "actions": act_sum / n,
+               "real_calls": int(real), "sim_calls": int(sim), "real_calls_total": totals["real_calls"],
+               "sim_calls_total": totals["sim_calls"], "zero_var": n_flat / n, "skipped": totals["skipped"],
+               "tokens_per_s": n_tokens / dt, "rollout_s": t_rollout, "step_s": dt,
+               "lr": scheduler.get_last_lr()[0], **stats}
+        if eval_rows and (step + 1 == rcfg.steps or (rcfg.eval_every and (step + 1) % rcfg.eval_every == 0)):
+            row.update(evaluate(model, tokenizer, eval_rows, cfg, eval_env, rank, world_size))
+        if rank == 0 and ((step + 1) % rcfg.log_every == 0 or "eval_em" in row):
+            log_line(metrics_path, row)
+            bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row.get('kl', 0):.3f}", env=kind, real=real)
+        # 5) checkpoint: everything a resumed run needs; the step is the data position
+        if (rcfg.save_every and (step + 1) % rcfg.save_every == 0) or step + 1 == rcfg.steps:
+            save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler,
+                            meta={"config": cfg.to_dict(), "totals": totals, "init": init}, keep=rcfg.keep_ckpts)
+    save_final(model, tokenizer, os.path.join(run.dir, rcfg.out), rank)
+    print0(f"rl: wrote {os.path.join(run.dir, rcfg.out)}; real calls {totals['real_calls']}, "
+           f"simulated calls {totals['sim_calls']}, skipped updates {totals['skipped']}")
+    if is_dist():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -144,3 +144,119 @@ def test_unknown_loss_type_is_refused():
     logps, mask, adv = batch()
     with pytest.raises(ValueError, match="loss_type"):
         rl.grpo_loss(logps, logps, None, adv, mask, loss_type="ppo")
+
+
+# -----------------------------------------------------------------------------
+# The update on the tiny model
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from safetensors.torch import load_file  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fake_episodes(model, n, seed, vocab):
+    """n episodes of random tokens with an observation span (mask 0) and the model's own log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    episodes = []
+    for _ in range(n):
+        p, t = int(torch.randint(3, 8, (1,), generator=g)), int(torch.randint(4, 12, (1,), generator=g))
+        ids = torch.randint(10, vocab, (t,), generator=g).tolist()
+        mask = [1] * t
+        mask[1:3] = [0, 0]  # an observation
+        episodes.append(SimpleNamespace(prompt_ids=torch.randint(10, vocab, (p,), generator=g).tolist(), ids=ids,
+                                        mask=mask, logps=[0.0] * t))
+    inp, att, m, _, T = rl.collate(episodes, 0, torch.device("cpu"))
+    with torch.no_grad():
+        logps, _ = rl.token_logps(model, inp, att, T)
+    for i, ep in enumerate(episodes):  # old log-probs: the model's, slightly off, as after an earlier update
+        ep.logps = [(lp + 0.05 * float(torch.randn(1, generator=g))) * k
+                    for lp, k in zip(logps[i, :len(ep.ids)].tolist(), ep.mask)]
+    return episodes
+
+
+def test_logps_of_a_padded_batch_equal_those_of_each_row_alone(tiny_base):
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    episodes = fake_episodes(model, 4, 0, model.config.vocab_size)
+    inp, att, mask, _, T = rl.collate(episodes, 0, torch.device("cpu"))
+    with torch.no_grad():
+        batched, _ = rl.token_logps(model, inp, att, T)
+        for i, ep in enumerate(episodes):
+            one = torch.tensor([ep.prompt_ids + ep.ids])
+            alone, _ = rl.token_logps(model, one, torch.ones_like(one), len(ep.ids))
+            assert torch.allclose(batched[i, :len(ep.ids)], alone[0], atol=1e-5)
+
+
+def test_non_finite_loss_skips_the_update_and_leaves_the_weights(tiny_base):
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    episodes = fake_episodes(model, 4, 1, model.config.vocab_size)
+    episodes[2].logps[0] = float("nan")  # e.g. a broken rollout
+    cfg = rl.RLConfig(group_size=2, lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    totals = {"skipped": 0, "bad_in_row": 0}
+    rl.learn(model, None, opt, sched, episodes, torch.tensor([1., 0., 0., 1.]), [0, 1], cfg, 16, 0,
+             torch.device("cpu"), totals)
+    assert totals == {"skipped": 1, "bad_in_row": 1}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    episodes[2].logps[0] = -1.0  # the same batch, finite: it trains
+    rl.learn(model, None, opt, sched, episodes, torch.tensor([1., 0., 0., 1.]), [0, 1], cfg, 16, 0,
+             torch.device("cpu"), totals)
+    assert totals == {"skipped": 1, "bad_in_row": 0}
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+WORKER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import rl, sft
+from tests.test_rl import fake_episodes
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(1)
+rank, world_size, device = sft.setup_dist()
+for loss_type in ("grpo", "dapo", "dr_grpo"):
+    cfg = rl.RLConfig(group_size=2, updates_per_step=2, micro_batch=2, kl_coef=0.1, entropy_coef=0.01,
+                      loss_type=loss_type, drop_zero_var=True, grad_clip=0.0)
+    model = AutoModelForCausalLM.from_pretrained({base!r})
+    ref = AutoModelForCausalLM.from_pretrained({base!r}).requires_grad_(False)
+    episodes = fake_episodes(model, 16, 3, model.config.vocab_size)  # 8 prompts x 2: the global batch
+    rewards = torch.tensor([1., 0., 1., 1., 0., 1., 0., 0., 1., 0., 0., 1., 1., 1., 0., 1.])
+    model = rl.shard(model, cfg, device)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # SGD: the update is the gradient itself, scale included
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    prompt_index = list(range(rank, 8, world_size))  # this rank's prompts, as main() shards them
+    mine = [episodes[2 * p + j] for p in prompt_index for j in range(2)]
+    mine_r = torch.stack([rewards[2 * p + j] for p in prompt_index for j in range(2)])
+    totals = {{"skipped": 0, "bad_in_row": 0}}
+    rl.learn(model, ref, opt, sched, mine, mine_r, prompt_index, cfg, 16, 0, device, totals)  # 2 updates
+    if rank == 0:
+        torch.save(sft.unwrap(model).state_dict(), f"{out}.{{loss_type}}")
+"""
+
+
+def test_same_global_batch_gives_the_same_update_on_one_and_two_processes(tiny_base, tmp_path):
+    """Two updates from 8 prompts x 2 (one group with equal rewards dropped), with KL and entropy, per loss type:
+    1 process vs 2 gloo processes that each hold half of the prompts."""
+    for n in (1, 2):
+        script = tmp_path / f"worker{n}.py"
+        script.write_text(WORKER.format(root=ROOT, base=tiny_base, out=str(tmp_path / f"weights{n}")))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).state_dict()
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        one, two = (torch.load(tmp_path / f"weights{n}.{loss_type}") for n in (1, 2))
+        assert max((one[k] - base[k]).abs().max() for k in base) > 1e-4  # the update did something
+        for k in base:
+            delta1, delta2 = one[k] - base[k], two[k] - base[k]
+            assert torch.allclose(delta1, delta2, rtol=1e-4, atol=1e-6), (loss_type, k, (delta1 - delta2).abs().max())
