@@ -494,9 +494,20 @@ def show_trajectory(ep, tokenizer, color=None):
 
 # -----------------------------------------------------------------------------
 
+def check_config(ecfg):
+    """Refuse a bad eval section before any model is loaded."""
+    if ecfg.mode not in ("agent", "notool", "workflow"):
+        raise ValueError(f"config: eval.mode must be agent, notool or workflow, got {ecfg.mode!r}")
+    if ecfg.workflow not in ("auto", "fixed", "react"):
+        raise ValueError(f"config: eval.workflow must be auto, fixed or react, got {ecfg.workflow!r}")
+    if ecfg.samples < 1 or ecfg.batch_size < 1:
+        raise ValueError("config: eval.samples and eval.batch_size must be >= 1")
+
+
 def evaluate(model, tokenizer, rows, cfg):
     """Run the configured mode over rows; (summary, records, episodes)."""
     ecfg, env_cfg = cfg.eval, cfg.env
+    check_config(ecfg)
     generator = torch.Generator(device=model.device).manual_seed(ecfg.seed)
     mode = ecfg.mode
     t0 = time.time()
@@ -556,8 +567,7 @@ def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "eval": EvalConfig}, argv,
                       own="eval")
     ecfg = cfg.eval
-    if ecfg.samples < 1:
-        raise ValueError("config: eval.samples must be >= 1")
+    check_config(ecfg)
     if ecfg.samples > 1 and ecfg.temperature == 0:
         print("warning: eval.samples > 1 with temperature 0: every sample is the same greedy trajectory")
     torch.manual_seed(cfg.run.seed)

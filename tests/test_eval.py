@@ -165,3 +165,97 @@ def test_trajectory_printout_tells_model_and_environment_apart():
     colored = ev.show_trajectory(ep, FakeTokenizer(), color=True)
     assert "\033[32mab\033[0m\033[90m<obs>\033[0m\033[32mcd\033[0m" in colored
     assert "reward: 0.0" in plain
+
+
+# -----------------------------------------------------------------------------
+# The modes on the (untrained) tiny model: what the loops do, not what the model knows
+
+def tiny_eval_cfg(tiny_root, extra=()):
+    from tools import load_config, RunConfig
+    import data
+    return load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "eval": ev.EvalConfig},
+                       ["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data",
+                        f"run.runs_dir={tiny_root}/runs", "run.name=evaltest", "env.max_new_tokens=48", *extra],
+                       own="eval")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_base):
+    from tools import load_model
+    return load_model(tiny_base)
+
+
+def test_fixed_workflow_writes_the_searches_itself(tiny_root, tiny_model):
+    model, tokenizer = tiny_model
+    cfg = tiny_eval_cfg(tiny_root, ["mode=workflow", "workflow=fixed", "samples=2", "temperature=1.0"])
+    rows = ev.load_questions(cfg)[:3]
+    summary, records, episodes = ev.evaluate(model, tokenizer, rows, cfg)
+    assert len(episodes) == 6 and [r["sample"] for r in records] == [0, 1] * 3
+    for ep, rec in zip(episodes, records):
+        row = rows[records.index(rec) // 2]
+        assert ep.actions == row["queries"] and ep.real_calls == len(row["queries"])  # the loop's searches
+        n_forced = ep.mask.index(1) if 1 in ep.mask else len(ep.mask)
+        forced = tokenizer.decode(ep.ids[:n_forced])
+        assert forced.count(cfg.env.obs_open) == len(row["queries"])  # actions and observations: mask 0
+        assert all(q in forced for q in row["queries"])
+        assert all(lp == 0.0 for lp, m in zip(ep.logps, ep.mask) if m == 0)
+    assert summary["real_calls"] == mean_queries(rows)
+
+
+def mean_queries(rows):
+    return sum(len(r["queries"]) for r in rows) / len(rows)
+
+
+def test_notool_never_calls_the_tool(tiny_root, tiny_model):
+    model, tokenizer = tiny_model
+    cfg = tiny_eval_cfg(tiny_root, ["mode=notool"])
+    rows = ev.load_questions(cfg)[:4]
+    summary, records, episodes = ev.evaluate(model, tokenizer, rows, cfg)  # NoTool raises if it is ever called
+    assert summary["real_calls"] == 0 and summary["actions"] == 0
+    assert all(ep.finish in ("answer", "eos", "length", "max_actions") for ep in episodes)
+
+
+def test_main_writes_per_question_jsonl_and_summary(tiny_root, tiny_base):
+    import os
+    summary = ev.main(["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data",
+                       f"run.runs_dir={tiny_root}/runs", "run.name=evaltest", f"init={tiny_base}", "limit=5",
+                       "env.max_new_tokens=32", "tag=t"])
+    out = os.path.join(tiny_root, "runs", "evaltest", "eval")
+    with open(os.path.join(out, "t.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    with open(os.path.join(out, "t.summary.json")) as f:
+        saved = json.load(f)
+    assert len(records) == 5 and {"id", "answer", "em", "f1", "actions", "gen_tokens", "text"} <= set(records[0])
+    assert saved["questions"] == 5 and saved["em"] == summary["em"] and saved["mode"] == "agent"
+    assert saved["config"]["eval"]["limit"] == 5  # the resolved config travels with the results
+
+
+def test_bad_mode_and_missing_model_are_clear_errors(tiny_root):
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        ev.main(["--config", "configs/tiny.yaml", f"run.runs_dir={tiny_root}/runs", "init=nothing_here"])
+    with pytest.raises(ValueError, match="eval.mode"):
+        ev.evaluate(None, None, [], tiny_eval_cfg(tiny_root, ["mode=oracle"]))
+
+
+# -----------------------------------------------------------------------------
+# The demo, quick mode: every stage, the table, the plots, the trajectory
+
+def test_quick_demo_writes_table_plots_and_trajectory(tmp_path, capsys):
+    import os
+    import demo
+    results = demo.main(["--config", "configs/tiny.yaml", "--quick", f"run.data_dir={tmp_path}/data",
+                         f"run.runs_dir={tmp_path}/runs"])
+    run_dir = os.path.join(tmp_path, "runs", "tiny_quick")
+    printed = capsys.readouterr().out
+    with open(os.path.join(run_dir, "results.md")) as f:
+        table = f.read()
+    for label, _, _ in demo.ROWS:
+        assert f"| {label} |" in table
+        assert label in results  # every stage ran and was evaluated
+    assert "| method | city |" in table and "real calls in RL" in table
+    calls = {label: line.split("|")[-2].strip() for line in table.splitlines() for label, _, _ in demo.ROWS
+             if line.startswith(f"| {label} |")}
+    assert calls["SFT-2"] == "-" and int(calls["+RL real only"]) > 0 and calls["+RL simulated only"] == "0"
+    for png in ("rl_curves.png", "accuracy_by_stage.png"):
+        assert os.path.getsize(os.path.join(run_dir, png)) > 1000
+    assert "one held-out trajectory" in printed and "[[" in printed and "reward:" in printed  # not a tty: brackets
