@@ -66,6 +66,7 @@ class EvalConfig:
     tag: str = ""  # name of the output files; empty = <init>-<mode>-<data>
     out: str = "eval"  # results go to <run.dir>/<out>/
     show: int = 0  # print this many trajectories with model vs environment tokens told apart
+    log_calls: str = ""  # append every real tool call to this JSONL (world-model training data, worldmodel.py)
     judge: bool = False  # also ask an LLM judge (OpenAI-compatible endpoint) whether each answer is right
     judge_url: str = "http://127.0.0.1:8001/v1/chat/completions"
     judge_model: str = "gpt-4o-mini"
@@ -104,7 +105,7 @@ def load_questions(cfg):
 def make_environment(cfg, tokenizer):
     """The environment rollout() talks to, by env.env: the real tool, the policy itself, or a world-model LM."""
     if cfg.env.env == "real":
-        return SearchEnv(make_tool(cfg.env, cfg.run), tokenizer, cfg.env)
+        return SearchEnv(make_tool(cfg.env, cfg.run), tokenizer, cfg.env, log_path=cfg.eval.log_calls or None)
     if cfg.env.env == "policy":
         return None  # the policy writes its own observations (rollout's simulated mode)
     if cfg.env.env == "worldmodel":
@@ -192,12 +193,13 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
     """Search first, then answer. The loop (not the model) writes the actions and their observations (mask 0);
     the model then writes its reasoning and answer. If it starts another action, the action is cut and the answer
     forced with the same note as rollout's action limit: the model never decides to search."""
+    from rollout import encode_prompt
     if environment is None:
         raise ValueError("the fixed workflow needs a tool: env.env=real or worldmodel")
     traces = []
     for row in rows:
         for _ in range(ecfg.samples):
-            traces.append(Trace(row, encode(tokenizer, tools_prompt(tokenizer, row["question"], env_cfg))))
+            traces.append(Trace(row, encode_prompt(tokenizer, row["question"], env_cfg)))
     # 1) the external workflow: one batched search of every question's entities
     queries = [workflow_queries(t.row) for t in traces]
     flat = [q for qs in queries for q in qs]
@@ -223,22 +225,13 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
             again.append(trace)
         else:
             trace.add(ids, "model", logps)
-            trace.finish = "answer" if parse(trace_text(tokenizer, trace), env_cfg).answer is not None else "eos"
+            trace.finish = "answer" if parse(tokenizer.decode(trace.ids), env_cfg).answer is not None else "eos"
     if again:
         outs = generate_batch(model, tokenizer, [t.prompt_ids + t.ids for t in again], 32, ("}",), ecfg, generator)
         for trace, (ids, logps) in zip(again, outs):
             trace.add(ids, "model", logps)
             trace.finish = "max_actions"
     return [t.episode(tokenizer) for t in traces]
-
-
-def tools_prompt(tokenizer, question, env_cfg):
-    from tools import build_prompt
-    return build_prompt(tokenizer, question, env_cfg)
-
-
-def trace_text(tokenizer, trace):
-    return tokenizer.decode(trace.ids)
 
 
 def cut_before(tokenizer, ids, marker):
@@ -509,27 +502,23 @@ def evaluate(model, tokenizer, rows, cfg):
     ecfg, env_cfg = cfg.eval, cfg.env
     check_config(ecfg)
     generator = torch.Generator(device=model.device).manual_seed(ecfg.seed)
-    mode = ecfg.mode
     t0 = time.time()
-    if mode == "agent":
-        episodes = run_agent(model, tokenizer, rows, env_cfg, make_environment(cfg, tokenizer), ecfg, generator)
-    elif mode == "notool":
-        episodes = run_agent(model, tokenizer, rows, notool_env(env_cfg, tokenizer), NoTool(), ecfg, generator)
-    elif mode == "workflow":
-        style = ecfg.workflow
+    if ecfg.mode == "notool":
+        environment = NoTool()
+        episodes = run_agent(model, tokenizer, rows, notool_env(env_cfg, tokenizer), environment, ecfg, generator)
+    else:
+        environment = make_environment(cfg, tokenizer)
+        style = "agent" if ecfg.mode == "agent" else ecfg.workflow
         if style == "auto":
             style = "react" if getattr(tokenizer, "chat_template", None) else "fixed"
-        runner = {"fixed": run_fixed_workflow, "react": run_react}.get(style)
-        if runner is None:
-            raise ValueError(f"config: eval.workflow must be auto, fixed or react, got {style!r}")
-        episodes = runner(model, tokenizer, rows, env_cfg, make_environment(cfg, tokenizer), ecfg, generator)
-    else:
-        raise ValueError(f"config: eval.mode must be agent, notool or workflow, got {mode!r}")
+        runner = {"agent": run_agent, "fixed": run_fixed_workflow, "react": run_react}[style]
+        episodes = runner(model, tokenizer, rows, env_cfg, environment, ecfg, generator)
     wall_s = time.time() - t0
     records = score(episodes, rows, env_cfg, ecfg.samples)
     judge_failures = judge(records, ecfg) if ecfg.judge else 0
     summary = summarize(records, ecfg.samples)
-    summary.update(wall_s=wall_s, s_per_question=wall_s / max(len(rows), 1))
+    summary.update(wall_s=wall_s, s_per_question=wall_s / max(len(rows), 1),
+                   tool_failures=getattr(environment, "failures", 0))
     if ecfg.judge:
         summary["judge_failures"] = judge_failures
     return summary, records, episodes

@@ -259,3 +259,13 @@ def test_quick_demo_writes_table_plots_and_trajectory(tmp_path, capsys):
     for png in ("rl_curves.png", "accuracy_by_stage.png"):
         assert os.path.getsize(os.path.join(run_dir, png)) > 1000
     assert "one held-out trajectory" in printed and "[[" in printed and "reward:" in printed  # not a tty: brackets
+
+
+def test_a_tool_that_is_down_is_counted_not_fatal(tiny_root, tiny_model):
+    model, tokenizer = tiny_model
+    cfg = tiny_eval_cfg(tiny_root, ["mode=workflow", "workflow=fixed", "env.tool=http", "env.retries=0",
+                                    "env.timeout_s=0.5", "env.url=http://127.0.0.1:9/retrieve"])
+    rows = ev.load_questions(cfg)[:2]
+    summary, records, episodes = ev.evaluate(model, tokenizer, rows, cfg)
+    assert summary["tool_failures"] == mean_queries(rows) * 2
+    assert "search failed" in tokenizer.decode(episodes[0].ids)
