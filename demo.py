@@ -177,8 +177,10 @@ def plot(results, run_dir):
         if rows:
             label = f"{out} ({share:.0%} simulated)"
             ax_r.plot([r["step"] for r in rows], [r["reward"] for r in rows], label=label)
-            ax_e.plot([r["step"] for r in rows], [r["em"] for r in rows], label=label)
-    for ax, name in ((ax_r, "reward (training batch)"), (ax_e, "EM (training batch)")):
+            line, = ax_e.plot([r["step"] for r in rows], [r["em"] for r in rows], label=label, alpha=0.6)
+            held = [r for r in rl_metrics(run_dir, out) if "eval_em" in r]  # held-out EM at the eval points
+            ax_e.plot([r["step"] for r in held], [r["eval_em"] for r in held], "o--", color=line.get_color())
+    for ax, name in ((ax_r, "reward (training batch)"), (ax_e, "EM (line: training batch; dots: held-out)")):
         ax.set_xlabel("RL step"), ax.set_ylabel(name), ax.grid(alpha=0.3)
     ax_r.legend(fontsize=8)
     fig.tight_layout()
@@ -197,9 +199,13 @@ def plot(results, run_dir):
     return paths
 
 
+FINAL = "+RL simulated then real"  # the paper's recipe: its trajectory ends the demo
+
+
 def final_model(results, run_dir):
-    """The last row (in table order) whose model exists."""
-    for label, folder, mode in reversed(ROWS):
+    """The paper's final model, or else the last row (in table order) whose model exists."""
+    order = [r for r in ROWS if r[0] == FINAL] + list(reversed(ROWS))
+    for label, folder, mode in order:
         if mode == "agent" and label in results:
             return label, os.path.join(run_dir, folder)
     return None, None

@@ -11,8 +11,9 @@ What it measures (AutoCoA, arXiv 2503.06580, Sec. 4 / Table 1), per question and
     adds a judged accuracy; it is off by default and its key is read from an environment variable, never a file.
 
 The answer scored is the last \\boxed{} after </think> (tools.parse); when the format is broken the last \\boxed{}
-anywhere is still scored, so EM measures what the model answered and format_error counts the broken trajectories
-separately (the training reward, tools.reward, is stricter: 0 on any format error).
+anywhere is still scored (none at all: the last line after </think>), so EM measures what the model answered and
+format_error counts the broken trajectories separately (the training reward, tools.reward, is stricter: 0 on any
+format error; each record carries both).
 
 Three modes, all through rollout.py so the rows compare fairly:
     agent     the model decides when to search (CoA): rollout() with the configured environment;
@@ -369,7 +370,11 @@ def predicted_answer(ep, env_cfg):
     if parsed.format_ok:
         return parsed.answer, True, ""
     answer = parsed.answer if parsed.answer is not None else extract_boxed(ep.text, env_cfg.answer_open)
-    return answer or "", False, parsed.reason
+    if answer is None:  # no \boxed{} at all (small instruct models): the last line after </think>, if any
+        tail = ep.text.split(env_cfg.think_close)[-1] if env_cfg.think_close in ep.text else ""
+        lines = [ln.strip() for ln in tail.strip().splitlines() if ln.strip()]
+        answer = lines[-1][:200] if lines else ""
+    return answer, False, parsed.reason
 
 
 def score(episodes, rows, env_cfg, samples):

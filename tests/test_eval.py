@@ -269,3 +269,13 @@ def test_a_tool_that_is_down_is_counted_not_fatal(tiny_root, tiny_model):
     summary, records, episodes = ev.evaluate(model, tokenizer, rows, cfg)
     assert summary["tool_failures"] == mean_queries(rows) * 2
     assert "search failed" in tokenizer.decode(episodes[0].ids)
+
+
+def test_answer_without_boxed_falls_back_to_the_last_line_after_think():
+    rows = [{"question": "q", "golden_answers": ["Paris"]}] * 3
+    episodes = [FakeEpisode("<think> hmm </think>\nThe capital.\nParis"), FakeEpisode("<think> Paris, no close"),
+                FakeEpisode("<think> a </think> \\boxed{Rome} </think>")]
+    records = ev.score(episodes, rows, ENV, 1)
+    assert [r["answer"] for r in records] == ["Paris", "", "Rome"]  # no think close: nothing to read
+    assert [r["em"] for r in records] == [1.0, 0.0, 0.0] and all(r["format_error"] == 1.0 for r in records)
+    assert all(r["reward"] == 0.0 for r in records)
