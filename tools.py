@@ -94,6 +94,11 @@ def parse_value(text, typ, name):
 def check_type(value, typ, name):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
         raise ValueError(f"config: {name} must be {typ.__name__}, got {value!r}")
     return value
