@@ -51,6 +51,7 @@ the whole fidelity report. The history drops the policy's thoughts (above).
 
 Not here: generation (rollout.py), the policy's SFT-3 (sft.py), choosing real vs simulated steps (rl.py).
 """
+import dataclasses
 import glob
 import json
 import math
@@ -66,7 +67,7 @@ import torch
 import data
 from rollout import generate
 from tools import (EnvConfig, RunConfig, SearchEnv, build_prompt, format_observation, load_config, load_model,
-                   make_tool, normalize_answer, split_context)
+                   make_tool, normalize_answer, reward, split_context)
 
 
 @dataclass
@@ -89,7 +90,7 @@ class WorldModelConfig:
     grad_clip: float = 1.0
     # report
     eval_calls: int = 100  # held-out calls per group (seen, unseen); 0 = no fidelity report
-    policy: str = ""  # policy folder whose own simulation is measured too (SFT-3); empty = <run.dir>/sft if it exists
+    policy: str = ""  # policy folder whose own simulation is measured too; empty = <run.dir>/sft123 or sft3 if there
     agent: str = ""  # agent folder for the end-to-end EM; empty = the policy folder
     eval_questions: int = 50  # test questions per end-to-end run; 0 = skip
     eval_batch: int = 32  # sequences per generation batch
@@ -126,17 +127,18 @@ def read_calls(pattern):
 def oracle_calls(rows, search):
     """Every question's oracle queries, in order, sent to `search` (a SearchEnv, which counts them).
 
-    The history of a call is the earlier calls of the same question, as the policy would have written them.
-    Returns rows shaped like a SearchEnv log, plus "qid".
+    The history of a call is the text so far, as in a SearchEnv log: the earlier calls of the same question,
+    then the action being answered. Returns rows shaped like a SearchEnv log.
     """
     calls, histories = [], [""] * len(rows)
     for hop in range(max(len(r.get("queries", [])) for r in rows)):
         live = [i for i, r in enumerate(rows) if len(r.get("queries", [])) > hop]
         queries = [rows[i]["queries"][hop] for i in live]
         for i, query, obs in zip(live, queries, search(queries)):
-            calls.append({"qid": rows[i].get("id"), "question": rows[i]["question"], "history": histories[i],
-                          "query": query, "observation": obs})
-            histories[i] += f" {action_text(query, search.env)}{obs}"  # as rollout.py joins them
+            histories[i] += f" {action_text(query, search.env)}"
+            calls.append({"question": rows[i]["question"], "history": histories[i], "query": query,
+                          "observation": obs})
+            histories[i] += obs  # rollout.py appends the observation right after the action
     return calls
 
 
@@ -341,6 +343,20 @@ def policy_observations(model, tokenizer, calls, env, batch_size=32):
     return [format_observation([observation_body(t, env)], tokenizer, env) for t in texts]
 
 
+@torch.no_grad()
+def observation_nll(model, examples, pad_id, batch_size=32):
+    """Teacher-forced negative log-likelihood per observation token; examples are (prompt_ids, observation_ids)."""
+    device, total, count = next(model.parameters()).device, 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        ids, attn, labels = collate(examples[i:i + batch_size], pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
+        targets = labels[:, 1:].to(device)
+        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                                   reduction="sum").item()
+        count += int((targets != -100).sum())
+    return total / max(count, 1)
+
+
 def corpus_entities(env, run):
     from tools import read_corpus
     path = env.corpus or os.path.join(run.data_dir, "corpus.jsonl")
@@ -413,20 +429,22 @@ def held_out_groups(heldout, extra, train_queries, n, seed):
 
 
 def contexts_of(calls, tokenizer, env):
-    """The text a rollout would hand the environment for each call: prompt + history + the action."""
-    return [build_prompt(tokenizer, c["question"], env) + c["history"] + " " + action_text(c["query"], env)
-            for c in calls]
+    """The text a rollout would hand the environment for each call: prompt + history, ending with the action."""
+    out = []
+    for c in calls:
+        history = c["history"]
+        if not history.rstrip().endswith(env.action_close):  # a log written without contexts
+            history += " " + action_text(c["query"], env)
+        out.append(build_prompt(tokenizer, c["question"], env) + history)
+    return out
 
 
-def end_to_end(agent_path, rows, cfg, environments):
+def end_to_end(agent, agent_tok, rows, cfg, environments):
     """Agent EM and call counts with each environment: {name: {"em", "real_calls", "sim_calls", "seconds"}}."""
-    import dataclasses
     from rollout import rollout
-    from tools import reward
-    agent, agent_tok = load_model(agent_path, cfg.run)
     out = {}
     for name, make in environments.items():
-        env_cfg = dataclasses.replace(cfg.env, env={"real": "real", "worldmodel": "worldmodel"}.get(name, "policy"))
+        env_cfg = dataclasses.replace(cfg.env, env=name)
         environment = make(agent_tok)
         t0 = time.time()
         episodes = []
@@ -438,8 +456,34 @@ def end_to_end(agent_path, rows, cfg, environments):
     return out
 
 
+def measure_worldmodel(model, tokenizer, policy_tok, groups, known, wm, env):
+    """Fidelity of the separate world model, served exactly as rollout.py would call it."""
+    world_env = WorldModelEnv(model, tokenizer, env, policy_tok, wm.history_max_tokens, wm.eval_batch)
+    out = {}
+    for group, sample in groups.items():
+        sim = world_env([c["query"] for c in sample], contexts_of(sample, policy_tok, env))
+        pairs = [(wm_prompt_ids(tokenizer, c["question"], c["history"], c["query"], env, wm.history_max_tokens),
+                  tokenizer.encode(c["observation"], add_special_tokens=False)) for c in sample]
+        out[group] = {**fidelity_table(sim, sample, known, env),
+                      "obs_nll": observation_nll(model, pairs, tokenizer.pad_token_id)}
+    return out
+
+
+def measure_policy(model, tokenizer, groups, known, wm, env):
+    """Fidelity of the policy's internal world model (the observation it writes after its own action)."""
+    out = {}
+    for group, sample in groups.items():
+        sim = policy_observations(model, tokenizer, sample, env, wm.eval_batch)
+        pairs = [(tokenizer.encode(ctx, add_special_tokens=False),
+                  tokenizer.encode(c["observation"], add_special_tokens=False))
+                 for c, ctx in zip(sample, contexts_of(sample, tokenizer, env))]
+        out[group] = {**fidelity_table(sim, sample, known, env),
+                      "obs_nll": observation_nll(model, pairs, tokenizer.pad_token_id)}
+    return out
+
+
 def print_report(report):
-    cols = ["calls", "well_formed", "answer_kept", "fact_recall", "token_f1", "invented", "unsupported"]
+    cols = ["calls", "obs_nll", "well_formed", "answer_kept", "fact_recall", "token_f1", "invented", "unsupported"]
     print("\nfidelity on held-out real calls (seen: the world model was trained on calls with this query)")
     print(f"{'simulator':<12} {'entities':<8} " + " ".join(f"{c:>11}" for c in cols))
     for name, groups in report["fidelity"].items():
@@ -447,7 +491,7 @@ def print_report(report):
             cells = [f"{m.get(c, float('nan')):>11.3f}" if c != "calls" else f"{m['calls']:>11d}" for c in cols]
             print(f"{name:<12} {group:<8} " + " ".join(cells))
     for split, runs in report.get("end_to_end", {}).items():
-        print(f"\nagent end to end on {split} questions ({report['agent']})")
+        print(f"\nagent end to end on {split}-entity questions ({report['agent']})")
         for name, r in runs.items():
             print(f"  tool={name:<11} EM {r['em']:.3f} | real calls {r['real_calls']:5d} | simulated calls "
                   f"{r['sim_calls']:5d} | {r['seconds']:.1f}s")
@@ -461,6 +505,26 @@ def golds_by_question(data_dir):
         if os.path.exists(path):
             out.update({r["question"]: r["golden_answers"] for r in data.load_qa(path)})
     return out
+
+
+def real_calls(cfg, search, golds):
+    """(calls, source): logged real calls, or the oracle's through `search`; each with its golden answers."""
+    source = cfg.worldmodel.calls
+    if source == "auto":
+        logged = os.path.join(cfg.run.data_dir, "synth", "calls_train.jsonl")
+        source = logged if os.path.exists(logged) else "oracle"
+    if source == "oracle":
+        calls = oracle_calls(data.load_qa(os.path.join(cfg.run.data_dir, "train.jsonl")), search)
+    else:
+        calls = read_calls(source)
+    for c in calls:
+        c["golden_answers"] = golds.get(c["question"], [])
+    return calls, source
+
+
+def first_existing(run_dir, names):
+    paths = [os.path.join(run_dir, n) for n in names]
+    return next((p for p in paths if os.path.exists(os.path.join(p, "config.json"))), paths[-1])
 
 
 def main(argv=None):
@@ -478,24 +542,15 @@ def main(argv=None):
     policy_tok = AutoTokenizer.from_pretrained(base)  # the observation budget is counted in the policy's tokens
     t0 = time.time()
 
-    # 1. real calls: logged, or the oracle's queries through the real tool
+    # 1. real calls: logged (synthesis, RL, eval), or the oracle's queries through the real tool
     search = SearchEnv(make_tool(env, cfg.run), policy_tok, env)
     golds = golds_by_question(cfg.run.data_dir)
-    source = wm.calls
-    if source == "auto":
-        logged = os.path.join(cfg.run.data_dir, "synth", "calls_train.jsonl")
-        source = logged if os.path.exists(logged) else "oracle"
-    if source == "oracle":
-        calls = oracle_calls(data.load_qa(os.path.join(cfg.run.data_dir, "train.jsonl")), search)
-    else:
-        calls = read_calls(source)
-    for c in calls:
-        c["golden_answers"] = golds.get(c["question"], [])
+    calls, source = real_calls(cfg, search, golds)
     train_calls, heldout = split_calls(calls, wm.heldout_share, cfg.run.seed)
     if not train_calls:
         raise ValueError("worldmodel: no training calls (empty log, or heldout_share=1)")
-    print0(f"real calls from {source}: {len(train_calls)} train, {len(heldout)} held out ({search.calls} tool calls made, "
-           f"{time.time() - t0:.1f}s)")
+    print0(f"real calls from {source}: {len(train_calls)} train, {len(heldout)} held out "
+           f"({search.calls} new tool calls, {time.time() - t0:.1f}s)")
 
     # 2. fine-tune the world model: loss on observation tokens only
     model, tokenizer = load_model(wm.init or base, cfg.run, device=device)
@@ -506,10 +561,11 @@ def main(argv=None):
         data.save_atomic(out_dir, model, tokenizer)
         print0(f"world model saved to {out_dir} ({time.time() - t0:.1f}s)")
     barrier()
+    report = {"train_loss": log, "fidelity": {}}
     if rank != 0 or not wm.eval_calls:
-        return {"log": log}
+        return report
 
-    # 3. fidelity on held-out real calls, seen vs unseen queries
+    # 3. fidelity on held-out real calls: queries the world model was trained on (seen) and not (unseen)
     unseen_path = wm.unseen or os.path.join(cfg.run.data_dir, "test.jsonl")
     extra = []
     if os.path.exists(unseen_path):  # questions about people no training question names
@@ -517,29 +573,20 @@ def main(argv=None):
         for c in extra:
             c["golden_answers"] = golds.get(c["question"], [])
     train_queries = {normalize_answer(c["query"]) for c in train_calls}
-    groups = dict(zip(("seen", "unseen"), held_out_groups(heldout, extra, train_queries, wm.eval_calls,
-                                                          cfg.run.seed)))
+    seen, unseen = held_out_groups(heldout, extra, train_queries, wm.eval_calls, cfg.run.seed)
+    groups = {name: sample for name, sample in (("seen", seen), ("unseen", unseen)) if sample}
     known = corpus_entities(env, cfg.run)
-    world_env = WorldModelEnv(model, tokenizer, env, policy_tok, wm.history_max_tokens, wm.eval_batch)
-    report = {"fidelity": {"worldmodel": {}}, "train_loss": log}
-    for group, sample in groups.items():
-        if sample:
-            sim = world_env([c["query"] for c in sample], contexts_of(sample, policy_tok, env))
-            report["fidelity"]["worldmodel"][group] = fidelity_table(sim, sample, known, env)
-    policy = wm.policy or os.path.join(cfg.run.dir, "sft")
+    report["fidelity"]["worldmodel"] = measure_worldmodel(model, tokenizer, policy_tok, groups, known, wm, env)
+    policy = wm.policy or first_existing(cfg.run.dir, ("sft123", "sft3"))
     if os.path.exists(os.path.join(policy, "config.json")):
-        pmodel, ptok = load_model(policy, cfg.run)
-        report["fidelity"]["policy"] = {group: fidelity_table(policy_observations(pmodel, ptok, sample, env,
-                                                                                  wm.eval_batch), sample, known, env)
-                                        for group, sample in groups.items() if sample}
+        report["fidelity"]["policy"] = measure_policy(*load_model(policy, cfg.run), groups, known, wm, env)
     else:
         print(f"no policy folder at {policy}: the policy's own simulation is not measured")
 
-    # 4. the agent end to end: EM with the real tool, the world model, its own simulation
+    # 4. the agent end to end: EM with the real tool, the world model, and its own simulation
     agent = wm.agent or policy
     if wm.eval_questions and os.path.exists(os.path.join(agent, "config.json")):
-        rng = random.Random(cfg.run.seed + 2)
-        held_q = {c["question"] for c in heldout}
+        rng, held_q = random.Random(cfg.run.seed + 2), {c["question"] for c in heldout}
         splits = {"seen": [r for r in data.load_qa(os.path.join(cfg.run.data_dir, "train.jsonl"))
                            if r["question"] in held_q and r.get("needs_search", True)],
                   "unseen": [r for r in data.load_qa(unseen_path) if r.get("needs_search", True)]}
@@ -547,9 +594,12 @@ def main(argv=None):
                         "worldmodel": lambda tok: WorldModelEnv(model, tokenizer, env, tok, wm.history_max_tokens,
                                                                 wm.eval_batch),
                         "policy": lambda tok: None}
-        report["agent"] = agent
-        report["end_to_end"] = {split: end_to_end(agent, rng.sample(rows, min(wm.eval_questions, len(rows))), cfg,
-                                                  environments) for split, rows in splits.items() if rows}
+        agent_model, agent_tok = load_model(agent, cfg.run)
+        report["agent"], report["end_to_end"] = agent, {}
+        for split, rows in splits.items():
+            if rows:
+                rows = rng.sample(rows, min(wm.eval_questions, len(rows)))
+                report["end_to_end"][split] = end_to_end(agent_model, agent_tok, rows, cfg, environments)
     else:
         print(f"no agent folder at {agent}: end-to-end EM skipped")
     print_report(report)

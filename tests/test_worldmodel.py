@@ -31,7 +31,8 @@ def test_search_env_logs_one_row_per_real_call_with_question_and_history(tiny_cf
     _, tok = base
     log = tmp_path / "calls.jsonl"
     env = SearchEnv(make_tool(ENV, tiny_cfg.run), tok, ENV, log_path=str(log))
-    people = [json.loads(line)["contents"].split("\n")[0] for line in open(f"{tiny_cfg.run.data_dir}/corpus.jsonl")][:2]
+    corpus = open(f"{tiny_cfg.run.data_dir}/corpus.jsonl")
+    people = [json.loads(line)["contents"].split("\n")[0] for line in corpus][:2]
     contexts = [build_prompt(tok, f"Where was {p} born?", ENV) + f" I should check. {wmod.action_text(p, ENV)}"
                 for p in people]
     obs = env(people, contexts)
@@ -59,13 +60,16 @@ def test_oracle_calls_carry_earlier_calls_as_history(tiny_cfg, base):
     calls = wmod.oracle_calls(rows, search)
     assert search.calls == len(calls) == 6
     first, second = [c for c in calls if c["question"] == rows[0]["question"]]
-    assert first["history"] == "" and second["query"] == rows[0]["queries"][1]
-    assert second["history"] == f" {wmod.action_text(first['query'], ENV)}{first['observation']}"
+    assert first["history"] == f" {wmod.action_text(first['query'], ENV)}"  # the text so far, as SearchEnv logs it
+    assert second["query"] == rows[0]["queries"][1]
+    assert second["history"] == f"{first['history']}{first['observation']} {wmod.action_text(second['query'], ENV)}"
+    assert wmod.interaction_history(second["history"], ENV) == f"{first['history']}{first['observation']}"
 
 
 def test_history_keeps_calls_and_drops_thoughts_and_the_pending_action():
     obs = "<search_result> Ada Brun\nAda Brun was born in Lorn. </search_result>"
-    text = f" I need to search. <begin_search> Ada Brun </end_search>{obs} Now the city. <begin_search> Lorn </end_search>"
+    text = (f" I need to search. <begin_search> Ada Brun </end_search>{obs} Now the city. "
+            "<begin_search> Lorn </end_search>")
     assert wmod.interaction_history(text, ENV) == f" <begin_search> Ada Brun </end_search>{obs}"
     assert wmod.interaction_history(" just thinking", ENV) == ""
 
