@@ -9,21 +9,26 @@ are cheap. Two world models are compared here:
                 </search_result> (rollout.py's env=policy mode); the paper's choice.
     worldmodel  a separate LM fine-tuned here on logged real calls to write the observation
 
-The separate world model learns p(observation | question, history, query) from real calls
+The separate world model learns p(observation | question, history, query) from real calls (one part a line here;
+in the prompt they follow each other after the question's line)
 
-    Question: Where was Ada Brun born?                                     <- question
-    <begin_search> Ada Brun </end_search> <search_result> ... </search_result>   <- earlier calls (history)
-    <begin_search> Lorn </end_search>                                      <- the query
+    Question: In which country was Ada Brun born?                          <- question
+     <begin_search> Ada Brun </end_search><search_result> ... </search_result>   <- earlier calls (history)
+     <begin_search> Lorn </end_search>                                     <- the query
     <search_result> Lorn\\nLorn is a city in Kesh. </search_result><eos>    <- target: the only trained tokens
 
     loss = - sum_t log p(obs_t | prompt, obs_<t) / #obs tokens        (prompt tokens masked out)
 
+Any HF causal LM can be the world model (`init`); on the tiny world it is a fresh model of the tiny architecture
+with the tiny tokenizer (the untrained base folder).
+
 The history keeps only earlier actions and observations, not the policy's thoughts: the tool never sees them,
 and so the world model stays the same whatever style of reasoning the policy writes.
 
-Data: real calls as JSONL rows {"question", "history", "query", "observation"}. tools.SearchEnv(log_path=...)
-writes them during synthesis, RL with the real tool and eval; or (`calls: oracle`, the default on the tiny world)
-they are made here by sending each training question's oracle queries to the real tool.
+Data: real calls as JSONL rows {"question", "history" (the trajectory's text so far, ending with the action),
+"query", "observation"}. tools.SearchEnv(log_path=...) writes them wherever the real tool is used; synthesis
+keeps <run.data_dir>/synth/calls_train.jsonl (the default source). With `calls=oracle` they are made here
+instead, by sending each training question's oracle queries to the real tool.
 
 Served as an environment (`WorldModelEnv`): the same call signature as tools.SearchEnv, `(queries, contexts) ->
 observations`, tags included, body cut to the same env.obs_max_tokens of the policy's tokenizer; batched, greedy,
@@ -35,17 +40,19 @@ it could have memorised) and queries it has not:
                     contain), the share whose simulated observation holds it too
     fact recall     of the real observation's sentences about the queried entity, the share reproduced verbatim
     token F1        SQuAD token F1 between the simulated and the real observation body
+    obs NLL         teacher-forced negative log-likelihood per token of the real observation
     invented        share of the simulated observation's entity mentions (capitalised words) found nowhere in
                     the corpus; `unsupported`: share not in the real observation
-and end to end: the agent's EM on questions with the real tool, the world model, and the policy's own
-simulation, with the real and simulated calls each run spent.
+and end to end: the agent's EM (tools.reward) on questions with the real tool, the world model, and the policy's
+own simulation, with the real and simulated calls each run spent. Report: printed and <run.dir>/<out>.report.json.
 
 Departures from the paper: the paper uses only the policy as world model; a separate LM is our addition, as is
 the whole fidelity report. The history drops the policy's thoughts (above).
 
     python worldmodel.py --config configs/tiny.yaml                     # train on the tiny world, print the report
-    python worldmodel.py --config configs/tiny.yaml steps=600 policy=runs/tiny/sft
-    python worldmodel.py --config configs/tiny.yaml calls=runs/tiny/calls.jsonl   # logged real calls
+    python worldmodel.py --config configs/tiny.yaml steps=600 policy=runs/tiny/sft123
+    python worldmodel.py --config configs/tiny.yaml calls='runs/tiny/logs/*.jsonl'   # other logged real calls
+    python rl.py --config configs/tiny.yaml env.worldmodel=runs/tiny/worldmodel sim_share=0.8333  # RL-1 on it
     python worldmodel.py --config configs/tiny.yaml --resume            # after a crash
     torchrun --nproc_per_node 2 worldmodel.py --config configs/tiny.yaml
 
