@@ -54,11 +54,12 @@ sliding-window layers, logit soft-capping or encoder-decoders.
     python -m pytest -q tests/test_rollout.py
     python bench/rollout.py                     # tokens/s against HF generate re-prefill and the plain floor
 """
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
-from tools import ToolError, build_prompt
+from tools import ToolError, build_prompt, extract_boxed
 
 NOTE = " I have searched enough. {think_close} {answer_open}"  # appended when the action limit is hit
 
@@ -126,6 +127,8 @@ class RowCache:
 
     def bind(self, rows, cols, kv_len):
         self.rows, self.cols, self.kv_len = rows, cols, kv_len
+        all_rows = torch.arange(self.batch_size, device=self.device)
+        self.write_rows = (all_rows if rows is None else rows)[:, None]  # (n, 1), broadcast against cols (n, w)
         if kv_len > self.capacity:  # grow: double, copy the filled part once
             self.capacity = max(kv_len, 2 * self.capacity)
             for buffers in (self.keys, self.values):
@@ -141,9 +144,8 @@ class RowCache:
             self.keys.append(key.new_zeros(shape))
             self.values.append(value.new_zeros(shape))
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
-        rows = self.rows if self.rows is not None else torch.arange(self.batch_size, device=self.device)
-        k_buf[rows[:, None], :, self.cols] = key.transpose(1, 2).to(k_buf.dtype)  # (n, w, H, D) at (row, col)
-        v_buf[rows[:, None], :, self.cols] = value.transpose(1, 2).to(v_buf.dtype)
+        k_buf[self.write_rows, :, self.cols] = key.transpose(1, 2).to(k_buf.dtype)  # (n, w, H, D) at (row, col)
+        v_buf[self.write_rows, :, self.cols] = value.transpose(1, 2).to(v_buf.dtype)
         if self.rows is None:
             return k_buf[:, :, :self.kv_len], v_buf[:, :, :self.kv_len]  # a view: no copy for the full batch
         return k_buf[self.rows, :, :self.kv_len], v_buf[self.rows, :, :self.kv_len]
@@ -166,6 +168,8 @@ def forward_chunk(model, cache, rows, feeds, pad_id):
     The chunk is right-padded to w; row i's token j goes to column length[i] + j with position id equal to that
     column, and attends to columns <= its own. Returns the logits after each row's last fed token, (n, V).
     """
+    if model.config._attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"rollout needs sdpa or eager attention (a 4D mask), not {model.config._attn_implementation}")
     device = cache.device
     n, w = len(feeds), max(len(f) for f in feeds)
     ids = torch.tensor([f + [pad_id] * (w - len(f)) for f in feeds], device=device)
@@ -188,7 +192,36 @@ def forward_chunk(model, cache, rows, feeds, pad_id):
 
 
 # -----------------------------------------------------------------------------
-# Per-row state and stop detection
+# Watching the text for tags: a short tail is decoded only when the new token can end one
+
+@functools.lru_cache(maxsize=8)
+def _may_end(tokenizer, last_chars):
+    """For every vocabulary id: does its text contain one of last_chars? (built once per tokenizer)"""
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    texts = [tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in vocab]
+    return [any(c in t for c in last_chars) for t in texts]
+
+
+class Tags:
+    """Detects that the token just written completed one of the watched strings (tags may be several tokens)."""
+
+    def __init__(self, tokenizer, watched):
+        watched = [s for s in watched if s]
+        self.tokenizer = tokenizer
+        self.may_end = _may_end(tokenizer, "".join(sorted({s[-1] for s in watched})))
+        self.longest = max([len(tokenizer.encode(s, add_special_tokens=False)) for s in watched] + [1]) + 2
+
+    def can_end(self, token):
+        return token < len(self.may_end) and self.may_end[token]  # ids past the tokenizer (padded vocab): no
+
+    def just_wrote(self, ids, start, tag):
+        """Did the last id of ids[start:] complete `tag`? Decodes a tail of a few tokens, twice."""
+        tail = ids[max(start, len(ids) - self.longest - 1):]
+        return tag in self.tokenizer.decode(tail) and tag not in self.tokenizer.decode(tail[:-1])
+
+
+# -----------------------------------------------------------------------------
+# The engine shared by rollout() and generate(): prefill, then feed / sample / check / act until all rows are done
 
 @dataclass
 class Row:
@@ -202,209 +235,202 @@ class Row:
     done: bool = False
 
 
-class Tags:
-    """The strings the loop watches for, their token ids, and which vocabulary ids could end one of them."""
-
-    def __init__(self, tokenizer, env_cfg, watched):
-        self.tokenizer = tokenizer
-        watched = [s for s in watched if s]
-        last_chars = {s[-1] for s in watched}
-        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        texts = [tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in vocab]
-        # a token can end a tag only if its text contains the tag's last character; only then is a tail decoded
-        self.may_end = [any(c in t for c in last_chars) for t in texts]
-        self.longest = max([len(tokenizer.encode(s, add_special_tokens=False)) for s in watched] + [1]) + 2
-        self.note_ids = tokenizer.encode(NOTE.format(think_close=env_cfg.think_close,
-                                                     answer_open=env_cfg.answer_open), add_special_tokens=False)
-        self.obs_open_ids = tokenizer.encode(env_cfg.obs_open, add_special_tokens=False)
-        self.obs_close_ids = tokenizer.encode(env_cfg.obs_close, add_special_tokens=False)
-
-    def can_end(self, token):
-        return token < len(self.may_end) and self.may_end[token]  # ids past the tokenizer (padded vocab): no
-
-    def just_wrote(self, ids, start, tag):
-        """Did the last id of ids[start:] complete `tag`? (decodes at most a short tail)"""
-        tail = ids[max(start, len(ids) - self.longest - 1):]
-        decode = self.tokenizer.decode
-        return tag in decode(tail) and tag not in decode(tail[:-1])
-
-
-def query_of(tokenizer, ep, start, env_cfg):
-    """The query of the action that the model just closed: text between the last action tags of its stretch."""
-    text = tokenizer.decode(ep.ids[start:])
-    body = text[:text.rfind(env_cfg.action_close)]
-    return body.rpartition(env_cfg.action_open)[2].strip()
-
-
-def call_environment(environment, queries, contexts, env_cfg):
-    """Observation strings for the queries; a tool exception becomes the failed observation (unless on_error=raise)."""
-    try:
-        obs = environment(queries, contexts)
-        if not isinstance(obs, (list, tuple)) or len(obs) != len(queries) or not all(isinstance(o, str) for o in obs):
-            raise ToolError(f"environment returned {type(obs).__name__}, expected {len(queries)} strings")
-        return list(obs)
-    except Exception as e:
-        if env_cfg.on_error == "raise":
-            raise e if isinstance(e, ToolError) else ToolError(str(e)) from e
-        return [f"{env_cfg.obs_open} search failed: {type(e).__name__} {env_cfg.obs_close}"] * len(queries)
+def run_loop(model, tokenizer, episodes, rules, temperature, top_p, generator):
+    """Fill every episode's ids/mask/logps. rules.after_token(row, token) -> True when the row must act;
+    rules.act(rows) queues what the environment writes (row.feed, and ids with mask 0)."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if any(len(ep.prompt_ids) == 0 for ep in episodes):
+        raise ValueError("rollout: every prompt needs at least one token")
+    live = [Row(episode=ep, feed=list(ep.prompt_ids), slot=i) for i, ep in enumerate(episodes)]  # in slot order
+    cache = RowCache(len(live), max(len(ep.prompt_ids) for ep in episodes) + 64, device)
+    while live:
+        # 1) feed: decoding rows (one pending token) and chunk rows (prompt, or token + observation) apart, so
+        #    an observation is prefilled for the paused rows only
+        acting = []
+        for group in (g for g in ([r for r in live if len(r.feed) == 1], [r for r in live if len(r.feed) > 1]) if g):
+            rows = None if len(group) == len(live) else torch.tensor([r.slot for r in group], device=device)
+            logits = forward_chunk(model, cache, rows, [r.feed for r in group], pad_id)
+            # 2) sample one token per row
+            tokens, logps = sample(logits, temperature, top_p, generator)
+            for row, token, logp in zip(group, tokens.tolist(), logps.tolist()):
+                ep, own = row.episode, row.in_obs < 0  # a self-written observation is the environment's
+                ep.ids.append(token)
+                ep.mask.append(1 if own else 0)
+                ep.logps.append(logp if own else 0.0)
+                row.feed = [token]
+                # 3) stops and actions, from the token just written
+                if rules.after_token(row, token):
+                    acting.append(row)
+        # 4) the environment, once for all rows that just acted
+        if acting:
+            rules.act(acting)
+        if any(r.done for r in live):  # drop finished rows from the cache: later steps stay full-batch views
+            live = [r for r in live if not r.done]
+            if live:
+                cache.keep(torch.tensor([r.slot for r in live], device=device))
+                for i, r in enumerate(live):
+                    r.slot = i
 
 
 # -----------------------------------------------------------------------------
-# The loop
+# The CoA rules: actions, observations, the action limit, the answer
+
+def query_of(tokenizer, ep, start, env_cfg):
+    """The query of the action the model just closed: the text between the last action tags of its stretch."""
+    text = tokenizer.decode(ep.ids[start:])
+    return text[:text.rfind(env_cfg.action_close)].rpartition(env_cfg.action_open)[2].strip()
+
+
+def call_environment(environment, queries, contexts, env_cfg):
+    """Observation strings for the queries; a failing or malformed environment gives the failed observation
+    (as SearchEnv does for its tool) unless env.on_error=raise."""
+    try:
+        obs = environment(queries, contexts)
+        if not isinstance(obs, (list, tuple)) or len(obs) != len(queries) or not all(isinstance(o, str) for o in obs):
+            raise ToolError(f"environment returned {type(obs).__name__}, expected a list of {len(queries)} strings")
+        return list(obs)
+    except Exception as e:
+        if env_cfg.on_error == "raise":
+            raise e if isinstance(e, ToolError) else ToolError(f"{type(e).__name__}: {e}") from e
+        return [f"{env_cfg.obs_open} search failed: {type(e).__name__} {env_cfg.obs_close}"] * len(queries)
+
+
+class CoARules:
+    """What happens after each token of a CoA trajectory (see the module docstring)."""
+
+    def __init__(self, tokenizer, env_cfg, environment, max_new):
+        self.tok, self.env, self.environment, self.max_new = tokenizer, env_cfg, environment, max_new
+        self.simulated = environment is None or bool(getattr(environment, "simulated", False))
+        self.tags = Tags(tokenizer, [env_cfg.action_close, env_cfg.think_close, env_cfg.obs_close, "}"])
+        encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        self.note_ids = encode(NOTE.format(think_close=env_cfg.think_close, answer_open=env_cfg.answer_open))
+        self.obs_open_ids, self.obs_close_ids = encode(env_cfg.obs_open), encode(env_cfg.obs_close)
+
+    def after_token(self, row, token):
+        """Stops, and True when the row just closed an action."""
+        ep, env, tags = row.episode, self.env, self.tags
+        if token == self.tok.eos_token_id:
+            return self.finish(row, "eos")
+        if len(ep.ids) >= self.max_new:
+            return self.finish(row, "length")
+        if row.in_obs >= 0:  # policy env: the policy is writing its own observation
+            if tags.can_end(token) and tags.just_wrote(ep.ids, row.in_obs, env.obs_close):
+                row.in_obs, row.start = -1, len(ep.ids)
+            elif len(ep.ids) - row.in_obs >= env.obs_max_tokens + len(self.obs_open_ids):  # over budget: close it
+                row.in_obs = -1
+                self.add_env(row, self.obs_close_ids)
+                row.start = len(ep.ids)
+            return False
+        if not tags.can_end(token):
+            return False
+        if row.answer_from >= 0:  # after </think>: the answer ends with the brace that closes \boxed{
+            if extract_boxed(self.tok.decode(ep.ids[row.answer_from:]), env.answer_open) is not None:
+                return self.finish(row, "max_actions" if row.forced else "answer")
+            return False
+        if tags.just_wrote(ep.ids, row.start, env.think_close):
+            row.answer_from = len(ep.ids)
+            return False
+        return tags.just_wrote(ep.ids, row.start, env.action_close)
+
+    def act(self, rows):
+        """Run the environment once for every row that just closed an action; queue the observations."""
+        calls = []
+        for row in rows:
+            ep = row.episode
+            if len(ep.actions) >= self.env.max_actions:  # one action too many: not run, the answer is forced
+                row.forced, row.answer_from = True, len(ep.ids)
+                self.add_env(row, self.note_ids)
+                continue
+            ep.actions.append(query_of(self.tok, ep, row.start, self.env))
+            if self.environment is None:  # env=policy: open the observation, the policy writes the rest
+                ep.sim_calls += 1
+                row.in_obs = len(ep.ids)
+                self.add_env(row, self.obs_open_ids)
+            else:
+                calls.append(row)
+        if not calls:
+            return
+        contexts = [self.tok.decode(r.episode.prompt_ids + r.episode.ids) for r in calls]
+        observations = call_environment(self.environment, [r.episode.actions[-1] for r in calls], contexts, self.env)
+        for row, obs in zip(calls, observations):
+            if self.simulated:
+                row.episode.sim_calls += 1
+            else:
+                row.episode.real_calls += 1
+            self.add_env(row, self.observation_ids(obs))
+            row.start = len(row.episode.ids)
+
+    def observation_ids(self, obs):
+        """An observation tokenized once, under the budget obs_max_tokens (+ its tags); the closer is kept."""
+        ids = self.tok.encode(obs, add_special_tokens=False)
+        cap = self.env.obs_max_tokens + len(self.obs_open_ids) + len(self.obs_close_ids) + 8
+        return ids if len(ids) <= cap else ids[:cap - len(self.obs_close_ids)] + self.obs_close_ids
+
+    def add_env(self, row, ids):
+        """Environment ids (mask 0) go after the pending token, cut to the length budget."""
+        ep = row.episode
+        ids = ids[:self.max_new - len(ep.ids)]
+        ep.ids += ids
+        ep.mask += [0] * len(ids)
+        ep.logps += [0.0] * len(ids)
+        row.feed += ids
+        if len(ep.ids) >= self.max_new:
+            self.finish(row, "length")
+
+    @staticmethod
+    def finish(row, why):
+        row.episode.finish, row.done = why, True
+        return False
+
 
 @torch.no_grad()
 def rollout(model, tokenizer, rows, env_cfg, environment, group_size=1, temperature=0.0, top_p=1.0,
             max_new_tokens=None, generator=None):
-    """Sample group_size trajectories per question row (group members adjacent); see the module docstring."""
+    """Sample group_size trajectories per question row (group members adjacent); see the module docstring.
+
+    rows: question dicts with at least "question" (and "golden_answers"); environment: SearchEnv, a world
+    model with the same interface, or None with env_cfg.env == "policy". Returns len(rows) * group_size Episodes.
+    """
     if env_cfg.env == "policy":
         environment = None
     elif environment is None:
-        raise ValueError(f"rollout: env.env={env_cfg.env!r} needs an environment (SearchEnv or world model)")
-    max_new = max_new_tokens or env_cfg.max_new_tokens
-    simulated = environment is None or bool(getattr(environment, "simulated", False))
+        raise ValueError(f"rollout: env.env={env_cfg.env!r} needs an environment (SearchEnv or a world model)")
     episodes = []
-    for row in rows:
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise ValueError(f"rollout: row {n} has no question text: {str(row)[:200]}")
         prompt_ids = encode_prompt(tokenizer, row["question"], env_cfg)
-        for _ in range(group_size):
-            episodes.append(Episode(question=row["question"], golds=list(row.get("golden_answers", [])),
-                                    prompt_ids=list(prompt_ids), row=row))
-    tags = Tags(tokenizer, env_cfg, [env_cfg.action_close, env_cfg.think_close, env_cfg.obs_close, "}"])
-    prompts = [ep.prompt_ids for ep in episodes]
-
-    def on_token(state, token):
-        """Stops and actions after the token just written; returns 'action' when the tool must run."""
-        ep = state.episode
-        if token == tokenizer.eos_token_id:
-            return finish(state, "eos")
-        if len(ep.ids) >= max_new:
-            return finish(state, "length")
-        if not tags.can_end(token):
-            return None
-        if state.in_obs >= 0:  # policy env: the policy is writing its own observation
-            if tags.just_wrote(ep.ids, state.in_obs, env_cfg.obs_close):
-                state.in_obs, state.start = -1, len(ep.ids)
-            return None
-        if state.answer_from >= 0:
-            from tools import extract_boxed
-            if extract_boxed(tokenizer.decode(ep.ids[state.answer_from:]), env_cfg.answer_open) is not None:
-                return finish(state, "max_actions" if state.forced else "answer")
-            return None
-        if tags.just_wrote(ep.ids, state.start, env_cfg.think_close):
-            state.answer_from = len(ep.ids)
-        elif tags.just_wrote(ep.ids, state.start, env_cfg.action_close):
-            return "action"
-        return None
-
-    def finish(state, why):
-        state.episode.finish, state.done = why, True
-        return None
-
-    def env_tokens(state, ids):
-        """Queue environment ids after the pending token, cut to the length budget."""
-        ep = state.episode
-        room = max_new - len(ep.ids)
-        ids = ids[:room]
-        ep.ids += ids
-        ep.mask += [0] * len(ids)
-        ep.logps += [0.0] * len(ids)
-        state.feed += ids
-        if len(ep.ids) >= max_new:
-            finish(state, "length")
-
-    def act(states):
-        """Run the tool once for every row that just closed an action; queue the observations."""
-        calls, queries = [], []
-        for state in states:
-            ep = state.episode
-            if len(ep.actions) >= env_cfg.max_actions:  # one action too many: not run, the answer is forced
-                state.forced = True
-                state.answer_from = len(ep.ids)
-                env_tokens(state, tags.note_ids)
-                continue
-            query = query_of(tokenizer, ep, state.start, env_cfg)
-            ep.actions.append(query)
-            if environment is None:  # the policy writes the observation itself
-                ep.sim_calls += 1
-                state.in_obs = len(ep.ids)
-                env_tokens(state, tags.obs_open_ids)
-            else:
-                calls.append(state)
-                queries.append(query)
-        if calls:
-            contexts = [tokenizer.decode(s.episode.prompt_ids + s.episode.ids) for s in calls]
-            observations = call_environment(environment, queries, contexts, env_cfg)
-            for state, obs in zip(calls, observations):
-                ep = state.episode
-                if simulated:
-                    ep.sim_calls += 1
-                else:
-                    ep.real_calls += 1
-                env_tokens(state, obs_ids(obs))
-                state.start = len(ep.ids)
-
-    def obs_ids(obs):
-        """An observation tokenized once, under the budget obs_max_tokens (+ its tags); the closer is kept."""
-        ids = tokenizer.encode(obs, add_special_tokens=False)
-        cap = env_cfg.obs_max_tokens + len(tags.obs_open_ids) + len(tags.obs_close_ids) + 8
-        return ids if len(ids) <= cap else ids[:cap - len(tags.obs_close_ids)] + tags.obs_close_ids
-
-    def after_policy_obs_budget(state):
-        # policy env: a self-written observation longer than the budget is closed by the loop
-        ep = state.episode
-        if state.in_obs >= 0 and len(ep.ids) - state.in_obs >= env_cfg.obs_max_tokens + len(tags.obs_open_ids):
-            state.in_obs = -1
-            env_tokens(state, tags.obs_close_ids)
-            state.start = len(ep.ids)
-
-    run_loop(model, tokenizer, prompts, episodes, on_token, act, after_policy_obs_budget,
-             temperature, top_p, generator)
+        episodes += [Episode(question=row["question"], golds=list(row.get("golden_answers") or []),
+                             prompt_ids=list(prompt_ids), row=row) for _ in range(group_size)]
+    if not episodes:
+        return []
+    rules = CoARules(tokenizer, env_cfg, environment, max_new_tokens or env_cfg.max_new_tokens)
+    run_loop(model, tokenizer, episodes, rules, temperature, top_p, generator)
     for ep in episodes:
         ep.text = tokenizer.decode(ep.ids)
     return episodes
 
 
-def run_loop(model, tokenizer, prompts, episodes, on_token, act, after_token, temperature, top_p, generator):
-    """The shared engine: prefill, then step until every row is done. Fills each episode's ids/mask/logps."""
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("rollout: every prompt needs at least one token")
-    states = [Row(episode=ep, feed=list(p), slot=i) for i, (ep, p) in enumerate(zip(episodes, prompts))]
-    capacity = max(len(p) for p in prompts) + 64
-    cache = RowCache(len(states), capacity, device)
-    live = list(states)  # rows still in the cache, in slot order
-    while live:
-        # 1) feed: decoding rows (one pending token) and chunk rows (prompt, or token + observation) separately
-        singles = [s for s in live if len(s.feed) == 1]
-        chunks = [s for s in live if len(s.feed) > 1]
-        groups = [g for g in (singles, chunks) if g]
-        acting = []
-        for group in groups:
-            rows = None if len(group) == len(live) else torch.tensor([s.slot for s in group], device=device)
-            logits = forward_chunk(model, cache, rows, [s.feed for s in group], pad_id)
-            # 2) sample
-            tokens, logps = sample(logits, temperature, top_p, generator)
-            for state, token, logp in zip(group, tokens.tolist(), logps.tolist()):
-                ep = state.episode
-                own = state.in_obs < 0  # tokens of a self-written observation are the environment's
-                ep.ids.append(token)
-                ep.mask.append(1 if own else 0)
-                ep.logps.append(logp if own else 0.0)
-                state.feed = [token]
-                # 3) stops
-                if on_token(state, token) == "action":
-                    acting.append(state)
-                elif after_token is not None and not state.done:
-                    after_token(state)
-        # 4) the tool, once for all rows that just acted
-        if acting:
-            act(acting)
-        if any(s.done for s in live):  # drop finished rows from the cache
-            live = [s for s in live if not s.done]
-            if live:
-                cache.keep(torch.tensor([s.slot for s in live], device=device))
-                for i, s in enumerate(live):
-                    s.slot = i
+# -----------------------------------------------------------------------------
+# Plain generation: no tools, stop strings
+
+class StopRules:
+    def __init__(self, tokenizer, max_new_tokens, stop_strings):
+        self.tok, self.max_new = tokenizer, max_new_tokens
+        self.stop_strings = [s for s in stop_strings if s]
+        self.tags = Tags(tokenizer, self.stop_strings)
+
+    def after_token(self, row, token):
+        ep = row.episode
+        if token == self.tok.eos_token_id:
+            ep.finish, row.done = "eos", True
+        elif len(ep.ids) >= self.max_new:
+            ep.finish, row.done = "length", True
+        elif self.stop_strings and self.tags.can_end(token) and \
+                any(self.tags.just_wrote(ep.ids, 0, s) for s in self.stop_strings):
+            ep.finish, row.done = "stop", True
+        return False
 
 
 @torch.no_grad()
@@ -416,23 +442,9 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, stop_strings=(), temp
     completes one of stop_strings (kept), or at max_new_tokens. Returns (ids, logps): two lists with one list
     per sequence, logps the untempered log-probs of the chosen tokens.
     """
-    from tools import EnvConfig
     episodes = [Episode(question="", golds=[], prompt_ids=list(p)) for p in prompt_ids]
-    stop_strings = [s for s in stop_strings if s]
-    tags = Tags(tokenizer, EnvConfig(), stop_strings)
-
-    def on_token(state, token):
-        ep = state.episode
-        if token == tokenizer.eos_token_id:
-            ep.finish, state.done = "eos", True
-        elif len(ep.ids) >= max_new_tokens:
-            ep.finish, state.done = "length", True
-        elif stop_strings and tags.can_end(token) and any(tags.just_wrote(ep.ids, 0, s) for s in stop_strings):
-            ep.finish, state.done = "stop", True
-        return None
-
     if max_new_tokens <= 0 or not episodes:
         return [[] for _ in episodes], [[] for _ in episodes]
-    run_loop(model, tokenizer, [list(p) for p in prompt_ids], episodes, on_token, None, None,
+    run_loop(model, tokenizer, episodes, StopRules(tokenizer, max_new_tokens, stop_strings),
              temperature, top_p, generator)
     return [ep.ids for ep in episodes], [ep.logps for ep in episodes]
