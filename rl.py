@@ -24,7 +24,10 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
          dapo     mean over all tokens of the batch (DAPO)
          dr_grpo  sum over tokens / (trajectories x max_new_tokens), a constant normaliser (Dr. GRPO)
        Normalisers are counted over the whole mini-batch on all ranks, so 1 process and N processes give the
-       same update for the same global batch.
+       same update for the same global batch. logp_old is rollout.py's record, the model's log-prob at
+       temperature 1 when the token was sampled; the loss scores at temperature 1 too, so the first ratio of a
+       step is 1. With temperature < 1 the samples come from a sharper policy than the one scored, and nothing
+       corrects for it (temperature=1, the default here, keeps the estimator exact).
 
 Departures from the paper: the reward is binary EM (the paper's correctness uses a lenient match, available in
 tools.lenient_match); groups whose rewards are all equal can be dropped (`drop_zero_var`); the KL coefficient may
@@ -79,7 +82,7 @@ class RLConfig:
     # rollout
     prompts_per_step: int = 16  # prompts per step, all ranks together (the paper: 48)
     group_size: int = 4  # trajectories per prompt (the paper: 5)
-    temperature: float = 1.0  # sampling temperature (the paper: 0.6); the loss scores tokens at the same temperature
+    temperature: float = 1.0  # sampling temperature (the paper: 0.6); the loss scores tokens at temperature 1
     top_p: float = 1.0
     # loss
     loss_type: str = "grpo"  # grpo | dapo | dr_grpo (see the docstring)
@@ -183,8 +186,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, eps_low=0.2, eps_hi
     return loss, stats
 
 
-def token_logps(model, input_ids, attention_mask, n_completion, temperature=1.0, with_entropy=False):
-    """Log-probs (B, T) of the last T = n_completion tokens of each row under the model at `temperature`.
+def token_logps(model, input_ids, attention_mask, n_completion, with_entropy=False):
+    """Log-probs (B, T) of the last T = n_completion tokens of each row under the model (temperature 1).
 
     Rows are [left padding | prompt | completion | right padding]; position ids count real tokens only, as in
     rollout.py's generation. Only the last T+1 logits are computed (logits_to_keep): a 150k vocabulary times the
@@ -193,7 +196,7 @@ def token_logps(model, input_ids, attention_mask, n_completion, temperature=1.0,
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=n_completion + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / max(temperature, 1e-6)  # (B, T, V): logit at t predicts token t+1
+    logits = out.logits[:, :-1].float()  # (B, T, V): the logit at position t predicts token t+1
     targets = input_ids[:, -n_completion:]
     log_z = torch.logsumexp(logits, dim=-1)
     logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - log_z
@@ -345,11 +348,12 @@ def update(model, ref_model, optimizer, scheduler, micro_batches, rcfg, max_toke
         input_ids, attention, mask, old_logps, T = collate(eps, pad_id, device)
         if dummy:
             mask = torch.zeros_like(mask)
-        logps, entropy = token_logps(model, input_ids, attention, T, rcfg.temperature, rcfg.entropy_coef > 0)
+        # temperature 1, as rollout.py records the old log-probs: on-policy, the first ratio is exactly 1
+        logps, entropy = token_logps(model, input_ids, attention, T, with_entropy=rcfg.entropy_coef > 0)
         ref_logps = None
         if rcfg.kl_coef:
             with torch.no_grad():
-                ref_logps, _ = token_logps(ref_model, input_ids, attention, T, rcfg.temperature)
+                ref_logps, _ = token_logps(ref_model, input_ids, attention, T)
         loss, s = grpo_loss(logps, old_logps, ref_logps, adv.to(device), mask, rcfg.eps_low, rcfg.eps_high,
                             rcfg.kl_coef, rcfg.loss_type, entropy, rcfg.entropy_coef, max_tokens, denominator)
         # DDP and FSDP2 average gradients over ranks; the loss is already normalised globally, so undo the mean

@@ -260,3 +260,80 @@ def test_same_global_batch_gives_the_same_update_on_one_and_two_processes(tiny_b
         for k in base:
             delta1, delta2 = one[k] - base[k], two[k] - base[k]
             assert torch.allclose(delta1, delta2, rtol=1e-4, atol=1e-6), (loss_type, k, (delta1 - delta2).abs().max())
+
+
+# -----------------------------------------------------------------------------
+# The loop, end to end on the tiny model
+
+def rl_argv(tiny_root, base, runs_dir, *extra):
+    return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.data_dir={tiny_root}/data",
+            f"run.runs_dir={runs_dir}", "run.name=t", f"init={base}", "prompts_per_step=4", "group_size=2",
+            "env.max_new_tokens=40", "env.obs_max_tokens=20", "temperature=1.0", "entropy_coef=0.05", "lr=1e-3",
+            *extra]
+
+
+def read_metrics(runs_dir, out="rl"):
+    with open(os.path.join(runs_dir, "t", f"{out}.metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_rollout_logps_are_what_the_training_forward_recomputes(tiny_cfg, tiny_base):
+    """rollout.py's recorded log-probs are the old log-probs of the loss: on-policy, the ratio must be 1."""
+    from rollout import rollout
+    from tools import SearchEnv, make_tool, load_model
+    model, tokenizer = load_model(tiny_base, tiny_cfg.run)
+    env = SearchEnv(make_tool(tiny_cfg.env, tiny_cfg.run), tokenizer, tiny_cfg.env)
+    rows = [json.loads(line) for line in open(os.path.join(tiny_cfg.run.data_dir, "train.jsonl"))][:3]
+    episodes = rollout(model, tokenizer, rows, tiny_cfg.env, env, group_size=2, temperature=1.0, max_new_tokens=40,
+                       generator=torch.Generator().manual_seed(0))
+    inp, att, mask, old, T = rl.collate(episodes, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        logps, _ = rl.token_logps(model, inp, att, T)
+    assert torch.allclose(logps * mask, old, atol=1e-4)
+
+
+def test_schedule_runs_simulated_steps_first_and_counts_calls(tiny_root, tiny_base, tmp_path):
+    rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=3", "sim_share=0.67", "eval_n=4", "save_every=0",
+                    "env.max_actions=2"))
+    rows = read_metrics(tmp_path)
+    assert "eval_em" in rows[0] and "eval_em" in rows[-1]  # the start and the end, on the same questions
+    steps = [r for r in rows if "env" in r]
+    assert [r["env"] for r in steps] == ["policy", "policy", "real"]
+    assert all(r["real_calls"] == 0 for r in steps[:2])
+    assert steps[-1]["real_calls_total"] == sum(r["real_calls"] for r in steps)
+    for key in ("reward", "em", "actions", "sim_calls", "kl", "clip_frac", "tokens_per_s"):
+        assert key in steps[-1]
+    assert os.path.exists(os.path.join(tmp_path, "t", "rl", "model.safetensors"))
+
+
+def test_too_many_non_finite_losses_stop_the_run_with_a_clear_message(tiny_root, tiny_base, tmp_path, monkeypatch):
+    real_loss = rl.grpo_loss
+    monkeypatch.setattr(rl, "grpo_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), real_loss(*a, **k)[1]))
+    with pytest.raises(RuntimeError, match="NaN/inf"):
+        rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=5", "eval_n=0", "max_bad_steps=2"))
+    assert len(read_metrics(tmp_path)) == 1  # the first bad step was skipped and logged, the second stopped it
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tiny_root, tiny_base, tmp_path):
+    argv = rl_argv(tiny_root, tiny_base, tmp_path / "a", "steps=6", "save_every=2", "eval_n=0", "updates_per_step=2",
+                   "kl_coef=0.05")
+    rl.main(argv)  # uninterrupted
+    killed = rl_argv(tiny_root, tiny_base, tmp_path / "b", "steps=6", "save_every=2", "eval_n=0",
+                     "updates_per_step=2", "kl_coef=0.05")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "rl.py"), *killed], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = tmp_path / "b" / "t" / "rl.ckpt" / "step_000002"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (tmp_path / "b" / "t" / "rl").exists()  # killed mid-run
+    rl.main(killed + ["--resume"])
+    a = load_file(tmp_path / "a" / "t" / "rl" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "t" / "rl" / "model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).state_dict()
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # training moved the weights
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == list(range(1, 7))
