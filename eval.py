@@ -236,9 +236,12 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
 
 
 def cut_before(tokenizer, ids, marker):
-    """The number of leading ids whose text does not yet contain marker (ids are never re-encoded)."""
+    """How many leading ids end before marker's text starts (a tag may be several pieces; ids are never re-encoded)."""
+    start = tokenizer.decode(ids).find(marker)
+    if start < 0:
+        return len(ids)
     for n in range(len(ids) + 1):
-        if marker in tokenizer.decode(ids[:n]):
+        if len(tokenizer.decode(ids[:n])) > start:
             return n - 1
     return len(ids)
 

@@ -279,3 +279,11 @@ def test_answer_without_boxed_falls_back_to_the_last_line_after_think():
     assert [r["answer"] for r in records] == ["Paris", "", "Rome"]  # no think close: nothing to read
     assert [r["em"] for r in records] == [1.0, 0.0, 0.0] and all(r["format_error"] == 1.0 for r in records)
     assert all(r["reward"] == 0.0 for r in records)
+
+
+def test_cut_before_keeps_no_piece_of_a_multi_token_tag():
+    text = "abc <begin_search> q"
+    ids = [ord(c) for c in text]  # one id per character: the tag is many pieces, as in SmolLM2
+    n = ev.cut_before(FakeTokenizer(), ids, "<begin_search>")
+    assert FakeTokenizer().decode(ids[:n]) == "abc "
+    assert ev.cut_before(FakeTokenizer(), ids, "<nothing>") == len(ids)
