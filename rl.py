@@ -420,6 +420,8 @@ def generation_mode(model):
     was_training = model.training
     model.eval()
     if isinstance(model, FSDPModule):
+        with torch.no_grad():  # FSDP2 sets itself up at the root's first forward; unshard() needs that done
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
         model.set_reshard_after_forward(False)
         for m in model.modules():
             if isinstance(m, FSDPModule):

@@ -225,12 +225,12 @@ torch.set_num_threads(1)
 rank, world_size, device = sft.setup_dist()
 for loss_type in ("grpo", "dapo", "dr_grpo"):
     cfg = rl.RLConfig(group_size=2, updates_per_step=2, micro_batch=2, kl_coef=0.1, entropy_coef=0.01,
-                      loss_type=loss_type, drop_zero_var=True, grad_clip=0.0)
+                      loss_type=loss_type, drop_zero_var=True, grad_clip=0.0, parallel={parallel!r})
     model = AutoModelForCausalLM.from_pretrained({base!r})
     ref = AutoModelForCausalLM.from_pretrained({base!r}).requires_grad_(False)
     episodes = fake_episodes(model, 16, 3, model.config.vocab_size)  # 8 prompts x 2: the global batch
     rewards = torch.tensor([1., 0., 1., 1., 0., 1., 0., 0., 1., 0., 0., 1., 1., 1., 0., 1.])
-    model = rl.shard(model, cfg, device)
+    model, ref = rl.shard(model, cfg, device), rl.shard(ref, cfg, device)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)  # SGD: the update is the gradient itself, scale included
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     prompt_index = list(range(rank, 8, world_size))  # this rank's prompts, as main() shards them
@@ -238,28 +238,31 @@ for loss_type in ("grpo", "dapo", "dr_grpo"):
     mine_r = torch.stack([rewards[2 * p + j] for p in prompt_index for j in range(2)])
     totals = {{"skipped": 0, "bad_in_row": 0}}
     rl.learn(model, ref, opt, sched, mine, mine_r, prompt_index, cfg, 16, 0, device, totals)  # 2 updates
+    state_dict = sft.full_state_dict(model)  # a collective under FSDP2
     if rank == 0:
-        torch.save(sft.unwrap(model).state_dict(), f"{out}.{{loss_type}}")
+        torch.save(state_dict, f"{out}.{{loss_type}}")
 """
 
 
 def test_same_global_batch_gives_the_same_update_on_one_and_two_processes(tiny_base, tmp_path):
     """Two updates from 8 prompts x 2 (one group with equal rewards dropped), with KL and entropy, per loss type:
-    1 process vs 2 gloo processes that each hold half of the prompts."""
-    for n in (1, 2):
-        script = tmp_path / f"worker{n}.py"
-        script.write_text(WORKER.format(root=ROOT, base=tiny_base, out=str(tmp_path / f"weights{n}")))
+    1 process vs 2 gloo processes that each hold half of the prompts, with DDP and with FSDP2."""
+    for name, n, parallel in (("one", 1, "ddp"), ("ddp", 2, "ddp"), ("fsdp", 2, "fsdp")):
+        script = tmp_path / f"{name}.py"
+        script.write_text(WORKER.format(root=ROOT, base=tiny_base, out=str(tmp_path / name), parallel=parallel))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
     base = AutoModelForCausalLM.from_pretrained(tiny_base).state_dict()
     for loss_type in ("grpo", "dapo", "dr_grpo"):
-        one, two = (torch.load(tmp_path / f"weights{n}.{loss_type}") for n in (1, 2))
+        one = torch.load(tmp_path / f"one.{loss_type}")
         assert max((one[k] - base[k]).abs().max() for k in base) > 1e-4  # the update did something
-        for k in base:
-            delta1, delta2 = one[k] - base[k], two[k] - base[k]
-            assert torch.allclose(delta1, delta2, rtol=1e-4, atol=1e-6), (loss_type, k, (delta1 - delta2).abs().max())
+        for name in ("ddp", "fsdp"):
+            two = torch.load(tmp_path / f"{name}.{loss_type}")
+            for k in base:
+                delta1, delta2 = one[k] - base[k], two[k] - base[k]
+                assert torch.allclose(delta1, delta2, rtol=1e-4, atol=1e-6), (name, loss_type, k)
 
 
 # -----------------------------------------------------------------------------
