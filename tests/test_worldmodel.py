@@ -161,9 +161,10 @@ def test_config_picks_the_environment(tiny_cfg, tiny_base, base):
 # -----------------------------------------------------------------------------
 # The script: training, the report, resume
 
-def test_world_model_loss_falls_and_the_report_covers_every_simulator(tiny_root, tiny_base):
-    report = wmod.main(wm_argv(tiny_root, tiny_base, "wm", "steps=60", "batch_size=16", "log_every=10",
-                               "eval_calls=6", f"policy={tiny_base}", "eval_questions=3"))
+def test_world_model_loss_falls_and_the_report_covers_every_simulator(tiny_root, tiny_base, tiny_synth):
+    calls = os.path.join(tiny_synth[0], "calls_train.jsonl")  # the real calls synthesis logged
+    report = wmod.main(wm_argv(tiny_root, tiny_base, "wm", f"calls={calls}", "steps=60", "batch_size=16",
+                               "log_every=10", "eval_calls=6", f"policy={tiny_base}", "eval_questions=3"))
     losses = [loss for _, loss in report["train_loss"]]
     assert losses[-1] < 0.6 * losses[0]
     assert set(report["fidelity"]) == {"worldmodel", "policy"}
@@ -177,8 +178,8 @@ def test_world_model_loss_falls_and_the_report_covers_every_simulator(tiny_root,
 
 
 def test_resume_after_a_kill_gives_the_same_weights(tiny_root, tiny_base):
-    argv = wm_argv(tiny_root, tiny_base, "wmresume", "steps=6", "batch_size=4", "save_every=3", "keep_ckpts=3",
-                   "eval_calls=0", "history_max_tokens=32")
+    argv = wm_argv(tiny_root, tiny_base, "wmresume", "calls=oracle", "steps=6", "batch_size=4", "save_every=3",
+                   "keep_ckpts=3", "eval_calls=0", "history_max_tokens=32")
     wmod.main(argv)
     run_dir = os.path.join(tiny_root, "runs", "wmresume")
     straight = load_model(os.path.join(run_dir, "worldmodel"), device=torch.device("cpu"))[0].state_dict()
