@@ -340,3 +340,14 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_root, tiny_base, tm
     assert any(not torch.equal(a[k], base[k]) for k in a)  # training moved the weights
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == list(range(1, 7))
+
+
+def test_qwen7b_config_holds_the_papers_settings():
+    from tools import EnvConfig, RunConfig, load_config
+    cfg = load_config({"run": RunConfig, "env": EnvConfig, "rl": rl.RLConfig},
+                      ["--config", os.path.join(ROOT, "configs", "qwen7b.yaml")], own="rl")
+    r = cfg.rl
+    assert (r.group_size, r.prompts_per_step, r.lr, r.kl_coef, r.eps_low, r.temperature) == (5, 48, 7e-7, 1e-3, 0.2, 0.6)
+    assert cfg.env.max_actions == 10 and cfg.env.tool == "http"
+    assert r.prompts_per_step % 8 == 0 and r.parallel == "fsdp" and r.bf16  # 8 ranks share the prompts
+    assert [rl.step_env(s, r, cfg.env) for s in (0, 199, 200, 239)] == ["policy", "policy", "real", "real"]
