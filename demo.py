@@ -183,13 +183,16 @@ def plot(results, run_dir):
     for ax, name in ((ax_r, "reward (training batch)"), (ax_e, "EM (line: training batch; dots: held-out)")):
         ax.set_xlabel("RL step"), ax.set_ylabel(name), ax.grid(alpha=0.3)
     ax_r.legend(fontsize=8)
+    fig.suptitle("GRPO from SFT-1&2&3: simulated (the policy writes its observations) vs real tool", fontsize=10)
     fig.tight_layout()
     paths.append(os.path.join(run_dir, "rl_curves.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     labels = [label for label, _, _ in ROWS if label in results]
     fig, ax = plt.subplots(figsize=(10, 3.8))
-    ax.bar(range(len(labels)), [results[k]["em"] for k in labels], color="tab:blue")
+    bars = ax.bar(range(len(labels)), [results[k]["em"] for k in labels], color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_title("held-out test EM by stage (greedy, real tool)", fontsize=10)
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("test EM"), ax.set_ylim(0, 1), ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
