@@ -390,6 +390,8 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size):
     """Fine-tune on (prompt, observation) examples; returns the list of (step, loss) logged on rank 0."""
     from sft import latest_checkpoint, load_checkpoint, save_checkpoint, wrap_model, all_mean, print0, unwrap
     wm = cfg.worldmodel
+    if wm.batch_size < world_size:
+        raise ValueError(f"config: worldmodel.batch_size={wm.batch_size} is smaller than the {world_size} ranks")
     model.train()
     ddp_model = wrap_model(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=wm.lr, weight_decay=wm.weight_decay, betas=(0.9, 0.95))
