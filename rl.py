@@ -29,11 +29,29 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
        step is 1. With temperature < 1 the samples come from a sharper policy than the one scored, and nothing
        corrects for it (temperature=1, the default here, keeps the estimator exact).
 
+Scale. Each rank rolls out its shard of the prompts (prompt i goes to rank i % world_size). parallel=ddp keeps a
+whole model per rank (small models); parallel=fsdp shards it with FSDP2 (fully_shard per decoder layer, then the
+root; bf16=true adds a bf16 MixedPrecisionPolicy with fp32 master weights and reductions; grad_checkpointing
+recomputes activations). Under FSDP2 the rollout gathers the whole policy once and frees it afterwards: ranks
+generate different lengths, so gathering per forward would leave them waiting on each other. The policy always
+trains in fp32 weights (an RL learning rate like 7e-7 vanishes in bf16 weights); the reference is bf16 on GPU.
+
+Robustness. A NaN/inf loss or gradient skips that optimizer step (counted in `skipped`); max_bad_steps of them in
+a row stop the run with a message. Checkpoints (sft.save_checkpoint: weights, optimizer, scheduler, RNG, config,
+call counters) are atomic; `--resume` continues from the newest one with the same weights as an unbroken run,
+because a step's prompts and sampling seed follow from the step number alone.
+
+Metrics (<run.dir>/<out>.metrics.jsonl, one line per step): env, reward, em, actions (per trajectory),
+real_calls / sim_calls (this step and running totals), zero_var (share of groups with one reward), kl, clip_frac,
+ratio, entropy (when used), loss, grad_norm, tokens_per_s (model tokens), rollout_s, step_s; eval_em,
+eval_format, eval_actions (greedy, held-out, real tool) before the first and after the last step.
+
 Departures from the paper: the reward is binary EM (the paper's correctness uses a lenient match, available in
 tools.lenient_match); groups whose rewards are all equal can be dropped (`drop_zero_var`); the KL coefficient may
 be 0, and then no reference model is loaded.
 
-Inputs: a model folder (`init`, default <run.dir>/sft) and QA rows (`train`, default <run.data_dir>/train.jsonl).
+Inputs: a model folder (`init`: a path or a stage name under <run.dir>, default sft123, the SFT-1&2&3 model of
+demo.py) and QA rows (`train`, default <run.data_dir>/train.jsonl).
 Outputs: <run.dir>/<out>/ (HF folder), <run.dir>/<out>.ckpt/step_XXXXXX/ (resume), <run.dir>/<out>.metrics.jsonl.
 
     python rl.py --config configs/tiny.yaml                                   # CPU, the tiny world
@@ -51,6 +69,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -69,7 +88,7 @@ from tools import EnvConfig, RunConfig, SearchEnv, load_config, load_model, make
 @dataclass
 class RLConfig:
     # model and data
-    init: str = ""  # model folder to start from; empty = <run.dir>/sft
+    init: str = "sft123"  # model to start from: a folder, or a stage output under <run.dir> (sft123 = SFT-1&2&3)
     out: str = "rl"  # output folder name under <run.dir>
     train: str = ""  # QA JSONL to sample prompts from; empty = <run.data_dir>/train.jsonl
     eval: str = ""  # held-out QA JSONL for the eval in the log; empty = <run.data_dir>/dev.jsonl
@@ -490,9 +509,9 @@ def main(argv=None):
         raise ValueError(f"config: rl.prompts_per_step ({rcfg.prompts_per_step}) must divide by the number of "
                          f"ranks ({world_size})")
     torch.manual_seed(run.seed)
-    init = rcfg.init or os.path.join(run.dir, "sft")
+    init = rcfg.init
     if not os.path.isdir(init) and os.path.isdir(os.path.join(run.dir, init)):
-        init = os.path.join(run.dir, init)  # a stage name: sft, sft2, ...
+        init = os.path.join(run.dir, init)  # a stage name: sft2, sft123, ...
     model, ref, tokenizer = build_models(rcfg, run, device, init)
     betas = tuple(float(b) for b in rcfg.betas.split(","))
     optimizer = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, betas=betas, weight_decay=rcfg.weight_decay)
@@ -509,8 +528,10 @@ def main(argv=None):
         meta = load_checkpoint(latest_checkpoint(ckpt_dir), model, optimizer, scheduler)
         start, totals = meta["step"], meta["totals"]
         print0(f"resumed from {latest_checkpoint(ckpt_dir)} at step {start}")
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    elif rank == 0:  # a fresh run: checkpoints and metrics of an earlier run under this name would mix in
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
     if rank == 0:
         truncate_log(metrics_path, start)
     barrier()
