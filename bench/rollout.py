@@ -111,9 +111,27 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_rollout(model, tok, rows, env, environment, script):
+class ForwardTimer:
+    """Wraps rollout.forward_chunk to split (a)'s time: chunk forwards (prompts, observations), one-token decode
+    forwards, and the rest (sampling, stop checks, the tool, bookkeeping)."""
+
+    def __init__(self):
+        self.inner, self.seconds = R.forward_chunk, {"chunk": 0.0, "decode": 0.0}
+
+    def __call__(self, model, cache, rows, feeds, pad_id):
+        sync(model.device)
+        t0 = time.perf_counter()
+        logits = self.inner(model, cache, rows, feeds, pad_id)
+        sync(model.device)
+        self.seconds["decode" if max(len(f) for f in feeds) == 1 else "chunk"] += time.perf_counter() - t0
+        return logits
+
+
+def run_rollout(model, tok, rows, env, environment, script, timer=None):
     head = model.lm_head
     model.lm_head = ScriptedHead(head, script)
+    if timer is not None:
+        R.forward_chunk = timer
     try:
         sync(model.device)
         t0 = time.perf_counter()
@@ -122,6 +140,8 @@ def run_rollout(model, tok, rows, env, environment, script):
         seconds = time.perf_counter() - t0
     finally:
         model.lm_head = head
+        if timer is not None:
+            R.forward_chunk = timer.inner
     for ep in episodes:  # the script held: every row took the same steps
         assert ep.finish == "answer" and len(ep.actions) == len(script.turns) - 1, (ep.finish, ep.actions)
         assert sum(ep.mask) == len(script.steps), (sum(ep.mask), len(script.steps))
@@ -224,6 +244,10 @@ def bench_model(name, path, args, corpus):
             for k, v in zip("abc", (ta, tb, tc)):
                 times[k].append(v)
             print(f"  {name}: (a) {ta:.2f}s  (b) {tb:.2f}s  (c) {tc:.2f}s", flush=True)
+    timer = ForwardTimer()  # one more (a) run, timed inside (the sync per forward costs a little)
+    t_split, _, _ = run_rollout(model, tok, rows, env, environment, script, timer)
+    split = {"chunk_forwards": timer.seconds["chunk"], "decode_forwards": timer.seconds["decode"],
+             "rest": t_split - sum(timer.seconds.values())}
     med = {k: statistics.median(v) for k, v in times.items()}
     obs_len = [sum(1 for m in ep.mask if m == 0) / max(1, len(ep.actions)) for ep in episodes]
     same = sum(ep.ids == c for ep, c in zip(episodes, completions))
@@ -232,12 +256,14 @@ def bench_model(name, path, args, corpus):
               "tokens_per_s": {k: round(n_a / v, 1) for k, v in med.items()},
               "a_over_b_throughput": round(med["b"] / med["a"], 2), "a_over_c_time": round(med["a"] / med["c"], 3),
               "c_over_b_throughput": round(med["b"] / med["c"], 2),  # the most any loop doing (a)'s work could gain
-              "rows_identical_a_b": same}
+              "rows_identical_a_b": same, "a_split_s": {k: round(v, 3) for k, v in split.items()}}
     print(f"{name}: {n_a} model tokens, obs {result['obs_tokens_mean']} tok/call, (a) {result['tokens_per_s']['a']} "
           f"tok/s, (b) {result['tokens_per_s']['b']}, (c) {result['tokens_per_s']['c']}; "
           f"a/b throughput {result['a_over_b_throughput']}x (target >= 3), a/c time {result['a_over_c_time']} "
           f"(target <= 1.25); the floor is {result['c_over_b_throughput']}x (b); ids identical a vs b: {same}/{len(episodes)}",
           flush=True)
+    print(f"  (a) split: chunk forwards {split['chunk_forwards']:.2f}s, decode forwards "
+          f"{split['decode_forwards']:.2f}s, the rest {split['rest']:.2f}s (sampling, stops, tool, bookkeeping)")
     return result
 
 
