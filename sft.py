@@ -59,6 +59,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tools import build_prompt
+
 
 @dataclass
 class SFTConfig:
@@ -117,49 +119,61 @@ def read_synth(path):
     return rows
 
 
-def encode_segments(tokenizer, segments, observation_mask=True):
+def encode_texts(tokenizer, texts, cache=None):
+    """ids of each text (add_special_tokens=False); one batched call for the texts not in `cache` yet."""
+    cache = {} if cache is None else cache
+    new = sorted({t for t in texts if t not in cache})
+    if new:
+        cache.update(zip(new, tokenizer(new, add_special_tokens=False)["input_ids"]))
+    return [cache[t] for t in texts]
+
+
+def encode_segments(tokenizer, segments, observation_mask=True, cache=None):
     """(ids, mask) of a list of segments, each tokenized on its own; mask 0 on env segments if observation_mask."""
     ids, mask = [], []
-    for seg in segments:
-        piece = tokenizer.encode(seg["text"], add_special_tokens=False)
+    for seg, piece in zip(segments, encode_texts(tokenizer, [seg["text"] for seg in segments], cache)):
         ids += piece
         mask += [0 if (seg["who"] == "env" and observation_mask) else 1] * len(piece)
     return ids, mask
 
 
-def encode_trajectory(tokenizer, env, question, segments, observation_mask=True, context=(), max_len=512):
+def encode_trajectory(tokenizer, env, question, segments, observation_mask=True, context=(), max_len=512,
+                      cache=None):
     """{"ids", "mask"} of prompt + context + segments + EOS; mask 1 on the tokens the loss is taken on.
 
-    context: segments that are read but never trained on (a pair's shared prefix). mask[t] says whether the
-    token ids[t] is a target, so the loss is on positions t >= 1 predicting ids[t] from ids[:t].
+    The prompt is tokenized as rollout.encode_prompt does it. context: segments that are read but never trained
+    on (a pair's shared prefix). mask[t] says whether ids[t] is a target (predicted from ids[:t]).
+    cache: {text: ids}, shared across calls so a data set is tokenized in a few batched calls.
     """
-    from rollout import encode_prompt
-    ids = encode_prompt(tokenizer, question, env)
+    ids = list(encode_texts(tokenizer, [build_prompt(tokenizer, question, env)], cache)[0])
     mask = [0] * len(ids)
-    ctx_ids, _ = encode_segments(tokenizer, context)
+    ctx_ids, _ = encode_segments(tokenizer, context, cache=cache)
     ids, mask = ids + ctx_ids, mask + [0] * len(ctx_ids)
-    seg_ids, seg_mask = encode_segments(tokenizer, segments, observation_mask)
+    seg_ids, seg_mask = encode_segments(tokenizer, segments, observation_mask, cache)
     ids, mask = ids + seg_ids + [tokenizer.eos_token_id], mask + seg_mask + [1]
     return {"ids": ids[:max_len], "mask": mask[:max_len]}
 
 
 def build_examples(rows, stage, tokenizer, env, max_len):
     """The stage's examples: {"ids", "mask"} (cot, sft2, sft3) or {"chosen", "rejected"} (sft1), plus "cot"."""
-    out = []
+    out, cache = [], {}
+    texts = [build_prompt(tokenizer, r["question"], env) for r in rows]
+    texts += [s["text"] for r in rows for part in ("segments", "prefix", "chosen", "rejected") for s in r.get(part, [])]
+    encode_texts(tokenizer, texts, cache)  # every text at once: the fast tokenizer batches them
     for row in rows:
         if stage == "sft1":
             if row["type"] == "pair":
                 enc = lambda part: encode_trajectory(tokenizer, env, row["question"], row[part], True, row["prefix"],
-                                                     max_len)
+                                                     max_len, cache)
                 out.append({"chosen": enc("chosen"), "rejected": enc("rejected"), "cot": False})
         elif row["type"] == "cot" and (stage == "cot" or not row.get("needs_search", True)):
             # sft2/3 mix in CoT of well-known facts only: closed-book CoT on questions that need a search would
             # teach the model to skip the search there
-            out.append({**encode_trajectory(tokenizer, env, row["question"], row["segments"], True, (), max_len),
-                        "cot": True})
+            out.append({**encode_trajectory(tokenizer, env, row["question"], row["segments"], True, (), max_len,
+                                            cache), "cot": True})
         elif row["type"] == "coa" and stage in ("sft2", "sft3"):
             out.append({**encode_trajectory(tokenizer, env, row["question"], row["segments"], stage == "sft2", (),
-                                            max_len), "cot": False})
+                                            max_len, cache), "cot": False})
     if not out:
         raise ValueError(f"no training rows for stage {stage} (synthesise with: python data.py ... --synth)")
     return out
@@ -314,11 +328,11 @@ def heldout_metrics(model, tokenizer, env, rows, device, batch_size=32, max_len=
     observations in dev CoA rows (what sft3 should lower: the internal world model)."""
     model.eval()
     sums = {"model": [0.0, 0], "obs": [0.0, 0]}
-    seqs = []
+    seqs, cache = [], {}
     for row in rows:
         if row["type"] in ("cot", "coa"):
-            plain = encode_trajectory(tokenizer, env, row["question"], row["segments"], True, (), max_len)
-            full = encode_trajectory(tokenizer, env, row["question"], row["segments"], False, (), max_len)
+            plain = encode_trajectory(tokenizer, env, row["question"], row["segments"], True, (), max_len, cache)
+            full = encode_trajectory(tokenizer, env, row["question"], row["segments"], False, (), max_len, cache)
             obs = [int(f and not p) for f, p in zip(full["mask"], plain["mask"])]  # the env segments' tokens
             seqs.append({"ids": plain["ids"], "mask": plain["mask"], "obs": obs})
     for i in range(0, len(seqs), batch_size):
@@ -459,9 +473,7 @@ def main(argv=None):
             log_line(metrics_path, {"step": steps, "final": True, **metrics})
             print0("sft: held-out", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
         print0(f"sft: wrote {out_dir}")
-    barrier()
-    if is_dist():
-        dist.destroy_process_group()
+    barrier()  # the process group stays up: a pipeline may call main() again in this process
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,232 @@
+"""sft.py: masks come from segments, the losses are their formulas, the data stream, and the two promises of
+the training loop: torchrun with 2 CPU ranks gives the losses of 1 process at the same global batch, and a run
+killed with SIGKILL then resumed ends with the weights of an uninterrupted run.
+
+    .venv/bin/python -m pytest -q tests/test_sft.py
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sft
+from tools import EnvConfig
+
+ENV = EnvConfig()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+def synth_rows(tiny_synth, split="train"):
+    return sft.read_synth(os.path.join(tiny_synth[0], f"{split}.jsonl"))
+
+
+# -----------------------------------------------------------------------------
+# masks
+
+def test_observation_mask_covers_exactly_the_env_segments(tiny_synth, tokenizer):
+    from rollout import encode_prompt
+    row = next(r for r in synth_rows(tiny_synth) if r["type"] == "coa" and len(r["segments"]) >= 5)
+    ex = sft.encode_trajectory(tokenizer, ENV, row["question"], row["segments"])
+    n_prompt = len(encode_prompt(tokenizer, row["question"], ENV))
+    assert ex["ids"][:n_prompt] == encode_prompt(tokenizer, row["question"], ENV) and not any(ex["mask"][:n_prompt])
+    pos = n_prompt
+    for seg in row["segments"]:  # walk the segments: each one's tokens carry its writer's mask
+        ids = tokenizer.encode(seg["text"], add_special_tokens=False)
+        assert ex["ids"][pos:pos + len(ids)] == ids
+        assert ex["mask"][pos:pos + len(ids)] == [int(seg["who"] == "model")] * len(ids)
+        pos += len(ids)
+    assert ex["ids"][pos:] == [tokenizer.eos_token_id] and ex["mask"][pos:] == [1]
+    unmasked = sft.encode_trajectory(tokenizer, ENV, row["question"], row["segments"], observation_mask=False)
+    assert unmasked["ids"] == ex["ids"] and unmasked["mask"] == [0] * n_prompt + [1] * (len(ex["ids"]) - n_prompt)
+
+
+def test_pair_prefix_is_context_and_only_continuation_model_tokens_are_scored(tiny_synth, tokenizer):
+    pair = next(r for r in synth_rows(tiny_synth) if r["type"] == "pair" and r["needs_search"] and r["prefix"])
+    ex = sft.build_examples([pair], "sft1", tokenizer, ENV, 512)[0]
+    chosen = ex["chosen"]
+    scored = tokenizer.decode([i for i, m in zip(chosen["ids"], chosen["mask"]) if m])
+    model_text = "".join(s["text"] for s in pair["chosen"] if s["who"] == "model")
+    assert scored == model_text + tokenizer.eos_token
+    assert pair["prefix"][0]["text"] not in scored
+
+
+def test_sft2_mixes_only_well_known_cot_and_sft3_unmasks_observations(tiny_synth, tokenizer):
+    rows = synth_rows(tiny_synth)
+    two = sft.build_examples(rows, "sft2", tokenizer, ENV, 512)
+    three = sft.build_examples(rows, "sft3", tokenizer, ENV, 512)
+    cot_rows = [r for r in rows if r["type"] == "cot"]
+    assert sum(e["cot"] for e in two) == sum(not r["needs_search"] for r in cot_rows)
+    assert sum(e["cot"] for e in sft.build_examples(rows, "cot", tokenizer, ENV, 512)) == len(cot_rows)
+    coa2 = [e for e in two if not e["cot"]]
+    coa3 = [e for e in three if not e["cot"]]
+    assert all(a["ids"] == b["ids"] for a, b in zip(coa2, coa3))
+    assert sum(map(sum, (e["mask"] for e in coa3))) > sum(map(sum, (e["mask"] for e in coa2)))
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+def test_sft1_loss_equals_its_formula_on_hand_made_logprobs():
+    lp_c = torch.tensor([-0.5, -2.0, -1.0])
+    lp_r = torch.tensor([-1.5, -1.0, -1.0])
+    alpha = 0.2
+    loss, stats = sft.sft1_loss(lp_c, lp_r, alpha, n_pairs=3)
+    by_hand = sum(-math.log(1 / (1 + math.exp(-(c - r)))) - alpha * c for c, r in zip(lp_c.tolist(), lp_r.tolist())) / 3
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    assert stats["acc_sum"] == 1.0  # only the first pair prefers chosen; the tie counts as not preferred
+    half, _ = sft.sft1_loss(lp_c[:2], lp_r[:2], alpha, n_pairs=3)  # micro-batches add up to the global mean
+    rest, _ = sft.sft1_loss(lp_c[2:], lp_r[2:], alpha, n_pairs=3)
+    assert (half + rest).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_continuation_logp_is_the_mean_over_scored_tokens():
+    logps = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-1.0, -1.0, -1.0, -1.0]])
+    target = torch.tensor([[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    assert sft.continuation_logp(logps, target).tolist() == [-3.0, -1.0]
+
+
+def test_next_token_loss_is_the_masked_mean_of_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    ids = torch.randint(0, 11, (2, 5))
+    target = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.float32)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": logits})()
+    logps = sft.token_logps(Fixed(), ids, torch.ones_like(ids), torch.device("cpu"))
+    loss, _ = sft.next_token_loss(logps, target[:, 1:], target[:, 1:].sum())
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1), reduction="none").view(2, 4)
+    assert loss.item() == pytest.approx(((ce * target[:, 1:]).sum() / target[:, 1:].sum()).item(), rel=1e-6)
+
+
+def test_lr_warms_up_then_follows_the_cosine_to_its_floor():
+    sc = sft.SFTConfig(warmup_steps=10, min_lr_ratio=0.1)
+    factors = [sft.lr_factor(s, sc, 110) for s in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert factors[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+
+
+# -----------------------------------------------------------------------------
+# the data stream
+
+def test_stream_is_deterministic_mixes_cot_share_and_buckets_lengths(tiny_synth, tokenizer):
+    examples = sft.build_examples(synth_rows(tiny_synth), "sft2", tokenizer, ENV, 512)
+    sc = sft.SFTConfig(stage="sft2", batch_size=8, cot_share=0.3, bucket_batches=8)
+    a, b = sft.Stream(examples, sc, seed=0), sft.Stream(examples, sc, seed=0)
+    assert [a.batch(s) for s in range(30)] == [b.batch(s) for s in range(30)]
+    n = len(a.epoch(0))
+    assert a.batch(n) == a.epoch(1)[0] and a.epoch(1) != a.epoch(0)
+    picked = [i for batch in a.epoch(0) for i in batch]
+    assert sum(examples[i]["cot"] for i in picked) / len(picked) == pytest.approx(0.3, abs=0.05)
+
+    def padding(stream):
+        lens = [[len(examples[i]["ids"]) for i in batch] for batch in stream.epoch(0)]
+        return sum(max(ls) * len(ls) - sum(ls) for ls in lens)
+    unbucketed = sft.Stream(examples, sft.SFTConfig(stage="sft2", batch_size=8, cot_share=0.3, bucket_batches=1), 0)
+    assert padding(a) < 0.7 * padding(unbucketed)
+
+
+# -----------------------------------------------------------------------------
+# the training loop, as its users run it
+
+@pytest.fixture(scope="module")
+def small_train(tiny_synth, tmp_path_factory):
+    """The first 150 synthesised rows: enough for a few steps, quick to tokenize in each subprocess."""
+    path = str(tmp_path_factory.mktemp("small") / "train.jsonl")
+    with open(os.path.join(tiny_synth[0], "train.jsonl")) as f, open(path, "w") as out:
+        out.writelines(line for _, line in zip(range(150), f))
+    return path
+
+
+def sft_args(tiny_root, tiny_base, runs_dir, data, *extra):
+    return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.data_dir={tiny_root}/data",
+            f"run.runs_dir={runs_dir}", "run.name=t", f"init={tiny_base}", f"data={data}", "batch_size=8",
+            "device_batch_size=4", "warmup_steps=2", "heldout=none", *extra]
+
+
+def run_sft(runs, workdir, nproc=1):
+    """sft.main for each argument list, in one fresh process (python, or torchrun with nproc CPU ranks)."""
+    script = os.path.join(workdir, "sft_worker.py")
+    with open(script, "w") as f:
+        f.write("import json, sys\nimport sft\nfor args in json.loads(sys.argv[1]):\n    sft.main(args)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [PY]
+    return subprocess.Popen(launcher + [script, json.dumps(runs)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def losses(runs_dir, out):
+    with open(os.path.join(runs_dir, "t", f"{out}.metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f if "loss" in json.loads(line)]
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def finished(proc):
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def test_torchrun_two_cpu_ranks_give_the_losses_of_one_process(tiny_root, tiny_base, small_train, tmp_path):
+    """sft2 (token-normalised) and sft1 (pair-normalised): batch 8 = 2 micro-batches of 4 in one process,
+    one micro-batch of 4 on each of 2 ranks."""
+    runs = lambda d: [sft_args(tiny_root, tiny_base, d, small_train, f"stage={stage}", "steps=3", "save_every=0")
+                      for stage in ("sft2", "sft1")]
+    two = run_sft(runs(str(tmp_path / "two")), tmp_path, nproc=2)
+    for args in runs(str(tmp_path / "one")):
+        sft.main(args)
+    finished(two)
+    for stage in ("sft2", "sft1"):
+        l1, l2 = losses(tmp_path / "one", stage), losses(tmp_path / "two", stage)
+        assert len(l1) == len(l2) == 3
+        assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
+        w1, w2 = weights(tmp_path / "one" / "t" / stage), weights(tmp_path / "two" / "t" / stage)
+        assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_root, tiny_base, small_train,
+                                                                            tmp_path):
+    args = lambda d, *x: sft_args(tiny_root, tiny_base, str(d), small_train, "stage=sft2", "steps=8", "save_every=2",
+                                  *x)
+    proc = run_sft([args(tmp_path / "b")], tmp_path)
+    sft.main(args(tmp_path / "a"))  # the uninterrupted run, in this process while the other one starts
+    ckpt = tmp_path / "b" / "t" / "sft2.ckpt"
+    deadline = time.time() + 240
+    while not (ckpt / "step_000004").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # mid-run: after the step-4 checkpoint, before the end
+    proc.communicate()
+    assert not (tmp_path / "b" / "t" / "sft2").exists(), "the run finished before it could be killed"
+    out = finished(run_sft([args(tmp_path / "b", "--resume")], tmp_path))
+    assert "resumed from" in out
+    wa, wb = weights(tmp_path / "a" / "t" / "sft2"), weights(tmp_path / "b" / "t" / "sft2")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert losses(tmp_path / "a", "sft2") == losses(tmp_path / "b", "sft2")
+
+
+def test_bad_stage_and_unknown_flag_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="sft.stage"):
+        sft.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "stage=sft9", f"run.runs_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="flag"):
+        sft.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--resmue", f"run.runs_dir={tmp_path}"])
