@@ -596,8 +596,6 @@ def main(argv=None):
     save_final(model, tokenizer, os.path.join(run.dir, rcfg.out), rank)
     print0(f"rl: wrote {os.path.join(run.dir, rcfg.out)}; real calls {totals['real_calls']}, "
            f"simulated calls {totals['sim_calls']}, skipped updates {totals['skipped']}")
-    if is_dist():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
