@@ -17,8 +17,9 @@ format error; each record carries both).
 
 Three modes, all through rollout.py so the rows compare fairly:
     agent     the model decides when to search (CoA): rollout() with the configured environment;
-    notool    the model answers from what it knows: the same rollout() with env.max_actions=0 (an action is cut
-              off and the answer forced, Algorithm 1) and, for instruct models, a system prompt that offers no tool;
+    notool    the model answers from what it knows: for a CoA model the same rollout() with env.max_actions=0 (its
+              first action is cut off and the answer forced, as in Algorithm 1); for an instruct model (a chat
+              template) direct prompting for a short answer, through rollout.generate;
     workflow  the actions are decided by an external loop, not by the model (the paper's contrast):
               fixed  (the tiny world) search each entity the question names (the row's "queries"; the question
                      itself for real sets), write those actions and observations into the context, then let the model
@@ -76,9 +77,6 @@ class EvalConfig:
     seed: int = 0  # sampling seed (a torch.Generator), so sampled evals repeat exactly
 
 
-NOTOOL_PROMPT = ("Answer the question from what you know. Think inside <think> </think>, then give the final "
-                 "answer as \\boxed{answer}.")
-
 # -----------------------------------------------------------------------------
 # Inputs: the model and the questions
 
@@ -130,11 +128,8 @@ def run_agent(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
 
 
 def notool_env(env_cfg, tokenizer):
-    """The no-tool baseline's env: no action allowed (rollout forces the answer) and no tool in the prompt."""
-    changes = {"max_actions": 0, "env": "real"}  # "real" with a tool that is never called (NoTool)
-    if getattr(tokenizer, "chat_template", None):
-        changes["system_prompt"] = NOTOOL_PROMPT
-    return dataclasses.replace(env_cfg, **changes)
+    """The no-tool baseline's env for a CoA model: no action allowed (rollout forces the answer at the first one)."""
+    return dataclasses.replace(env_cfg, max_actions=0, env="real")  # "real" with a tool never called (NoTool)
 
 
 def generate_batch(model, tokenizer, prompts, max_new_tokens, stop_strings, ecfg, generator):
@@ -352,12 +347,33 @@ def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
     return [with_answer(t.episode(tokenizer), t.answer) for t in traces]
 
 
+DIRECT_PROMPT = "Answer the question with a short answer only (a name, a date, a number or yes/no), no explanation."
+
+
+def run_direct(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
+    """The no-tool baseline for an instruct model: ask for the short answer directly (no <think>, no tool).
+
+    Small instruct models given the CoA prompt without tools end at once; the paper's no-retrieval baseline is
+    direct prompting, so here the answer is the first line the model writes.
+    """
+    traces = [Trace(row, encode(tokenizer, tokenizer.apply_chat_template(
+        [{"role": "system", "content": DIRECT_PROMPT}, {"role": "user", "content": row["question"]}],
+        tokenize=False, add_generation_prompt=True))) for row in rows for _ in range(ecfg.samples)]
+    outs = generate_batch(model, tokenizer, [t.prompt_ids for t in traces], 48, ("\n",), ecfg, generator)
+    for trace, (ids, logps) in zip(traces, outs):
+        trace.add(ids, "model", logps)
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        answer = re.sub(r"^(the )?answer( is)?\s*:?\s*", "", text.split("\n")[0], flags=re.I).rstrip(".").strip()
+        trace.answer, trace.finish = answer or None, "answer" if answer else "eos"
+    return [with_answer(t.episode(tokenizer), t.answer) for t in traces]
+
+
 def strip_tags(observation, env_cfg):
     return observation.replace(env_cfg.obs_open, "").replace(env_cfg.obs_close, "").strip()
 
 
 def with_answer(ep, answer):
-    ep.react_answer = answer  # the ReAct answer is read from Finish[...], not from \boxed{}
+    ep.loop_answer = answer  # the answer the loop read (ReAct: Finish[...]; direct: the first line), not \boxed{}
     return ep
 
 
@@ -366,9 +382,9 @@ def with_answer(ep, answer):
 
 def predicted_answer(ep, env_cfg):
     """(answer, format_ok, reason) of one episode. CoA: tools.parse; broken format -> the last \\boxed{} anywhere."""
-    if hasattr(ep, "react_answer"):
-        ok = ep.react_answer is not None
-        return ep.react_answer or "", ok, "" if ok else f"no Finish[] ({ep.finish})"
+    if hasattr(ep, "loop_answer"):
+        ok = ep.loop_answer is not None
+        return ep.loop_answer or "", ok, "" if ok else f"no answer ({ep.finish})"
     parsed = parse(ep.text, env_cfg)
     if parsed.format_ok:
         return parsed.answer, True, ""
@@ -513,7 +529,11 @@ def evaluate(model, tokenizer, rows, cfg):
     t0 = time.time()
     if ecfg.mode == "notool":
         environment = NoTool()
-        episodes = run_agent(model, tokenizer, rows, notool_env(env_cfg, tokenizer), environment, ecfg, generator)
+        if getattr(tokenizer, "chat_template", None):  # instruct models: direct prompting
+            episodes = run_direct(model, tokenizer, rows, env_cfg, environment, ecfg, generator)
+        else:  # a CoA model: the same rollout, every action cut off and the answer forced
+            episodes = run_agent(model, tokenizer, rows, notool_env(env_cfg, tokenizer), environment, ecfg,
+                                 generator)
     else:
         environment = make_environment(cfg, tokenizer)
         style = "agent" if ecfg.mode == "agent" else ecfg.workflow

@@ -94,11 +94,11 @@ def test_react_turn_parsing(text, expected):
     assert ev.parse_react(text) == expected
 
 
-def test_react_answers_are_scored_from_finish():
+def test_loop_answers_are_scored_from_finish():
     ep = FakeEpisode(" Action: Finish[Paris]")
-    ep.react_answer = "Paris"
+    ep.loop_answer = "Paris"
     broken = FakeEpisode(" rambling", finish="length")
-    broken.react_answer = None
+    broken.loop_answer = None
     records = ev.score([ep, broken], [{"question": "q", "golden_answers": ["paris"]}] * 2, ENV, 1)
     assert records[0]["em"] == 1.0 and records[0]["format_error"] == 0.0
     assert records[1]["em"] == 0.0 and records[1]["format_error"] == 1.0
