@@ -287,3 +287,18 @@ def test_cut_before_keeps_no_piece_of_a_multi_token_tag():
     n = ev.cut_before(FakeTokenizer(), ids, "<begin_search>")
     assert FakeTokenizer().decode(ids[:n]) == "abc "
     assert ev.cut_before(FakeTokenizer(), ids, "<nothing>") == len(ids)
+
+
+def test_instruct_models_get_direct_prompting_without_tool(tiny_root, tiny_base):
+    from tools import load_model
+    model, tokenizer = load_model(tiny_base)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    cfg = tiny_eval_cfg(tiny_root, ["mode=notool"])
+    rows = ev.load_questions(cfg)[:3]
+    summary, records, episodes = ev.evaluate(model, tokenizer, rows, cfg)
+    assert summary["real_calls"] == 0 and summary["actions"] == 0
+    for ep in episodes:
+        prompt = tokenizer.decode(ep.prompt_ids)
+        assert ev.DIRECT_PROMPT in prompt and "<think>" not in prompt and len(ep.ids) <= 48
+        assert all(m == 1 for m in ep.mask)  # nothing but the model's own answer
