@@ -73,12 +73,12 @@ class SFTConfig:
     alpha: float = 0.2  # sft1: weight of the chosen continuation's log-likelihood
     steps: int = 0  # optimizer steps; 0 = the stage's own default below
     cot_steps: int = 300
-    sft1_steps: int = 150
+    sft1_steps: int = 100
     sft2_steps: int = 500
-    sft3_steps: int = 150
+    sft3_steps: int = 100
     batch_size: int = 32  # sequences (sft1: pairs) per optimizer step, over all ranks
-    device_batch_size: int = 32  # sequences (pairs) per forward; the rest is gradient accumulation
-    lr: float = 3e-3  # peak learning rate
+    device_batch_size: int = 8  # sequences (pairs) per forward; the rest is gradient accumulation
+    lr: float = 1e-5  # peak learning rate (a pretrained model's; the tiny model from scratch uses 3e-3)
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 20
     weight_decay: float = 0.0
