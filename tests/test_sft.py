@@ -169,7 +169,7 @@ def run_sft(runs, workdir, nproc=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [PY]
     return subprocess.Popen(launcher + [script, json.dumps(runs)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def losses(runs_dir, out):
@@ -183,7 +183,12 @@ def weights(folder):
 
 
 def finished(proc):
-    out, err = proc.communicate(timeout=300)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # a hung run (and its torchrun workers) must not outlive the test
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     assert proc.returncode == 0, err[-3000:]
     return out
 
