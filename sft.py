@@ -324,13 +324,14 @@ def lr_factor(step, sc, steps):
 
 @torch.no_grad()
 def heldout_metrics(model, tokenizer, env, rows, device, batch_size=32, max_len=512):
-    """Mean next-token loss on the model's tokens of dev CoA/CoT rows, and the perplexity of the real
-    observations in dev CoA rows (what sft3 should lower: the internal world model)."""
+    """Mean next-token loss on the model's tokens of dev CoA rows and CoT rows of well-known facts (what sft2
+    trains on), and the perplexity of the real observations in dev CoA rows (what sft3 should lower: the
+    internal world model)."""
     model.eval()
     sums = {"model": [0.0, 0], "obs": [0.0, 0]}
     seqs, cache = [], {}
     for row in rows:
-        if row["type"] in ("cot", "coa"):
+        if row["type"] == "coa" or (row["type"] == "cot" and not row.get("needs_search", True)):
             plain = encode_trajectory(tokenizer, env, row["question"], row["segments"], True, (), max_len, cache)
             full = encode_trajectory(tokenizer, env, row["question"], row["segments"], False, (), max_len, cache)
             obs = [int(f and not p) for f, p in zip(full["mask"], plain["mask"])]  # the env segments' tokens
