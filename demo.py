@@ -165,25 +165,34 @@ def results_table(results, run_dir):
     return "\n".join(lines)
 
 
+def smooth(xs, window=5):
+    """Trailing mean over `window` steps (RL batch rewards are noisy)."""
+    return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
+
+
 def plot(results, run_dir):
     """rl_curves.png (reward and EM per RL step, one line per schedule) and accuracy_by_stage.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     paths = []
-    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2))
     for out, share in RL_RUNS.items():
         rows = [r for r in rl_metrics(run_dir, out) if "reward" in r]
         if rows:
             label = f"{out} ({share:.0%} simulated)"
-            ax_r.plot([r["step"] for r in rows], [r["reward"] for r in rows], label=label)
-            line, = ax_e.plot([r["step"] for r in rows], [r["em"] for r in rows], label=label, alpha=0.6)
+            steps = [r["step"] for r in rows]
+            raw, = ax_r.plot(steps, [r["reward"] for r in rows], alpha=0.25)
+            ax_r.plot(steps, smooth([r["reward"] for r in rows]), color=raw.get_color(), label=label)
+            line, = ax_e.plot(steps, smooth([r["em"] for r in rows]), label=label, color=raw.get_color())
             held = [r for r in rl_metrics(run_dir, out) if "eval_em" in r]  # held-out EM at the eval points
             ax_e.plot([r["step"] for r in held], [r["eval_em"] for r in held], "o--", color=line.get_color())
-    for ax, name in ((ax_r, "reward (training batch)"), (ax_e, "EM (line: training batch; dots: held-out)")):
-        ax.set_xlabel("RL step"), ax.set_ylabel(name), ax.grid(alpha=0.3)
+    for ax, name, title in ((ax_r, "reward", "training-batch reward (faint: per step; bold: mean of 5)"),
+                            (ax_e, "EM", "EM (line: training batch, mean of 5; dots: held-out dev)")):
+        ax.set_xlabel("RL step"), ax.set_ylabel(name), ax.set_title(title, fontsize=9), ax.grid(alpha=0.3)
     ax_r.legend(fontsize=8)
-    fig.suptitle("GRPO from SFT-1&2&3: simulated (the policy writes its observations) vs real tool", fontsize=10)
+    fig.suptitle("GRPO from SFT-1&2&3: simulated steps (the policy writes its own observations) vs real tool",
+                 fontsize=10)
     fig.tight_layout()
     paths.append(os.path.join(run_dir, "rl_curves.png"))
     fig.savefig(paths[-1], dpi=100)
@@ -214,21 +223,25 @@ def final_model(results, run_dir):
     return None, None
 
 
-def show_one(cfg, model_dir, kind="country"):
-    """One trajectory of model_dir on a held-out question (a 2-hop one if any), scored like eval.py does."""
+def show_one(cfg, model_dir, kind="country", tries=16):
+    """One trajectory of model_dir on a held-out 2-hop question: the first of `tries` such test questions that
+    it answers right (a walk-through reads better on a success), else the first one. Scored as eval.py does."""
     import torch
     from rollout import rollout
     from tools import SearchEnv, load_model, make_tool
     model, tokenizer = load_model(model_dir, cfg.run)
     rows = ev.data.load_qa(os.path.join(cfg.run.data_dir, "test.jsonl"))
-    row = next((r for r in rows if r.get("kind") == kind), rows[0])
+    rows = [r for r in rows if r.get("kind") == kind][:tries] or rows[:1]
     env = SearchEnv(make_tool(cfg.env, cfg.run), tokenizer, cfg.env)
     with torch.no_grad():
-        episode = rollout(model, tokenizer, [row], cfg.env, env)[0]
-    ev.score([episode], [row], cfg.env, 1)  # fills episode.reward
-    print(f"question ({row['id']}, {row.get('kind')}): {row['question']}  gold: {row['golden_answers']}")
-    print(ev.show_trajectory(episode, tokenizer))
-    return episode
+        episodes = rollout(model, tokenizer, rows, cfg.env, env)
+    ev.score(episodes, rows, cfg.env, 1)  # fills each episode.reward
+    i = next((i for i, ep in enumerate(episodes) if ep.reward == 1.0), 0)
+    print(f"question ({rows[i]['id']}, {rows[i].get('kind')}; the first of {len(rows)} such test questions "
+          f"{'it answers right' if episodes[i].reward else '(none answered right)'}): {rows[i]['question']}  "
+          f"gold: {rows[i]['golden_answers']}")
+    print(ev.show_trajectory(episodes[i], tokenizer))
+    return episodes[i]
 
 
 def main(argv=None):
