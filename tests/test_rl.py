@@ -272,6 +272,7 @@ def rl_argv(tiny_root, base, runs_dir, *extra):
     return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.data_dir={tiny_root}/data",
             f"run.runs_dir={runs_dir}", "run.name=t", f"init={base}", "prompts_per_step=4", "group_size=2",
             "env.max_new_tokens=40", "env.obs_max_tokens=20", "temperature=1.0", "entropy_coef=0.05", "lr=1e-3",
+            "drop_zero_var=false",  # the untrained model earns no reward: only the entropy term trains it
             *extra]
 
 
