@@ -58,7 +58,7 @@ def bench_rl(args, rows, env):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     totals = {"skipped": 0, "bad_in_row": 0}
-    times, lengths = [], []
+    times, rollout_times, lengths = [], [], []
     generator = torch.Generator().manual_seed(0)
     for step in range(args["steps"]):
         batch = rows[step * args["prompts"]:(step + 1) * args["prompts"]]
@@ -67,12 +67,13 @@ def bench_rl(args, rows, env):
         with torch.no_grad():
             episodes = rollout(model, tokenizer, batch, env, None, group_size=args["group"], temperature=1.0,
                                max_new_tokens=args["new_tokens"], generator=generator)
+        rollout_times.append(time.perf_counter() - t0)
         rewards = torch.tensor([reward(ep.text, ep.golds, env) for ep in episodes])
         rl.learn(model, None, optimizer, scheduler, episodes, rewards, list(range(len(batch))), cfg,
                  args["new_tokens"], tokenizer.pad_token_id, torch.device("cpu"), totals)
         times.append(time.perf_counter() - t0)
         lengths += [len(ep.ids) for ep in episodes]
-    return times[1:], sum(lengths) / len(lengths)
+    return times[1:], rollout_times[1:], sum(lengths) / len(lengths)
 
 
 def bench_trl(args, rows, env):
@@ -127,12 +128,13 @@ def main(argv=None):
     env = EnvConfig(env="policy", max_new_tokens=args["new_tokens"])
     rows = load_rows(args["data"], args["steps"], args["prompts"])
     torch.manual_seed(0)
-    ours, ours_len = bench_rl(args, rows, env)
+    ours, ours_rollout, ours_len = bench_rl(args, rows, env)
     torch.manual_seed(0)
     theirs, theirs_len = bench_trl(args, rows, env)
     result = {"bench": "rl_step", "model": args["model"], "prompts": args["prompts"], "group": args["group"],
               "new_tokens": args["new_tokens"], "threads": args["threads"], "timed_steps": len(ours),
-              "rl_s_per_step": statistics.median(ours), "trl_s_per_step": statistics.median(theirs),
+              "rl_s_per_step": statistics.median(ours), "rl_rollout_s": statistics.median(ours_rollout),
+              "trl_s_per_step": statistics.median(theirs),
               "rl_tokens_per_traj": ours_len, "trl_tokens_per_traj": theirs_len,
               "speedup": statistics.median(theirs) / statistics.median(ours)}
     print(f"rl.py {result['rl_s_per_step']:.2f} s/step ({ours_len:.0f} tokens/trajectory), "
