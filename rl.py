@@ -119,7 +119,7 @@ class RLConfig:
     warmup_steps: int = 0  # linear warm-up, then constant (RL keeps the lr flat)
     grad_clip: float = 1.0  # max grad norm; 0 = off
     updates_per_step: int = 1  # optimizer steps per rollout batch (mini-batches); >1 makes the ratio/clip matter
-    micro_batch: int = 64  # episodes per forward/backward on one rank (gradient accumulation inside a mini-batch)
+    micro_batch: int = 16  # episodes per forward/backward on one rank (length-sorted; gradient accumulation)
     max_bad_steps: int = 3  # NaN/inf losses in a row before the run stops
     # scale
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per decoder layer)
@@ -305,11 +305,14 @@ def minibatches(episodes, advantages, keep, prompt_index, group_size, n_updates,
     """Split this rank's episodes into n_updates mini-batches, each a list of micro-batches [(episodes, adv)].
 
     A group goes to mini-batch (global prompt index % n_updates), so 1 and N ranks build the same global
-    mini-batches. Dropped episodes (keep False) are left out.
+    mini-batches. Dropped episodes (keep False) are left out. Inside a mini-batch, episodes are sorted by length
+    before they are cut into micro-batches: each micro-batch pads to its own longest, so less compute goes to
+    padding, and the gradient (a sum with one global normaliser) is the same.
     """
     out = []
     for u in range(n_updates):
         idx = [i for i in range(len(episodes)) if keep[i] and prompt_index[i // group_size] % n_updates == u]
+        idx.sort(key=lambda i: len(episodes[i].prompt_ids) + len(episodes[i].ids))
         out.append([([episodes[i] for i in idx[s:s + micro_batch]], advantages[idx[s:s + micro_batch]])
                     for s in range(0, len(idx), micro_batch)])
     return out
