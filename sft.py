@@ -39,6 +39,12 @@ next-token loss on the model's tokens, and the perplexity of the real observatio
     python sft.py --config configs/tiny.yaml stage=sft2 --resume          # after a crash: the same weights
     torchrun --nproc_per_node 2 sft.py --config configs/tiny.yaml         # 2 CPU processes (gloo), same losses
 
+Measured on the tiny world (configs/tiny.yaml, greedy, real tool, 300 test questions): SFT-2 from the base model,
+750 steps: EM 0.79 / 0.68 / 0.65 (seeds 0/1/2) against 0.12 / 0.14 / 0.13 for the CoT-only model (stage cot,
+300 steps); well-known facts answered without a search in every seed. 500 steps still sit on a loss plateau
+(~0.4, EM ~0.15): the model has not yet learnt to copy facts from observations. SFT-3 (100 steps) brings the
+held-out observation perplexity from ~1000 to ~2.2-2.9.
+
 Departures from the paper: the tiny world's CoT data comes from a scripted teacher, not a reasoning model;
 sft1's pairs may have an empty prefix with real teachers (data.py); the DPO-style term has no beta and no
 reference model (the formula above, as in the paper's stage-1 loss).
