@@ -33,8 +33,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from tools import RunConfig, EnvConfig, load_config, make_tool, SECTIONS  # noqa: F401  (SECTIONS for readers)
-from tools import SearchEnv, build_prompt, parse, reward
+from tools import RunConfig, EnvConfig, load_config, make_tool
+from tools import SearchEnv, build_prompt, check_rows, parse, read_jsonl, reward
 
 
 @dataclass
@@ -255,35 +255,15 @@ def load_qa(source, split="test", on_bad="skip", limit=None):
     A malformed row is reported with its file and line, then skipped (on_bad='skip') or refused ('raise').
     """
     if os.path.exists(source):
-        rows, where = [], []
-        with open(source) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError:
-                        rows.append(None)
-                    where.append(f"{source}:{n}")
+        placed = read_jsonl(source, check_row, "QA row", on_bad)
     elif source in HUB_NAMES:
         import datasets
         ds = datasets.load_dataset("RUC-NLPIR/FlashRAG_datasets", HUB_NAMES[source], split=split)
-        rows = [dict(r) for r in ds]
-        where = [f"{source}[{i}]" for i in range(len(rows))]
+        placed = check_rows([(f"{source}[{i}]", dict(r)) for i, r in enumerate(ds)], check_row, "QA row", on_bad)
     else:
         raise FileNotFoundError(f"no QA file {source!r} and no hub dataset of that name ({', '.join(HUB_NAMES)})")
-    good = []
-    for row, place in zip(rows, where):
-        problem = check_row(row)
-        if problem:
-            if on_bad == "raise":
-                raise ValueError(f"{place}: bad QA row: {problem}")
-            print(f"warning: {place}: skipped bad QA row: {problem}")
-            continue
-        row.setdefault("id", place)
-        good.append(row)
-        if limit and len(good) >= limit:
-            break
-    return good
+    rows = [{"id": place, **row} for place, row in placed]  # a row's own id wins over its place
+    return rows[:limit] if limit else rows
 
 
 # -----------------------------------------------------------------------------

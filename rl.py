@@ -65,7 +65,6 @@ weights through rollout.py's KV cache), sequence packing, multi-node launch scri
 """
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -80,8 +79,8 @@ from tqdm import tqdm
 
 from data import load_qa, save_atomic
 from rollout import rollout
-from sft import (barrier, full_state_dict, is_dist, latest_checkpoint, load_checkpoint, print0, save_checkpoint,
-                 setup_dist, unwrap, wrap_model)
+from sft import (barrier, full_state_dict, is_dist, latest_checkpoint, load_checkpoint, log_line, print0,
+                 save_checkpoint, setup_dist, truncate_log, unwrap, wrap_model)
 from tools import EnvConfig, RunConfig, SearchEnv, load_config, load_model, make_tool, parse, reward
 
 
@@ -486,20 +485,6 @@ def save_final(model, tokenizer, out_dir, rank):
                 unwrap(model).save_pretrained(path, state_dict=state_dict)
         save_atomic(out_dir, Weights(), tokenizer)
     barrier()
-
-
-def log_line(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def truncate_log(path, step):
-    """Drop metric lines past `step` (written after the checkpoint a resumed run starts from)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        with open(path, "w") as f:
-            f.writelines(lines)
 
 
 # -----------------------------------------------------------------------------

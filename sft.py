@@ -65,7 +65,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tools import build_prompt
+from tools import build_prompt, read_jsonl
 
 
 @dataclass
@@ -105,23 +105,9 @@ STAGES = ("cot", "sft1", "sft2", "sft3")
 def read_synth(path):
     """Rows of a synth JSONL; a malformed row is reported with file, line and reason, then skipped."""
     from data import check_synth_row
-    rows, bad = [], 0
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                problem = check_synth_row(row)
-            except ValueError as e:
-                row, problem = None, f"not JSON ({e})"
-            if problem:
-                bad += 1
-                print0(f"warning: {path}:{n}: skipped bad synth row: {problem}")
-                continue
-            rows.append(row)
+    rows = [row for _, row in read_jsonl(path, check_synth_row, "synth row", warn=print0)]
     if not rows:
-        raise ValueError(f"{path}: no usable rows ({bad} malformed)")
+        raise ValueError(f"{path}: no usable rows")
     return rows
 
 

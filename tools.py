@@ -306,19 +306,48 @@ class ToolError(RuntimeError):
     pass
 
 
+def check_rows(placed, check, what="row", on_bad="skip", warn=print):
+    """Keep the (place, row) pairs that `check(row)` finds nothing wrong with (it returns a reason or None).
+
+    A bad row is reported as "place: ...", then skipped (on_bad='skip') or raised ('raise').
+    """
+    good = []
+    for place, row in placed:
+        problem = "not JSON" if row is NOT_JSON else check(row)
+        if problem and on_bad == "raise":
+            raise ValueError(f"{place}: bad {what}: {problem}")
+        if problem:
+            warn(f"warning: {place}: skipped bad {what}: {problem}")
+        else:
+            good.append((place, row))
+    return good
+
+
+NOT_JSON = object()  # stands for a line that does not parse
+
+
+def read_jsonl(path, check, what="row", on_bad="skip", warn=print):
+    """[(place, row)] of a JSONL file ("file:line", row), checked by check_rows; blank lines are ignored."""
+    def load(line):
+        try:
+            return json.loads(line)
+        except ValueError:
+            return NOT_JSON
+    with open(path) as f:
+        placed = [(f"{path}:{n}", load(line)) for n, line in enumerate(f, 1) if line.strip()]
+    return check_rows(placed, check, what, on_bad, warn)
+
+
+def check_corpus_row(row):
+    if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("contents"), str):
+        return "needs 'id' and a string 'contents'"
+    return None
+
+
 def read_corpus(path):
     """Corpus JSONL rows {"id", "contents"}; a bad line raises with file and line number."""
-    docs = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                docs.append({"id": str(row["id"]), "contents": str(row["contents"])})
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: bad corpus row ({e})") from None
-    return docs
+    return [{"id": str(row["id"]), "contents": row["contents"]}
+            for _, row in read_jsonl(path, check_corpus_row, "corpus row", on_bad="raise")]
 
 
 class BM25Search:

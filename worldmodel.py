@@ -74,7 +74,7 @@ import torch
 import data
 from rollout import generate
 from tools import (EnvConfig, RunConfig, SearchEnv, build_prompt, format_observation, load_config, load_model,
-                   make_tool, normalize_answer, reward, split_context)
+                   make_tool, normalize_answer, read_jsonl, reward, split_context)
 
 
 @dataclass
@@ -115,20 +115,16 @@ def read_calls(pattern):
     paths = sorted(glob.glob(pattern))
     if not paths:
         raise FileNotFoundError(f"worldmodel.calls: no file matches {pattern!r}")
-    calls = []
-    for path in paths:
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    if not all(isinstance(row.get(k), str) for k in ("question", "history", "query", "observation")):
-                        raise ValueError("needs string question, history, query, observation")
-                    calls.append(row)
-                except ValueError as e:
-                    print(f"warning: {path}:{n}: skipped bad call row ({e})")
-    return calls
+    return [row for path in paths for _, row in read_jsonl(path, check_call, "call row")]
+
+
+def check_call(row):
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in CALL_KEYS):
+        return "needs string " + ", ".join(CALL_KEYS)
+    return None
+
+
+CALL_KEYS = ("question", "history", "query", "observation")
 
 
 def oracle_calls(rows, search):
