@@ -10,14 +10,15 @@ the same arguments; the demo prints every command it runs):
 
     data.py        the tiny world, its tokenizer, the untrained base model, and the synthesised SFT data
                    (CoT, CoA, CoT+A pairs from the scripted teacher with the real BM25 tool)
+    sft.py         CoT only from the base model: the stand-in for the paper's starting reasoning model -> cot
     sft.py         SFT-2 from the base model                                      -> runs/<name>/sft2
-    sft.py         SFT-1 from the base model, then SFT-2 from it                  -> sft1, sft12
+    sft.py         SFT-1 from the CoT model, then SFT-2 from it                   -> sft1, sft12
     sft.py         SFT-3 from SFT-1&2 (no observation mask: the internal world model) -> sft123
     worldmodel.py  a separate world-model LM and its fidelity report             -> worldmodel
     rl.py          GRPO from SFT-1&2&3, three schedules: all simulated (the policy writes its own observations),
                    the paper's first 5/6 simulated then real, and all real        -> rl_sim, rl_simreal, rl_real
     eval.py        every model above on the held-out test questions (greedy, real tool), plus two baselines:
-                   no tool (SFT-2 with env.max_actions=0) and a fixed workflow (SFT-2's weights; the loop, not the
+                   no tool (the CoT model, searching switched off) and a fixed workflow (SFT-2's weights; the loop, not the
                    model, searches each entity the question names, then the model answers)
 
 It prints the Table-1-shaped markdown table (EM by question kind, average EM and F1, actions per question, real
@@ -57,7 +58,7 @@ QUICK = {
 EVAL_LIMIT = 0  # test questions per eval in the full demo (0 = all)
 
 # the rows of the table: (label, model folder under run.dir, eval mode)
-ROWS = [("no tool", "sft2", "notool"), ("workflow", "sft2", "workflow"), ("SFT-2", "sft2", "agent"),
+ROWS = [("no tool", "cot", "notool"), ("workflow", "sft2", "workflow"), ("SFT-2", "sft2", "agent"),
         ("SFT-1&2", "sft12", "agent"), ("SFT-1&2&3", "sft123", "agent"),
         ("+RL simulated only", "rl_sim", "agent"), ("+RL simulated then real", "rl_simreal", "agent"),
         ("+RL real only", "rl_real", "agent")]
@@ -86,8 +87,10 @@ class Pipeline:
             return True
         try:
             mod = importlib.import_module(module)
-        except ImportError as e:
-            print(f"== {name}: skipped, {module}.py is missing ({e})")
+        except ModuleNotFoundError as e:
+            if e.name != module:  # the file is there but broken: that is a bug to see, not a missing stage
+                raise
+            print(f"== {name}: skipped, {module}.py is missing")
             self.missing.append(name)
             return None
         argv = self.argv(sections, extra)
@@ -101,8 +104,10 @@ class Pipeline:
 def run_stages(p):
     """Every training stage, in order; each call is one stage script's main()."""
     p.step("world, base model, synthesis", "data", ("world", "model", "synth"))  # each part only when missing
+    # the CoT model stands in for the paper's starting point, a reasoning model that has never acted
+    p.step("CoT", "sft", ("sft",), ["sft.stage=cot", "sft.init=base", "sft.out=cot"], out="cot")
     p.step("SFT-2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=base", "sft.out=sft2"], out="sft2")
-    p.step("SFT-1", "sft", ("sft",), ["sft.stage=sft1", "sft.init=base", "sft.out=sft1"], out="sft1")
+    p.step("SFT-1", "sft", ("sft",), ["sft.stage=sft1", "sft.init=cot", "sft.out=sft1"], out="sft1")
     p.step("SFT-1&2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=sft1", "sft.out=sft12"], out="sft12")
     p.step("SFT-1&2&3", "sft", ("sft",), ["sft.stage=sft3", "sft.init=sft12", "sft.out=sft123"], out="sft123")
     p.step("world model", "worldmodel", ("worldmodel",),
@@ -257,7 +262,7 @@ def main(argv=None):
     run_stages(p)
     results = run_evals(p)
     table = results_table(results, cfg.run.dir)
-    note = ("no tool: SFT-2 with searching switched off (env.max_actions=0). workflow: SFT-2's weights, but the "
+    note = ("no tool: the CoT-only model, searching switched off (env.max_actions=0). workflow: SFT-2's weights, but the "
             "loop searches each entity named in the question and the model only answers. RL rows start from "
             "SFT-1&2&3. Test questions are about people no training question mentions; well_known = famous "
             "people's facts, answerable without a search.")
