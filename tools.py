@@ -306,6 +306,9 @@ class ToolError(RuntimeError):
     pass
 
 
+NOT_JSON = object()  # stands for a line that does not parse
+
+
 def check_rows(placed, check, what="row", on_bad="skip", warn=print):
     """Keep the (place, row) pairs that `check(row)` finds nothing wrong with (it returns a reason or None).
 
@@ -321,9 +324,6 @@ def check_rows(placed, check, what="row", on_bad="skip", warn=print):
         else:
             good.append((place, row))
     return good
-
-
-NOT_JSON = object()  # stands for a line that does not parse
 
 
 def read_jsonl(path, check, what="row", on_bad="skip", warn=print):
