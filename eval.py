@@ -5,10 +5,11 @@ What it measures (AutoCoA, arXiv 2503.06580, Sec. 4 / Table 1), per question and
     EM, F1 (SQuAD normalisation, several gold answers), the paper's lenient accuracy (EM, or >= 70% of a gold
     answer's tokens in the prediction), format-error rate (tools.parse), actions per question, real and simulated
     tool calls, generated tokens per question (tokens the model wrote; observations excluded), wall time, all of
-    them also by question kind (the tiny world's city/employer/country/comparison/yesno). Greedy by default; with
-    eval.samples=n and eval.temperature>0, n samples per question and the mean and spread (std over the n samples)
-    of each accuracy. An optional LLM judge (an OpenAI-compatible /chat/completions endpoint through `requests`)
-    adds a judged accuracy; it is off by default and its key is read from an environment variable, never a file.
+    them also by question kind (the tiny world's city/employer/country/comparison/yesno, and well_known: the rows
+    with needs_search false). Greedy by default; with eval.samples=n and eval.temperature>0, n samples per question
+    and the mean and spread (std over the n samples) of each accuracy. An optional LLM judge (an OpenAI-compatible
+    /chat/completions endpoint through `requests`) adds a judged accuracy; it is off by default and its key is read
+    from an environment variable, never a file.
 
 The answer scored is the last \\boxed{} after </think> (tools.parse); when the format is broken the last \\boxed{}
 anywhere is still scored (none at all: the last line after </think>), so EM measures what the model answered and
@@ -50,8 +51,8 @@ from dataclasses import dataclass
 import torch
 
 import data
-from tools import (EnvConfig, RunConfig, SearchEnv, exact_match, extract_boxed, f1_score, lenient_match,
-                   load_config, load_model, make_tool, parse)
+from tools import (EnvConfig, RunConfig, SearchEnv, build_prompt, exact_match, extract_boxed, f1_score,
+                   lenient_match, load_config, load_model, make_tool, parse)
 
 
 @dataclass
@@ -102,15 +103,12 @@ def load_questions(cfg):
 
 
 def make_environment(cfg, tokenizer):
-    """The environment rollout() talks to, by env.env: the real tool, the policy itself, or a world-model LM."""
+    """The environment rollout() talks to, by env.env: the real tool (with eval.log_calls), the policy itself
+    (None), or a world-model LM: worldmodel.make_environment."""
     if cfg.env.env == "real":
         return SearchEnv(make_tool(cfg.env, cfg.run), tokenizer, cfg.env, log_path=cfg.eval.log_calls or None)
-    if cfg.env.env == "policy":
-        return None  # the policy writes its own observations (rollout's simulated mode)
-    if cfg.env.env == "worldmodel":
-        import worldmodel
-        return worldmodel.make_environment(cfg.env, cfg.run, tokenizer)
-    raise ValueError(f"config: env.env must be real, policy or worldmodel, got {cfg.env.env!r}")
+    import worldmodel
+    return worldmodel.make_environment(cfg.env, cfg.run, tokenizer)
 
 
 # -----------------------------------------------------------------------------
@@ -127,7 +125,7 @@ def run_agent(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
     return episodes
 
 
-def notool_env(env_cfg, tokenizer):
+def notool_env(env_cfg):
     """The no-tool baseline's env for a CoA model: no action allowed (rollout forces the answer at the first one)."""
     return dataclasses.replace(env_cfg, max_actions=0, env="real")  # "real" with a tool never called (NoTool)
 
@@ -179,6 +177,13 @@ def count_calls(trace, environment, n):
         trace.real_calls += n
 
 
+def call_context(tokenizer, question, query, env_cfg):
+    """The context a loop-made call hands the environment, shaped as rollout's: the CoA prompt, then the action.
+    From it a SearchEnv log and a world model read the question (tools.split_context); the bare question would
+    come back as history with an empty question."""
+    return build_prompt(tokenizer, question, env_cfg) + f" {env_cfg.action_open} {query} {env_cfg.action_close}"
+
+
 def workflow_queries(row):
     """The fixed workflow's searches: the entities the question names (the tiny world's rows list them), else the
     question itself (real sets: one search with the whole question, as a retrieve-then-read pipeline does)."""
@@ -199,7 +204,7 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
     # 1) the external workflow: one batched search of every question's entities
     queries = [workflow_queries(t.row) for t in traces]
     flat = [q for qs in queries for q in qs]
-    contexts = [t.row["question"] for t, qs in zip(traces, queries) for _ in qs]
+    contexts = [call_context(tokenizer, t.row["question"], q, env_cfg) for t, qs in zip(traces, queries) for q in qs]
     observations = iter(environment(flat, contexts)) if flat else iter(())
     for trace, qs in zip(traces, queries):
         for q in qs:
@@ -330,7 +335,8 @@ def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
             else:
                 trace.finish, trace.done = ("eos" if len(ids) < budget else "length"), True
         if searching:
-            results = environment([q for _, q in searching], [t.row["question"] for t, _ in searching])
+            results = environment([q for _, q in searching],
+                                  [call_context(tokenizer, t.row["question"], q, env_cfg) for t, q in searching])
             for (trace, query), obs in zip(searching, results):
                 body = strip_tags(obs, env_cfg)
                 head = "" if tokenizer.decode(trace.ids[-4:]).rstrip().endswith("Observation:") else "\nObservation:"
@@ -532,7 +538,7 @@ def evaluate(model, tokenizer, rows, cfg):
         if getattr(tokenizer, "chat_template", None):  # instruct models: direct prompting
             episodes = run_direct(model, tokenizer, rows, env_cfg, environment, ecfg, generator)
         else:  # a CoA model: the same rollout, every action cut off and the answer forced
-            episodes = run_agent(model, tokenizer, rows, notool_env(env_cfg, tokenizer), environment, ecfg,
+            episodes = run_agent(model, tokenizer, rows, notool_env(env_cfg), environment, ecfg,
                                  generator)
     else:
         environment = make_environment(cfg, tokenizer)
@@ -555,7 +561,6 @@ def evaluate(model, tokenizer, rows, cfg):
 class NoTool:
     """The no-tool baseline's environment: it is never called (max_actions=0); if it were, it says so."""
     simulated = False
-    calls = 0
 
     def __call__(self, queries, contexts=None):
         raise RuntimeError("no-tool baseline: the environment must not be called (env.max_actions=0)")

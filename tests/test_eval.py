@@ -202,6 +202,17 @@ def test_fixed_workflow_writes_the_searches_itself(tiny_root, tiny_model):
     assert summary["real_calls"] == mean_queries(rows)
 
 
+def test_loop_made_calls_log_their_question(tiny_root, tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    log = tmp_path / "calls.jsonl"
+    cfg = tiny_eval_cfg(tiny_root, ["mode=workflow", "workflow=fixed", f"log_calls={log}"])
+    rows = ev.load_questions(cfg)[:2]
+    ev.evaluate(model, tokenizer, rows, cfg)
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c["question"] for c in logged] == [r["question"] for r in rows for _ in r["queries"]]
+    assert all(c["history"].strip() == f"{cfg.env.action_open} {c['query']} {cfg.env.action_close}" for c in logged)
+
+
 def mean_queries(rows):
     return sum(len(r["queries"]) for r in rows) / len(rows)
 
