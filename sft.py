@@ -202,6 +202,7 @@ class Stream:
 
     def __init__(self, examples, sc, seed):
         self.examples, self.sc, self.seed, self.cache = examples, sc, seed, {}
+        self.n_batches = None  # batches per epoch, the same for every epoch
 
     def epoch(self, e):
         if e not in self.cache:
@@ -212,8 +213,9 @@ class Stream:
         return self.cache[e]
 
     def position(self, step):
-        n = len(self.epoch(0))  # every epoch has the same number of batches
-        return step // n, step % n
+        if self.n_batches is None:  # counted once: asking epoch(0) each step would evict (and rebuild) epoch e
+            self.n_batches = len(self.epoch(0))
+        return divmod(step, self.n_batches)
 
     def batch(self, step):
         epoch, index = self.position(step)
