@@ -409,7 +409,7 @@ def bm25_recall(cfg, split="test", ks=(1, 3)):
     queries = [r["queries"][0] for r in rows]
     hits = tool(queries, k=max(ks))
     return {f"recall@{k}": sum(any(h.startswith(q + "\n") and " was born in " in h for h in hs[:k])
-                               for q, hs in zip(queries, hits)) / len(rows) for k in ks}
+                               for q, hs in zip(queries, hits)) / max(len(rows), 1) for k in ks}
 
 
 # -----------------------------------------------------------------------------
@@ -476,7 +476,7 @@ def check_synth_row(row):
     for part in parts:
         segments = row.get(part)
         if not isinstance(segments, list) or (part != "prefix" and not segments):
-            return f"'{part}' must be a non-empty list of segments"
+            return f"'{part}' must be a {'' if part == 'prefix' else 'non-empty '}list of segments"
         for s in segments:
             if not isinstance(s, dict) or s.get("who") not in ("model", "env") or not isinstance(s.get("text"), str):
                 return f"'{part}' has a segment that is not {{'who': 'model'|'env', 'text': str}}"
@@ -613,7 +613,7 @@ class Oracle:
             sentences, guess = self.guess(row)
         # CoT+A: cut the no-tool attempt after a sentence (never after its last); search or go on from there
         cut = self.rng.randint(1, len(sentences) - 1)
-        prefix = add([], "model", "".join(sentences[:cut])) if cut else []
+        prefix = add([], "model", "".join(sentences[:cut]))
         no_search = add([], "model", "".join(sentences[cut:]) + self.answer(guess if row["needs_search"] else gold))
         search = self.searching(row, " I should check.", before=completion_text(prefix))
         if search is not None:
@@ -628,7 +628,7 @@ class Oracle:
 def episode_segments(episode, tokenizer):
     """An Episode's completion as segments: runs of equal mask decoded on their own (1 = model, 0 = env)."""
     specials = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    ids = [i for i in episode.ids]
+    ids = list(episode.ids)
     while ids and ids[-1] in specials:  # the stop token is added back by sft.py
         ids.pop()
     segments, start = [], 0
