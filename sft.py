@@ -423,8 +423,10 @@ def main(argv=None):
         meta = load_checkpoint(latest_checkpoint(ckpt_dir), ddp_model, optimizer, scheduler)
         start = meta["step"]
         print0(f"sft: resumed from {latest_checkpoint(ckpt_dir)} at step {start}")
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    elif rank == 0:  # a fresh run: an earlier run's checkpoints would be pruned in place of ours, or resumed
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
     if rank == 0:
         os.makedirs(run.dir, exist_ok=True)
         truncate_log(metrics_path, start)
