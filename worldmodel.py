@@ -134,7 +134,7 @@ def oracle_calls(rows, search):
     then the action being answered. Returns rows shaped like a SearchEnv log.
     """
     calls, histories = [], [""] * len(rows)
-    for hop in range(max(len(r.get("queries", [])) for r in rows)):
+    for hop in range(max((len(r.get("queries", [])) for r in rows), default=0)):
         live = [i for i, r in enumerate(rows) if len(r.get("queries", [])) > hop]
         queries = [rows[i]["queries"][hop] for i in live]
         for i, query, obs in zip(live, queries, search(queries)):
@@ -590,11 +590,14 @@ def main(argv=None):
 
     # 4. the agent end to end: EM with the real tool, the world model, and its own simulation
     agent = wm.agent or policy
-    if wm.eval_questions and os.path.exists(os.path.join(agent, "config.json")):
+    if wm.eval_questions and not os.path.exists(os.path.join(agent, "config.json")):
+        print(f"no agent folder at {agent}: end-to-end EM skipped")
+    elif wm.eval_questions:
         rng, held_q = random.Random(cfg.run.seed + 2), {c["question"] for c in heldout}
         splits = {"seen": [r for r in data.load_qa(os.path.join(cfg.run.data_dir, "train.jsonl"))
                            if r["question"] in held_q and r.get("needs_search", True)],
-                  "unseen": [r for r in data.load_qa(unseen_path) if r.get("needs_search", True)]}
+                  "unseen": [r for r in data.load_qa(unseen_path) if r.get("needs_search", True)]
+                             if os.path.exists(unseen_path) else []}
         environments = {"real": lambda tok: SearchEnv(make_tool(env, cfg.run), tok, env),
                         "worldmodel": lambda tok: WorldModelEnv(model, tokenizer, env, tok, wm.history_max_tokens,
                                                                 wm.eval_batch),
@@ -605,8 +608,6 @@ def main(argv=None):
             if rows:
                 rows = rng.sample(rows, min(wm.eval_questions, len(rows)))
                 report["end_to_end"][split] = end_to_end(agent_model, agent_tok, rows, cfg, environments)
-    else:
-        print(f"no agent folder at {agent}: end-to-end EM skipped")
     print_report(report)
     with open(os.path.join(cfg.run.dir, wm.out + ".report.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -64,6 +64,7 @@ def test_oracle_calls_carry_earlier_calls_as_history(tiny_cfg, base):
     assert second["query"] == rows[0]["queries"][1]
     assert second["history"] == f"{first['history']}{first['observation']} {wmod.action_text(second['query'], ENV)}"
     assert wmod.interaction_history(second["history"], ENV) == f"{first['history']}{first['observation']}"
+    assert wmod.oracle_calls([], search) == [] and search.calls == 6  # an empty question file: no calls
 
 
 def test_history_keeps_calls_and_drops_thoughts_and_the_pending_action():
