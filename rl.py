@@ -504,7 +504,10 @@ def main(argv=None):
     betas = tuple(float(b) for b in rcfg.betas.split(","))
     optimizer = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, betas=betas, weight_decay=rcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (rcfg.warmup_steps + 1)))
-    train_rows = load_qa(rcfg.train or os.path.join(run.data_dir, "train.jsonl"))
+    train_path = rcfg.train or os.path.join(run.data_dir, "train.jsonl")
+    train_rows = load_qa(train_path)
+    if not train_rows:  # step_prompts would divide by zero
+        raise ValueError(f"rl: no usable QA rows in {train_path}")
     eval_rows = load_qa(rcfg.eval or os.path.join(run.data_dir, "dev.jsonl"))[:rcfg.eval_n]
     ckpt_dir = os.path.join(run.dir, rcfg.out + ".ckpt")
     metrics_path = os.path.join(run.dir, rcfg.out + ".metrics.jsonl")
