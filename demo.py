@@ -18,16 +18,16 @@ the same arguments; the demo prints every command it runs):
     rl.py          GRPO from SFT-1&2&3, three schedules: all simulated (the policy writes its own observations),
                    the paper's first 5/6 simulated then real, and all real        -> rl_sim, rl_simreal, rl_real
     eval.py        every model above on the held-out test questions (greedy, real tool), plus two baselines:
-                   no tool (the CoT model, searching switched off) and a fixed workflow (SFT-2's weights; the loop, not the
-                   model, searches each entity the question names, then the model answers)
+                   no tool (the CoT model, searching switched off) and a fixed workflow (SFT-2's weights; the loop,
+                   not the model, searches each entity the question names, then the model answers)
 
 It prints the Table-1-shaped markdown table (EM by question kind, average EM and F1, actions per question, real
 tool calls spent in RL training) and writes runs/<name>/results.md, runs/<name>/rl_curves.png (reward and EM
 over RL steps per schedule), runs/<name>/accuracy_by_stage.png, and finally one complete trajectory of the final
 model on a held-out question, the model's tokens and the environment's told apart.
 
-A step whose output folder already exists is skipped (delete runs/<name>/ to start over); a stage script that is
-missing is reported and its rows stay empty.
+A training step whose output folder already exists is skipped (delete runs/<name>/ to start over; the evals always
+run); a stage script that is missing is reported and its rows stay empty.
 
 Not here: seeds averaged over (run the demo with several run.seed and compare results.md), real QA sets (see
 configs/smollm2_eval.yaml and eval.py).
@@ -40,7 +40,7 @@ import sys
 import time
 
 import eval as ev
-from tools import EnvConfig, RunConfig, load_config
+from tools import EnvConfig, RunConfig, load_config, read_jsonl
 
 # Quick mode: a small world and a few steps per stage, enough to exercise every code path in about a minute.
 QUICK = {
@@ -141,11 +141,12 @@ def slug(label):
 # The table, the plots, the trajectory
 
 def rl_metrics(run_dir, out):
+    """The rows of an RL run's metrics log ([] when there is none); a broken line is reported and skipped."""
     path = os.path.join(run_dir, out + ".metrics.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    placed = read_jsonl(path, lambda row: None if isinstance(row, dict) else "not a JSON object", "metrics row")
+    return [row for _, row in placed]
 
 
 def train_calls(run_dir, folder):
@@ -183,14 +184,15 @@ def plot(results, run_dir):
     paths = []
     fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2))
     for out, share in RL_RUNS.items():
-        rows = [r for r in rl_metrics(run_dir, out) if "reward" in r]
+        metrics = rl_metrics(run_dir, out)
+        rows = [r for r in metrics if "reward" in r]
         if rows:
             label = f"{out} ({share:.0%} simulated)"
             steps = [r["step"] for r in rows]
             raw, = ax_r.plot(steps, [r["reward"] for r in rows], alpha=0.25)
             ax_r.plot(steps, smooth([r["reward"] for r in rows]), color=raw.get_color(), label=label)
             line, = ax_e.plot(steps, smooth([r["em"] for r in rows]), label=label, color=raw.get_color())
-            held = [r for r in rl_metrics(run_dir, out) if "eval_em" in r]  # held-out EM at the eval points
+            held = [r for r in metrics if "eval_em" in r]  # held-out EM at the eval points
             ax_e.plot([r["step"] for r in held], [r["eval_em"] for r in held], "o--", color=line.get_color())
     for ax, name, title in ((ax_r, "reward", "training-batch reward (faint: per step; bold: mean of 5)"),
                             (ax_e, "EM", "EM (line: training batch, mean of 5; dots: held-out dev)")):

@@ -272,6 +272,13 @@ def test_quick_demo_writes_table_plots_and_trajectory(tmp_path, capsys):
     assert "one held-out trajectory" in printed and "[[" in printed and "reward:" in printed  # not a tty: brackets
 
 
+def test_demo_skips_a_broken_rl_metrics_line(tmp_path, capsys):
+    import demo
+    (tmp_path / "rl_real.metrics.jsonl").write_text('{"step": 1, "real_calls_total": 3}\n{"step": 2, "real_ca\n')
+    assert demo.train_calls(str(tmp_path), "rl_real") == "3"  # a run killed mid-line: the table still comes out
+    assert "rl_real.metrics.jsonl:2" in capsys.readouterr().out
+
+
 def test_a_tool_that_is_down_is_counted_not_fatal(tiny_root, tiny_model):
     model, tokenizer = tiny_model
     cfg = tiny_eval_cfg(tiny_root, ["mode=workflow", "workflow=fixed", "env.tool=http", "env.retries=0",
