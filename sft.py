@@ -478,7 +478,8 @@ def main(argv=None):
 
 def setup_dist(run=None):
     """(rank, world_size, device). Under torchrun (RANK/WORLD_SIZE set) the process group is started once:
-    nccl on GPU, gloo on CPU. `run` (a RunConfig) may force the device; default cuda if available, else cpu."""
+    nccl for GPU tensors, gloo for CPU tensors (rl.all_reduce and all_mean reduce CPU tensors; nccl alone has no
+    CPU backend). `run` (a RunConfig) may force the device; default cuda if available, else cpu."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     want = getattr(run, "device", "auto") if run is not None else "auto"
@@ -487,7 +488,7 @@ def setup_dist(run=None):
     if use_cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
     return rank, world_size, device
 
 
