@@ -226,7 +226,8 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
             again.append(trace)
         else:
             trace.add(ids, "model", logps)
-            trace.finish = "answer" if parse(tokenizer.decode(trace.ids), env_cfg).answer is not None else "eos"
+            answered = parse(tokenizer.decode(trace.ids), env_cfg).answer is not None
+            trace.finish = "answer" if answered else ("eos" if len(ids) < budget else "length")  # as run_react
     if again:
         outs = generate_batch(model, tokenizer, [t.prompt_ids + t.ids for t in again], 32, ("}",), ecfg, generator)
         for trace, (ids, logps) in zip(again, outs):
