@@ -79,7 +79,7 @@ from tqdm import tqdm
 
 from data import load_qa, save_atomic
 from rollout import rollout
-from sft import (barrier, full_state_dict, is_dist, latest_checkpoint, load_checkpoint, log_line, print0,
+from sft import (all_reduce, barrier, full_state_dict, is_dist, latest_checkpoint, load_checkpoint, log_line, print0,
                  save_checkpoint, setup_dist, truncate_log, unwrap, wrap_model)
 from tools import EnvConfig, RunConfig, SearchEnv, load_config, load_model, make_tool, parse, reward
 
@@ -315,14 +315,6 @@ def minibatches(episodes, advantages, keep, prompt_index, group_size, n_updates,
         out.append([([episodes[i] for i in idx[s:s + micro_batch]], advantages[idx[s:s + micro_batch]])
                     for s in range(0, len(idx), micro_batch)])
     return out
-
-
-def all_reduce(values, op=None):
-    """Sum (or op) of a list of floats over ranks; unchanged in one process."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if is_dist():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
 
 
 def learn(model, ref, optimizer, scheduler, episodes, rewards, prompt_index, rcfg, max_tokens, pad_id, device,

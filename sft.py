@@ -293,11 +293,8 @@ def train_step(model, examples, batch, sc, rank, world_size, device, pad_id):
         stats["tokens"] = attn.sum().item()
         for key, v in stats.items():
             totals[key] = totals.get(key, 0.0) + v
-    if is_dist():  # sum the stats over ranks (for logging only)
-        keys = sorted(totals)
-        t = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        totals = dict(zip(keys, t.tolist()))
+    keys = sorted(totals)  # sum the stats over ranks (for logging only)
+    totals = dict(zip(keys, all_reduce([totals[k] for k in keys])))
     if sc.stage == "sft1":
         n = len(batch)
         return {"loss": totals["loss_sum"] / n, "acc": totals["acc_sum"] / n, "margin": totals["margin_sum"] / n,
@@ -478,7 +475,7 @@ def main(argv=None):
 
 def setup_dist(run=None):
     """(rank, world_size, device). Under torchrun (RANK/WORLD_SIZE set) the process group is started once:
-    nccl for GPU tensors, gloo for CPU tensors (rl.all_reduce and all_mean reduce CPU tensors; nccl alone has no
+    nccl for GPU tensors, gloo for CPU tensors (all_reduce and all_mean reduce CPU tensors; nccl alone has no
     CPU backend). `run` (a RunConfig) may force the device; default cuda if available, else cpu."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -526,6 +523,14 @@ def wrap_model(model, device, strategy="ddp"):
 def unwrap(model):
     """The HF model inside a DDP wrapper (FSDP2 shards in place: the model is itself)."""
     return model.module if isinstance(model, DDP) else model
+
+
+def all_reduce(values, op=None):
+    """Sum (or op) of a list of floats over ranks, as python floats; unchanged in one process."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if is_dist():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
 
 
 def all_mean(value, device=None):
