@@ -91,7 +91,7 @@ class SFTConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     bucket_batches: int = 16  # length bucketing: batches are cut from windows of this many batches sorted by length
     max_len: int = 512  # trajectories longer than this (prompt included) are cut
-    parallel: str = "ddp"  # ddp | fsdp (FSDP2), under torchrun
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2) | none, under torchrun
     save_every: int = 100  # checkpoint every this many steps (0 = none before the end)
     keep_ckpts: int = 2  # newest checkpoints kept
 
@@ -533,13 +533,9 @@ def all_reduce(values, op=None):
     return t.tolist()
 
 
-def all_mean(value, device=None):
+def all_mean(value):
     """Mean of a python float over ranks (for logging)."""
-    if not is_dist():
-        return float(value)
-    t = torch.tensor([float(value)], device=device or "cpu")
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return all_reduce([float(value)])[0] / (dist.get_world_size() if is_dist() else 1)
 
 
 # -----------------------------------------------------------------------------
