@@ -75,7 +75,7 @@ class Episode:
     actions: list = field(default_factory=list)  # queries sent to the environment, in order
     real_calls: int = 0  # calls answered by the real tool
     sim_calls: int = 0  # calls answered by a world model or by the policy itself
-    finish: str = ""  # answer | eos | length | max_actions
+    finish: str = ""  # answer | eos | length | max_actions (generate(): eos | length | stop)
     text: str = ""  # decoded completion
     reward: float = 0.0  # filled by the caller
     row: dict = None  # the question row it came from (id, kind, needs_search, ...)
