@@ -292,7 +292,9 @@ def call_environment(environment, queries, contexts, env_cfg):
         return list(obs)
     except Exception as e:
         if env_cfg.on_error == "raise":
-            raise e if isinstance(e, ToolError) else ToolError(f"{type(e).__name__}: {e}") from e
+            if isinstance(e, ToolError):
+                raise  # as it is: `raise e from e` would make it its own cause
+            raise ToolError(f"{type(e).__name__}: {e}") from e
         return [f"{env_cfg.obs_open} search failed: {type(e).__name__} {env_cfg.obs_close}"] * len(queries)
 
 
