@@ -500,7 +500,7 @@ def main(argv=None):
     train_rows = load_qa(train_path)
     if not train_rows:  # step_prompts would divide by zero
         raise ValueError(f"rl: no usable QA rows in {train_path}")
-    eval_rows = load_qa(rcfg.eval or os.path.join(run.data_dir, "dev.jsonl"))[:rcfg.eval_n]
+    eval_rows = load_qa(rcfg.eval or os.path.join(run.data_dir, "dev.jsonl"))[:rcfg.eval_n] if rcfg.eval_n else []
     ckpt_dir = os.path.join(run.dir, rcfg.out + ".ckpt")
     metrics_path = os.path.join(run.dir, rcfg.out + ".metrics.jsonl")
     os.makedirs(run.dir, exist_ok=True)
