@@ -238,19 +238,10 @@ def step_env(step, rcfg, env_cfg):
 
 
 def make_environment(kind, env_cfg, run, tokenizer, cache):
-    """The callable rollout.py sends queries to: SearchEnv (real), None (policy), or the world model; built once."""
+    """The callable rollout.py sends queries to for this kind of step (worldmodel.make_environment), built once."""
     if kind not in cache:
-        if kind == "real":
-            cache[kind] = SearchEnv(make_tool(env_cfg, run), tokenizer, env_cfg)
-        elif kind == "policy":
-            cache[kind] = None  # the policy writes its own observation; rollout.py masks it and counts sim_calls
-        elif kind == "worldmodel":
-            if not env_cfg.worldmodel:
-                raise ValueError("config: a worldmodel environment needs env.worldmodel=<model folder>")
-            from worldmodel import WorldModelEnv  # imported only when used
-            cache[kind] = WorldModelEnv.from_path(env_cfg.worldmodel, env_cfg, tokenizer, run)
-        else:
-            raise ValueError(f"config: environment must be real, policy or worldmodel, got {kind!r}")
+        from worldmodel import make_environment as build  # SearchEnv, None (policy) or the world-model LM
+        cache[kind] = build(dataclasses.replace(env_cfg, env=kind), run, tokenizer)
     return cache[kind]
 
 
