@@ -53,6 +53,7 @@ class WorldConfig:
     famous_share: float = 0.2  # share of test/dev questions about famous people (answerable without search)
     famous_repeats: int = 8  # how often each famous fact is asked in train
     distractors_per_person: float = 0.5  # extra "X visited Y" documents per person
+    kinds: str = "city,employer,country,comparison,yesno"  # question kinds asked (comma-separated, of KINDS)
 
 
 @dataclass
@@ -150,6 +151,15 @@ def ask(kind, p, q, world):
     return f"Do {p['name']} and {q['name']} work for the same company?", [same], [p["name"], q["name"]]
 
 
+def world_kinds(cfg):
+    """The configured question kinds, checked against KINDS."""
+    kinds = tuple(k.strip() for k in cfg.kinds.split(",") if k.strip())
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"config: world.kinds must name some of {', '.join(KINDS)}; got {cfg.kinds!r}")
+    return kinds
+
+
 def pick_pair(kind, pool, rng):
     """Two people for a two-person question: yes/no answers balanced, no tied birth years (q None: retry)."""
     p, q = rng.sample(pool, 2)
@@ -161,7 +171,7 @@ def pick_pair(kind, pool, rng):
     return p, q
 
 
-def make_questions(world, split, n, rng, famous_share):
+def make_questions(world, split, n, rng, famous_share, kinds=KINDS):
     """n question rows about people of `split` (famous people mixed in for dev/test: no search needed)."""
     pool = [p for p in world["people"] if p["split"] == split]
     famous = [p for p in world["people"] if p["split"] == "famous"]
@@ -170,7 +180,7 @@ def make_questions(world, split, n, rng, famous_share):
         if rng.random() < famous_share:  # well-known facts: 1-hop questions about famous people
             kind, p, q, needs_search = rng.choice(["city", "employer"]), rng.choice(famous), None, False
         else:
-            kind, needs_search = rng.choice(KINDS), True
+            kind, needs_search = rng.choice(kinds), True
             p, q = pick_pair(kind, pool, rng)
             if q is None:
                 continue
@@ -183,12 +193,14 @@ def make_questions(world, split, n, rng, famous_share):
 def make_train(world, cfg, rng):
     """Every train person in every 1-hop and bridge kind, pairs for the rest, famous facts repeated."""
     people = [p for p in world["people"] if p["split"] == "train"]
+    kinds = world_kinds(cfg)
     rows = []
     for p in people:
-        for kind in ("city", "employer", "country"):
+        for kind in (k for k in ("city", "employer", "country") if k in kinds):
             rows.append((kind, p, None, True))
-    for _ in range(len(people)):
-        kind = rng.choice(["comparison", "yesno"])
+    pair_kinds = [k for k in ("comparison", "yesno") if k in kinds]
+    for _ in range(len(people) if pair_kinds else 0):
+        kind = rng.choice(pair_kinds)
         p, q = pick_pair(kind, people, rng)
         if q is not None:
             rows.append((kind, p, q, True))
@@ -201,6 +213,18 @@ def make_train(world, cfg, rng):
         out.append({"id": f"train-{i}", "question": question, "golden_answers": answers, "kind": kind,
                     "needs_search": needs_search, "queries": queries})
     return out
+
+
+def pretrain_texts(world, corpus, cfg):
+    """The text a base model reads before we get it (sft.py stage pretrain): every document once, a famous
+    person's `famous_repeats` times (the web writes about famous people more often)."""
+    famous = {p["name"] for p in world["people"] if p["split"] == "famous"}
+    rows = []
+    for doc in corpus:
+        title = doc["contents"].split("\n", 1)[0]
+        repeats = cfg.famous_repeats if title in famous and str(doc["id"]).startswith("person-") else 1
+        rows += [{"text": doc["contents"]}] * repeats
+    return rows
 
 
 def write_jsonl(path, rows):
@@ -219,9 +243,10 @@ def build_world(cfg, seed, out_dir):
     rng = random.Random(seed + 2)
     corpus = make_corpus(world, cfg, seed)
     splits = {"train": make_train(world, cfg, rng),
-              "dev": make_questions(world, "dev", cfg.n_dev, rng, cfg.famous_share),
-              "test": make_questions(world, "test", cfg.n_test, rng, cfg.famous_share)}
+              "dev": make_questions(world, "dev", cfg.n_dev, rng, cfg.famous_share, world_kinds(cfg)),
+              "test": make_questions(world, "test", cfg.n_test, rng, cfg.famous_share, world_kinds(cfg))}
     write_jsonl(os.path.join(out_dir, "corpus.jsonl"), corpus)
+    write_jsonl(os.path.join(out_dir, "pretrain.jsonl"), pretrain_texts(world, corpus, cfg))
     for name, rows in splits.items():
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
     with open(os.path.join(out_dir, "world.json.tmp"), "w") as f:

@@ -1,41 +1,46 @@
 """
 demo.py -- the whole AutoCoA pipeline on the tiny world, in one command, ending with the paper's Table 1.
 
-    make demo                                            # = python demo.py --config configs/tiny.yaml
+    make demo                                            # = python demo.py --config configs/tiny.yaml (seed 0)
+    python demo.py --config configs/tiny.yaml --seeds 3  # seeds 0, 1, 2: mean and spread per cell
+    python demo.py --config configs/tiny.yaml --seeds 3 --readme   # ... and rewrite the README's results section
     python demo.py --config configs/tiny.yaml --quick    # tiny sizes, a few steps each (what the tests run)
-    python demo.py --config configs/tiny.yaml run.name=seed1 run.seed=1
 
-The steps, each one ordinary stage script called in-process through its main(argv) (each can be run alone with
-the same arguments; the demo prints every command it runs):
+Each seed is an independent run: its own world (people, corpus, questions), tokenizer, model initialisation, SFT
+data order and RL sampling, under runs/<name>/seed<s>/ with its data in <data_dir>/seed<s>/. The steps, each one
+ordinary stage script called in-process through its main(argv) (each can be run alone with the same arguments; the
+demo prints every command it runs):
 
     data.py        the tiny world, its tokenizer, the untrained base model, and the synthesised SFT data
                    (CoT, CoA, CoT+A pairs from the scripted teacher with the real BM25 tool)
     sft.py         CoT only from the base model: the stand-in for the paper's starting reasoning model -> cot
-    sft.py         SFT-2 from the base model                                      -> runs/<name>/sft2
+    sft.py         SFT-2 from the CoT model                                       -> sft2
     sft.py         SFT-1 from the CoT model, then SFT-2 from it                   -> sft1, sft12
     sft.py         SFT-3 from SFT-1&2 (no observation mask: the internal world model) -> sft123
     worldmodel.py  a separate world-model LM and its fidelity report             -> worldmodel
     rl.py          GRPO from SFT-1&2&3, three schedules: all simulated (the policy writes its own observations),
                    the paper's first 5/6 simulated then real, and all real        -> rl_sim, rl_simreal, rl_real
     eval.py        every model above on the held-out test questions (greedy, real tool), plus two baselines:
-                   no tool (the CoT model, searching switched off) and a fixed workflow (SFT-2's weights; the loop,
-                   not the model, searches each entity the question names, then the model answers)
+                   no tool (the CoT model, searching switched off) and a fixed workflow (SFT-2's weights behind a
+                   retrieve-then-read loop: one search with the question, then the model answers, never searching)
 
-It prints the Table-1-shaped markdown table (EM by question kind, average EM and F1, actions per question, real
-tool calls spent in RL training) and writes runs/<name>/results.md, runs/<name>/rl_curves.png (reward and EM
-over RL steps per schedule), runs/<name>/accuracy_by_stage.png, and finally one complete trajectory of the final
-model on a held-out question, the model's tokens and the environment's told apart.
+It writes runs/<name>/results.json (per-seed values of every cell: the same seeds give the same file, bit for bit),
+runs/<name>/results.md (the Table-1-shaped table, mean and standard deviation over the seeds, the commit it ran
+on and the stage times), runs/<name>/rl_curves.png and accuracy_by_stage.png (the first seed's), and prints one
+complete trajectory of the final model on a held-out question, the model's tokens and the environment's told
+apart. With --readme the table replaces the README's results section (between its two marker lines).
 
 A training step whose output folder already exists is skipped (delete runs/<name>/ to start over; the evals always
 run); a stage script that is missing is reported and its rows stay empty.
 
-Not here: seeds averaged over (run the demo with several run.seed and compare results.md), real QA sets (see
-configs/smollm2_eval.yaml and eval.py).
+Not here: real QA sets (see configs/smollm2_eval.yaml and eval.py).
 """
 import importlib
 import json
 import os
 import shlex
+import statistics
+import subprocess
 import sys
 import time
 
@@ -105,8 +110,9 @@ def run_stages(p):
     """Every training stage, in order; each call is one stage script's main()."""
     p.step("world, base model, synthesis", "data", ("world", "model", "synth"))  # each part only when missing
     # the CoT model stands in for the paper's starting point, a reasoning model that has never acted
-    p.step("CoT", "sft", ("sft",), ["sft.stage=cot", "sft.init=base", "sft.out=cot"], out="cot")
-    p.step("SFT-2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=base", "sft.out=sft2"], out="sft2")
+    p.step("pretrain", "sft", ("sft",), ["sft.stage=pretrain", "sft.init=base", "sft.out=pretrain"], out="pretrain")
+    p.step("CoT", "sft", ("sft",), ["sft.stage=cot", "sft.init=pretrain", "sft.out=cot"], out="cot")
+    p.step("SFT-2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=cot", "sft.out=sft2"], out="sft2")
     p.step("SFT-1", "sft", ("sft",), ["sft.stage=sft1", "sft.init=cot", "sft.out=sft1"], out="sft1")
     p.step("SFT-1&2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=sft1", "sft.out=sft12"], out="sft12")
     p.step("SFT-1&2&3", "sft", ("sft",), ["sft.stage=sft3", "sft.init=sft12", "sft.out=sft123"], out="sft123")
@@ -155,18 +161,53 @@ def train_calls(run_dir, folder):
     return str(rows[-1].get("real_calls_total", 0)) if rows else "-"
 
 
-def results_table(results, run_dir):
-    """Markdown shaped like the paper's Table 1: one row per method, EM by question kind, then the averages."""
-    kinds = [k for k in KINDS if any(k in s["by_kind"] for s in results.values())]
-    head = ["method", *kinds, "EM", "F1", "actions/q", "real calls in RL"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+CELLS = ("em", "f1", "lenient", "actions", "format_error")  # per-row metrics kept for every seed
+
+
+def seed_cells(results, run_dir):
+    """{label: {metric: value}} of one seed: the summary's metrics, EM by kind, real calls spent in RL."""
+    out = {}
     for label, folder, _ in ROWS:
         s = results.get(label)
         if s is None:
+            continue
+        calls = train_calls(run_dir, folder)
+        out[label] = {**{m: s[m] for m in CELLS}, **{f"em_{k}": v["em"] for k, v in s["by_kind"].items()},
+                      "real_calls_rl": None if calls == "-" else int(calls)}
+    return out
+
+
+def gather(per_seed):
+    """[{label: {metric: v}}] over seeds -> {label: {metric: [v per seed]}} (rows every seed has)."""
+    rows = {}
+    for label, _, _ in ROWS:
+        if all(label in cells for cells in per_seed):
+            metrics = per_seed[0][label]
+            rows[label] = {m: [cells[label][m] for cells in per_seed] for m in metrics}
+    return rows
+
+
+def cell(values, digits=2):
+    """mean ± sample std over seeds ('-' for no value); one seed: the value alone."""
+    if not values or values[0] is None:
+        return "-"
+    m = statistics.mean(values)
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def results_table(rows):
+    """Markdown shaped like the paper's Table 1: one row per method, EM by question kind, then the averages;
+    each cell the mean ± standard deviation over the seeds."""
+    kinds = [k for k in KINDS if any(f"em_{k}" in r for r in rows.values())]
+    head = ["method", *kinds, "EM", "F1", "actions/q", "real calls in RL"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, _, _ in ROWS:
+        r = rows.get(label)
+        if r is None:
             lines.append("| " + " | ".join([label] + ["n/a"] * (len(head) - 1)) + " |")
             continue
-        cells = [f"{s['by_kind'][k]['em']:.2f}" if k in s["by_kind"] else "-" for k in kinds]
-        cells += [f"{s['em']:.3f}", f"{s['f1']:.3f}", f"{s['actions']:.2f}", train_calls(run_dir, folder)]
+        cells = [cell(r[f"em_{k}"]) if f"em_{k}" in r else "-" for k in kinds]
+        cells += [cell(r["em"], 3), cell(r["f1"], 3), cell(r["actions"]), cell(r["real_calls_rl"], 0)]
         lines.append("| " + " | ".join([label] + cells) + " |")
     return "\n".join(lines)
 
@@ -176,8 +217,9 @@ def smooth(xs, window=5):
     return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
 
 
-def plot(results, run_dir):
-    """rl_curves.png (reward and EM per RL step, one line per schedule) and accuracy_by_stage.png."""
+def plot(results, run_dir, out_dir):
+    """rl_curves.png (reward and EM per RL step, one line per schedule) and accuracy_by_stage.png of one seed's
+    run_dir, written to out_dir."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -201,7 +243,7 @@ def plot(results, run_dir):
     fig.suptitle("GRPO from SFT-1&2&3: simulated steps (the policy writes its own observations) vs real tool",
                  fontsize=10)
     fig.tight_layout()
-    paths.append(os.path.join(run_dir, "rl_curves.png"))
+    paths.append(os.path.join(out_dir, "rl_curves.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     labels = [label for label, _, _ in ROWS if label in results]
@@ -212,7 +254,7 @@ def plot(results, run_dir):
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("test EM"), ax.set_ylim(0, 1), ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    paths.append(os.path.join(run_dir, "accuracy_by_stage.png"))
+    paths.append(os.path.join(out_dir, "accuracy_by_stage.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
@@ -251,38 +293,113 @@ def show_one(cfg, model_dir, kind="country", tries=16):
     return episodes[i]
 
 
+def commit():
+    """The commit the code ran on (+ '-dirty' when tracked files differ from it), or 'unknown'."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+NOTE = ("no tool: the CoT-only model, searching switched off (env.max_actions=0). workflow: SFT-2's weights behind "
+        "a fixed retrieve-then-read loop (one search with the question, then the model answers without searching). "
+        "RL rows start from SFT-1&2&3. Test questions are about people no training question mentions; well_known = "
+        "famous people's facts, answerable without a search.")
+
+
+def run_seed(config_path, overrides, quick, seed):
+    """Every stage and eval for one seed; returns (the Pipeline, {label: eval summary})."""
+    base = load_config({"run": RunConfig}, ["--config", config_path] + (QUICK["run"] if quick else []) +
+                       [o for o in overrides if o.startswith("run.")])
+    mine = [f"run.seed={seed}", f"run.name={base.run.name}/seed{seed}",
+            f"run.data_dir={os.path.join(base.run.data_dir, f'seed{seed}')}"]
+    p = Pipeline(config_path, [*overrides, *mine], quick, os.path.join(base.run.dir, f"seed{seed}"))
+    print(f"==== seed {seed}: {p.run_dir}", flush=True)
+    run_stages(p)
+    return p, run_evals(p)
+
+
+def write_readme(path, text):
+    """Replace what stands between the README's results markers with text."""
+    begin, end = "<!-- results: begin (written by demo.py --readme) -->", "<!-- results: end -->"
+    with open(path) as f:
+        readme = f.read()
+    if begin not in readme or end not in readme:
+        raise SystemExit(f"demo: {path} has no results markers ({begin} ... {end})")
+    head, rest = readme.split(begin, 1)
+    with open(path + ".tmp", "w") as f:
+        f.write(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+    os.replace(path + ".tmp", path)
+
+
+def parse_flags(argv):
+    """(quick, seeds, readme, config path, overrides); an unknown --flag is an error."""
+    quick, readme, n_seeds, rest = False, False, 1, []
+    it = iter(argv)
+    for a in it:
+        if a == "--quick":
+            quick = True
+        elif a == "--readme":
+            readme = True
+        elif a == "--seeds":
+            n_seeds = int(next(it, "0") or 0)
+            if n_seeds < 1:
+                raise SystemExit("demo: --seeds takes a whole number >= 1")
+        elif a == "--config":
+            rest += [a, next(it, "")]
+        elif a.startswith("--"):
+            raise SystemExit(f"demo: unknown flag {a} (known: --config, --seeds N, --quick, --readme)")
+        else:
+            rest.append(a)
+    config_path = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--config"), "configs/tiny.yaml")
+    overrides = [a for a in rest if "=" in a]
+    return quick, n_seeds, readme, config_path, overrides
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    quick = "--quick" in argv
-    argv = [a for a in argv if a != "--quick"]
-    config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), "configs/tiny.yaml")
-    overrides = [a for a in argv if "=" in a and not a.startswith("--config")]
+    quick, n_seeds, readme, config_path, overrides = parse_flags(sys.argv[1:] if argv is None else list(argv))
     cfg = load_config({"run": RunConfig, "env": EnvConfig}, ["--config", config_path] +
                       (QUICK["run"] if quick else []) + [o for o in overrides if o.split(".", 1)[0] in ("run", "env")])
     t0 = time.time()
-    p = Pipeline(config_path, overrides, quick, cfg.run.dir)
-    run_stages(p)
-    results = run_evals(p)
-    table = results_table(results, cfg.run.dir)
-    note = ("no tool: the CoT-only model, searching switched off (env.max_actions=0). workflow: SFT-2's weights, but the "
-            "loop searches each entity named in the question and the model only answers. RL rows start from "
-            "SFT-1&2&3. Test questions are about people no training question mentions; well_known = famous "
-            "people's facts, answerable without a search.")
-    print("\n" + table + "\n\n" + note)
+    seeds = [cfg.run.seed + i for i in range(n_seeds)]
+    runs = [run_seed(config_path, overrides, quick, seed) for seed in seeds]
+    rows = gather([seed_cells(results, p.run_dir) for p, results in runs])
+    table = results_table(rows)
+    times = {f"seed{seed}": {k: round(v, 1) for k, v in p.times.items()} for seed, (p, _) in zip(seeds, runs)}
+    sha = commit()
+    print("\n" + table + "\n\n" + NOTE)
+    print("stage times (s):", json.dumps(times))
     os.makedirs(cfg.run.dir, exist_ok=True)
+    with open(os.path.join(cfg.run.dir, "results.json.tmp"), "w") as f:  # no times: the same seeds, the same file
+        json.dump({"commit": sha, "quick": quick, "seeds": seeds, "rows": rows}, f, indent=1, sort_keys=True)
+    os.replace(os.path.join(cfg.run.dir, "results.json.tmp"), os.path.join(cfg.run.dir, "results.json"))
+    command = f"python demo.py --config {config_path}{' --quick' if quick else ''} --seeds {n_seeds}"
+    section = (f"Held-out test EM by question kind, EM, F1, actions per question and real tool calls spent in RL; "
+               f"mean ± standard deviation over seeds {', '.join(map(str, seeds))} (greedy, real tool). Written by "
+               f"`{command} --readme` on commit {sha}.\n\n{table}\n\n{NOTE}\n")
     with open(os.path.join(cfg.run.dir, "results.md"), "w") as f:
-        f.write(f"# AutoCoA on the tiny world ({'quick' if quick else 'full'} demo, seed {cfg.run.seed})\n\n"
-                f"{table}\n\n{note}\n\nStage times (s): {json.dumps({k: round(v, 1) for k, v in p.times.items()})}\n")
-    if results:
-        print("plots:", ", ".join(plot(results, cfg.run.dir)))
-    label, model_dir = final_model(results, cfg.run.dir)
+        f.write(f"# AutoCoA on the tiny world ({'quick' if quick else 'full'} demo)\n\n{section}\n"
+                f"Stage times (s): {json.dumps(times)}\n")
+    if readme:
+        write_readme(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), section)
+    first_dir, first_results = runs[0][0].run_dir, runs[0][1]
+    if first_results:
+        print("plots:", ", ".join(plot(first_results, first_dir, cfg.run.dir)))
+    label, model_dir = final_model(first_results, first_dir)
     if model_dir:
-        print(f"\n== one held-out trajectory of the final model ({label}):")
-        show_one(cfg, model_dir)
-    if p.missing:
-        print("missing stages:", ", ".join(p.missing))
-    print(f"demo done in {time.time() - t0:.0f}s; table in {os.path.join(cfg.run.dir, 'results.md')}")
-    return results
+        print(f"\n== one held-out trajectory of the final model ({label}, seed {seeds[0]}):")
+        show_one(load_config({"run": RunConfig, "env": EnvConfig}, runs[0][0].argv(())), model_dir)
+    missing = sorted({m for p, _ in runs for m in p.missing})
+    if missing:
+        print("missing stages:", ", ".join(missing))
+    print(f"demo done in {time.time() - t0:.0f}s; results in {os.path.join(cfg.run.dir, 'results.md')} and "
+          f"results.json")
+    return rows
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ Three modes, all through rollout.py so the rows compare fairly:
               first action is cut off and the answer forced, as in Algorithm 1); for an instruct model (a chat
               template) direct prompting for a short answer, through rollout.generate;
     workflow  the actions are decided by an external loop, not by the model (the paper's contrast):
-              fixed  (the tiny world) search each entity the question names (the row's "queries"; the question
-                     itself for real sets), write those actions and observations into the context, then let the model
-                     reason and answer with no further search allowed;
+              fixed  (the tiny world) one search with the whole question as the query (retrieve-then-read), the
+                     action and observation written into the context by the loop, then the model reasons and answers
+                     with no further search allowed;
               react  (instruct models) a few-shot Thought / Action: Search[...] / Observation loop: generate until
                      "Observation:", run the query, append the result, repeat; "Action: Finish[...]" answers.
               auto   react for a model with a chat template, fixed otherwise.
@@ -185,9 +185,10 @@ def call_context(tokenizer, question, query, env_cfg):
 
 
 def workflow_queries(row):
-    """The fixed workflow's searches: the entities the question names (the tiny world's rows list them), else the
-    question itself (real sets: one search with the whole question, as a retrieve-then-read pipeline does)."""
-    return list(row.get("queries") or [row["question"]])
+    """The fixed workflow's searches: one, with the whole question as the query, as a retrieve-then-read pipeline
+    does. Never the row's oracle queries: those hold the bridge entity of a 2-hop question (the city of "In which
+    country was X born?"), which only a model that reads the first observation can know to ask for."""
+    return [row["question"]]
 
 
 def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, generator):

@@ -193,13 +193,12 @@ def test_fixed_workflow_writes_the_searches_itself(tiny_root, tiny_model):
     assert len(episodes) == 6 and [r["sample"] for r in records] == [0, 1] * 3
     for ep, rec in zip(episodes, records):
         row = rows[records.index(rec) // 2]
-        assert ep.actions == row["queries"] and ep.real_calls == len(row["queries"])  # the loop's searches
+        assert ep.actions == [row["question"]] and ep.real_calls == 1  # the loop's one search: the question
         n_forced = ep.mask.index(1) if 1 in ep.mask else len(ep.mask)
         forced = tokenizer.decode(ep.ids[:n_forced])
-        assert forced.count(cfg.env.obs_open) == len(row["queries"])  # actions and observations: mask 0
-        assert all(q in forced for q in row["queries"])
+        assert forced.count(cfg.env.obs_open) == 1 and row["question"] in forced  # action, observation: mask 0
         assert all(lp == 0.0 for lp, m in zip(ep.logps, ep.mask) if m == 0)
-    assert summary["real_calls"] == mean_queries(rows)
+    assert summary["real_calls"] == 1
 
 
 def test_loop_made_calls_log_their_question(tiny_root, tiny_model, tmp_path):
@@ -209,12 +208,8 @@ def test_loop_made_calls_log_their_question(tiny_root, tiny_model, tmp_path):
     rows = ev.load_questions(cfg)[:2]
     ev.evaluate(model, tokenizer, rows, cfg)
     logged = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [c["question"] for c in logged] == [r["question"] for r in rows for _ in r["queries"]]
+    assert [c["question"] for c in logged] == [r["question"] for r in rows]
     assert all(c["history"].strip() == f"{cfg.env.action_open} {c['query']} {cfg.env.action_close}" for c in logged)
-
-
-def mean_queries(rows):
-    return sum(len(r["queries"]) for r in rows) / len(rows)
 
 
 def test_notool_never_calls_the_tool(tiny_root, tiny_model):
@@ -251,25 +246,61 @@ def test_bad_mode_and_missing_model_are_clear_errors(tiny_root):
 # -----------------------------------------------------------------------------
 # The demo, quick mode: every stage, the table, the plots, the trajectory
 
-def test_quick_demo_writes_table_plots_and_trajectory(tmp_path, capsys):
+def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp_path, capsys):
+    import json
     import os
     import demo
-    results = demo.main(["--config", "configs/tiny.yaml", "--quick", f"run.data_dir={tmp_path}/data",
-                         f"run.runs_dir={tmp_path}/runs"])
-    run_dir = os.path.join(tmp_path, "runs", "tiny_quick")
+
+    def run(name):
+        rows = demo.main(["--config", "configs/tiny.yaml", "--quick", f"run.data_dir={tmp_path}/{name}/data",
+                          f"run.runs_dir={tmp_path}/{name}/runs"])
+        with open(os.path.join(tmp_path, name, "runs", "tiny_quick", "results.json"), "rb") as f:
+            return rows, f.read()
+
+    rows, first = run("a")
+    run_dir = os.path.join(tmp_path, "a", "runs", "tiny_quick")
     printed = capsys.readouterr().out
     with open(os.path.join(run_dir, "results.md")) as f:
         table = f.read()
     for label, _, _ in demo.ROWS:
         assert f"| {label} |" in table
-        assert label in results  # every stage ran and was evaluated
-    assert "| method | city |" in table and "real calls in RL" in table
+        assert label in rows and len(rows[label]["em"]) == 1  # every stage ran and was evaluated, one seed
+    assert "| method | city |" in table and "real calls in RL" in table and "commit" in table
     calls = {label: line.split("|")[-2].strip() for line in table.splitlines() for label, _, _ in demo.ROWS
              if line.startswith(f"| {label} |")}
     assert calls["SFT-2"] == "-" and int(calls["+RL real only"]) > 0 and calls["+RL simulated only"] == "0"
     for png in ("rl_curves.png", "accuracy_by_stage.png"):
         assert os.path.getsize(os.path.join(run_dir, png)) > 1000
     assert "one held-out trajectory" in printed and "[[" in printed and "reward:" in printed  # not a tty: brackets
+    assert os.path.isdir(os.path.join(run_dir, "seed0", "sft123"))
+    saved = json.loads(first)
+    assert saved["seeds"] == [0] and saved["rows"] == json.loads(json.dumps(rows))
+    _, second = run("b")  # everything again from nothing, in other folders: the same bytes
+    assert first == second
+
+
+def test_demo_aggregates_seeds_into_mean_and_spread():
+    import demo
+    per_seed = [{"SFT-2": {"em": 0.5, "real_calls_rl": None}}, {"SFT-2": {"em": 0.7, "real_calls_rl": None}},
+                {"SFT-2": {"em": 0.6, "real_calls_rl": None}, "no tool": {"em": 0.1, "real_calls_rl": None}}]
+    rows = demo.gather(per_seed)
+    assert rows == {"SFT-2": {"em": [0.5, 0.7, 0.6], "real_calls_rl": [None, None, None]}}  # no tool: one seed only
+    assert demo.cell(rows["SFT-2"]["em"], 3) == "0.600 ± 0.100" and demo.cell([0.25]) == "0.25"
+    assert demo.cell(rows["SFT-2"]["real_calls_rl"]) == "-"
+
+
+def test_demo_rewrites_only_the_readme_results_section(tmp_path):
+    import pytest
+    import demo
+    path = tmp_path / "README.md"
+    path.write_text("intro\n<!-- results: begin (written by demo.py --readme) -->\nold\n<!-- results: end -->\nrest\n")
+    demo.write_readme(str(path), "| new |")
+    assert path.read_text() == ("intro\n<!-- results: begin (written by demo.py --readme) -->\n| new |\n"
+                                "<!-- results: end -->\nrest\n")
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no results markers"):
+        demo.write_readme(str(tmp_path / "plain.md"), "x")
+    assert (tmp_path / "plain.md").read_text() == "no markers\n"
 
 
 def test_demo_skips_a_broken_rl_metrics_line(tmp_path, capsys):
@@ -285,7 +316,7 @@ def test_a_tool_that_is_down_is_counted_not_fatal(tiny_root, tiny_model):
                                     "env.timeout_s=0.5", "env.url=http://127.0.0.1:9/retrieve"])
     rows = ev.load_questions(cfg)[:2]
     summary, records, episodes = ev.evaluate(model, tokenizer, rows, cfg)
-    assert summary["tool_failures"] == mean_queries(rows) * 2
+    assert summary["tool_failures"] == 1 * 2  # one search a question, two questions
     assert "search failed" in tokenizer.decode(episodes[0].ids)
 
 
