@@ -215,18 +215,6 @@ def make_train(world, cfg, rng):
     return out
 
 
-def pretrain_texts(world, corpus, cfg):
-    """The text a base model reads before we get it (sft.py stage pretrain): every document once, a famous
-    person's `famous_repeats` times (the web writes about famous people more often)."""
-    famous = {p["name"] for p in world["people"] if p["split"] == "famous"}
-    rows = []
-    for doc in corpus:
-        title = doc["contents"].split("\n", 1)[0]
-        repeats = cfg.famous_repeats if title in famous and str(doc["id"]).startswith("person-") else 1
-        rows += [{"text": doc["contents"]}] * repeats
-    return rows
-
-
 def write_jsonl(path, rows):
     """Write atomically: a killed run never leaves half a file."""
     tmp = path + ".tmp"
@@ -246,7 +234,6 @@ def build_world(cfg, seed, out_dir):
               "dev": make_questions(world, "dev", cfg.n_dev, rng, cfg.famous_share, world_kinds(cfg)),
               "test": make_questions(world, "test", cfg.n_test, rng, cfg.famous_share, world_kinds(cfg))}
     write_jsonl(os.path.join(out_dir, "corpus.jsonl"), corpus)
-    write_jsonl(os.path.join(out_dir, "pretrain.jsonl"), pretrain_texts(world, corpus, cfg))
     for name, rows in splits.items():
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
     with open(os.path.join(out_dir, "world.json.tmp"), "w") as f:

@@ -5,11 +5,13 @@ demo.py -- the whole AutoCoA pipeline on the tiny world, in one command, ending 
     python demo.py --config configs/tiny.yaml --seeds 3  # seeds 0, 1, 2: mean and spread per cell
     python demo.py --config configs/tiny.yaml --seeds 3 --readme   # ... and rewrite the README's results section
     python demo.py --config configs/tiny.yaml --quick    # tiny sizes, a few steps each (what the tests run)
+    python demo.py --config configs/tiny.yaml --jobs 1   # one stage at a time (default 2: independent stages
+                                                         # side by side, one torch thread each; same numbers)
 
 Each seed is an independent run: its own world (people, corpus, questions), tokenizer, model initialisation, SFT
 data order and RL sampling, under runs/<name>/seed<s>/ with its data in <data_dir>/seed<s>/. The steps, each one
-ordinary stage script called in-process through its main(argv) (each can be run alone with the same arguments; the
-demo prints every command it runs):
+ordinary stage script run as `python stage.py ...` (the demo prints every command it runs and where its log goes;
+each can be run alone with the same arguments):
 
     data.py        the tiny world, its tokenizer, the untrained base model, and the synthesised SFT data
                    (CoT, CoA, CoT+A pairs from the scripted teacher with the real BM25 tool)
@@ -43,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import eval as ev
 from tools import EnvConfig, RunConfig, load_config, read_jsonl
@@ -67,16 +70,22 @@ ROWS = [("no tool", "cot", "notool"), ("workflow", "sft2", "workflow"), ("SFT-2"
         ("SFT-1&2", "sft12", "agent"), ("SFT-1&2&3", "sft123", "agent"),
         ("+RL simulated only", "rl_sim", "agent"), ("+RL simulated then real", "rl_simreal", "agent"),
         ("+RL real only", "rl_real", "agent")]
+HERE = os.path.dirname(os.path.abspath(__file__))
 RL_RUNS = {"rl_sim": 1.0, "rl_simreal": 5 / 6, "rl_real": 0.0}  # out folder -> share of simulated steps
 KINDS = ("city", "employer", "country", "comparison", "yesno", "well_known")
 
 
 class Pipeline:
-    """Runs stage scripts in-process with the shared arguments; remembers what ran and how long it took."""
+    """Runs the stage scripts of one seed with the shared arguments; remembers what ran and how long it took.
 
-    def __init__(self, config_path, overrides, quick, run_dir):
+    Training stages run as child processes (`python stage.py ...`), each with one torch thread and its output in
+    <run_dir>/logs/<out>.log; stages that do not depend on each other run side by side on `jobs` workers. One
+    thread per stage makes every stage's numbers the same whatever `jobs` is (a thread count changes the order
+    of float sums, and with it greedy decisions). Evals run in this process (they return their summaries)."""
+
+    def __init__(self, config_path, overrides, quick, run_dir, jobs=1):
         self.config_path, self.overrides, self.quick, self.run_dir = config_path, overrides, quick, run_dir
-        self.times, self.missing = {}, []
+        self.jobs, self.times, self.missing = jobs, {}, []
 
     def argv(self, sections, extra=()):
         """--config, quick-mode settings, the user's overrides, the step's own: for run, env and its sections."""
@@ -85,42 +94,61 @@ class Pipeline:
         mine = [o for o in self.overrides if o.split(".", 1)[0] in known]
         return ["--config", self.config_path, *quick, *mine, *extra]
 
-    def step(self, name, module, sections, extra=(), out=None):
-        """Run module.main(argv) unless out (a folder under run.dir) exists already."""
+    def train(self, name, module, sections, extra=(), out=None):
+        """`python module.py argv` in a child process, unless out (a folder under run_dir) exists already."""
         if out and os.path.exists(os.path.join(self.run_dir, out, "config.json")):
-            print(f"== {name}: {os.path.join(self.run_dir, out)} exists, skipped")
-            return True
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:  # the file is there but broken: that is a bug to see, not a missing stage
-                raise
-            print(f"== {name}: skipped, {module}.py is missing")
+            print(f"== {name}: {os.path.join(self.run_dir, out)} exists, skipped", flush=True)
+            return
+        script = os.path.join(HERE, module + ".py")
+        if not os.path.exists(script):
+            print(f"== {name}: skipped, {module}.py is missing", flush=True)
             self.missing.append(name)
-            return None
+            return
+        argv = self.argv(sections, extra)
+        log = os.path.join(self.run_dir, "logs", (out or module) + ".log")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        print(f"== {name}: python {module}.py {shlex.join(argv)}  (log: {log})", flush=True)
+        t0 = time.time()
+        with open(log, "w") as f:
+            done = subprocess.run([sys.executable, script, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=os.getcwd(),
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        self.times[name] = time.time() - t0
+        if done.returncode != 0:
+            with open(log) as f:
+                tail = f.read()[-3000:]
+            raise SystemExit(f"demo: {name} failed (exit {done.returncode}); the end of {log}:\n{tail}")
+        print(f"== {name}: done in {self.times[name]:.0f}s", flush=True)
+
+    def side_by_side(self, *chains):
+        """Each chain is a list of train() argument tuples run in order; the chains run on `jobs` workers."""
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            for future in [pool.submit(lambda c: [self.train(*step) for step in c], chain) for chain in chains]:
+                future.result()  # a failed stage raises here
+
+    def step(self, name, module, sections, extra=()):
+        """module.main(argv) in this process (evals); returns what it returns."""
+        mod = importlib.import_module(module)
         argv = self.argv(sections, extra)
         print(f"== {name}: python {module}.py {shlex.join(argv)}", flush=True)
         t0 = time.time()
         result = mod.main(argv)
         self.times[name] = time.time() - t0
-        return result if result is not None else True
+        return result
 
 
 def run_stages(p):
-    """Every training stage, in order; each call is one stage script's main()."""
-    p.step("world, base model, synthesis", "data", ("world", "model", "synth"))  # each part only when missing
+    """Every training stage, in order; stages that need each other's output wait, the others run side by side."""
+    p.train("world, base model, synthesis", "data", ("world", "model", "synth"))  # each part only when missing
     # the CoT model stands in for the paper's starting point, a reasoning model that has never acted
-    p.step("pretrain", "sft", ("sft",), ["sft.stage=pretrain", "sft.init=base", "sft.out=pretrain"], out="pretrain")
-    p.step("CoT", "sft", ("sft",), ["sft.stage=cot", "sft.init=pretrain", "sft.out=cot"], out="cot")
-    p.step("SFT-2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=cot", "sft.out=sft2"], out="sft2")
-    p.step("SFT-1", "sft", ("sft",), ["sft.stage=sft1", "sft.init=cot", "sft.out=sft1"], out="sft1")
-    p.step("SFT-1&2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=sft1", "sft.out=sft12"], out="sft12")
-    p.step("SFT-1&2&3", "sft", ("sft",), ["sft.stage=sft3", "sft.init=sft12", "sft.out=sft123"], out="sft123")
-    p.step("world model", "worldmodel", ("worldmodel",),
-           ["worldmodel.policy=" + os.path.join(p.run_dir, "sft123")], out="worldmodel")
-    for out, share in RL_RUNS.items():
-        p.step(f"RL {out}", "rl", ("rl",), ["rl.init=sft123", f"rl.out={out}", f"rl.sim_share={share:.6f}"],
-               out=out)
+    p.train("CoT", "sft", ("sft",), ["sft.stage=cot", "sft.init=base", "sft.out=cot"], "cot")
+    p.side_by_side([("SFT-2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=cot", "sft.out=sft2"], "sft2")],
+                   [("SFT-1", "sft", ("sft",), ["sft.stage=sft1", "sft.init=cot", "sft.out=sft1"], "sft1"),
+                    ("SFT-1&2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=sft1", "sft.out=sft12"], "sft12")])
+    p.train("SFT-1&2&3", "sft", ("sft",), ["sft.stage=sft3", "sft.init=sft12", "sft.out=sft123"], "sft123")
+    p.side_by_side([("world model", "worldmodel", ("worldmodel",),
+                     ["worldmodel.policy=" + os.path.join(p.run_dir, "sft123")], "worldmodel")],
+                   *[[(f"RL {out}", "rl", ("rl",), ["rl.init=sft123", f"rl.out={out}", f"rl.sim_share={share:.6f}"],
+                       out)] for out, share in RL_RUNS.items()])
 
 
 def run_evals(p):
@@ -312,13 +340,13 @@ NOTE = ("no tool: the CoT-only model, searching switched off (env.max_actions=0)
         "famous people's facts, answerable without a search.")
 
 
-def run_seed(config_path, overrides, quick, seed):
+def run_seed(config_path, overrides, quick, seed, jobs):
     """Every stage and eval for one seed; returns (the Pipeline, {label: eval summary})."""
     base = load_config({"run": RunConfig}, ["--config", config_path] + (QUICK["run"] if quick else []) +
                        [o for o in overrides if o.startswith("run.")])
     mine = [f"run.seed={seed}", f"run.name={base.run.name}/seed{seed}",
             f"run.data_dir={os.path.join(base.run.data_dir, f'seed{seed}')}"]
-    p = Pipeline(config_path, [*overrides, *mine], quick, os.path.join(base.run.dir, f"seed{seed}"))
+    p = Pipeline(config_path, [*overrides, *mine], quick, os.path.join(base.run.dir, f"seed{seed}"), jobs)
     print(f"==== seed {seed}: {p.run_dir}", flush=True)
     run_stages(p)
     return p, run_evals(p)
@@ -338,8 +366,8 @@ def write_readme(path, text):
 
 
 def parse_flags(argv):
-    """(quick, seeds, readme, config path, overrides); an unknown --flag is an error."""
-    quick, readme, n_seeds, rest = False, False, 1, []
+    """(quick, seeds, jobs, readme, config path, overrides); an unknown --flag is an error."""
+    quick, readme, n_seeds, jobs, rest = False, False, 1, 2, []
     it = iter(argv)
     for a in it:
         if a == "--quick":
@@ -350,24 +378,28 @@ def parse_flags(argv):
             n_seeds = int(next(it, "0") or 0)
             if n_seeds < 1:
                 raise SystemExit("demo: --seeds takes a whole number >= 1")
+        elif a == "--jobs":
+            jobs = int(next(it, "0") or 0)
+            if jobs < 1:
+                raise SystemExit("demo: --jobs takes a whole number >= 1")
         elif a == "--config":
             rest += [a, next(it, "")]
         elif a.startswith("--"):
-            raise SystemExit(f"demo: unknown flag {a} (known: --config, --seeds N, --quick, --readme)")
+            raise SystemExit(f"demo: unknown flag {a} (known: --config, --seeds N, --jobs N, --quick, --readme)")
         else:
             rest.append(a)
     config_path = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--config"), "configs/tiny.yaml")
     overrides = [a for a in rest if "=" in a]
-    return quick, n_seeds, readme, config_path, overrides
+    return quick, n_seeds, jobs, readme, config_path, overrides
 
 
 def main(argv=None):
-    quick, n_seeds, readme, config_path, overrides = parse_flags(sys.argv[1:] if argv is None else list(argv))
+    quick, n_seeds, jobs, readme, config_path, overrides = parse_flags(sys.argv[1:] if argv is None else list(argv))
     cfg = load_config({"run": RunConfig, "env": EnvConfig}, ["--config", config_path] +
                       (QUICK["run"] if quick else []) + [o for o in overrides if o.split(".", 1)[0] in ("run", "env")])
     t0 = time.time()
     seeds = [cfg.run.seed + i for i in range(n_seeds)]
-    runs = [run_seed(config_path, overrides, quick, seed) for seed in seeds]
+    runs = [run_seed(config_path, overrides, quick, seed, jobs) for seed in seeds]
     rows = gather([seed_cells(results, p.run_dir) for p, results in runs])
     table = results_table(rows)
     times = {f"seed{seed}": {k: round(v, 1) for k, v in p.times.items()} for seed, (p, _) in zip(seeds, runs)}

@@ -2,15 +2,11 @@
 sft.py -- the supervised stages of AutoCoA (arXiv 2503.06580, Sec. 3.2), plus the distributed and checkpoint
 plumbing that rl.py and worldmodel.py import.
 
-Data: the world's documents (stage pretrain) and the synthesised trajectories of data.py (<run.data_dir>/synth/train.jsonl; rows of type cot, coa, pair).
+Data: the synthesised trajectories of data.py (<run.data_dir>/synth/train.jsonl; rows of type cot, coa, pair).
 A trajectory is tokenized as prompt (rollout.encode_prompt, exactly what rollout.py feeds) + each segment on its
 own (add_special_tokens=False) + EOS, so which token the environment wrote comes from the segment, never from
 matching strings. Stages (sft.stage):
 
-  pretrain  next-token loss on plain documents (<run.data_dir>/pretrain.jsonl: the tiny world's corpus, famous
-        people's documents repeated): what a real base model did before we got it. It reads each person once or
-        a few times, so it knows some facts and not others, and the document shape "Name\nName was born in ..."
-        teaches copying a name, which every later stage needs.
   cot   next-token loss on every CoT row (no tool). The tiny world's stand-in for the paper's starting point, a
         reasoning model that answers from memory; also the CoT-only baseline.
   sft1  CoT+A, *when* to act. Each pair shares a prefix (a no-tool attempt cut after a sentence) and has two
@@ -36,8 +32,7 @@ Outputs: <run.dir>/<out>/ (HF folder, written atomically), <run.dir>/<out>.ckpt/
 <run.dir>/<out>.metrics.jsonl (one line per step; the last line holds the held-out metrics on dev trajectories:
 next-token loss on the model's tokens, and the perplexity of the real observations).
 
-    python sft.py --config configs/tiny.yaml stage=pretrain               # -> runs/tiny/pretrain
-    python sft.py --config configs/tiny.yaml stage=cot init=pretrain      # -> runs/tiny/cot
+    python sft.py --config configs/tiny.yaml stage=cot                    # -> runs/tiny/cot
     python sft.py --config configs/tiny.yaml stage=sft1 init=cot          # -> runs/tiny/sft1
     python sft.py --config configs/tiny.yaml stage=sft2 init=sft1         # -> runs/tiny/sft2
     python sft.py --config configs/tiny.yaml stage=sft3 init=sft2         # -> runs/tiny/sft3
@@ -75,7 +70,7 @@ from tools import build_prompt, read_jsonl
 
 @dataclass
 class SFTConfig:
-    stage: str = "sft2"  # pretrain | cot | sft1 | sft2 | sft3 (see the docstring)
+    stage: str = "sft2"  # cot | sft1 | sft2 | sft3 (see the docstring)
     init: str = "base"  # model to start from: base | a stage output under run.dir (cot, sft1, ...) | a path
     out: str = ""  # output folder under run.dir; "" = the stage's name
     data: str = ""  # synthesised training rows; "" = <run.data_dir>/synth/train.jsonl
@@ -83,7 +78,6 @@ class SFTConfig:
     cot_share: float = 0.15  # sft2/sft3: share of CoT rows (well-known facts) in the stream; the rest is CoA
     alpha: float = 0.2  # sft1: weight of the chosen continuation's log-likelihood
     steps: int = 0  # optimizer steps; 0 = the stage's own default below
-    pretrain_steps: int = 300
     cot_steps: int = 300
     sft1_steps: int = 100
     sft2_steps: int = 500
@@ -102,7 +96,7 @@ class SFTConfig:
     keep_ckpts: int = 2  # newest checkpoints kept
 
 
-STAGES = ("pretrain", "cot", "sft1", "sft2", "sft3")
+STAGES = ("cot", "sft1", "sft2", "sft3")
 
 
 # -----------------------------------------------------------------------------
@@ -115,17 +109,6 @@ def read_synth(path):
     if not rows:
         raise ValueError(f"{path}: no usable rows")
     return rows
-
-
-def pretrain_examples(path, tokenizer, max_len):
-    """Plain documents ({"text"} rows of <run.data_dir>/pretrain.jsonl): next-token loss on every token."""
-    rows = [row for _, row in read_jsonl(path, lambda r: None if isinstance(r, dict) and isinstance(
-        r.get("text"), str) and r["text"] else "needs a non-empty 'text'", "pretrain row", warn=print0)]
-    if not rows:
-        raise ValueError(f"{path}: no usable rows (the tiny world writes it: python data.py --config ...)")
-    ids = encode_texts(tokenizer, [r["text"] for r in rows])
-    return [{"ids": (x + [tokenizer.eos_token_id])[:max_len], "mask": [1] * min(len(x) + 1, max_len), "cot": False}
-            for x in ids]
 
 
 def encode_texts(tokenizer, texts, cache=None):
@@ -421,11 +404,8 @@ def main(argv=None):
     model, tokenizer = load_model(init, run, device=device, dtype=train_dtype)
     model.config.use_cache = False
     synth = os.path.join(run.data_dir, "synth")
-    if sc.stage == "pretrain":
-        examples = pretrain_examples(sc.data or os.path.join(run.data_dir, "pretrain.jsonl"), tokenizer, sc.max_len)
-    else:
-        examples = build_examples(read_synth(sc.data or os.path.join(synth, "train.jsonl")), sc.stage, tokenizer,
-                                  env, sc.max_len)
+    examples = build_examples(read_synth(sc.data or os.path.join(synth, "train.jsonl")), sc.stage, tokenizer, env,
+                              sc.max_len)
     stream = Stream(examples, sc, run.seed)
     ddp_model = wrap_model(model, device, sc.parallel)
     optimizer = torch.optim.AdamW(ddp_model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.95))
