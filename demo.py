@@ -69,9 +69,11 @@ EVAL_LIMIT = 0  # test questions per eval in the full demo (0 = all)
 ROWS = [("no tool", "cot", "notool"), ("workflow", "sft2", "workflow"), ("SFT-2", "sft2", "agent"),
         ("SFT-1&2", "sft12", "agent"), ("SFT-1&2&3", "sft123", "agent"),
         ("+RL simulated only", "rl_sim", "agent"), ("+RL simulated then real", "rl_simreal", "agent"),
-        ("+RL real only", "rl_real", "agent")]
+        ("+RL real only", "rl_real", "agent"), ("+RL world-model LM then real", "rl_wm", "agent")]
 HERE = os.path.dirname(os.path.abspath(__file__))
-RL_RUNS = {"rl_sim": 1.0, "rl_simreal": 5 / 6, "rl_real": 0.0}  # out folder -> share of simulated steps
+RL_RUNS = {"rl_sim": 1.0, "rl_simreal": 5 / 6, "rl_real": 0.0, "rl_wm": 5 / 6}  # out folder -> simulated share
+# who writes the simulated observations: the policy itself (its SFT-3 internal world model, the paper's choice),
+# or for rl_wm the separate world-model LM of worldmodel.py (beyond the paper)
 KINDS = ("city", "employer", "country", "comparison", "yesno", "well_known")
 
 
@@ -145,10 +147,12 @@ def run_stages(p):
                    [("SFT-1", "sft", ("sft",), ["sft.stage=sft1", "sft.init=cot", "sft.out=sft1"], "sft1"),
                     ("SFT-1&2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=sft1", "sft.out=sft12"], "sft12")])
     p.train("SFT-1&2&3", "sft", ("sft",), ["sft.stage=sft3", "sft.init=sft12", "sft.out=sft123"], "sft123")
+    rl = lambda out, *extra: (f"RL {out}", "rl", ("rl",), ["rl.init=sft123", f"rl.out={out}",
+                                                           f"rl.sim_share={RL_RUNS[out]:.6f}", *extra], out)
     p.side_by_side([("world model", "worldmodel", ("worldmodel",),
-                     ["worldmodel.policy=" + os.path.join(p.run_dir, "sft123")], "worldmodel")],
-                   *[[(f"RL {out}", "rl", ("rl",), ["rl.init=sft123", f"rl.out={out}", f"rl.sim_share={share:.6f}"],
-                       out)] for out, share in RL_RUNS.items()])
+                     ["worldmodel.policy=" + os.path.join(p.run_dir, "sft123")], "worldmodel"),
+                    rl("rl_wm", "rl.sim_env=worldmodel", "env.worldmodel=" + os.path.join(p.run_dir, "worldmodel"))],
+                   *[[rl(out, "rl.sim_env=policy")] for out in RL_RUNS if out != "rl_wm"])
 
 
 def run_evals(p):
@@ -205,19 +209,41 @@ def seed_cells(results, run_dir):
     return out
 
 
+def fidelity_cells(run_dir):
+    """{simulator: {answer_kept_seen, answer_kept_unseen}} from worldmodel.py's report ({} when there is none):
+    how often a simulated observation keeps the answer-bearing fact that the real one holds."""
+    path = os.path.join(run_dir, "worldmodel.report.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        report = json.load(f)
+    return {name: {f"answer_kept_{group}": m.get("answer_kept") for group, m in groups.items()}
+            for name, groups in report.get("fidelity", {}).items()}
+
+
 def gather(per_seed):
-    """[{label: {metric: v}}] over seeds -> {label: {metric: [v per seed]}} (rows every seed has)."""
+    """[{row: {metric: v}}] over seeds -> {row: {metric: [v per seed]}}, for the rows every seed has."""
     rows = {}
-    for label, _, _ in ROWS:
+    for label, metrics in (per_seed[0] if per_seed else {}).items():
         if all(label in cells for cells in per_seed):
-            metrics = per_seed[0][label]
             rows[label] = {m: [cells[label][m] for cells in per_seed] for m in metrics}
     return rows
 
 
+def fidelity_table(fidelity):
+    """Markdown: per simulator, how often its observation keeps the answer-bearing fact, seen / unseen entities."""
+    names = {"policy": "the policy itself (SFT-1&2&3)", "worldmodel": "the world-model LM (worldmodel.py)"}
+    lines = ["| simulator | answer kept, seen entities | answer kept, unseen entities |", "|---|---|---|"]
+    for name, m in fidelity.items():
+        lines.append(f"| {names.get(name, name)} | {cell(m.get('answer_kept_seen', [None]))} | "
+                     f"{cell(m.get('answer_kept_unseen', [None]))} |")
+    return "\n".join(lines)
+
+
 def cell(values, digits=2):
-    """mean ± sample std over seeds ('-' for no value); one seed: the value alone."""
-    if not values or values[0] is None:
+    """mean ± sample std over seeds, those with a value ('-' for none); one value: the value alone."""
+    values = [v for v in values if v is not None]
+    if not values:
         return "-"
     m = statistics.mean(values)
     return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
@@ -401,14 +427,17 @@ def main(argv=None):
     seeds = [cfg.run.seed + i for i in range(n_seeds)]
     runs = [run_seed(config_path, overrides, quick, seed, jobs) for seed in seeds]
     rows = gather([seed_cells(results, p.run_dir) for p, results in runs])
-    table = results_table(rows)
+    fidelity = gather([fidelity_cells(p.run_dir) for p, _ in runs])
+    table = results_table(rows) + ("\n\nHow faithful each simulator is (worldmodel.py, held-out real calls):\n\n" +
+                                   fidelity_table(fidelity) if fidelity else "")
     times = {f"seed{seed}": {k: round(v, 1) for k, v in p.times.items()} for seed, (p, _) in zip(seeds, runs)}
     sha = commit()
     print("\n" + table + "\n\n" + NOTE)
     print("stage times (s):", json.dumps(times))
     os.makedirs(cfg.run.dir, exist_ok=True)
     with open(os.path.join(cfg.run.dir, "results.json.tmp"), "w") as f:  # no times: the same seeds, the same file
-        json.dump({"commit": sha, "quick": quick, "seeds": seeds, "rows": rows}, f, indent=1, sort_keys=True)
+        json.dump({"commit": sha, "quick": quick, "seeds": seeds, "rows": rows, "fidelity": fidelity}, f, indent=1,
+                  sort_keys=True)
     os.replace(os.path.join(cfg.run.dir, "results.json.tmp"), os.path.join(cfg.run.dir, "results.json"))
     command = f"python demo.py --config {config_path}{' --quick' if quick else ''} --seeds {n_seeds}"
     section = (f"Held-out test EM by question kind, EM, F1, actions per question and real tool calls spent in RL; "
