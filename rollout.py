@@ -34,6 +34,12 @@ a decoding row would carry w-1 masked holes each time another row takes an obser
 batch can be fed at once; here an observation is prefilled for the paused rows alone (a gathered sub-batch)
 while the others decode, and no compaction is ever needed. Finished rows are dropped from the buffer.
 
+Static decode (env.static_decode, off by default; StaticDecoder). The same loop, but the cache is allocated once
+at (rows, longest prompt + max_new_tokens + 1) and kept per model across calls, and a one-token step runs at a
+fixed shape (a batch-size bucket, the key length rounded up), so on cuda it is captured once as a CUDA graph and
+replayed; on CPU the same step runs eagerly. Finished rows stay in the batch, masked, until the live rows fit a
+smaller bucket. Chunks (prompts, observations) stay eager. The ids are the eager path's (tests/test_rollout.py).
+
 Each step: 1) feed every live row its pending ids (decoding rows: the token sampled last step; rows coming back
 from the tool: that token, i.e. the model's own action-closing token, then the observation ids), decoding rows
 and chunk rows as two forwards; 2) sample one token per row from the logits after its last fed token;
@@ -55,6 +61,7 @@ sliding-window layers, logit soft-capping or encoder-decoders.
     python bench/rollout.py                     # tokens/s against HF generate re-prefill and the plain floor
 """
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -117,7 +124,8 @@ class RowCache:
     """Keys/values per layer, (B, H_kv, T, D), row b real at columns [0, length[b]).
 
     The model calls update(k, v, layer_idx) once per layer; before each forward `bind` says which rows are fed
-    (None = all rows) and at which columns (n, w) their w new tokens go.
+    (None = all rows) and at which columns (n, w) their w new tokens go; it returns the columns and the key length
+    the mask must cover (StaticCache may cut them).
     """
 
     def __init__(self, batch_size, capacity, device):
@@ -136,6 +144,7 @@ class RowCache:
                     new = old.new_zeros(old.shape[0], old.shape[1], self.capacity, old.shape[3])
                     new[:, :, :old.shape[2]] = old
                     buffers[i] = new
+        return cols, kv_len
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         """Write the new (n, H, w, D) keys/values at (rows, cols); return this sub-batch's keys/values so far."""
@@ -176,8 +185,7 @@ def forward_chunk(model, cache, rows, feeds, pad_id):
     n_new = torch.tensor([len(f) for f in feeds], device=device)
     start = cache.length if rows is None else cache.length[rows]
     cols = start[:, None] + torch.arange(w, device=device)  # (n, w) absolute columns = position ids
-    kv_len = int(start.max()) + w
-    cache.bind(rows, cols, kv_len)
+    cols, kv_len = cache.bind(rows, cols, int(start.max()) + w)
     dtype = next(model.parameters()).dtype
     visible = torch.arange(kv_len, device=device)[None, None, :] <= cols[:, :, None]  # (n, w, kv) causal per row
     mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
@@ -189,6 +197,149 @@ def forward_chunk(model, cache, rows, feeds, pad_id):
     else:
         cache.length[rows] += n_new
     return model.get_output_embeddings()(last).float()
+
+
+# -----------------------------------------------------------------------------
+# Static decode (env.static_decode): one preallocated cache, a fixed-shape decode step, a CUDA graph on cuda
+
+BUCKETS = [1, 2, 4, 8] + list(range(16, 513, 16))  # decode batch sizes, one graph each (nano-vllm's buckets)
+KV_STEP = 256  # the step attends over the first kv columns, kv a multiple of this: not always the whole capacity
+CUDA_GRAPHS = True  # False: the static step runs eagerly on cuda too (what the graph buys, for bench/rollout.py)
+
+
+def bucket(n):
+    return next((b for b in BUCKETS if b >= n), -(-n // 16) * 16)
+
+
+class StaticCache(RowCache):
+    """A RowCache allocated once at (batch_size, capacity) that never grows or moves: a captured graph holds its
+    addresses. `used` rows are the current call's (the cache outlives a call); `step` = (b, kv) while the
+    decode step runs, else None (a chunk, RowCache's path)."""
+
+    def __init__(self, model, batch_size, capacity):
+        param = next(model.parameters())
+        super().__init__(batch_size, capacity, param.device)
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (batch_size, cfg.num_key_value_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.used, self.step = batch_size, None
+
+    def bind(self, rows, cols, kv_len):
+        if kv_len > self.capacity:  # only padding reaches past the end: it all lands in the last column, never real
+            cols, kv_len = cols.clamp(max=self.capacity - 1), self.capacity
+        return super().bind(rows, cols, kv_len)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if self.step is None:
+            return super().update(key, value, layer_idx)
+        b, kv = self.step
+        k_buf, v_buf = self.keys[layer_idx][:b], self.values[layer_idx][:b]
+        col = self.length[:b].view(b, 1, 1, 1).expand_as(key)  # each row's first free column
+        k_buf.scatter_(2, col, key.to(k_buf.dtype))
+        v_buf.scatter_(2, col, value.to(v_buf.dtype))
+        return k_buf[:, :, :kv], v_buf[:, :, :kv]
+
+    def keep(self, rows):
+        """Move `rows` to the first slots, in place (gather, then copy)."""
+        n = len(rows)
+        for buf in self.keys + self.values:
+            buf[:n] = buf[rows]
+        self.length[:n] = self.length[rows]
+        self.used = n
+
+
+class StaticDecoder:
+    """The decode step with static shapes, for a GPU where an eager step is bound by launches and Python rather
+    than by reading the weights (issue 14: 35 ms a step on an H200 where one read of the weights takes 0.65 ms).
+    A CUDA graph records the kernels of one step and replays them with a single launch; that needs every tensor
+    the step touches to keep its address and shape, hence the preallocated StaticCache and persistent buffers.
+
+    Captured, once per (b, kv) on first use: the decoder forward of one token for each of the first b cache rows
+    (b from BUCKETS), reading `ids` and the row lengths (= position ids), building the mask from them, writing
+    keys/values with a scatter at each row's own column, attending over columns [0, kv). On CPU the same
+    `forward` runs eagerly, so the tests can hold its ids against the eager path's.
+    Not captured: the LM head (one matmul, fed only the decoding rows; outside, so a wrapper around it sees each
+    step), sampling (sample() as in the eager path, so a torch.Generator works as there) and the stop checks
+    (Python, after the one host sync per step: the sampled ids). Prompts and observations go through
+    forward_chunk eagerly, for the paused rows only, into the same buffers.
+    Rows in the bucket that do not decode this step (finished, or taking a chunk) run anyway: their write lands
+    at their first free column, past their end, where the mask hides it and their next real token overwrites it.
+    Finished rows are compacted away (StaticCache.keep) only when the live rows fit a smaller bucket.
+    The decoder is kept per model across calls (capturing costs a few forwards) while its parameters stay where
+    they are: in-place optimizer updates are fine, the graph reads the new values.
+    """
+
+    def __init__(self, model, batch_size, capacity, params):
+        self.params, self.decoder = params, model.get_decoder()  # the decoder only: no reference to the model
+        self.cache = StaticCache(model, batch_size, capacity)
+        self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.cache.device)
+        self.columns = torch.arange(capacity, device=self.cache.device)
+        self.graphs = {}  # (b, kv) -> (CUDAGraph, its output: the last hidden states (b, hidden))
+
+    def forward(self, b, kv):
+        cache = self.cache
+        pos = cache.length[:b, None]  # (b, 1): the column each row writes is its position id
+        dtype = cache.keys[0].dtype
+        mask = torch.zeros(b, kv, dtype=dtype, device=cache.device)
+        mask.masked_fill_(self.columns[None, :kv] > pos, torch.finfo(dtype).min)
+        cache.step = (b, kv)
+        try:
+            hidden = self.decoder(input_ids=self.ids[:b], attention_mask=mask[:, None, None], position_ids=pos,
+                                  past_key_values=cache, use_cache=True).last_hidden_state
+        finally:
+            cache.step = None
+        return hidden[:, 0]
+
+    def capture(self, b, kv):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up outside the graph (lazy initialisation, cuBLAS workspaces)
+            self.forward(b, kv)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            hidden = self.forward(b, kv)
+        return graph, hidden
+
+    def step(self, model, slots, tokens, kv_len):
+        """Feed cache row slots[i] the token tokens[i]; kv_len: the most columns a fed row sees. Returns (n, V)."""
+        cache = self.cache
+        b = min(bucket(cache.used), cache.batch_size)
+        kv = min(cache.capacity, -(-kv_len // KV_STEP) * KV_STEP)
+        fed = torch.tensor([slots, tokens], device=cache.device)  # one host-to-device copy
+        self.ids[fed[0], 0] = fed[1]
+        if cache.device.type == "cuda" and CUDA_GRAPHS:
+            if (b, kv) not in self.graphs:
+                self.graphs[b, kv] = self.capture(b, kv)
+            graph, hidden = self.graphs[b, kv]
+            graph.replay()
+        else:
+            hidden = self.forward(b, kv)
+        cache.length[fed[0]] += 1
+        return model.get_output_embeddings()(hidden[fed[0]]).float()
+
+
+_DECODERS = weakref.WeakKeyDictionary()  # model -> its StaticDecoder
+
+
+def static_decoder(model, batch_size, capacity):
+    """The model's StaticDecoder for a call of batch_size rows, reused if it is big enough and the weights have not
+    moved, else a new one (the old buffers and graphs are freed first)."""
+    params = tuple(p.data_ptr() for p in model.parameters())
+    old = _DECODERS.pop(model, None)
+    if old is None or old.params != params or old.cache.batch_size < batch_size or old.cache.capacity < capacity:
+        size = (batch_size, capacity) if old is None else (max(batch_size, old.cache.batch_size),
+                                                             max(capacity, old.cache.capacity))
+        old = None
+        decoder = StaticDecoder(model, *size, params)
+    else:
+        decoder = old
+    decoder.cache.length.zero_()
+    decoder.cache.used = batch_size
+    _DECODERS[model] = decoder
+    return decoder
 
 
 # -----------------------------------------------------------------------------
@@ -235,22 +386,32 @@ class Row:
     done: bool = False
 
 
-def run_loop(model, tokenizer, episodes, rules, temperature, top_p, generator):
+def run_loop(model, tokenizer, episodes, rules, temperature, top_p, generator, static=False):
     """Fill every episode's ids/mask/logps. rules.after_token(row, token) -> True when the row must act;
-    rules.act(rows) queues what the environment writes (row.feed, and ids with mask 0)."""
+    rules.act(rows) queues what the environment writes (row.feed, and ids with mask 0).
+    static: one-token steps go through the StaticDecoder (same ids; see its docstring)."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if any(len(ep.prompt_ids) == 0 for ep in episodes):
         raise ValueError("rollout: every prompt needs at least one token")
     live = [Row(episode=ep, feed=list(ep.prompt_ids), slot=i) for i, ep in enumerate(episodes)]  # in slot order
-    cache = RowCache(len(live), max(len(ep.prompt_ids) for ep in episodes) + 64, device)
+    longest = max(len(ep.prompt_ids) for ep in episodes)
+    if static:  # room for every token a row can feed (prompt + max_new - 1) and one spare column for padding
+        decoder = static_decoder(model, len(live), longest + rules.max_new + 1)
+        cache = decoder.cache
+    else:
+        cache = RowCache(len(live), longest + 64, device)
     while live:
         # 1) feed: decoding rows (one pending token) and chunk rows (prompt, or token + observation) apart, so
         #    an observation is prefilled for the paused rows only
         acting = []
         for group in (g for g in ([r for r in live if len(r.feed) == 1], [r for r in live if len(r.feed) > 1]) if g):
-            rows = None if len(group) == len(live) else torch.tensor([r.slot for r in group], device=device)
-            logits = forward_chunk(model, cache, rows, [r.feed for r in group], pad_id)
+            if static and len(group[0].feed) == 1:
+                logits = decoder.step(model, [r.slot for r in group], [r.feed[0] for r in group],
+                                      max(len(r.episode.prompt_ids) + len(r.episode.ids) for r in group))
+            else:
+                rows = None if len(group) == cache.batch_size else torch.tensor([r.slot for r in group], device=device)
+                logits = forward_chunk(model, cache, rows, [r.feed for r in group], pad_id)
             # 2) sample one token per row
             tokens, logps = sample(logits, temperature, top_p, generator)
             for row, token, logp in zip(group, tokens.tolist(), logps.tolist()):
@@ -267,7 +428,7 @@ def run_loop(model, tokenizer, episodes, rules, temperature, top_p, generator):
             rules.act(acting)
         if any(r.done for r in live):  # drop finished rows from the cache: later steps stay full-batch views
             live = [r for r in live if not r.done]
-            if live:
+            if live and (not static or bucket(len(live)) < bucket(cache.used)):  # static: only for a smaller bucket
                 cache.keep(torch.tensor([r.slot for r in live], device=device))
                 for i, r in enumerate(live):
                     r.slot = i
@@ -408,7 +569,7 @@ def rollout(model, tokenizer, rows, env_cfg, environment, group_size=1, temperat
     if not episodes:
         return []
     rules = CoARules(tokenizer, env_cfg, environment, max_new_tokens or env_cfg.max_new_tokens)
-    run_loop(model, tokenizer, episodes, rules, temperature, top_p, generator)
+    run_loop(model, tokenizer, episodes, rules, temperature, top_p, generator, static=env_cfg.static_decode)
     for ep in episodes:
         ep.text = tokenizer.decode(ep.ids)
     return episodes
@@ -437,16 +598,16 @@ class StopRules:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, max_new_tokens, stop_strings=(), temperature=0.0, top_p=1.0,
-             generator=None):
+             generator=None, static_decode=False):
     """Plain batched KV-cached generation, no tools: for world-model observations and workflow baselines.
 
     prompt_ids: list of id lists (ragged is fine). Each sequence stops at EOS (kept), after the token that
     completes one of stop_strings (kept), or at max_new_tokens. Returns (ids, logps): two lists with one list
-    per sequence, logps the untempered log-probs of the chosen tokens.
+    per sequence, logps the untempered log-probs of the chosen tokens. static_decode: as env.static_decode.
     """
     episodes = [Episode(question="", golds=[], prompt_ids=list(p)) for p in prompt_ids]
     if max_new_tokens <= 0 or not episodes:
         return [[] for _ in episodes], [[] for _ in episodes]
     run_loop(model, tokenizer, episodes, StopRules(tokenizer, max_new_tokens, stop_strings),
-             temperature, top_p, generator)
+             temperature, top_p, generator, static=static_decode)
     return [ep.ids for ep in episodes], [ep.logps for ep in episodes]

@@ -82,6 +82,7 @@ class EnvConfig:
     on_error: str = "observe"  # observe: the model sees "search failed: ..."; raise: stop the run
     max_actions: int = 4  # at most this many searches, then the answer is forced (paper's Algorithm 1)
     max_new_tokens: int = 256  # per trajectory, observations included
+    static_decode: bool = False  # rollout.py: preallocated cache, fixed-shape decode step (a CUDA graph on cuda)
     worldmodel: str = ""  # path of the world-model LM, for env=worldmodel
 
 

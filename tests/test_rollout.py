@@ -436,3 +436,86 @@ def test_multi_piece_tags_on_a_random_llama_with_smollm2s_tokenizer(smol_tokeniz
         assert got[i] == hf
         ref = full_forward_logps(model, prompts[i], got[i])
         assert torch.allclose(torch.tensor(logps[i]), ref, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# Static decode (env.static_decode): the preallocated cache and fixed-shape step give the eager path's ids
+
+def static_env(env):
+    return dataclasses.replace(env, static_decode=True)
+
+
+@pytest.fixture
+def small_kv_step(monkeypatch):
+    """KV_STEP 16: the step's key length changes bucket within a rollout (256 would cover the tiny runs whole)."""
+    import rollout as R
+    monkeypatch.setattr(R, "KV_STEP", 16)
+    return R
+
+
+def test_static_decode_greedy_ids_equal_the_eager_paths_with_tool_calls(agent, questions, search, small_kv_step):
+    model, tok = agent
+    env, environment = search
+    eager = rollout(model, tok, questions[:16], env, environment)
+    static = rollout(model, tok, questions[:16], static_env(env), environment)
+    for a, b in zip(eager, static):
+        assert (b.ids, b.mask, b.actions, b.finish) == (a.ids, a.mask, a.actions, a.finish)
+        assert torch.allclose(torch.tensor(b.logps), torch.tensor(a.logps), atol=1e-4)
+    assert sum(len(ep.actions) for ep in eager) >= 8  # observation chunks came in the middle of decoding
+    assert len({len(ep.ids) for ep in eager}) >= 3  # rows finished at different steps: finished rows were masked
+    decoder = small_kv_step._DECODERS[model]
+    assert decoder.cache.used < 16  # ... and compacted into a smaller bucket at least once
+
+
+def test_static_decode_generate_equals_eager_generate(agent, questions):
+    model, tok = agent
+    prompts = [encode_prompt(tok, q["question"] + " ok" * i, EnvConfig()) for i, q in enumerate(questions[:5])]
+    ids, logps = generate(model, tok, prompts, 30, stop_strings=("}",), static_decode=True)
+    ref_ids, ref_logps = generate(model, tok, prompts, 30, stop_strings=("}",))
+    assert ids == ref_ids and len({len(i) for i in ids}) > 1  # some stopped early
+    assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4) for a, b in zip(logps, ref_logps))
+
+
+def test_static_decode_logps_match_a_full_forward_and_sampling_is_reproducible(agent, questions, search):
+    model, tok = agent
+    env, environment = static_env(search[0]), search[1]
+    runs = [rollout(model, tok, questions[:4], env, environment, group_size=3, temperature=1.0, top_p=0.9,
+                    generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert [ep.ids for ep in runs[0]] == [ep.ids for ep in runs[1]]
+    assert [ep.ids for ep in runs[0]] != [ep.ids for ep in runs[2]]
+    for ep in runs[0] + runs[2]:
+        ref = full_forward_logps(model, ep.prompt_ids, ep.ids)
+        m = torch.tensor(ep.mask, dtype=torch.bool)
+        assert torch.allclose(torch.tensor(ep.logps)[m], ref[m], atol=1e-4)
+        assert (torch.tensor(ep.logps)[~m] == 0).all()
+    assert any(ep.actions for ep in runs[0])
+
+
+def test_static_decoder_is_reused_across_calls_until_the_weights_move(agent, questions, search):
+    import rollout as R
+    model, tok = agent
+    env, environment = static_env(search[0]), search[1]
+    rollout(model, tok, questions[:6], env, environment)
+    first = R._DECODERS[model]
+    smaller = rollout(model, tok, questions[:3], env, environment)
+    assert R._DECODERS[model] is first  # big enough: same buffers (and graphs, on cuda)
+    assert [ep.ids for ep in smaller] == [ep.ids for ep in rollout(model, tok, questions[:3], search[0], environment)]
+    norm = model.get_decoder().norm
+    norm.weight.data = norm.weight.data.clone()  # same values, new storage: a captured graph would read the old one
+    again = rollout(model, tok, questions[:3], env, environment)
+    assert R._DECODERS[model] is not first and [ep.ids for ep in again] == [ep.ids for ep in smaller]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_gives_the_eager_paths_greedy_ids(agent, questions, search):
+    import copy as copying
+    import rollout as R
+    model, tok = agent
+    gpu = copying.deepcopy(model).cuda()
+    env, environment = search
+    eager = rollout(gpu, tok, questions[:8], env, environment, group_size=2)
+    static = rollout(gpu, tok, questions[:8], static_env(env), environment, group_size=2)
+    assert R._DECODERS[gpu].graphs  # the steps were captured and replayed
+    for a, b in zip(eager, static):
+        assert (b.ids, b.mask, b.actions, b.finish) == (a.ids, a.mask, a.actions, a.finish)
+        assert torch.allclose(torch.tensor(b.logps), torch.tensor(a.logps), atol=1e-4)
