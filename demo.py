@@ -5,8 +5,7 @@ demo.py -- the whole AutoCoA pipeline on the tiny world, in one command, ending 
     python demo.py --config configs/tiny.yaml --seeds 3  # seeds 0, 1, 2: mean and spread per cell
     python demo.py --config configs/tiny.yaml --seeds 3 --readme   # ... and rewrite the README's results section
     python demo.py --config configs/tiny.yaml --quick    # tiny sizes, a few steps each (what the tests run)
-    python demo.py --config configs/tiny.yaml --jobs 1   # one stage at a time (default 2: independent stages
-                                                         # side by side, one torch thread each; same numbers)
+    python demo.py --config configs/tiny.yaml --jobs 1   # one core (default 2: independent stages side by side)
 
 Each seed is an independent run: its own world (people, corpus, questions), tokenizer, model initialisation, SFT
 data order and RL sampling, under runs/<name>/seed<s>/ with its data in <data_dir>/seed<s>/. The steps, each one
@@ -80,10 +79,10 @@ KINDS = ("city", "employer", "country", "comparison", "yesno", "well_known")
 class Pipeline:
     """Runs the stage scripts of one seed with the shared arguments; remembers what ran and how long it took.
 
-    Training stages run as child processes (`python stage.py ...`), each with one torch thread and its output in
-    <run_dir>/logs/<out>.log; stages that do not depend on each other run side by side on `jobs` workers. One
-    thread per stage makes every stage's numbers the same whatever `jobs` is (a thread count changes the order
-    of float sums, and with it greedy decisions). Evals run in this process (they return their summaries)."""
+    Training stages run as child processes (`python stage.py ...`), their output in <run_dir>/logs/<out>.log.
+    Stages that do not depend on each other run side by side, `jobs` at a time, one torch thread each; a stage
+    that runs alone gets `jobs` threads. Evals run in this process (they return their summaries). The same
+    command gives the same numbers; another --jobs may not (a thread count changes the order of float sums)."""
 
     def __init__(self, config_path, overrides, quick, run_dir, jobs=1):
         self.config_path, self.overrides, self.quick, self.run_dir = config_path, overrides, quick, run_dir
@@ -96,7 +95,7 @@ class Pipeline:
         mine = [o for o in self.overrides if o.split(".", 1)[0] in known]
         return ["--config", self.config_path, *quick, *mine, *extra]
 
-    def train(self, name, module, sections, extra=(), out=None):
+    def train(self, name, module, sections, extra=(), out=None, threads=None):
         """`python module.py argv` in a child process, unless out (a folder under run_dir) exists already."""
         if out and os.path.exists(os.path.join(self.run_dir, out, "config.json")):
             print(f"== {name}: {os.path.join(self.run_dir, out)} exists, skipped", flush=True)
@@ -113,7 +112,8 @@ class Pipeline:
         t0 = time.time()
         with open(log, "w") as f:
             done = subprocess.run([sys.executable, script, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=os.getcwd(),
-                                  env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                                  env={**os.environ, "OMP_NUM_THREADS": str(threads or self.jobs),
+                                       "PYTHONUNBUFFERED": "1"})
         self.times[name] = time.time() - t0
         if done.returncode != 0:
             with open(log) as f:
@@ -124,7 +124,8 @@ class Pipeline:
     def side_by_side(self, *chains):
         """Each chain is a list of train() argument tuples run in order; the chains run on `jobs` workers."""
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            for future in [pool.submit(lambda c: [self.train(*step) for step in c], chain) for chain in chains]:
+            for future in [pool.submit(lambda c: [self.train(*step, threads=1) for step in c], chain)
+                           for chain in chains]:
                 future.result()  # a failed stage raises here
 
     def step(self, name, module, sections, extra=()):
