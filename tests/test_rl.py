@@ -219,10 +219,11 @@ WORKER = """
 import sys, torch
 sys.path.insert(0, {root!r})
 import rl, sft
+from tools import RunConfig
 from tests.test_rl import fake_episodes
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(1)
-rank, world_size, device = sft.setup_dist()
+rank, world_size, device = sft.setup_dist(RunConfig(device="cpu"))
 for parallel, loss_type in [(p, l) for p in {parallel!r} for l in ("grpo", "dapo", "dr_grpo")]:
     cfg = rl.RLConfig(group_size=2, updates_per_step=2, micro_batch=2, kl_coef=0.1, entropy_coef=0.01,
                       loss_type=loss_type, drop_zero_var=True, grad_clip=0.0, parallel=parallel)
@@ -250,7 +251,7 @@ def test_same_global_batch_gives_the_same_update_on_one_and_two_processes(tiny_b
     for n, parallel in ((1, ["ddp"]), (2, ["ddp", "fsdp"])):
         script = tmp_path / f"worker{n}.py"
         script.write_text(WORKER.format(root=ROOT, base=tiny_base, out=str(tmp_path / f"n{n}"), parallel=parallel))
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -270,8 +271,9 @@ def test_same_global_batch_gives_the_same_update_on_one_and_two_processes(tiny_b
 
 def rl_argv(tiny_root, base, runs_dir, *extra):
     return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.data_dir={tiny_root}/data",
-            f"run.runs_dir={runs_dir}", "run.name=t", f"init={base}", "prompts_per_step=4", "group_size=2",
-            "env.max_new_tokens=40", "env.obs_max_tokens=20", "temperature=1.0", "entropy_coef=0.05", "lr=1e-3",
+            f"run.runs_dir={runs_dir}", "run.name=t", "run.device=cpu", f"init={base}", "prompts_per_step=4",
+            "group_size=2", "env.max_new_tokens=40", "env.obs_max_tokens=20", "temperature=1.0", "entropy_coef=0.05",
+            "lr=1e-3",
             "drop_zero_var=false",  # the untrained model earns no reward: only the entropy term trains it
             *extra]
 
@@ -325,8 +327,8 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_root, tiny_base, tm
     killed = rl_argv(tiny_root, tiny_base, tmp_path / "b", "steps=4", "save_every=2", "eval_n=0",
                      "updates_per_step=2", "kl_coef=0.05")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "rl.py"), *killed], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "b" / "t" / "rl.ckpt" / "step_000002"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:

@@ -158,7 +158,7 @@ def small_train(tiny_synth, tmp_path_factory):
 def sft_args(tiny_root, tiny_base, runs_dir, data, *extra):
     return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.data_dir={tiny_root}/data",
             f"run.runs_dir={runs_dir}", "run.name=t", f"init={tiny_base}", f"data={data}", "batch_size=8",
-            "device_batch_size=4", "warmup_steps=2", "heldout=none", *extra]
+            "device_batch_size=4", "warmup_steps=2", "heldout=none", "run.device=cpu", *extra]
 
 
 def run_sft(runs, workdir, nproc=1):
@@ -166,7 +166,7 @@ def run_sft(runs, workdir, nproc=1):
     script = os.path.join(workdir, "sft_worker.py")
     with open(script, "w") as f:
         f.write("import json, sys\nimport sft\nfor args in json.loads(sys.argv[1]):\n    sft.main(args)\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT}
     launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [PY]
     return subprocess.Popen(launcher + [script, json.dumps(runs)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
