@@ -45,6 +45,15 @@ def tiny_config(root, extra=()):
                        argv, own="world")
 
 
+@pytest.fixture
+def one_rank_group():
+    """wrap_model starts a 1-rank process group when bf16 is on; end it so the next test starts clean."""
+    import torch.distributed as dist
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("tiny"))

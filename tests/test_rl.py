@@ -354,3 +354,42 @@ def test_qwen7b_config_holds_the_papers_settings():
     assert cfg.env.max_actions == 10 and cfg.env.tool == "http"
     assert r.prompts_per_step % 8 == 0 and r.parallel == "fsdp" and r.bf16  # 8 ranks share the prompts
     assert [rl.step_env(s, r, cfg.env) for s in (0, 199, 200, 239)] == ["policy", "policy", "real", "real"]
+
+
+# -----------------------------------------------------------------------------
+# bf16 on one process: FSDP2's MixedPrecisionPolicy with a 1-rank group, the same path as on N GPUs
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.requires_cuda)])
+def test_bf16_on_one_process_trains_fp32_masters_and_rolls_out_with_bf16_weights(tiny_cfg, tiny_base, device,
+                                                                                   one_rank_group):
+    from torch.distributed.tensor import DTensor
+    from rollout import rollout
+    from tools import SearchEnv, load_model, make_tool
+    device = torch.device(device)
+    cfg = rl.RLConfig(group_size=2, lr=1e-2, parallel="fsdp", bf16=True)
+    model, tokenizer = load_model(tiny_base, tiny_cfg.run, device=device, dtype=torch.float32)
+    model = rl.shard(model, cfg, device)
+    masters = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in model.parameters())
+    env = SearchEnv(make_tool(tiny_cfg.env, tiny_cfg.run), tokenizer, tiny_cfg.env)
+    rows = [json.loads(line) for line in open(os.path.join(tiny_cfg.run.data_dir, "train.jsonl"))][:2]
+    with rl.generation_mode(model) as policy:
+        seen = {(type(p).__name__, p.dtype, p.device.type) for p in policy.parameters()}
+        episodes = rollout(policy, tokenizer, rows, tiny_cfg.env, env, group_size=2, temperature=1.0,
+                           max_new_tokens=24, generator=torch.Generator(device=device).manual_seed(0))
+    assert seen == {("Parameter", torch.bfloat16, device.type)}  # the gathered bf16 weights, not the fp32 masters
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in model.parameters())  # resharded
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    totals = {"skipped": 0, "bad_in_row": 0}
+    stats = rl.learn(model, None, opt, sched, episodes, torch.tensor([1., 0., 0., 1.]), [0, 1], cfg, 24,
+                     tokenizer.pad_token_id, device, totals)
+    assert totals["skipped"] == 0 and math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    after = {n: p.full_tensor() for n, p in model.named_parameters()}
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert any(not torch.equal(after[n], masters[n]) for n in masters)  # the fp32 masters took the step
+
+
+def test_bf16_needs_fsdp_and_says_so(tmp_path):
+    with pytest.raises(ValueError, match="rl.bf16=true needs rl.parallel=fsdp"):
+        rl.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}", "bf16=true"])
