@@ -82,8 +82,8 @@ from tqdm import tqdm
 
 from data import load_qa, save_atomic
 from rollout import rollout
-from sft import (all_reduce, barrier, check_bf16, full_state_dict, is_dist, latest_checkpoint, load_checkpoint, log_line, print0,
-                 save_checkpoint, setup_dist, truncate_log, unwrap, wrap_model)
+from sft import (all_reduce, barrier, check_bf16, full_state_dict, is_dist, latest_checkpoint, load_checkpoint,
+                 log_line, print0, save_checkpoint, setup_dist, truncate_log, unwrap, wrap_model)
 from tools import EnvConfig, RunConfig, SearchEnv, load_config, load_model, make_tool, parse, reward
 
 
@@ -125,7 +125,7 @@ class RLConfig:
     max_bad_steps: int = 3  # NaN/inf losses in a row before the run stops
     # scale
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per decoder layer)
-    bf16: bool = False  # fsdp: bf16 parameters in forward/backward and rollouts, fp32 master weights and reductions
+    bf16: bool = False  # fsdp: bf16 parameters in forward/backward and rollouts; fp32 master weights, reductions
     grad_checkpointing: bool = False  # recompute activations in backward (large models)
     # bookkeeping
     save_every: int = 20  # steps between resumable checkpoints; 0 = only at the end

@@ -537,15 +537,19 @@ def check_bf16(bf16, strategy, section):
 
 
 def start_one_rank_group(device):
-    """FSDP2 needs a process group; outside torchrun, start one of 1 rank on a free local port (once)."""
+    """FSDP2 needs a process group: under `torchrun --nproc_per_node 1`, its rendezvous (a store of our own would
+    wait forever for torchrun's agent); under python, a 1-rank group on a free local port. Once per process."""
     if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend)
         return
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def is_fsdp(model):
