@@ -8,11 +8,13 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
 def test_qwen7b_memory_arithmetic_gives_the_totals_in_its_comments():
-    import gpu_check
+    import importlib.util  # by path: bench/ on sys.path would shadow rollout.py with bench/rollout.py
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "bench", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
     q7 = gpu_check.qwen7b_arithmetic()
     assert round(q7["rollout"] / 1e9) == 36 and round(q7["update"] / 1e9) == 30  # configs/qwen7b.yaml's comments
 
