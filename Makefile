@@ -18,3 +18,10 @@ test: setup
 	$(PY) -m pytest -q tests
 
 .PHONY: setup demo test
+
+# On a GPU machine: the pipeline, a 1.5B-shaped RL step in bf16, rollout throughput and the memory arithmetic
+# of configs/qwen7b.yaml, in under 6 minutes on one H100 (bench/gpu_check.py; ends with one JSON line).
+gpu-check: setup
+	$(PY) bench/gpu_check.py
+
+.PHONY: gpu-check

@@ -35,6 +35,8 @@ root; bf16=true adds a bf16 MixedPrecisionPolicy with fp32 master weights and re
 recomputes activations). Under FSDP2 the rollout gathers the whole policy once and frees it afterwards: ranks
 generate different lengths, so gathering per forward would leave them waiting on each other. The policy always
 trains in fp32 weights (an RL learning rate like 7e-7 vanishes in bf16 weights); the reference is bf16 on GPU.
+bf16=true (with parallel=fsdp) is one path on 1 and N GPUs: FSDP2 wraps the model on one process too (sft.wrap_model
+starts a 1-rank group), so training computes in bf16 from fp32 masters and rollouts read the gathered bf16 weights.
 
 Robustness. A NaN/inf loss or gradient skips that optimizer step (counted in `skipped`); max_bad_steps of them in
 a row stop the run with a message. Checkpoints (sft.save_checkpoint: weights, optimizer, scheduler, RNG, config,
@@ -59,6 +61,7 @@ Outputs: <run.dir>/<out>/ (HF folder), <run.dir>/<out>.ckpt/step_XXXXXX/ (resume
     python rl.py --config configs/tiny.yaml --resume                          # after a crash: same weights
     torchrun --nproc_per_node 2 rl.py --config configs/tiny.yaml              # 2 CPU processes (gloo)
     torchrun --nproc_per_node 8 rl.py --config configs/qwen7b.yaml            # 8 GPUs, FSDP2 + bf16
+    python rl.py --config configs/tiny.yaml run.device=cuda parallel=fsdp bf16=true   # 1 GPU, FSDP2 + bf16
 
 Not here: value functions (GRPO has none), vLLM or any separate inference engine (rollouts run on the training
 weights through rollout.py's KV cache), sequence packing, multi-node launch scripts.
@@ -79,8 +82,8 @@ from tqdm import tqdm
 
 from data import load_qa, save_atomic
 from rollout import rollout
-from sft import (all_reduce, barrier, full_state_dict, is_dist, latest_checkpoint, load_checkpoint, log_line, print0,
-                 save_checkpoint, setup_dist, truncate_log, unwrap, wrap_model)
+from sft import (all_reduce, barrier, check_bf16, full_state_dict, is_dist, latest_checkpoint, load_checkpoint,
+                 log_line, print0, save_checkpoint, setup_dist, truncate_log, unwrap, wrap_model)
 from tools import EnvConfig, RunConfig, SearchEnv, load_config, load_model, make_tool, parse, reward
 
 
@@ -122,7 +125,7 @@ class RLConfig:
     max_bad_steps: int = 3  # NaN/inf losses in a row before the run stops
     # scale
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per decoder layer)
-    bf16: bool = False  # fsdp: bf16 parameters in forward/backward, fp32 master weights and reductions
+    bf16: bool = False  # fsdp: bf16 parameters in forward/backward and rollouts; fp32 master weights, reductions
     grad_checkpointing: bool = False  # recompute activations in backward (large models)
     # bookkeeping
     save_every: int = 20  # steps between resumable checkpoints; 0 = only at the end
@@ -404,16 +407,11 @@ def build_models(rcfg, run, device, init):
 
 
 def shard(model, rcfg, device):
-    """DDP (small models: a whole copy per rank) or FSDP2 (one shard group per decoder layer, then the root)."""
-    if rcfg.parallel == "fsdp" and rcfg.bf16 and is_dist():
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for layer in model.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        return fully_shard(model, mp_policy=mp)
+    """DDP (small models: a whole copy per rank) or FSDP2 (one shard group per decoder layer, then the root);
+    rl.bf16: FSDP2 with a bf16 MixedPrecisionPolicy, on one process too (sft.wrap_model)."""
     if not any(p.requires_grad for p in model.parameters()):  # the reference: no gradients, no DDP
-        return wrap_model(model, device, "fsdp") if rcfg.parallel == "fsdp" else model
-    return wrap_model(model, device, rcfg.parallel)
+        return wrap_model(model, device, "fsdp", rcfg.bf16) if rcfg.parallel == "fsdp" else model
+    return wrap_model(model, device, rcfg.parallel, rcfg.bf16)
 
 
 @contextlib.contextmanager
@@ -475,6 +473,7 @@ def save_final(model, tokenizer, out_dir, rank):
 def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "rl": RLConfig}, argv, own="rl")
     run, env_cfg, rcfg = cfg.run, cfg.env, cfg.rl
+    check_bf16(rcfg.bf16, rcfg.parallel, "rl")
     rank, world_size, device = setup_dist(run)
     if rcfg.prompts_per_step % world_size:
         raise ValueError(f"config: rl.prompts_per_step ({rcfg.prompts_per_step}) must divide by the number of "

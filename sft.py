@@ -26,8 +26,12 @@ matching strings. Stages (sft.stage):
 
 Training: AdamW, cosine schedule with linear warm-up, gradient clipping, gradient accumulation
 (batch_size sequences per step over all ranks, device_batch_size per forward), length bucketing (batches are cut
-from windows of similar-length trajectories), bf16 autocast on GPU. Losses are normalised over the whole global
-batch (token or pair counts known to every rank), so 1 process and N processes take the same step.
+from windows of similar-length trajectories). Losses are normalised over the whole global batch (token or pair
+counts known to every rank), so 1 process and N processes take the same step.
+Precision, one path for sft.py, rl.py and worldmodel.py: bf16=true wraps the model in FSDP2 (fully_shard per
+decoder layer, then the root) with a bf16 MixedPrecisionPolicy: forward and backward in bf16, fp32 master weights,
+gradients reduced in fp32. It needs parallel=fsdp, and means the same on one process (a 1-rank process group is
+started, so `python` and `torchrun --nproc_per_node 1` run it too) as on N. bf16=false trains in fp32.
 Outputs: <run.dir>/<out>/ (HF folder, written atomically), <run.dir>/<out>.ckpt/step_XXXXXX/ (resume),
 <run.dir>/<out>.metrics.jsonl (one line per step; the last line holds the held-out metrics on dev trajectories:
 next-token loss on the model's tokens, and the perplexity of the real observations).
@@ -38,6 +42,7 @@ next-token loss on the model's tokens, and the perplexity of the real observatio
     python sft.py --config configs/tiny.yaml stage=sft3 init=sft2         # -> runs/tiny/sft3
     python sft.py --config configs/tiny.yaml stage=sft2 --resume          # after a crash: the same weights
     torchrun --nproc_per_node 2 sft.py --config configs/tiny.yaml         # 2 CPU processes (gloo), same losses
+    python sft.py --config configs/tiny.yaml run.device=cuda parallel=fsdp bf16=true   # one GPU, bf16 compute
 
 Measured on the tiny world (configs/tiny.yaml, greedy, real tool, 300 test questions): SFT-2 from the base model,
 750 steps: EM 0.79 / 0.68 / 0.65 (seeds 0/1/2) against 0.12 / 0.14 / 0.13 for the CoT-only model (stage cot,
@@ -92,6 +97,7 @@ class SFTConfig:
     bucket_batches: int = 16  # length bucketing: batches are cut from windows of this many batches sorted by length
     max_len: int = 512  # trajectories longer than this (prompt included) are cut
     parallel: str = "ddp"  # ddp | fsdp (FSDP2) | none, under torchrun
+    bf16: bool = False  # bf16 compute, fp32 master weights (FSDP2 MixedPrecisionPolicy; needs parallel=fsdp)
     save_every: int = 100  # checkpoint every this many steps (0 = none before the end)
     keep_ckpts: int = 2  # newest checkpoints kept
 
@@ -239,10 +245,9 @@ def collate(seqs, pad_id, device):
 # -----------------------------------------------------------------------------
 # Losses: pure functions of tensors -> (loss, stats)
 
-def token_logps(model, ids, attn, device):
-    """(B, T-1) log p(ids[:, t+1] | ids[:, :t+1]) in float32; bf16 autocast on GPU."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+def token_logps(model, ids, attn):
+    """(B, T-1) log p(ids[:, t+1] | ids[:, :t+1]) in float32 (the logits are bf16 under bf16=true)."""
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
     return -F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
 
 
@@ -284,11 +289,11 @@ def train_step(model, examples, batch, sc, rank, world_size, device, pad_id):
             if sc.stage == "sft1":
                 seqs = [examples[i]["chosen"] for i in part] + [examples[i]["rejected"] for i in part]
                 ids, attn, target = collate(seqs, pad_id, device)
-                lp = continuation_logp(token_logps(model, ids, attn, device), target[:, 1:])
+                lp = continuation_logp(token_logps(model, ids, attn), target[:, 1:])
                 loss, stats = sft1_loss(lp[:len(part)], lp[len(part):], sc.alpha, len(batch))
             else:
                 ids, attn, target = collate([examples[i] for i in part], pad_id, device)
-                loss, stats = next_token_loss(token_logps(model, ids, attn, device), target[:, 1:], n_targets)
+                loss, stats = next_token_loss(token_logps(model, ids, attn), target[:, 1:], n_targets)
             (loss * world_size).backward()  # DDP/FSDP average the gradients over ranks: undo it to get the sum
         stats["tokens"] = attn.sum().item()
         for key, v in stats.items():
@@ -331,7 +336,7 @@ def heldout_metrics(model, tokenizer, env, rows, device, batch_size=32, max_len=
         part = seqs[i:i + batch_size]
         ids, attn, target = collate(part, tokenizer.pad_token_id, device)
         _, _, obs = collate([{"ids": s["ids"], "mask": s["obs"]} for s in part], tokenizer.pad_token_id, device)
-        logps = token_logps(model, ids, attn, device)
+        logps = token_logps(model, ids, attn)
         for key, m in (("model", target[:, 1:]), ("obs", obs[:, 1:])):
             sums[key][0] += -(logps * m).sum().item()
             sums[key][1] += int(m.sum().item())
@@ -384,6 +389,7 @@ def main(argv=None):
     if unknown or sc.stage not in STAGES or sc.parallel not in ("ddp", "fsdp", "none"):
         raise ValueError(f"config: unknown flag(s) {unknown} or sft.stage {sc.stage!r} (one of {STAGES}) "
                          f"or sft.parallel {sc.parallel!r} (ddp, fsdp, none)")
+    check_bf16(sc.bf16, sc.parallel, "sft")
     rank, world_size, device = setup_dist(run)
     if sc.batch_size % world_size:
         raise ValueError(f"config: sft.batch_size ({sc.batch_size}) must divide by the number of ranks ({world_size})")
@@ -407,7 +413,7 @@ def main(argv=None):
     examples = build_examples(read_synth(sc.data or os.path.join(synth, "train.jsonl")), sc.stage, tokenizer, env,
                               sc.max_len)
     stream = Stream(examples, sc, run.seed)
-    ddp_model = wrap_model(model, device, sc.parallel)
+    ddp_model = wrap_model(model, device, sc.parallel, sc.bf16)
     optimizer = torch.optim.AdamW(ddp_model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, sc, steps))
     print0(f"sft: stage {sc.stage}, init {init}, {len(examples)} examples "
@@ -454,12 +460,7 @@ def main(argv=None):
     # 4) the output folder, then held-out metrics
     state_dict = full_state_dict(ddp_model)  # gathers the shards under FSDP2: every rank takes part
     if rank == 0:
-        final = unwrap(ddp_model)
-        if is_dist() and not isinstance(ddp_model, DDP):  # FSDP2: a plain copy holding the gathered weights
-            from transformers import AutoModelForCausalLM
-            final = AutoModelForCausalLM.from_config(final.config, dtype=train_dtype)
-            final.load_state_dict(state_dict)
-            final.to(device)
+        final = plain_copy(ddp_model, state_dict, device)
         save_atomic(out_dir, final, tokenizer)
         heldout = sc.heldout or os.path.join(synth, "dev.jsonl")
         if heldout != "none" and os.path.exists(heldout):
@@ -504,9 +505,18 @@ def barrier():
         dist.barrier()
 
 
-def wrap_model(model, device, strategy="ddp"):
+def wrap_model(model, device, strategy="ddp", bf16=False):
     """Data-parallel wrapper. ddp: every rank holds the whole model (small models); fsdp: FSDP2 fully_shard,
-    one shard group per decoder layer then the root (parameters become DTensors). One process: unchanged."""
+    one shard group per decoder layer then the root (parameters become DTensors). One process: unchanged, except
+    with bf16, which is FSDP2's MixedPrecisionPolicy on any number of ranks (a 1-rank group when not under
+    torchrun): bf16 parameters in forward/backward, fp32 master weights and gradient reductions."""
+    if bf16:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        start_one_rank_group(device)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in unwrap(model).model.layers:
+            fully_shard(layer, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
     if not is_dist() or strategy == "none":
         return model
     if strategy == "ddp":
@@ -518,6 +528,44 @@ def wrap_model(model, device, strategy="ddp"):
         fully_shard(model)
         return model
     raise ValueError(f"config: parallel strategy must be ddp, fsdp or none, got {strategy!r}")
+
+
+def check_bf16(bf16, strategy, section):
+    """bf16 is FSDP2's mixed precision (wrap_model): with ddp or none it would silently mean fsdp."""
+    if bf16 and strategy != "fsdp":
+        raise ValueError(f"config: {section}.bf16=true needs {section}.parallel=fsdp (got {strategy!r})")
+
+
+def start_one_rank_group(device):
+    """FSDP2 needs a process group: under `torchrun --nproc_per_node 1`, its rendezvous (a store of our own would
+    wait forever for torchrun's agent); under python, a 1-rank group on a free local port. Once per process."""
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend)
+        return
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def is_fsdp(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def plain_copy(model, state_dict, device):
+    """The HF model with whole, plain weights: the model itself, or under FSDP2 a copy holding state_dict (the
+    gathered weights of full_state_dict, in the master weights' dtype)."""
+    if not is_fsdp(model):
+        return unwrap(model)
+    from transformers import AutoModelForCausalLM
+    copy = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(state_dict.values())).dtype)
+    copy.load_state_dict(state_dict)
+    return copy.to(device)
 
 
 def unwrap(model):
@@ -557,7 +605,7 @@ def set_rng_state(state):
 
 def full_state_dict(model):
     """The whole model's weights as plain tensors, on every rank (gathers FSDP2 shards)."""
-    if is_dist() and not isinstance(model, DDP):
+    if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return unwrap(model).state_dict()
@@ -620,7 +668,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None):
         raise ValueError(f"{path} was written by {meta['world_size']} ranks; resume with the same number "
                          f"(now {world_size})")
     saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(unwrap(model).parameters()).dtype)
-    if is_dist() and not isinstance(model, DDP):  # FSDP2: scatter the full weights into the shards
+    if is_fsdp(model):  # FSDP2: scatter the full weights into the shards
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
     else:

@@ -351,11 +351,31 @@ def read_corpus(path):
             for _, row in read_jsonl(path, check_corpus_row, "corpus row", on_bad="raise")]
 
 
+def import_bm25s():
+    """bm25s, imported with `jax` hidden. bm25s.selection imports jax when it can and runs a top-k on it at import
+    time (its fast backend); on a GPU box JAX then preallocates 75% of the card's memory, which training needs.
+    With jax hidden, bm25s takes its numpy backend, which retrieve(backend_selection="numpy") also asks for."""
+    if "bm25s" in sys.modules:
+        return sys.modules["bm25s"]
+    hidden = {name: sys.modules.get(name) for name in ("jax", "jax.lax")}
+    sys.modules.update(dict.fromkeys(hidden))  # None in sys.modules: `import jax` raises ImportError
+    try:
+        import bm25s
+    finally:
+        for name, module in hidden.items():  # a user's own jax import still works afterwards
+            if module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = module
+    return bm25s
+
+
 class BM25Search:
-    """BM25 (bm25s) over a corpus JSONL; the index is built once and cached next to the corpus."""
+    """BM25 (bm25s, numpy backend, never JAX) over a corpus JSONL; the index is built once and cached next to the
+    corpus."""
 
     def __init__(self, corpus_path, index_dir=None):
-        import bm25s
+        bm25s = import_bm25s()
         self.docs = read_corpus(corpus_path)
         index_dir = index_dir or corpus_path + ".bm25"
         stamp = f"{os.path.getsize(corpus_path)}-{os.path.getmtime(corpus_path)}"
@@ -376,10 +396,10 @@ class BM25Search:
             os.replace(tmp, index_dir)  # atomic: a killed build never leaves a half index
 
     def __call__(self, queries, k=2):
-        import bm25s
+        bm25s = import_bm25s()
         k = min(k, len(self.docs))
         tokens = bm25s.tokenize([q or " " for q in queries], stopwords="en", show_progress=False)
-        idx, _ = self.index.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        idx, _ = self.index.retrieve(tokens, k=k, show_progress=False, n_threads=1, backend_selection="numpy")
         return [[self.docs[i]["contents"] for i in row] for row in idx.tolist()]
 
 

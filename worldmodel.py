@@ -54,6 +54,7 @@ the whole fidelity report. The history drops the policy's thoughts (above).
     python worldmodel.py --config configs/tiny.yaml calls='runs/tiny/logs/*.jsonl'   # other logged real calls
     python rl.py --config configs/tiny.yaml env.worldmodel=runs/tiny/worldmodel sim_share=0.8333  # RL-1 on it
     python worldmodel.py --config configs/tiny.yaml --resume            # after a crash
+    python worldmodel.py --config configs/tiny.yaml run.device=cuda bf16=true  # one GPU: bf16 compute, fp32 masters
     torchrun --nproc_per_node 2 worldmodel.py --config configs/tiny.yaml
 
 Not here: generation (rollout.py), the policy's SFT-3 (sft.py), choosing real vs simulated steps (rl.py).
@@ -95,6 +96,7 @@ class WorldModelConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    bf16: bool = False  # bf16 compute, fp32 master weights: FSDP2's MixedPrecisionPolicy, as sft.bf16 (else DDP)
     # report
     eval_calls: int = 100  # held-out calls per group (seen, unseen); 0 = no fidelity report
     policy: str = ""  # policy folder whose own simulation is measured too; empty = <run.dir>/sft123 or sft3 if there
@@ -384,12 +386,13 @@ def split_calls(calls, heldout_share, seed):
 
 def train(cfg, model, tokenizer, examples, device, rank, world_size):
     """Fine-tune on (prompt, observation) examples; returns the list of (step, loss) logged on rank 0."""
-    from sft import latest_checkpoint, load_checkpoint, save_checkpoint, wrap_model, all_mean, print0, unwrap
+    from sft import (all_mean, full_state_dict, latest_checkpoint, load_checkpoint, plain_copy, print0,
+                     save_checkpoint, wrap_model)
     wm = cfg.worldmodel
     if wm.batch_size < world_size:
         raise ValueError(f"config: worldmodel.batch_size={wm.batch_size} is smaller than the {world_size} ranks")
     model.train()
-    ddp_model = wrap_model(model, device)
+    ddp_model = wrap_model(model, device, "fsdp" if wm.bf16 else "ddp", wm.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=wm.lr, weight_decay=wm.weight_decay, betas=(0.9, 0.95))
     ckpt_dir = os.path.join(cfg.run.dir, wm.out + ".ckpt")
     start = 0
@@ -418,8 +421,8 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size):
         if (wm.save_every and (step + 1) % wm.save_every == 0) or step == wm.steps - 1:
             save_checkpoint(ckpt_dir, step + 1, ddp_model, optimizer, meta={"config": cfg.to_dict()},
                             keep=wm.keep_ckpts)
-    model.eval()
-    return unwrap(ddp_model), log
+    final = plain_copy(ddp_model, full_state_dict(ddp_model), device)  # FSDP2: gathered on every rank
+    return final.eval(), log
 
 
 # -----------------------------------------------------------------------------
@@ -558,7 +561,8 @@ def main(argv=None):
            f"({search.calls} new tool calls, {time.time() - t0:.1f}s)")
 
     # 2. fine-tune the world model: loss on observation tokens only
-    model, tokenizer = load_model(wm.init or base, cfg.run, device=device)
+    train_dtype = getattr(torch, cfg.run.dtype) if cfg.run.dtype != "auto" else torch.float32  # fp32 masters
+    model, tokenizer = load_model(wm.init or base, cfg.run, device=device, dtype=train_dtype)
     examples = [make_example(tokenizer, c, env, wm.history_max_tokens) for c in train_calls]
     model, log = train(cfg, model, tokenizer, examples, device, rank, world_size)
     out_dir = os.path.join(cfg.run.dir, wm.out)

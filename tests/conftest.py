@@ -2,6 +2,10 @@
 
     tiny_cfg   the resolved config (run.data_dir and run.runs_dir point into a temporary folder)
     tiny_base  the path of the untrained base model folder (model + tokenizer)
+
+Every test says which device it means: the tiny-world configs say run.device=cpu, models are loaded onto
+torch.device("cpu"), subprocesses get CUDA_VISIBLE_DEVICES="" (so the suite passes the same on a GPU box), and
+tests marked `@pytest.mark.requires_cuda` run on the GPU and are skipped where there is none.
 """
 import os
 import sys
@@ -15,6 +19,18 @@ torch.set_num_threads(1)  # tests share 2 cores; small models are not faster wit
 import data  # noqa: E402
 from tools import EnvConfig, RunConfig, load_config  # noqa: E402
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires_cuda: runs on a CUDA GPU; skipped where there is none")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "requires_cuda" in item.keywords:
+                item.add_marker(skip)
+
 SMALL_WORLD = ["world.n_people=200", "world.n_famous=8", "world.n_cities=12", "world.n_countries=4",
                "world.n_companies=10", "world.n_first=16", "world.n_last=16", "world.n_dev=40", "world.n_test=60",
                "world.famous_repeats=4"]
@@ -23,9 +39,19 @@ SMALL_WORLD = ["world.n_people=200", "world.n_famous=8", "world.n_cities=12", "w
 def tiny_config(root, extra=()):
     """Config for a small tiny world living under root (data in root/data, stage outputs in root/runs/test)."""
     argv = ["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
-            f"run.data_dir={root}/data", f"run.runs_dir={root}/runs", "run.name=test", *SMALL_WORLD, *extra]
+            f"run.data_dir={root}/data", f"run.runs_dir={root}/runs", "run.name=test", "run.device=cpu",
+            *SMALL_WORLD, *extra]
     return load_config({"run": RunConfig, "env": EnvConfig, "world": data.WorldConfig, "model": data.ModelConfig},
                        argv, own="world")
+
+
+@pytest.fixture
+def one_rank_group():
+    """wrap_model starts a 1-rank process group when bf16 is on; end it so the next test starts clean."""
+    import torch.distributed as dist
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +80,7 @@ def tiny_synth(tiny_root, tiny_base):
     from transformers import AutoTokenizer
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "synth": data.SynthConfig},
                       ["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
-                       f"run.data_dir={tiny_root}/data", f"run.runs_dir={tiny_root}/runs", "run.name=test"])
+                       f"run.data_dir={tiny_root}/data", f"run.runs_dir={tiny_root}/runs", "run.name=test",
+                       "run.device=cpu"])
     stats = data.synthesize(cfg, AutoTokenizer.from_pretrained(tiny_base))
     return os.path.join(tiny_root, "data", "synth"), stats

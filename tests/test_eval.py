@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+import torch
 
 import eval as ev
 from tools import EnvConfig
@@ -175,14 +176,15 @@ def tiny_eval_cfg(tiny_root, extra=()):
     import data
     return load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "eval": ev.EvalConfig},
                        ["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data",
-                        f"run.runs_dir={tiny_root}/runs", "run.name=evaltest", "env.max_new_tokens=48", *extra],
+                        f"run.runs_dir={tiny_root}/runs", "run.name=evaltest", "run.device=cpu",
+                        "env.max_new_tokens=48", *extra],
                        own="eval")
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_base):
     from tools import load_model
-    return load_model(tiny_base)
+    return load_model(tiny_base, device=torch.device("cpu"))
 
 
 def test_fixed_workflow_writes_the_searches_itself(tiny_root, tiny_model):
@@ -225,7 +227,7 @@ def test_main_writes_per_question_jsonl_and_summary(tiny_root, tiny_base):
     import os
     summary = ev.main(["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data",
                        f"run.runs_dir={tiny_root}/runs", "run.name=evaltest", f"init={tiny_base}", "limit=5",
-                       "env.max_new_tokens=32", "tag=t"])
+                       "env.max_new_tokens=32", "tag=t", "run.device=cpu"])
     out = os.path.join(tiny_root, "runs", "evaltest", "eval")
     with open(os.path.join(out, "t.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -253,7 +255,7 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
 
     def run(name):
         rows = demo.main(["--config", "configs/tiny.yaml", "--quick", f"run.data_dir={tmp_path}/{name}/data",
-                          f"run.runs_dir={tmp_path}/{name}/runs"])
+                          f"run.runs_dir={tmp_path}/{name}/runs", "run.device=cpu"])
         with open(os.path.join(tmp_path, name, "runs", "tiny_quick", "results.json"), "rb") as f:
             return rows, f.read()
 
@@ -340,7 +342,7 @@ def test_cut_before_keeps_no_piece_of_a_multi_token_tag():
 
 def test_instruct_models_get_direct_prompting_without_tool(tiny_root, tiny_base):
     from tools import load_model
-    model, tokenizer = load_model(tiny_base)
+    model, tokenizer = load_model(tiny_base, device=torch.device("cpu"))
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                                "{% if add_generation_prompt %}assistant:{% endif %}")
     cfg = tiny_eval_cfg(tiny_root, ["mode=notool"])

@@ -219,10 +219,11 @@ WORKER = """
 import sys, torch
 sys.path.insert(0, {root!r})
 import rl, sft
+from tools import RunConfig
 from tests.test_rl import fake_episodes
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(1)
-rank, world_size, device = sft.setup_dist()
+rank, world_size, device = sft.setup_dist(RunConfig(device="cpu"))
 for parallel, loss_type in [(p, l) for p in {parallel!r} for l in ("grpo", "dapo", "dr_grpo")]:
     cfg = rl.RLConfig(group_size=2, updates_per_step=2, micro_batch=2, kl_coef=0.1, entropy_coef=0.01,
                       loss_type=loss_type, drop_zero_var=True, grad_clip=0.0, parallel=parallel)
@@ -250,7 +251,7 @@ def test_same_global_batch_gives_the_same_update_on_one_and_two_processes(tiny_b
     for n, parallel in ((1, ["ddp"]), (2, ["ddp", "fsdp"])):
         script = tmp_path / f"worker{n}.py"
         script.write_text(WORKER.format(root=ROOT, base=tiny_base, out=str(tmp_path / f"n{n}"), parallel=parallel))
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -270,8 +271,9 @@ def test_same_global_batch_gives_the_same_update_on_one_and_two_processes(tiny_b
 
 def rl_argv(tiny_root, base, runs_dir, *extra):
     return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.data_dir={tiny_root}/data",
-            f"run.runs_dir={runs_dir}", "run.name=t", f"init={base}", "prompts_per_step=4", "group_size=2",
-            "env.max_new_tokens=40", "env.obs_max_tokens=20", "temperature=1.0", "entropy_coef=0.05", "lr=1e-3",
+            f"run.runs_dir={runs_dir}", "run.name=t", "run.device=cpu", f"init={base}", "prompts_per_step=4",
+            "group_size=2", "env.max_new_tokens=40", "env.obs_max_tokens=20", "temperature=1.0", "entropy_coef=0.05",
+            "lr=1e-3",
             "drop_zero_var=false",  # the untrained model earns no reward: only the entropy term trains it
             *extra]
 
@@ -325,8 +327,8 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_root, tiny_base, tm
     killed = rl_argv(tiny_root, tiny_base, tmp_path / "b", "steps=4", "save_every=2", "eval_n=0",
                      "updates_per_step=2", "kl_coef=0.05")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "rl.py"), *killed], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "b" / "t" / "rl.ckpt" / "step_000002"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -352,3 +354,42 @@ def test_qwen7b_config_holds_the_papers_settings():
     assert cfg.env.max_actions == 10 and cfg.env.tool == "http"
     assert r.prompts_per_step % 8 == 0 and r.parallel == "fsdp" and r.bf16  # 8 ranks share the prompts
     assert [rl.step_env(s, r, cfg.env) for s in (0, 199, 200, 239)] == ["policy", "policy", "real", "real"]
+
+
+# -----------------------------------------------------------------------------
+# bf16 on one process: FSDP2's MixedPrecisionPolicy with a 1-rank group, the same path as on N GPUs
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.requires_cuda)])
+def test_bf16_on_one_process_trains_fp32_masters_and_rolls_out_with_bf16_weights(tiny_cfg, tiny_base, device,
+                                                                                   one_rank_group):
+    from torch.distributed.tensor import DTensor
+    from rollout import rollout
+    from tools import SearchEnv, load_model, make_tool
+    device = torch.device(device)
+    cfg = rl.RLConfig(group_size=2, lr=1e-2, parallel="fsdp", bf16=True)
+    model, tokenizer = load_model(tiny_base, tiny_cfg.run, device=device, dtype=torch.float32)
+    model = rl.shard(model, cfg, device)
+    masters = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in model.parameters())
+    env = SearchEnv(make_tool(tiny_cfg.env, tiny_cfg.run), tokenizer, tiny_cfg.env)
+    rows = [json.loads(line) for line in open(os.path.join(tiny_cfg.run.data_dir, "train.jsonl"))][:2]
+    with rl.generation_mode(model) as policy:
+        seen = {(type(p).__name__, p.dtype, p.device.type) for p in policy.parameters()}
+        episodes = rollout(policy, tokenizer, rows, tiny_cfg.env, env, group_size=2, temperature=1.0,
+                           max_new_tokens=24, generator=torch.Generator(device=device).manual_seed(0))
+    assert seen == {("Parameter", torch.bfloat16, device.type)}  # the gathered bf16 weights, not the fp32 masters
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in model.parameters())  # resharded
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    totals = {"skipped": 0, "bad_in_row": 0}
+    stats = rl.learn(model, None, opt, sched, episodes, torch.tensor([1., 0., 0., 1.]), [0, 1], cfg, 24,
+                     tokenizer.pad_token_id, device, totals)
+    assert totals["skipped"] == 0 and math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    after = {n: p.full_tensor() for n, p in model.named_parameters()}
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert any(not torch.equal(after[n], masters[n]) for n in masters)  # the fp32 masters took the step
+
+
+def test_bf16_needs_fsdp_and_says_so(tmp_path):
+    with pytest.raises(ValueError, match="rl.bf16=true needs rl.parallel=fsdp"):
+        rl.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}", "bf16=true"])

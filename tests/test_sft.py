@@ -108,7 +108,7 @@ def test_next_token_loss_is_the_masked_mean_of_cross_entropy():
     class Fixed(torch.nn.Module):
         def forward(self, input_ids, attention_mask):
             return type("Out", (), {"logits": logits})()
-    logps = sft.token_logps(Fixed(), ids, torch.ones_like(ids), torch.device("cpu"))
+    logps = sft.token_logps(Fixed(), ids, torch.ones_like(ids))
     loss, _ = sft.next_token_loss(logps, target[:, 1:], target[:, 1:].sum())
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1), reduction="none").view(2, 4)
     assert loss.item() == pytest.approx(((ce * target[:, 1:]).sum() / target[:, 1:].sum()).item(), rel=1e-6)
@@ -158,7 +158,7 @@ def small_train(tiny_synth, tmp_path_factory):
 def sft_args(tiny_root, tiny_base, runs_dir, data, *extra):
     return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.data_dir={tiny_root}/data",
             f"run.runs_dir={runs_dir}", "run.name=t", f"init={tiny_base}", f"data={data}", "batch_size=8",
-            "device_batch_size=4", "warmup_steps=2", "heldout=none", *extra]
+            "device_batch_size=4", "warmup_steps=2", "heldout=none", "run.device=cpu", *extra]
 
 
 def run_sft(runs, workdir, nproc=1):
@@ -166,7 +166,7 @@ def run_sft(runs, workdir, nproc=1):
     script = os.path.join(workdir, "sft_worker.py")
     with open(script, "w") as f:
         f.write("import json, sys\nimport sft\nfor args in json.loads(sys.argv[1]):\n    sft.main(args)\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT}
     launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [PY]
     return subprocess.Popen(launcher + [script, json.dumps(runs)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -235,3 +235,17 @@ def test_bad_stage_and_unknown_flag_are_refused(tmp_path):
         sft.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "stage=sft9", f"run.runs_dir={tmp_path}"])
     with pytest.raises(ValueError, match="flag"):
         sft.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--resmue", f"run.runs_dir={tmp_path}"])
+
+
+def test_bf16_on_one_process_saves_fp32_weights_that_moved(tiny_root, tiny_base, small_train, tmp_path,
+                                                            one_rank_group):
+    """sft.bf16 on one process: FSDP2 (1-rank group), bf16 compute, fp32 masters; the output is a plain fp32 folder."""
+    sft.main(sft_args(tiny_root, tiny_base, str(tmp_path), small_train, "stage=sft2", "steps=2", "save_every=1",
+                      "parallel=fsdp", "bf16=true"))
+    out, base = weights(tmp_path / "t" / "sft2"), weights(tiny_base)
+    assert all(v.dtype == torch.float32 for v in out.values())
+    assert any(not torch.equal(out[k], base[k]) for k in base)
+    assert all(math.isfinite(x) for x in losses(tmp_path, "sft2"))
+    assert os.path.isdir(tmp_path / "t" / "sft2.ckpt" / "step_000001")  # a checkpoint gathered from the shards
+    with pytest.raises(ValueError, match="sft.bf16=true needs sft.parallel=fsdp"):
+        sft.main(sft_args(tiny_root, tiny_base, str(tmp_path), small_train, "bf16=true"))

@@ -30,7 +30,8 @@ def text(segments):
 def synth_config(root, *extra):
     return load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "synth": data.SynthConfig},
                        ["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
-                        f"run.data_dir={root}/data", f"run.runs_dir={root}/runs", "run.name=test", *extra])
+                        f"run.data_dir={root}/data", f"run.runs_dir={root}/runs", "run.name=test", "run.device=cpu",
+                        *extra])
 
 
 def test_oracle_writes_every_kind_and_logs_its_real_calls(tiny_synth):

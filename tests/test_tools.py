@@ -260,3 +260,44 @@ def test_observation_fits_the_token_budget():
     (obs,) = env(["q"])
     assert obs.startswith(ENV.obs_open) and obs.endswith(ENV.obs_close)
     assert len(obs[len(ENV.obs_open):-len(ENV.obs_close)].split()) == 20
+
+
+# -----------------------------------------------------------------------------
+# BM25 never touches JAX: on a GPU box, JAX's first use preallocates 75% of the card (bm25s imports it if it can)
+
+JAX_TRAP = """
+import os
+open(os.path.join(os.path.dirname(__file__), "..", "jax_was_imported"), "w").close()
+raise AssertionError("jax was imported")  # not ImportError: bm25s catches that and carries on
+"""
+
+BM25_CHILD = """
+import json, sys
+sys.path.insert(0, {root!r})
+import tools
+docs = [{{"id": "1", "contents": "Ada\\nAda was born in Lorn."}}, {{"id": "2", "contents": "Cy\\nCy was born in Vess."}}]
+with open({corpus!r}, "w") as f:
+    f.writelines(json.dumps(d) + "\\n" for d in docs)
+hits = tools.BM25Search({corpus!r})(["Cy born"], k=1)  # builds the index
+hits += tools.BM25Search({corpus!r})(["Ada born"], k=1)  # loads it from disk
+print(json.dumps({{"hits": hits, "jax_imported": "jax" in sys.modules}}))
+"""
+
+
+def test_bm25_build_and_query_never_import_jax(tmp_path):
+    """A stand-in `jax` first on the path fails loudly when imported; BM25Search must build, load and query
+    without it (a fresh process, so no earlier import of bm25s hides the check)."""
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "site" / "jax").mkdir(parents=True)
+    (tmp_path / "site" / "jax" / "__init__.py").write_text(JAX_TRAP)
+    (tmp_path / "site" / "jax" / "lax.py").write_text(JAX_TRAP)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = BM25_CHILD.format(root=root, corpus=str(tmp_path / "corpus.jsonl"))
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site"), "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {"hits": [["Cy\nCy was born in Vess."], ["Ada\nAda was born in Lorn."]],
+                                       "jax_imported": False}
+    assert not (tmp_path / "site" / "jax_was_imported").exists()

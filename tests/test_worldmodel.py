@@ -178,11 +178,12 @@ def test_world_model_loss_falls_and_the_report_covers_every_simulator(tiny_root,
     assert os.path.exists(os.path.join(tiny_root, "runs", "wm", "worldmodel", "config.json"))
 
 
-def test_resume_after_a_kill_gives_the_same_weights(tiny_root, tiny_base):
-    argv = wm_argv(tiny_root, tiny_base, "wmresume", "calls=oracle", "steps=6", "batch_size=4", "save_every=3",
-                   "keep_ckpts=3", "eval_calls=0", "history_max_tokens=32")
+@pytest.mark.parametrize("bf16", ["false", "true"])  # true: FSDP2 on one process, checkpoints from its shards
+def test_resume_after_a_kill_gives_the_same_weights(tiny_root, tiny_base, bf16, one_rank_group):
+    argv = wm_argv(tiny_root, tiny_base, f"wmresume{bf16}", "calls=oracle", "steps=6", "batch_size=4",
+                   "save_every=3", "keep_ckpts=3", "eval_calls=0", "history_max_tokens=32", f"bf16={bf16}")
     wmod.main(argv)
-    run_dir = os.path.join(tiny_root, "runs", "wmresume")
+    run_dir = os.path.join(tiny_root, "runs", f"wmresume{bf16}")
     straight = load_model(os.path.join(run_dir, "worldmodel"), device=torch.device("cpu"))[0].state_dict()
     import shutil
     shutil.rmtree(os.path.join(run_dir, "worldmodel.ckpt", "step_000006"))  # as if killed after step 3
