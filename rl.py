@@ -476,6 +476,8 @@ def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "rl": RLConfig}, argv, own="rl")
     run, env_cfg, rcfg = cfg.run, cfg.env, cfg.rl
     rank, world_size, device = setup_dist(run)
+    from sft import start_logging
+    start_logging(run, rcfg.out, cfg.to_dict(), rank)
     if rcfg.prompts_per_step % world_size:
         raise ValueError(f"config: rl.prompts_per_step ({rcfg.prompts_per_step}) must divide by the number of "
                          f"ranks ({world_size})")
