@@ -159,3 +159,41 @@ def test_eval_through_the_server_scores_like_the_local_index(server, tiny_root, 
     assert remote["real_calls"] > 0 and remote["tool_failures"] == 0
     assert {k: remote[k] for k in ("em", "f1", "real_calls", "gen_tokens")} == \
            {k: local[k] for k in ("em", "f1", "real_calls", "gen_tokens")}
+
+
+# -----------------------------------------------------------------------------
+# The dense retriever (optional: runs where faiss is installed)
+
+@pytest.fixture(scope="module")
+def encoder(tiny_base, tmp_path_factory):
+    """A small random BERT with the tiny world's tokenizer: the e5 code path without a hub download."""
+    pytest.importorskip("faiss")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    import torch
+    path = str(tmp_path_factory.mktemp("encoder"))
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=128, max_position_embeddings=512)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_dense_server_answers_like_the_in_process_dense_index(encoder, corpus, tmp_path):
+    small = str(tmp_path / "corpus.jsonl")  # 40 documents: a random encoder is slow enough on one core
+    docs = tools.read_corpus(corpus)[:40]
+    with open(small, "w") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    local = tools.DenseSearch(small, encoder)
+    assert os.path.exists(f"{small}.{os.path.basename(encoder)}.faiss")  # cached for the server to load
+    texts = [d["contents"] for d in docs[:10]]
+    idx, scores = local.search(texts, 3)
+    assert sum(row[0] == i for i, row in enumerate(idx)) >= 8  # a document's own text finds it (mean pooling)
+    assert all(row == sorted(row, reverse=True) and -1.001 <= row[0] <= 1.001 for row in scores)  # cosines
+    proc, url = start_server(small, "--retriever", "e5", "--model", encoder)
+    try:
+        reply = requests.post(url, json={"queries": texts, "topk": 3, "return_scores": True}, timeout=30).json()
+        assert [[hit["document"]["id"] for hit in row] for row in reply["result"]] == \
+               [[docs[i]["id"] for i in row] for row in idx]
+    finally:
+        stop_server(proc)
