@@ -28,7 +28,7 @@ def recipe():
     with open(os.path.join(ROOT, "README.md")) as f:
         block = re.search(r"<!-- recipe -->\n```bash\n(.*?)```\n<!-- /recipe -->", f.read(), re.S).group(1)
     variables, commands = {}, []
-    for line in block.splitlines():
+    for line in block.replace("\\\n", " ").splitlines():  # a continued line is one command
         line = line.split(" #")[0].strip()
         if line.startswith("#") or not line:
             continue
