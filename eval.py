@@ -108,6 +108,9 @@ def load_questions(cfg, source=None):
         source = os.path.join(cfg.run.data_dir, f"{source}.jsonl")
     elif not os.path.exists(source) and os.path.exists(named):
         source = named
+    elif not os.path.exists(source) and source not in data.HUB_NAMES:
+        raise FileNotFoundError(f"eval.data: no QA file {source!r} nor {named!r} (eval.qa_dir), "
+                                f"and no FlashRAG hub name ({', '.join(data.HUB_NAMES)})")
     return data.load_qa(source, limit=cfg.eval.limit or None)
 
 
@@ -668,18 +671,19 @@ def main(argv=None):
     torch.manual_seed(cfg.run.seed)
     rank, world_size, device = setup_dist(cfg.run)
     path = resolve_model(ecfg.init, cfg)
+    sources = [s.strip() for s in ecfg.data.split(",") if s.strip()]
+    questions = {source: load_questions(cfg, source) for source in sources}  # a bad set fails before any work
+    for source, rows in questions.items():
+        if not rows:
+            raise ValueError(f"eval.data={source!r}: no usable questions")
     model, tokenizer = load_model(path, cfg.run, device=device)
     model.eval()
     corpus = cfg.env.corpus or os.path.join(cfg.run.data_dir, "corpus.jsonl")
     if rank == 0 and cfg.model.wiki and cfg.env.tool == "bm25" and not os.path.exists(corpus):
         print("wiki corpus docs:", data.build_wiki_corpus(corpus))  # the offline Wikipedia, built on first use
     barrier()
-    sources = [s.strip() for s in ecfg.data.split(",") if s.strip()]
     shards = {}
-    for source in sources:  # 1) every set: this rank's share of the questions
-        rows = load_questions(cfg, source)
-        if not rows:
-            raise ValueError(f"eval.data={source!r}: no usable questions")
+    for source, rows in questions.items():  # 1) every set: this rank's share of the questions
         with torch.no_grad():
             summary, records, episodes = evaluate(model, tokenizer, rows[rank::world_size], cfg)
         shards[source] = {"records": records, "wall_s": summary["wall_s"], "tool_failures": summary["tool_failures"],
