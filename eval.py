@@ -29,13 +29,17 @@ Three modes, all through rollout.py so the rows compare fairly:
                      "Observation:", run the query, append the result, repeat; "Action: Finish[...]" answers.
               auto   react for a model with a chat template, fixed otherwise.
 
-Outputs: <run.dir>/<eval.out>/<tag>.jsonl (one row per question and sample) and <tag>.summary.json.
+Outputs: <run.dir>/<eval.out>/<tag>.jsonl (one row per question and sample) and <tag>.summary.json; with several
+sets (eval.data=nq,triviaqa,...) one pair per set and the paper's Table 1: <tag>.table.md and <tag>.table.json,
+a column per set plus their average, rows EM, F1, lenient accuracy, actions per question (and the judge's).
 
     python eval.py --config configs/tiny.yaml init=sft2                     # the agent, greedy, real tool
     python eval.py --config configs/tiny.yaml init=sft2 mode=notool
     python eval.py --config configs/tiny.yaml init=sft2 samples=4 temperature=0.7 env.env=policy
     python eval.py --config configs/smollm2_eval.yaml mode=workflow data=/path/hotpotqa.jsonl limit=50
-    torchrun is not needed: evaluation is one process (batched); run several evals side by side instead.
+    python eval.py --config configs/smollm2_eval.yaml data=nq,triviaqa,hotpotqa,2wiki,musique,bamboogle \
+        qa_dir=PATH/flashrag_test limit=500                               # Table 1: nq -> PATH/nq.jsonl, ...
+    torchrun --nproc_per_node 8 eval.py --config configs/qwen7b.yaml init=rl2 data=nq,hotpotqa   # a shard per rank
 
 Not here: the pass@k family, retrieval metrics (data.bm25_recall has recall@k), an LLM judge for training rewards.
 """
@@ -58,7 +62,9 @@ from tools import (EnvConfig, RunConfig, SearchEnv, build_prompt, exact_match, e
 @dataclass
 class EvalConfig:
     init: str = "sft2"  # the model: a folder, a stage name under <run.dir>/, "base", or an HF hub name
-    data: str = "test"  # a split of run.data_dir (train|dev|test), a QA JSONL path, or a FlashRAG name (nq, ...)
+    data: str = "test"  # comma-separated QA sets, each a split of run.data_dir (train|dev|test), a QA JSONL path,
+    # a name with a file <qa_dir>/<name>.jsonl, or a FlashRAG hub name (nq, ...); several sets: one table
+    qa_dir: str = "data/qa"  # where QA set names find their files (nq -> data/qa/nq.jsonl)
     limit: int = 0  # evaluate the first N questions only (0 = all)
     mode: str = "agent"  # agent | notool | workflow (see the docstring)
     workflow: str = "auto"  # auto | fixed | react: how the workflow baseline decides its actions
@@ -95,10 +101,16 @@ def resolve_model(init, cfg):
     raise FileNotFoundError(f"eval.init={init!r}: no folder {init!r} or {staged!r} (run that stage first)")
 
 
-def load_questions(cfg):
-    source = cfg.eval.data
+def load_questions(cfg, source=None):
+    source = source or cfg.eval.data
+    named = os.path.join(cfg.eval.qa_dir, f"{source}.jsonl")
     if source in ("train", "dev", "test") and not os.path.exists(source):
         source = os.path.join(cfg.run.data_dir, f"{source}.jsonl")
+    elif not os.path.exists(source) and os.path.exists(named):
+        source = named
+    elif not os.path.exists(source) and source not in data.HUB_NAMES:
+        raise FileNotFoundError(f"eval.data: no QA file {source!r} nor {named!r} (eval.qa_dir), "
+                                f"and no FlashRAG hub name ({', '.join(data.HUB_NAMES)})")
     return data.load_qa(source, limit=cfg.eval.limit or None)
 
 
@@ -587,33 +599,128 @@ def summary_line(summary):
             f"{summary['wall_s']:.1f}s\n  by kind: {kinds}")
 
 
+# -----------------------------------------------------------------------------
+# Several QA sets, several ranks: the paper's Table 1 in one command
+#
+# Under torchrun every rank evaluates rows[rank::world_size] of every set, then one all_gather_object brings all
+# records to rank 0, which puts them back in row order and writes what one process would have written (greedy
+# rows do not depend on the shard; wall_s is the slowest rank's).
+
+TABLE_ROWS = (("em", "EM"), ("f1", "F1"), ("lenient", "lenient acc."), ("actions", "actions/question"))
+
+
+def gather_shards(shards, world_size):
+    """{set: [per-rank part]} on rank 0 (None elsewhere): one all_gather_object for every set at once."""
+    if world_size == 1:
+        return {name: [part] for name, part in shards.items()}
+    import torch.distributed as dist
+    everything = [None] * world_size
+    dist.all_gather_object(everything, shards)
+    return {name: [ranks[name] for ranks in everything] for name in shards}
+
+
+def merge_shards(parts, samples):
+    """Records of rows[r::W] from each rank r -> all records in row order (samples adjacent)."""
+    world_size, records = len(parts), []
+    n_rows = sum(len(p["records"]) for p in parts) // samples
+    for g in range(n_rows):
+        local = parts[g % world_size]["records"]
+        records += local[(g // world_size) * samples:(g // world_size + 1) * samples]
+    return records
+
+
+def table(summaries, judged=False):
+    """{metric: {set: value, ..., "average": mean over sets}}: the paper's rows, one column per set."""
+    rows = TABLE_ROWS + ((("judge", "judge acc."),) if judged else ())
+    return {label: {**{name: s.get(key, 0.0) for name, s in summaries.items()},
+                    "average": mean(s.get(key, 0.0) for s in summaries.values())} for key, label in rows}
+
+
+def table_markdown(tab, title):
+    sets = list(next(iter(tab.values())))
+    lines = [f"### {title}", "", "| | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    for label, values in tab.items():
+        cells = [f"{values[s]:.2f}" if label.startswith("actions") else f"{100 * values[s]:.1f}" for s in sets]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(tab, summaries, out_dir, tag, title):
+    """<out_dir>/<tag>.table.md (accuracies in %) and .table.json (fractions, with each set's size)."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"{tag}.table")
+    with open(base + ".md", "w") as f:
+        f.write(table_markdown(tab, title))
+    with open(base + ".json", "w") as f:
+        json.dump({"title": title, "table": tab, "questions": {n: s["questions"] for n, s in summaries.items()}},
+                  f, indent=1)
+    return base + ".md"
+
+
+def set_name(source):
+    return os.path.basename(source).split(".")[0]
+
+
 def main(argv=None):
+    from sft import barrier, print0, setup_dist
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "eval": EvalConfig}, argv,
                       own="eval")
     ecfg = cfg.eval
     check_config(ecfg)
     if ecfg.samples > 1 and ecfg.temperature == 0:
-        print("warning: eval.samples > 1 with temperature 0: every sample is the same greedy trajectory")
+        print0("warning: eval.samples > 1 with temperature 0: every sample is the same greedy trajectory")
     torch.manual_seed(cfg.run.seed)
+    rank, world_size, device = setup_dist(cfg.run)
     path = resolve_model(ecfg.init, cfg)
-    model, tokenizer = load_model(path, cfg.run)
+    sources = [s.strip() for s in ecfg.data.split(",") if s.strip()]
+    questions = {source: load_questions(cfg, source) for source in sources}  # a bad set fails before any work
+    for source, rows in questions.items():
+        if not rows:
+            raise ValueError(f"eval.data={source!r}: no usable questions")
+    model, tokenizer = load_model(path, cfg.run, device=device)
     model.eval()
     corpus = cfg.env.corpus or os.path.join(cfg.run.data_dir, "corpus.jsonl")
-    if cfg.model.wiki and cfg.env.tool == "bm25" and not os.path.exists(corpus):
+    if rank == 0 and cfg.model.wiki and cfg.env.tool == "bm25" and not os.path.exists(corpus):
         print("wiki corpus docs:", data.build_wiki_corpus(corpus))  # the offline Wikipedia, built on first use
-    rows = load_questions(cfg)
-    if not rows:
-        raise ValueError(f"eval.data={ecfg.data!r}: no usable questions")
-    with torch.no_grad():
-        summary, records, episodes = evaluate(model, tokenizer, rows, cfg)
-    tag = ecfg.tag or f"{os.path.basename(path.rstrip('/'))}-{ecfg.mode}-{os.path.basename(ecfg.data).split('.')[0]}"
-    summary.update(model=path, mode=ecfg.mode, data=ecfg.data, env=cfg.env.env, config=cfg.to_dict())
-    out = write_results(records, summary, os.path.join(cfg.run.dir, ecfg.out), tag)
-    print(f"eval {tag}: {len(rows)} questions -> {out}\n  {summary_line(summary)}")
-    for ep in episodes[:ecfg.show]:
-        print(show_trajectory(ep, tokenizer))
-    summary["tag"] = tag
-    return summary
+    barrier()
+    shards = {}
+    for source, rows in questions.items():  # 1) every set: this rank's share of the questions
+        with torch.no_grad():
+            summary, records, episodes = evaluate(model, tokenizer, rows[rank::world_size], cfg)
+        shards[source] = {"records": records, "wall_s": summary["wall_s"], "tool_failures": summary["tool_failures"],
+                          "judge_failures": summary.get("judge_failures", 0)}
+        for ep in episodes[:ecfg.show] if rank == 0 else []:
+            print(show_trajectory(ep, tokenizer))
+    gathered = gather_shards(shards, world_size)  # 2) one gather
+    if rank != 0:
+        return None
+    summaries = {}
+    model_name = os.path.basename(path.rstrip('/'))
+    for source in sources:  # 3) rank 0: each set's records and summary, as one process writes them
+        parts = gathered[source]
+        records = merge_shards(parts, ecfg.samples)
+        summary = summarize(records, ecfg.samples)
+        wall_s = max(p["wall_s"] for p in parts)
+        summary.update(wall_s=wall_s, s_per_question=wall_s / max(summary["questions"], 1),
+                       tool_failures=sum(p["tool_failures"] for p in parts), ranks=world_size)
+        if ecfg.judge:
+            summary["judge_failures"] = sum(p["judge_failures"] for p in parts)
+        tag = (ecfg.tag if len(sources) == 1 else f"{ecfg.tag}-{set_name(source)}") if ecfg.tag else \
+            f"{model_name}-{ecfg.mode}-{set_name(source)}"
+        summary.update(model=path, mode=ecfg.mode, data=source, env=cfg.env.env, config=cfg.to_dict())
+        out = write_results(records, summary, os.path.join(cfg.run.dir, ecfg.out), tag)
+        print(f"eval {tag}: {summary['questions']} questions -> {out}\n  {summary_line(summary)}")
+        summary["tag"] = tag
+        summaries[set_name(source)] = summary
+    if len(sources) == 1:
+        return summaries[set_name(sources[0])]
+    tab = table(summaries, ecfg.judge)  # 4) several sets: the table
+    title = f"{model_name}, {ecfg.mode}, env {cfg.env.env}/{cfg.env.tool}"
+    title += f", first {ecfg.limit} per set" if ecfg.limit else ""
+    out_dir, tag = os.path.join(cfg.run.dir, ecfg.out), ecfg.tag or f"{model_name}-{ecfg.mode}"
+    out = write_table(tab, summaries, out_dir, tag, title)
+    print(f"table -> {out}\n" + table_markdown(tab, title))
+    return {"table": tab, "summaries": summaries, "path": out}
 
 
 if __name__ == "__main__":

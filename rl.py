@@ -475,6 +475,8 @@ def main(argv=None):
     run, env_cfg, rcfg = cfg.run, cfg.env, cfg.rl
     check_bf16(rcfg.bf16, rcfg.parallel, "rl")
     rank, world_size, device = setup_dist(run)
+    from sft import start_logging
+    start_logging(run, rcfg.out, cfg.to_dict(), rank)
     if rcfg.prompts_per_step % world_size:
         raise ValueError(f"config: rl.prompts_per_step ({rcfg.prompts_per_step}) must divide by the number of "
                          f"ranks ({world_size})")

@@ -366,6 +366,7 @@ def resolve_init(init, cfg):
 def log_line(path, row):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+    LOGGER.log(row)  # and to wandb / tensorboard when run.log asks for it (a no-op otherwise)
 
 
 def truncate_log(path, step):
@@ -391,6 +392,7 @@ def main(argv=None):
                          f"or sft.parallel {sc.parallel!r} (ddp, fsdp, none)")
     check_bf16(sc.bf16, sc.parallel, "sft")
     rank, world_size, device = setup_dist(run)
+    start_logging(run, sc.out or sc.stage, cfg.to_dict(), rank)
     if sc.batch_size % world_size:
         raise ValueError(f"config: sft.batch_size ({sc.batch_size}) must divide by the number of ranks ({world_size})")
     steps = sc.steps or getattr(sc, f"{sc.stage}_steps")
@@ -584,6 +586,59 @@ def all_reduce(values, op=None):
 def all_mean(value):
     """Mean of a python float over ranks (for logging)."""
     return all_reduce([float(value)])[0] / (dist.get_world_size() if is_dist() else 1)
+
+
+# -----------------------------------------------------------------------------
+# Metric loggers: the rows log_line writes to <out>.metrics.jsonl, also sent to Weights & Biases or TensorBoard
+# (run.log=wandb|tensorboard, rank 0 only). Neither package is a dependency: when the one asked for is missing,
+# one warning line and the no-op logger, so the training code never asks which logger it has.
+
+class NullLogger:
+    def log(self, row):
+        pass
+
+
+class WandbLogger:
+    def __init__(self, run, name, config):
+        import wandb
+        self.wandb = wandb
+        self.run = wandb.init(project="autocoa", group=run.name, name=f"{run.name}/{name}", config=config,
+                              dir=run.dir, reinit=True)  # reinit: a pipeline runs several stages in one process
+
+    def log(self, row):
+        self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                     step=row.get("step"))
+
+
+class TensorBoardLogger:
+    def __init__(self, run, name, config):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        self.writer = SummaryWriter(os.path.join(run.dir, "tensorboard", name))
+        self.writer.add_text("config", json.dumps(config, indent=1))
+
+    def log(self, row):
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self.writer.add_scalar(key, value, row.get("step", 0))
+        self.writer.flush()  # a crashed run keeps what it logged
+
+
+LOGGER = NullLogger()  # the logger of the stage running in this process; start_logging sets it
+
+
+def start_logging(run, name, config, rank=0):
+    """Point log_line at run.log's logger for stage `name` (rank 0; the other ranks never call log_line)."""
+    global LOGGER
+    kinds = {"none": NullLogger, "wandb": WandbLogger, "tensorboard": TensorBoardLogger}
+    if run.log not in kinds:
+        raise ValueError(f"config: run.log must be none, wandb or tensorboard, got {run.log!r}")
+    LOGGER = NullLogger()
+    if rank == 0 and run.log != "none":
+        try:
+            LOGGER = kinds[run.log](run, name, config)
+        except ImportError as e:
+            print0(f"warning: run.log={run.log} but {e}; metrics go to the JSONL files only")
+    return LOGGER
 
 
 # -----------------------------------------------------------------------------

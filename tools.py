@@ -20,6 +20,9 @@ Search tools share one batched interface, `tool(queries) -> [[passage, ...], ...
   - HTTPSearch: a Search-R1 / FlashRAG retrieval server (POST /retrieve), with timeout, retries and backoff.
 SearchEnv wraps a tool into the environment rollout.py talks to: queries in, observation strings out, calls counted.
 
+The retrieval server (last section) serves a corpus in that same wire format, BM25 or dense (e5 + faiss):
+    python tools.py serve --corpus data/wiki/corpus.jsonl --port 8000     # then env.tool=http everywhere
+
 Not here: the world model environment (worldmodel.py), generation (rollout.py), training (sft.py, rl.py).
 """
 import dataclasses
@@ -50,6 +53,7 @@ class RunConfig:
     data_dir: str = "data/tiny"  # corpus.jsonl, train/dev/test.jsonl (data.py writes them for the tiny world)
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
+    log: str = "none"  # none | wandb | tensorboard: also send the metrics JSONL rows there (sft.start_logging)
 
     @property
     def dir(self):
@@ -374,14 +378,14 @@ class BM25Search:
     """BM25 (bm25s, numpy backend, never JAX) over a corpus JSONL; the index is built once and cached next to the
     corpus."""
 
-    def __init__(self, corpus_path, index_dir=None):
+    def __init__(self, corpus_path, index_dir=None, mmap=False):
         bm25s = import_bm25s()
         self.docs = read_corpus(corpus_path)
         index_dir = index_dir or corpus_path + ".bm25"
         stamp = f"{os.path.getsize(corpus_path)}-{os.path.getmtime(corpus_path)}"
         stamp_file = os.path.join(index_dir, "stamp.txt")
         if os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
-            self.index = bm25s.BM25.load(index_dir)
+            self.index = bm25s.BM25.load(index_dir, mmap=mmap)  # mmap: the OS pages a wiki-sized index in
         else:
             self.index = bm25s.BM25()
             self.index.index(bm25s.tokenize([d["contents"] for d in self.docs], stopwords="en", show_progress=False),
@@ -395,12 +399,16 @@ class BM25Search:
                 shutil.rmtree(index_dir)
             os.replace(tmp, index_dir)  # atomic: a killed build never leaves a half index
 
-    def __call__(self, queries, k=2):
+    def search(self, queries, k=2):
+        """(document indices, scores) per query, best first; numpy top-k, never jax."""
         bm25s = import_bm25s()
-        k = min(k, len(self.docs))
         tokens = bm25s.tokenize([q or " " for q in queries], stopwords="en", show_progress=False)
-        idx, _ = self.index.retrieve(tokens, k=k, show_progress=False, n_threads=1, backend_selection="numpy")
-        return [[self.docs[i]["contents"] for i in row] for row in idx.tolist()]
+        idx, scores = self.index.retrieve(tokens, k=min(k, len(self.docs)), show_progress=False, n_threads=1,
+                                          backend_selection="numpy")
+        return idx.tolist(), scores.tolist()
+
+    def __call__(self, queries, k=2):
+        return [[self.docs[i]["contents"] for i in row] for row in self.search(queries, k)[0]]
 
 
 class HTTPSearch:
@@ -546,3 +554,180 @@ def load_model(path, run=None, device=None, dtype=None):
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     return model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# The retrieval server: python tools.py serve --corpus data/wiki/corpus.jsonl --port 8000
+#
+# The Search-R1 / FlashRAG wire format, the one HTTPSearch reads, over any corpus JSONL:
+#     POST /retrieve {"queries": ["...", ...], "topk": 3, "return_scores": true}
+#     -> {"result": [[{"document": {"id": "12", "contents": "Title\ntext"}, "score": 7.1}, ...], ...]}
+#        (return_scores false: the documents alone, as Search-R1 does);  GET /health -> {"docs", "retriever"}.
+# bm25 (default): BM25Search, its index built once and cached beside the corpus, loaded memory-mapped.
+# e5: an e5-style encoder (mean pooling, "query: " / "passage: " prefixes, unit vectors) and a faiss
+# inner-product index cached beside the corpus; needs `pip install faiss-cpu` (an optional extra).
+# One thread per connection (ThreadingHTTPServer); retrieval itself runs under one lock (neither bm25s nor a torch
+# encoder promises thread safety), so clients should batch their queries, as rollout.py does.
+# A body over --max_bytes is refused with 413, anything malformed with 400 and a JSON {"error"}; a failure inside
+# retrieval is a 500 with its message, and the server keeps serving.
+# Not here: reranking, GPU faiss, sharded indexes; the corpus itself is held in memory (~2x its JSONL size).
+
+class DenseSearch:
+    """e5-style dense retrieval: mean-pooled unit embeddings, exact inner-product search with faiss."""
+
+    def __init__(self, corpus_path, model_name="intfloat/e5-base-v2", batch_size=64, device="cpu"):
+        import faiss
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        self.torch, self.device, self.batch_size = torch, device, batch_size
+        self.docs = read_corpus(corpus_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_name)
+        self.model = AutoModel.from_pretrained(model_name).to(device).eval()
+        path = f"{corpus_path}.{os.path.basename(model_name.rstrip('/'))}.faiss"
+        if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(corpus_path):
+            self.index = faiss.read_index(path)
+        else:
+            vectors = self.encode(["passage: " + d["contents"] for d in self.docs])
+            self.index = faiss.IndexFlatIP(vectors.shape[1])
+            self.index.add(vectors)
+            faiss.write_index(self.index, path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+    def encode(self, texts):
+        """(n, d) float32 numpy of unit vectors: the mean of the last hidden states over real tokens."""
+        out = []
+        with self.torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True, max_length=256,
+                                       return_tensors="pt").to(self.device)
+                hidden = self.model(**batch).last_hidden_state  # (B, T, d)
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+                pooled = (hidden * mask).sum(1) / mask.sum(1)
+                out.append(self.torch.nn.functional.normalize(pooled, dim=-1).float().cpu())
+        return self.torch.cat(out).numpy()
+
+    def search(self, queries, k):
+        scores, idx = self.index.search(self.encode(["query: " + q for q in queries]), k)
+        return idx.tolist(), scores.tolist()
+
+
+def check_request(body, max_queries, max_topk):
+    """(queries, topk, return_scores) of a decoded /retrieve body, or ValueError with what is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    queries, topk = body.get("queries"), body.get("topk", 3)
+    if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+        raise ValueError("'queries' must be a list of strings")
+    if len(queries) > max_queries:
+        raise ValueError(f"at most {max_queries} queries per request, got {len(queries)}")
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= max_topk:
+        raise ValueError(f"'topk' must be an integer from 1 to {max_topk}")
+    return queries, topk, bool(body.get("return_scores", False))
+
+
+def make_handler(retriever, docs, name, max_bytes=1 << 20, max_queries=1024, max_topk=100):
+    """The request handler class, bound to one retriever: search(queries, k) -> (indices, scores)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: a client's requests reuse one connection
+
+        def reply(self, code, obj):
+            data = json.dumps(obj, ensure_ascii=False).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path != "/health":
+                return self.reply(404, {"error": "GET /health or POST /retrieve"})
+            self.reply(200, {"docs": len(docs), "retriever": name})
+
+        def do_POST(self):
+            if self.path != "/retrieve":
+                return self.reply(404, {"error": "POST /retrieve"})
+            try:
+                size = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.close_connection = True
+                return self.reply(411 if "Content-Length" not in self.headers else 400,
+                                  {"error": "a valid Content-Length is required"})
+            if size > max_bytes or size < 0:
+                self.close_connection = True  # the body is not read: this connection cannot be reused
+                return self.reply(413, {"error": f"request body over {max_bytes} bytes"})
+            try:
+                queries, topk, with_scores = check_request(json.loads(self.rfile.read(size)), max_queries, max_topk)
+            except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+                return self.reply(400, {"error": str(e)})
+            k = min(topk, len(docs))
+            try:
+                with lock:
+                    idx, scores = retriever(queries, k) if queries and k else ([[]] * len(queries),) * 2
+            except Exception as e:  # a retrieval failure answers this request, the server lives on
+                return self.reply(500, {"error": f"{type(e).__name__}: {e}"})
+            result = []
+            for n, row in enumerate(idx):
+                hits = [docs[i] for i in row]
+                result.append([{"document": d, "score": float(s)} for d, s in zip(hits, scores[n])]
+                              if with_scores else hits)
+            self.reply(200, {"result": result})
+
+        def log_message(self, *args):  # one line per request would drown the console under load
+            pass
+
+    return Handler
+
+
+def serve(argv=None):
+    """Build or load the index, then serve until interrupted; prints the URL and the index size."""
+    import argparse
+    from http.server import ThreadingHTTPServer
+    ap = argparse.ArgumentParser(prog="python tools.py serve", description="Search-R1-style retrieval server")
+    ap.add_argument("--corpus", required=True, help="corpus JSONL with {'id', 'contents'} rows")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    ap.add_argument("--port", type=int, default=8000, help="0 = any free port (the URL printed says which)")
+    ap.add_argument("--retriever", default="bm25", choices=["bm25", "e5"])
+    ap.add_argument("--model", default="intfloat/e5-base-v2", help="encoder for --retriever e5")
+    ap.add_argument("--device", default="cpu", help="encoder device for --retriever e5")
+    ap.add_argument("--max_bytes", type=int, default=1 << 20, help="largest request body (bigger: 413)")
+    args = ap.parse_args(argv)
+    if not os.path.exists(args.corpus):
+        raise SystemExit(f"serve: no corpus file {args.corpus!r}")
+    t0 = time.time()
+    if args.retriever == "bm25":
+        tool = BM25Search(args.corpus, mmap=True)
+        retriever, size = tool.search, _dir_bytes(args.corpus + ".bm25")
+    else:
+        try:
+            tool = DenseSearch(args.corpus, args.model, device=args.device)
+        except ImportError as e:
+            raise SystemExit(f"serve: --retriever e5 needs faiss and transformers ({e}); pip install faiss-cpu")
+        retriever, size = tool.search, tool.index.ntotal * tool.index.d * 4
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(retriever, tool.docs, args.retriever,
+                                                                      args.max_bytes))
+    server.daemon_threads = True  # an open keep-alive connection never blocks shutdown
+    host, port = server.server_address[:2]
+    print(f"serve: {args.retriever} over {len(tool.docs)} docs, index {size / 2**20:.1f} MiB, "
+          f"ready in {time.time() - t0:.1f}s", flush=True)
+    print(f"serve: http://{host}:{port}/retrieve", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def _dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["serve"]:
+        raise SystemExit("usage: python tools.py serve --corpus PATH [--port 8000] [--host 127.0.0.1] "
+                         "[--retriever bm25|e5]")
+    serve(sys.argv[2:])

@@ -1,0 +1,122 @@
+"""
+bench/serve.py -- the retrieval server (python tools.py serve) under load, on loopback only: queries/s and latency
+percentiles with many concurrent clients, against the same BM25 index called in-process (the baseline: what the
+HTTP layer costs), plus the time to build the index from scratch.
+
+What is timed:
+  build     BM25Search over the corpus into a fresh temporary index folder (tokenize + index + save)
+  inproc    BM25Search.search on the served index, one batch at a time, in this process
+  server    `clients` threads, each with its own keep-alive connection, sending `requests` POST /retrieve in all
+            (`batch` queries each, topk 3) to a server subprocess on 127.0.0.1; stops early at `time_limit_s`
+Queries are corpus titles with a word of their first sentence (every one has hits). Server and clients share the
+machine: pin both with taskset to compare runs.
+
+    python bench/serve.py                                  # the 10k Wikipedia summaries (data.py builds them)
+    python bench/serve.py clients=32 requests=2000 batch=8
+    python bench/serve.py corpus=PATH/wiki-18.jsonl         # any FlashRAG corpus JSONL
+
+Ends with one JSON line.
+"""
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import requests  # noqa: E402
+
+import tools  # noqa: E402
+
+DEFAULTS = {"corpus": "data/wiki/corpus.jsonl", "clients": 8, "requests": 400, "batch": 1, "topk": 3,
+            "time_limit_s": 60.0, "seed": 0}
+
+
+def parse_args(argv):
+    args = dict(DEFAULTS)
+    for item in argv:
+        key, _, value = item.partition("=")
+        if key not in args:
+            raise SystemExit(f"bench/serve.py: unknown argument {key!r} (known: {', '.join(args)})")
+        args[key] = type(DEFAULTS[key])(value)
+    return args
+
+
+def make_queries(docs, n, seed):
+    rng = random.Random(seed)
+    out = []
+    for d in rng.choices(docs, k=n):
+        title, _, text = d["contents"].partition("\n")
+        words = text.split()[:12]
+        out.append(f"{title} {rng.choice(words) if words else ''}".strip())
+    return out
+
+
+def percentile(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else 0.0
+
+
+def load(url, batches, clients, topk, time_limit_s):
+    """(latencies_s, wall_s, queries answered): batches sent by `clients` threads until done or out of time."""
+    deadline = time.time() + time_limit_s
+    sessions = {}
+
+    def one(batch):
+        if time.time() > deadline:
+            return None
+        session = sessions.setdefault(threading.get_ident(), requests.Session())  # keep-alive per client
+        t0 = time.perf_counter()
+        r = session.post(url, json={"queries": batch, "topk": topk, "return_scores": True}, timeout=30)
+        r.raise_for_status()
+        assert len(r.json()["result"]) == len(batch)
+        return time.perf_counter() - t0, len(batch)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = [x for x in pool.map(one, batches) if x is not None]
+    return [x[0] for x in done], time.perf_counter() - t0, sum(x[1] for x in done)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not os.path.exists(args["corpus"]):
+        import data
+        print("wiki corpus docs:", data.build_wiki_corpus(args["corpus"]))
+    docs = tools.read_corpus(args["corpus"])
+    with tempfile.TemporaryDirectory() as tmp:  # a fresh build, leaving the cached index alone
+        t0 = time.perf_counter()
+        tools.BM25Search(args["corpus"], index_dir=os.path.join(tmp, "index"))
+        build_s = time.perf_counter() - t0
+    queries = make_queries(docs, args["requests"] * args["batch"], args["seed"])
+    batches = [queries[i:i + args["batch"]] for i in range(0, len(queries), args["batch"])]
+
+    local = tools.BM25Search(args["corpus"], mmap=True)  # also builds the cache the server will load
+    t0 = time.perf_counter()
+    for batch in batches:
+        local.search(batch, args["topk"])
+    inproc_qps = len(queries) / (time.perf_counter() - t0)
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from test_serve import start_server, stop_server  # the server tests' own start and stop, not a copy
+    proc, url = start_server(args["corpus"])
+    try:
+        latencies, wall_s, answered = load(url, batches, args["clients"], args["topk"], args["time_limit_s"])
+    finally:
+        stop_server(proc)
+    result = {"bench": "serve", "corpus": args["corpus"], "docs": len(docs), "index_build_s": build_s,
+              "clients": args["clients"], "batch": args["batch"], "topk": args["topk"], "requests": len(latencies),
+              "queries_per_s": answered / wall_s, "p50_ms": 1000 * percentile(latencies, 50),
+              "p99_ms": 1000 * percentile(latencies, 99), "inproc_queries_per_s": inproc_qps}
+    print(f"{len(docs)} docs, index built in {build_s:.2f}s; server: {result['queries_per_s']:.0f} queries/s, "
+          f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms ({args['clients']} clients, "
+          f"{args['batch']} per request); in-process: {inproc_qps:.0f} queries/s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

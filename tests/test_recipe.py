@@ -1,0 +1,131 @@
+"""The README's "Reproduce the paper on one GPU node", command by command, at toy scale: the commands are read
+from the README itself (between <!-- recipe --> and <!-- /recipe -->), their variables set to the tiny world, a
+scripted teacher endpoint and the retrieval server on free loopback ports, and toy-size overrides appended
+(small world, a few steps). `torchrun ... X.py ARGS` runs as X.main(ARGS) in this process (one rank).
+
+    .venv/bin/python -m pytest -q tests/test_recipe.py
+"""
+import json
+import os
+import re
+import shlex
+import shutil
+import string
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import data
+from conftest import SMALL_WORLD, tiny_config
+from test_serve import ROOT, start_server, stop_server
+from tools import EnvConfig
+
+ENV = EnvConfig()
+SETS = ("nq", "triviaqa", "hotpotqa", "2wiki", "musique", "bamboogle")
+
+
+def recipe():
+    """(variables, commands) of the README's recipe block; each command a list of words, comments dropped."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        block = re.search(r"<!-- recipe -->\n```bash\n(.*?)```\n<!-- /recipe -->", f.read(), re.S).group(1)
+    variables, commands = {}, []
+    for line in block.replace("\\\n", " ").splitlines():  # a continued line is one command
+        line = line.split(" #")[0].strip()
+        if line.startswith("#") or not line:
+            continue
+        if re.fullmatch(r"[A-Z_]+=\S+", line):
+            name, value = line.split("=", 1)
+            variables[name] = value
+        else:
+            commands.append(line)
+    return variables, commands
+
+
+class Teacher(BaseHTTPRequestHandler):
+    """/v1/completions playing a teacher for the tiny world's "Where was X born?": every other sample searches the
+    person and answers from the observation, the others guess wrong from memory (so rejection sampling keeps
+    the searches and CoT+A pairs form); other questions: a wrong guess."""
+    samples = 0
+
+    def do_POST(self):
+        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
+        name = prompt.split("Where was ")[1].split(" born?")[0] if "Where was " in prompt else None
+        if ENV.obs_open not in prompt:
+            Teacher.samples += 1
+        if name and ENV.obs_open in prompt:
+            city = prompt.split(f"{name} was born in ")[1].split(" in ")[0].strip(" .")
+            reply = f" {name} was born in {city}. {ENV.think_close} {ENV.answer_open}{city}}}"
+        elif name and Teacher.samples % 2:
+            reply = f" I need to search for this. {ENV.action_open} {name} "
+        else:
+            reply = f" I know this one. {ENV.think_close} {ENV.answer_open}nowhere}}"
+        payload = json.dumps({"choices": [{"text": reply, "finish_reason": "stop"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def toy_overrides(script, root, url):
+    common = [f"run.data_dir={root}/data", f"run.runs_dir={root}/runs", "run.name=recipe", "env.tool=http",
+              f"env.url={url}", "env.max_new_tokens=48"]
+    return common + {
+        "data.py": SMALL_WORLD + ["synth.samples=2", "synth.limit=24"],
+        "sft.py": ["steps=2", "batch_size=4", "device_batch_size=4", "save_every=0", "heldout=none"],
+        "rl.py": ["steps=6", "prompts_per_step=2", "group_size=2", "eval_n=2", "save_every=0"],
+        "eval.py": ["limit=3"],
+    }[script]
+
+
+def test_the_readme_recipe_runs_end_to_end_at_toy_scale(tmp_path):
+    import eval as ev
+    import rl
+    import sft
+    root = str(tmp_path)
+    world_cfg = tiny_config(root)  # the corpus exists before the recipe starts, as wiki-18 would
+    data.build_world(world_cfg.world, world_cfg.run.seed, world_cfg.run.data_dir)
+    os.makedirs(f"{root}/qa")
+    for name in SETS:
+        shutil.copy(f"{root}/data/test.jsonl", f"{root}/qa/{name}.jsonl")
+    teacher = ThreadingHTTPServer(("127.0.0.1", 0), Teacher)
+    threading.Thread(target=teacher.serve_forever, daemon=True).start()
+    variables, commands = recipe()
+    assert set(variables) == {"CFG", "BASE", "CORPUS", "TEACHER", "TEACHER_MODEL", "QA"}
+    values = {"CFG": "configs/tiny.yaml", "BASE": "tiny", "CORPUS": f"{root}/data/corpus.jsonl",
+              "TEACHER": f"http://127.0.0.1:{teacher.server_port}/v1", "TEACHER_MODEL": "scripted", "QA": f"{root}/qa"}
+    mains = {"data.py": data.main, "sft.py": sft.main, "rl.py": rl.main, "eval.py": ev.main}
+    server, ran = None, []
+    try:
+        for command in commands:
+            words = shlex.split(string.Template(command).substitute(values))
+            if words[0] == "torchrun":
+                words = ["python"] + words[words.index(next(w for w in words if w.endswith(".py"))):]
+            assert words[0] == "python", command
+            if words[1:3] == ["tools.py", "serve"]:
+                assert words[-1] == "&" and words[3] == "--corpus" and words[5:7] == ["--port", "8000"]
+                server, url = start_server(words[4], *words[7:-1])  # a free port instead of 8000
+            else:
+                mains[words[1]](words[2:] + toy_overrides(words[1], root, url))
+            ran.append(words[1])
+    finally:
+        if server:
+            stop_server(server)
+        teacher.shutdown()
+    assert ran == ["tools.py", "data.py", "sft.py", "sft.py", "sft.py", "rl.py", "eval.py"]
+
+    synth = [json.loads(line) for line in open(f"{root}/data/synth/train.jsonl")]
+    kinds = {r["type"] for r in synth}
+    assert {"coa", "pair"} <= kinds  # rejection sampling kept searches, and paired them with wrong guesses
+    assert all(r["type"] != "coa" or any(s["who"] == "env" for s in r["segments"]) for r in synth)
+    run_dir = f"{root}/runs/recipe"
+    for out in ("sft1", "sft12", "sft3", "rl"):
+        assert os.path.exists(f"{run_dir}/{out}/config.json"), out
+    rl_rows = [json.loads(line) for line in open(f"{run_dir}/rl.metrics.jsonl")]
+    envs = [r.get("env") for r in rl_rows if r.get("step", 0) > 0 and "env" in r]
+    assert envs[:5] == ["policy"] * 5 and envs[5:] == ["real"], envs  # RL-1 simulated, then RL-2 real
+    with open(f"{run_dir}/eval/rl-agent.table.json") as f:
+        table = json.load(f)
+    assert list(table["table"]["EM"]) == list(SETS) + ["average"]
+    assert table["questions"] == {name: 3 for name in SETS}

@@ -1,0 +1,199 @@
+"""The retrieval server (tools.py serve): a real subprocess on 127.0.0.1, queried by the project's own client,
+by rollout.py and by eval.py, next to the same BM25 index used in-process.
+
+    .venv/bin/python -m pytest -q tests/test_serve.py
+"""
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+import tools
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_server(corpus, *extra, timeout_s=60):
+    """(process, url): `python tools.py serve` on a free loopback port; the URL is read from its output."""
+    proc = subprocess.Popen([sys.executable, "tools.py", "serve", "--corpus", corpus, "--port", "0", *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = queue.Queue()  # a reader thread, so a silent server cannot block the test past its deadline
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    deadline, seen = time.time() + timeout_s, []
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            seen.append(lines.get(timeout=0.5))
+        except queue.Empty:
+            continue
+        if "http://" in seen[-1]:
+            return proc, seen[-1].split()[-1]
+    proc.kill()
+    raise RuntimeError(f"server did not start within {timeout_s}s: {''.join(seen)}")
+
+
+def stop_server(proc):
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_cfg):
+    path = os.path.join(tiny_cfg.run.data_dir, "corpus.jsonl")
+    tools.BM25Search(path)  # the index is built here first, so the server only loads it (no two builders race)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(corpus):
+    proc, url = start_server(corpus)
+    yield url
+    stop_server(proc)
+
+
+QUERIES = ["Ada Brun", "born in", "which company", "", "zzzz unknown words", "?!"]
+
+
+def test_server_answers_the_project_client_like_the_in_process_index(server, corpus):
+    local = tools.BM25Search(corpus)
+    for k in (1, 3):
+        assert tools.HTTPSearch(server, timeout_s=5)(QUERIES, k=k) == local(QUERIES, k=k)
+
+
+def test_reply_has_the_search_r1_shape_with_and_without_scores(server, corpus):
+    docs = {d["id"]: d["contents"] for d in tools.read_corpus(corpus)}
+    reply = requests.post(server, json={"queries": ["Ada Brun", "city"], "topk": 2, "return_scores": True}).json()
+    assert len(reply["result"]) == 2 and all(len(row) == 2 for row in reply["result"])
+    for hit in reply["result"][0]:
+        assert set(hit) == {"document", "score"} and docs[hit["document"]["id"]] == hit["document"]["contents"]
+    scores = [hit["score"] for hit in reply["result"][0]]
+    assert scores == sorted(scores, reverse=True)
+    bare = requests.post(server, json={"queries": ["Ada Brun"], "topk": 2}).json()
+    assert bare["result"][0] == [hit["document"] for hit in reply["result"][0]]
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"not json", "Expecting value"),
+    (b"\x80\x80", "codec"),
+    (b"[1, 2]", "JSON object"),
+    (b'{"topk": 2}', "'queries' must be a list of strings"),
+    (b'{"queries": ["a", 3]}', "'queries' must be a list of strings"),
+    (b'{"queries": ["a"], "topk": 0}', "'topk' must be an integer"),
+    (b'{"queries": ["a"], "topk": "3"}', "'topk' must be an integer"),
+    (b'{"queries": ["a"], "topk": 1000}', "'topk' must be an integer"),
+    (json.dumps({"queries": ["a"] * 2000}).encode(), "at most 1024 queries"),
+])
+def test_a_malformed_request_is_a_400_with_its_reason_and_the_server_lives_on(server, body, message):
+    r = requests.post(server, data=body, timeout=5)
+    assert r.status_code == 400 and message in r.json()["error"]
+    assert requests.post(server, json={"queries": ["Ada Brun"], "topk": 1}, timeout=5).status_code == 200
+
+
+def test_an_oversized_body_is_refused_with_413_unread(server):
+    r = requests.post(server, data=b"x" * (2 << 20), timeout=10)
+    assert r.status_code == 413 and "bytes" in r.json()["error"]
+    assert requests.get(server.replace("/retrieve", "/health"), timeout=5).json()["retriever"] == "bm25"
+
+
+def test_unknown_paths_are_404(server):
+    assert requests.get(server, timeout=5).status_code == 404
+    assert requests.post(server.replace("/retrieve", "/search"), json={}, timeout=5).status_code == 404
+
+
+def test_many_concurrent_clients_get_their_own_answers(server, corpus):
+    local = tools.BM25Search(corpus)
+    batches = [[f"{q} {i}" for q in QUERIES[:3]] for i in range(48)]
+    with ThreadPoolExecutor(16) as pool:  # 16 clients, each with its own connection, 48 requests in flight
+        answers = list(pool.map(lambda qs: tools.HTTPSearch(server, timeout_s=10, retries=0)(qs, k=2), batches))
+    assert answers == [local(qs, k=2) for qs in batches]
+
+
+def test_missing_corpus_and_dense_without_faiss_fail_in_one_line(tmp_path, corpus):
+    r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", str(tmp_path / "none.jsonl")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and r.stderr.strip() == f"serve: no corpus file {str(tmp_path / 'none.jsonl')!r}"
+    try:
+        import faiss  # noqa: F401
+        pytest.skip("faiss is installed: the dense retriever would load an encoder")
+    except ImportError:
+        pass
+    r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", corpus, "--retriever", "e5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "pip install faiss-cpu" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# rollout.py and eval.py with env.tool=http: the same episodes as with the in-process index
+
+def test_rollout_through_the_server_equals_rollout_with_the_local_index(server, corpus, tiny_base, tiny_cfg):
+    from data import load_qa
+    from rollout import rollout
+    from test_rollout import agent as biased_agent  # the tiny model with a bias towards actions
+    model, tok = biased_agent.__wrapped__(tiny_base)
+    env = tools.EnvConfig(max_new_tokens=96, max_actions=2, obs_max_tokens=40, tool="http", url=server)
+    questions = load_qa(f"{tiny_cfg.run.data_dir}/test.jsonl")[:4]
+    remote = tools.SearchEnv(tools.make_tool(env), tok, env)
+    local = tools.SearchEnv(tools.BM25Search(corpus), tok, env)
+    got, want = rollout(model, tok, questions, env, remote), rollout(model, tok, questions, env, local)
+    assert remote.calls > 0 and remote.failures == 0 and remote.calls == local.calls
+    assert [e.ids for e in got] == [e.ids for e in want] and [e.mask for e in got] == [e.mask for e in want]
+
+
+def test_eval_through_the_server_scores_like_the_local_index(server, tiny_root, tiny_base):
+    import eval as ev
+    argv = ["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data", f"run.runs_dir={tiny_root}/runs",
+            "run.name=servetest", f"init={tiny_base}", "limit=6", "mode=workflow", "workflow=fixed",
+            "env.max_new_tokens=24"]
+    remote = ev.main(argv + ["env.tool=http", f"env.url={server}", "tag=http"])
+    local = ev.main(argv + ["tag=bm25"])
+    assert remote["real_calls"] > 0 and remote["tool_failures"] == 0
+    assert {k: remote[k] for k in ("em", "f1", "real_calls", "gen_tokens")} == \
+           {k: local[k] for k in ("em", "f1", "real_calls", "gen_tokens")}
+
+
+# -----------------------------------------------------------------------------
+# The dense retriever (optional: runs where faiss is installed)
+
+@pytest.fixture(scope="module")
+def encoder(tiny_base, tmp_path_factory):
+    """A small random BERT with the tiny world's tokenizer: the e5 code path without a hub download."""
+    pytest.importorskip("faiss")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    import torch
+    path = str(tmp_path_factory.mktemp("encoder"))
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=128, max_position_embeddings=512)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_dense_server_answers_like_the_in_process_dense_index(encoder, corpus, tmp_path):
+    small = str(tmp_path / "corpus.jsonl")  # 40 documents: a random encoder is slow enough on one core
+    docs = tools.read_corpus(corpus)[:40]
+    with open(small, "w") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    local = tools.DenseSearch(small, encoder)
+    assert os.path.exists(f"{small}.{os.path.basename(encoder)}.faiss")  # cached for the server to load
+    texts = [d["contents"] for d in docs[:10]]
+    idx, scores = local.search(texts, 3)
+    assert sum(row[0] == i for i, row in enumerate(idx)) >= 8  # a document's own text finds it (mean pooling)
+    assert all(row == sorted(row, reverse=True) and -1.001 <= row[0] <= 1.001 for row in scores)  # cosines
+    proc, url = start_server(small, "--retriever", "e5", "--model", encoder)
+    try:
+        reply = requests.post(url, json={"queries": texts, "topk": 3, "return_scores": True}, timeout=30).json()
+        assert [[hit["document"]["id"] for hit in row] for row in reply["result"]] == \
+               [[docs[i]["id"] for i in row] for row in idx]
+    finally:
+        stop_server(proc)
