@@ -178,10 +178,11 @@ def make_questions(world, split, n, rng, famous_share, kinds=KINDS):
     """n question rows about people of `split` (famous people mixed in for dev/test: no search needed)."""
     pool = [p for p in world["people"] if p["split"] == split]
     famous = [p for p in world["people"] if p["split"] == "famous"]
+    famous_kinds = [k for k in ("city", "employer") if k in kinds] or ["city", "employer"]  # 1-hop facts
     rows = []
     while len(rows) < n:
         if rng.random() < famous_share:  # well-known facts: 1-hop questions about famous people
-            kind, p, q, needs_search = rng.choice(["city", "employer"]), rng.choice(famous), None, False
+            kind, p, q, needs_search = rng.choice(famous_kinds), rng.choice(famous), None, False
         else:
             kind, needs_search = rng.choice(kinds), True
             p, q = pick_pair(kind, pool, rng)

@@ -215,7 +215,8 @@ def rollout_bench(args, size):
         path = os.path.join(args.out, "tiny" if name == "tiny" else "big", "base")
         opts = argparse.Namespace(batch=batch, turns=turns, free=16 if args.device == "cuda" else 4,
                                   answer=4 if args.device == "cuda" else 2, obs_tokens=150, device=args.device,
-                                  data_dir=os.path.join(args.out, "data"), profile=False,
+                                  data_dir=os.path.join(args.out, "data"), profile=False, torch_profile=False,
+                                  bandwidth_gbs=0.0,
                                   repeats=3 if (name == "tiny" and args.device == "cuda") else 1)
         results.append(bench.bench_model(name, path, opts, os.path.join(args.out, "data", "corpus.jsonl")))
         if args.device == "cuda":

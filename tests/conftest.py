@@ -33,7 +33,8 @@ def pytest_collection_modifyitems(config, items):
 
 SMALL_WORLD = ["world.n_people=200", "world.n_famous=8", "world.n_cities=12", "world.n_countries=4",
                "world.n_companies=10", "world.n_first=16", "world.n_last=16", "world.n_dev=40", "world.n_test=60",
-               "world.famous_repeats=4"]
+               "world.famous_repeats=4",
+               "world.kinds=city,employer,country,comparison,yesno"]  # every kind, though tiny.yaml asks three
 
 
 def tiny_config(root, extra=()):

@@ -30,6 +30,16 @@ def test_world_is_deterministic_for_a_seed(tmp_path):
         assert (d1 / f"{name}.jsonl").read_text() == (d2 / f"{name}.jsonl").read_text()
 
 
+def test_world_kinds_choose_the_questions_asked(tmp_path):
+    cfg = tiny_config(str(tmp_path), ["world.kinds=city,country"])
+    data.build_world(cfg.world, 0, cfg.run.data_dir)
+    for name in ("train", "dev", "test"):
+        rows = read(os.path.join(cfg.run.data_dir, f"{name}.jsonl"))
+        assert {r["kind"] for r in rows if r["needs_search"]} == {"city", "country"}
+    with pytest.raises(ValueError, match="world.kinds"):
+        data.world_kinds(tiny_config(str(tmp_path), ["world.kinds=city,weather"]).world)
+
+
 def test_test_questions_ask_only_about_unseen_or_famous_people(tiny_cfg):
     world = json.load(open(os.path.join(tiny_cfg.run.data_dir, "world.json")))
     split = {p["name"]: p["split"] for p in world["people"]}
