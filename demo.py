@@ -40,7 +40,7 @@ import sys
 import time
 
 import eval as ev
-from tools import EnvConfig, RunConfig, load_config, read_jsonl
+from tools import SECTIONS, ConfigError, EnvConfig, RunConfig, cli, load_config, read_jsonl
 
 # Quick mode: a small world and a few steps per stage, enough to exercise every code path in about a minute.
 QUICK = {
@@ -94,6 +94,8 @@ class Pipeline:
             self.missing.append(name)
             return None
         argv = self.argv(sections, extra)
+        if module in ("sft", "rl", "worldmodel"):  # the demo regenerates a run its own earlier try left behind
+            argv.append("--overwrite")
         print(f"== {name}: python {module}.py {shlex.join(argv)}", flush=True)
         t0 = time.time()
         result = mod.main(argv)
@@ -255,8 +257,14 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     quick = "--quick" in argv
     argv = [a for a in argv if a != "--quick"]
+    unknown = [a for a in argv if a.startswith("--") and "=" not in a and a != "--config"]
+    if unknown:
+        raise ConfigError(f"config: unknown flag {', '.join(unknown)} (demo.py takes: --config, --quick)")
     config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), "configs/tiny.yaml")
     overrides = [a for a in argv if "=" in a and not a.startswith("--config")]
+    stray = [o for o in overrides if o.split("=", 1)[0].split(".")[0] not in SECTIONS or "." not in o.split("=")[0]]
+    if stray:  # each stage takes its own sections only: these would be dropped in silence
+        raise ConfigError(f"config: {', '.join(stray)} names no section (section.key=value; {', '.join(SECTIONS)})")
     cfg = load_config({"run": RunConfig, "env": EnvConfig}, ["--config", config_path] +
                       (QUICK["run"] if quick else []) + [o for o in overrides if o.split(".", 1)[0] in ("run", "env")])
     t0 = time.time()
@@ -286,4 +294,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
