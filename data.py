@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from tools import RunConfig, EnvConfig, load_config, make_tool
+from tools import RunConfig, EnvConfig, cli, load_config, make_tool
 from tools import SearchEnv, build_prompt, check_rows, parse, read_jsonl, reward
 
 
@@ -786,7 +786,7 @@ def synthesize(cfg, tokenizer=None):
                 out += judged(row, group, cfg.env)
         write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), out)
         counts = Counter(r["type"] for r in out)
-        stats[split] = {"questions": len(rows), **counts, "real_calls": search.calls,
+        stats[split] = {"questions": len(rows), **counts, "real_calls": search.calls, "tool_failures": search.failures,
                         "imperfect": sum(bool(r.get("imperfect")) for r in out)}
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
@@ -795,7 +795,7 @@ def synthesize(cfg, tokenizer=None):
 
 def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "world": WorldConfig, "model": ModelConfig,
-                       "synth": SynthConfig}, argv, own="world")
+                       "synth": SynthConfig}, argv, own="world", flags=("synth",))
     t0 = time.time()
     if cfg.model.base == "tiny":
         if not os.path.exists(os.path.join(cfg.run.data_dir, "world.json")):
@@ -812,4 +812,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

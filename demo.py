@@ -47,7 +47,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import eval as ev
-from tools import EnvConfig, RunConfig, load_config, read_jsonl
+from tools import SECTIONS, ConfigError, EnvConfig, RunConfig, cli, load_config, read_jsonl
 
 # Quick mode: a small world and a few steps per stage, enough to exercise every code path in about a minute.
 QUICK = {
@@ -106,6 +106,8 @@ class Pipeline:
             self.missing.append(name)
             return
         argv = self.argv(sections, extra)
+        if module in ("sft", "rl", "worldmodel"):  # no finished folder: redo what an interrupted try left behind
+            argv.append("--overwrite")
         log = os.path.join(self.run_dir, "logs", (out or module) + ".log")
         os.makedirs(os.path.dirname(log), exist_ok=True)
         print(f"== {name}: python {module}.py {shlex.join(argv)}  (log: {log})", flush=True)
@@ -401,22 +403,23 @@ def parse_flags(argv):
             quick = True
         elif a == "--readme":
             readme = True
-        elif a == "--seeds":
-            n_seeds = int(next(it, "0") or 0)
-            if n_seeds < 1:
-                raise SystemExit("demo: --seeds takes a whole number >= 1")
-        elif a == "--jobs":
-            jobs = int(next(it, "0") or 0)
-            if jobs < 1:
-                raise SystemExit("demo: --jobs takes a whole number >= 1")
+        elif a in ("--seeds", "--jobs"):
+            text = next(it, "")
+            if not text.isdigit() or int(text) < 1:
+                raise ConfigError(f"config: {a} takes a whole number >= 1, got {text!r}")
+            n_seeds, jobs = (int(text), jobs) if a == "--seeds" else (n_seeds, int(text))
         elif a == "--config":
             rest += [a, next(it, "")]
         elif a.startswith("--"):
-            raise SystemExit(f"demo: unknown flag {a} (known: --config, --seeds N, --jobs N, --quick, --readme)")
+            raise ConfigError(f"config: unknown flag {a} (demo.py takes --config, --seeds N, --jobs N, --quick, "
+                              f"--readme)")
         else:
             rest.append(a)
     config_path = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--config"), "configs/tiny.yaml")
     overrides = [a for a in rest if "=" in a]
+    stray = [o for o in overrides if o.split("=", 1)[0].split(".")[0] not in SECTIONS or "." not in o.split("=")[0]]
+    if stray:  # each stage takes its own sections only: these would be dropped in silence
+        raise ConfigError(f"config: {', '.join(stray)} names no section (section.key=value; {', '.join(SECTIONS)})")
     return quick, n_seeds, jobs, readme, config_path, overrides
 
 
@@ -465,4 +468,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

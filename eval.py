@@ -55,8 +55,8 @@ from dataclasses import dataclass
 import torch
 
 import data
-from tools import (EnvConfig, RunConfig, SearchEnv, build_prompt, exact_match, extract_boxed, f1_score,
-                   lenient_match, load_config, load_model, make_tool, parse)
+from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, exact_match, extract_boxed,
+                   f1_score, lenient_match, load_config, load_model, make_tool, model_path, parse)
 
 
 @dataclass
@@ -91,14 +91,7 @@ def resolve_model(init, cfg):
     """A model path from eval.init: an existing folder, a stage output under run.dir, 'base', or a hub name."""
     if init == "base":
         return data.base_model_path(cfg)
-    if os.path.isdir(init):
-        return init
-    staged = os.path.join(cfg.run.dir, init)
-    if os.path.isdir(staged):
-        return staged
-    if init.count("/") == 1 and not init.startswith((".", "/")):  # owner/name: from_pretrained reads the hub
-        return init
-    raise FileNotFoundError(f"eval.init={init!r}: no folder {init!r} or {staged!r} (run that stage first)")
+    return model_path(init, cfg.run.dir, f"eval.init={init!r}")
 
 
 def load_questions(cfg, source=None):
@@ -534,11 +527,11 @@ def show_trajectory(ep, tokenizer, color=None):
 def check_config(ecfg):
     """Refuse a bad eval section before any model is loaded."""
     if ecfg.mode not in ("agent", "notool", "workflow"):
-        raise ValueError(f"config: eval.mode must be agent, notool or workflow, got {ecfg.mode!r}")
+        raise ConfigError(f"config: eval.mode must be agent, notool or workflow, got {ecfg.mode!r}")
     if ecfg.workflow not in ("auto", "fixed", "react"):
-        raise ValueError(f"config: eval.workflow must be auto, fixed or react, got {ecfg.workflow!r}")
+        raise ConfigError(f"config: eval.workflow must be auto, fixed or react, got {ecfg.workflow!r}")
     if ecfg.samples < 1 or ecfg.batch_size < 1:
-        raise ValueError("config: eval.samples and eval.batch_size must be >= 1")
+        raise ConfigError("config: eval.samples and eval.batch_size must be >= 1")
 
 
 def evaluate(model, tokenizer, rows, cfg):
@@ -595,7 +588,8 @@ def summary_line(summary):
     kinds = "  ".join(f"{k} {v['em']:.2f}" for k, v in summary["by_kind"].items())
     return (f"EM {summary['em']:.3f}{spread}  F1 {summary['f1']:.3f}  lenient {summary['lenient']:.3f}  "
             f"format errors {summary['format_error']:.3f}  actions/q {summary['actions']:.2f}  "
-            f"real calls/q {summary['real_calls']:.2f}  gen tokens/q {summary['gen_tokens']:.0f}  "
+            f"real calls/q {summary['real_calls']:.2f}  tool failures {summary.get('tool_failures', 0)}  "
+            f"gen tokens/q {summary['gen_tokens']:.0f}  "
             f"{summary['wall_s']:.1f}s\n  by kind: {kinds}")
 
 
@@ -724,4 +718,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

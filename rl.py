@@ -10,7 +10,8 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
     2. reward    r = 1 if the trajectory is well formed and its \\boxed{} answer matches a gold answer, else 0
                  (tools.reward; `reward: f1` gives the answer's F1 instead).
     3. advantage A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6), std off with scale_std=false (Dr. GRPO);
-                 one number per trajectory, broadcast over the tokens the model wrote.
+                 one number per trajectory, broadcast over the tokens the model wrote. std is the sample std
+                 (Bessel's correction, as in TRL and verl): a group {0, 1} gets -0.71 and +0.71.
     4. update    `updates_per_step` optimizer steps on mini-batches of the episodes, each minimising
 
         L = agg_t [ -min(rho_t A, clip(rho_t, 1-eps_low, 1+eps_high) A) + beta KL3_t - alpha H_t ]
@@ -39,12 +40,16 @@ bf16=true (with parallel=fsdp) is one path on 1 and N GPUs: FSDP2 wraps the mode
 starts a 1-rank group), so training computes in bf16 from fp32 masters and rollouts read the gathered bf16 weights.
 
 Robustness. A NaN/inf loss or gradient skips that optimizer step (counted in `skipped`); max_bad_steps of them in
-a row stop the run with a message. Checkpoints (sft.save_checkpoint: weights, optimizer, scheduler, RNG, config,
+a row stop the run with a message. A real search that fails (after env.retries) gives the model a "search
+failed: <cause>" observation and is counted (`tool_failures`); a step where more than `max_tool_failures` of the
+real calls failed stops the run, naming the server's URL and the cause: a retriever that is down must not train
+the policy on failure messages. A run never deletes an earlier run's output under the same out= unless asked
+(`--overwrite`; `--resume` continues it), and a lock refuses a second live run on it (sft.claim_run). Checkpoints (sft.save_checkpoint: weights, optimizer, scheduler, RNG, config,
 call counters) are atomic; `--resume` continues from the newest one with the same weights as an unbroken run,
 because a step's prompts and sampling seed follow from the step number alone.
 
 Metrics (<run.dir>/<out>.metrics.jsonl, one line per step): env, reward, em, actions (per trajectory),
-real_calls / sim_calls (this step and running totals), zero_var (share of groups with one reward), kl, clip_frac,
+real_calls / sim_calls / tool_failures (this step and running totals), zero_var (share of groups with one reward), kl, clip_frac,
 ratio, entropy (when used), loss, grad_norm, tokens_per_s (model tokens), rollout_s, step_s; eval_em,
 eval_format, eval_actions (greedy, held-out, real tool) before the first and after the last step.
 
@@ -59,6 +64,7 @@ Outputs: <run.dir>/<out>/ (HF folder), <run.dir>/<out>.ckpt/step_XXXXXX/ (resume
     python rl.py --config configs/tiny.yaml                                   # CPU, the tiny world
     python rl.py --config configs/tiny.yaml sim_share=0.8333 steps=60         # RL-1 (simulated) then RL-2 (real)
     python rl.py --config configs/tiny.yaml --resume                          # after a crash: same weights
+    python rl.py --config configs/tiny.yaml --overwrite                       # start over: deletes runs/tiny/rl*
     torchrun --nproc_per_node 2 rl.py --config configs/tiny.yaml              # 2 CPU processes (gloo)
     torchrun --nproc_per_node 8 rl.py --config configs/qwen7b.yaml            # 8 GPUs, FSDP2 + bf16
     python rl.py --config configs/tiny.yaml run.device=cuda parallel=fsdp bf16=true   # 1 GPU, FSDP2 + bf16
@@ -82,9 +88,11 @@ from tqdm import tqdm
 
 from data import load_qa, save_atomic
 from rollout import rollout
-from sft import (all_reduce, barrier, check_bf16, full_state_dict, is_dist, latest_checkpoint, load_checkpoint,
-                 log_line, print0, save_checkpoint, setup_dist, truncate_log, unwrap, wrap_model)
-from tools import EnvConfig, RunConfig, SearchEnv, load_config, load_model, make_tool, parse, reward
+from sft import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, full_state_dict, is_dist, latest_checkpoint,
+                 load_checkpoint, log_line, print0, release_run, save_checkpoint, setup_dist, truncate_log, unwrap,
+                 wrap_model)
+from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, ToolError, cli, load_config, load_model, make_tool,
+                   model_path, parse, reward)
 
 
 @dataclass
@@ -123,6 +131,8 @@ class RLConfig:
     updates_per_step: int = 1  # optimizer steps per rollout batch (mini-batches); >1 makes the ratio/clip matter
     micro_batch: int = 16  # episodes per forward/backward on one rank (length-sorted; gradient accumulation)
     max_bad_steps: int = 3  # NaN/inf losses in a row before the run stops
+    max_tool_failures: float = 0.5  # share of a step's real calls that may fail (after env.retries) before the run
+                                    # stops; 1 = never stop (the failures are still counted)
     # scale
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per decoder layer)
     bf16: bool = False  # fsdp: bf16 parameters in forward/backward and rollouts; fp32 master weights, reductions
@@ -139,12 +149,13 @@ class RLConfig:
 def group_advantages(rewards, group_size, scale_std=True, eps=1e-6):
     """A_i = r_i - mean(group), divided by the group's std when scale_std. rewards: (B,), group members adjacent.
 
-    The std is the population std (correction 0): a group {0, 1} gets advantages -1 and +1.
+    The std is the sample std (correction 1, torch's default, as TRL and verl compute it): a group {0, 1} gets
+    advantages -0.71 and +0.71. A group of one has no spread: its std is taken as 0 (its advantage is 0 anyway).
     """
     r = rewards.float().view(-1, group_size)
     a = r - r.mean(dim=1, keepdim=True)
     if scale_std:
-        a = a / (r.std(dim=1, keepdim=True, correction=0) + eps)
+        a = a / (r.std(dim=1, keepdim=True, correction=min(1, group_size - 1)) + eps)
     return a.view(-1)
 
 
@@ -162,7 +173,7 @@ def loss_denominator(mask, loss_type, max_tokens=None):
         return float(mask.sum())  # model tokens
     if loss_type == "dr_grpo":
         return float(mask.shape[0] * (max_tokens or mask.shape[1]))  # trajectories x a constant length
-    raise ValueError(f"config: rl.loss_type must be grpo, dapo or dr_grpo, got {loss_type!r}")
+    raise ConfigError(f"config: rl.loss_type must be grpo, dapo or dr_grpo, got {loss_type!r}")
 
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, eps_low=0.2, eps_high=0.2, kl_coef=0.0,
@@ -258,6 +269,14 @@ def step_prompts(rows, step, n, seed):
             random.Random(seed * 100_003 + epoch).shuffle(order)
         out.append(rows[order[pos]])
     return out
+
+
+def check_tool_failures(failed, real, rcfg, environment, step):
+    """Stop the run when more than rl.max_tool_failures of this step's real calls failed (all ranks together)."""
+    if real and failed / real > rcfg.max_tool_failures:
+        cause = getattr(environment, "last_error", None) or "see the first rank's message"
+        raise ToolError(f"rl: step {step}: {int(failed)} of {int(real)} real tool calls failed, more than "
+                        f"rl.max_tool_failures={rcfg.max_tool_failures}: {cause}")
 
 
 def score(episodes, rows, group_size, env_cfg, kind="em"):
@@ -471,19 +490,20 @@ def save_final(model, tokenizer, out_dir, rank):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = load_config({"run": RunConfig, "env": EnvConfig, "rl": RLConfig}, argv, own="rl")
+    cfg = load_config({"run": RunConfig, "env": EnvConfig, "rl": RLConfig}, argv, own="rl", flags=RUN_FLAGS)
     run, env_cfg, rcfg = cfg.run, cfg.env, cfg.rl
     check_bf16(rcfg.bf16, rcfg.parallel, "rl")
     rank, world_size, device = setup_dist(run)
     from sft import start_logging
     start_logging(run, rcfg.out, cfg.to_dict(), rank)
     if rcfg.prompts_per_step % world_size:
-        raise ValueError(f"config: rl.prompts_per_step ({rcfg.prompts_per_step}) must divide by the number of "
-                         f"ranks ({world_size})")
+        raise ConfigError(f"config: rl.prompts_per_step ({rcfg.prompts_per_step}) must divide by the number of "
+                          f"ranks ({world_size})")
     torch.manual_seed(run.seed)
-    init = rcfg.init
-    if not os.path.isdir(init) and os.path.isdir(os.path.join(run.dir, init)):
-        init = os.path.join(run.dir, init)  # a stage name: sft2, sft123, ...
+    init = model_path(rcfg.init, run.dir, f"rl.init={rcfg.init!r}")  # a folder, or a stage name: sft2, sft123, ...
+    if rank == 0:
+        claim_run(run.dir, rcfg.out, cfg.flags)  # an earlier run's output, or a live run on this out=
+    barrier()
     model, ref, tokenizer = build_models(rcfg, run, device, init)
     betas = tuple(float(b) for b in rcfg.betas.split(","))
     optimizer = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, betas=betas, weight_decay=rcfg.weight_decay)
@@ -495,15 +515,14 @@ def main(argv=None):
     eval_rows = load_qa(rcfg.eval or os.path.join(run.data_dir, "dev.jsonl"))[:rcfg.eval_n] if rcfg.eval_n else []
     ckpt_dir = os.path.join(run.dir, rcfg.out + ".ckpt")
     metrics_path = os.path.join(run.dir, rcfg.out + ".metrics.jsonl")
-    os.makedirs(run.dir, exist_ok=True)
 
     # resume: weights, optimizer, scheduler from the newest checkpoint; prompts and sampling seeds follow the step
-    start, totals = 0, {"real_calls": 0, "sim_calls": 0, "skipped": 0, "bad_in_row": 0}
+    start, totals = 0, {"real_calls": 0, "sim_calls": 0, "tool_failures": 0, "skipped": 0, "bad_in_row": 0}
     if "resume" in cfg.flags and latest_checkpoint(ckpt_dir):
         meta = load_checkpoint(latest_checkpoint(ckpt_dir), model, optimizer, scheduler)
-        start, totals = meta["step"], meta["totals"]
+        start, totals = meta["step"], {**totals, **meta["totals"]}
         print0(f"resumed from {latest_checkpoint(ckpt_dir)} at step {start}")
-    elif rank == 0:  # a fresh run: checkpoints and metrics of an earlier run under this name would mix in
+    elif rank == 0:  # --resume before any whole checkpoint (claim_run dealt with the rest): start afresh
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
@@ -530,11 +549,16 @@ def main(argv=None):
         prompt_index = list(range(rank, rcfg.prompts_per_step, world_size))
         rows = [prompts[i] for i in prompt_index]
         generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + step * 1009 + rank)
+        failures_before = getattr(environment, "failures", 0)  # a SearchEnv counts its failed calls
         with generation_mode(model) as policy:
             episodes = rollout(policy, tokenizer, rows, dataclasses.replace(env_cfg, env=kind), environment,
                                group_size=rcfg.group_size, temperature=rcfg.temperature, top_p=rcfg.top_p,
                                max_new_tokens=max_tokens, generator=generator)
         t_rollout = time.time() - t0
+        # a retriever that is down: stop before an update trains the policy on "search failed" observations
+        real, failed = all_reduce([sum(ep.real_calls for ep in episodes),
+                                   getattr(environment, "failures", 0) - failures_before])
+        check_tool_failures(failed, real, rcfg, environment, step + 1)
         # 2) reward
         rewards, em, actions = score(episodes, rows, rcfg.group_size, env_cfg, rcfg.reward)
         # 3) advantages and updates: one optimizer step per mini-batch, old log-probs = the rollout's
@@ -548,30 +572,35 @@ def main(argv=None):
         # 4) metrics over all ranks
         n_model_tokens = sum(sum(ep.mask) for ep in episodes)
         sums = all_reduce([rewards.sum().item(), em.sum().item(), actions.sum().item(), len(episodes),
-                           sum(ep.real_calls for ep in episodes), sum(ep.sim_calls for ep in episodes),
-                           n_model_tokens, flat.float().sum().item()])
-        r_sum, em_sum, act_sum, n, real, sim, n_tokens, n_flat = sums
+                           sum(ep.sim_calls for ep in episodes), n_model_tokens, flat.float().sum().item()])
+        r_sum, em_sum, act_sum, n, sim, n_tokens, n_flat = sums
         totals["real_calls"] += int(real)
         totals["sim_calls"] += int(sim)
+        totals["tool_failures"] += int(failed)
         dt = time.time() - t0
         row = {"step": step + 1, "env": kind, "reward": r_sum / n, "em": em_sum / n, "actions": act_sum / n,
                "real_calls": int(real), "sim_calls": int(sim), "real_calls_total": totals["real_calls"],
-               "sim_calls_total": totals["sim_calls"], "zero_var": n_flat / n, "skipped": totals["skipped"],
+               "sim_calls_total": totals["sim_calls"], "tool_failures": int(failed),
+               "tool_failures_total": totals["tool_failures"], "zero_var": n_flat / n, "skipped": totals["skipped"],
                "tokens_per_s": n_tokens / dt, "rollout_s": t_rollout, "step_s": dt,
                "lr": scheduler.get_last_lr()[0], **stats}
         if eval_rows and (step + 1 == rcfg.steps or (rcfg.eval_every and (step + 1) % rcfg.eval_every == 0)):
             row.update(evaluate(model, tokenizer, eval_rows, cfg, eval_env, rank, world_size))
         if rank == 0 and ((step + 1) % rcfg.log_every == 0 or "eval_em" in row):
             log_line(metrics_path, row)
-            bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row.get('kl', 0):.3f}", env=kind, real=real)
+            bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row.get('kl', 0):.3f}", env=kind, real=int(real),
+                            failed=int(failed))
         # 5) checkpoint: everything a resumed run needs; the step is the data position
         if (rcfg.save_every and (step + 1) % rcfg.save_every == 0) or step + 1 == rcfg.steps:
             save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler,
                             meta={"config": cfg.to_dict(), "totals": totals, "init": init}, keep=rcfg.keep_ckpts)
     save_final(model, tokenizer, os.path.join(run.dir, rcfg.out), rank)
-    print0(f"rl: wrote {os.path.join(run.dir, rcfg.out)}; real calls {totals['real_calls']}, "
-           f"simulated calls {totals['sim_calls']}, skipped updates {totals['skipped']}")
+    print0(f"rl: wrote {os.path.join(run.dir, rcfg.out)}; real calls {totals['real_calls']} "
+           f"({totals['tool_failures']} failed), simulated calls {totals['sim_calls']}, "
+           f"skipped updates {totals['skipped']}")
+    if rank == 0:
+        release_run(run.dir, rcfg.out)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -56,6 +56,7 @@ reference model (the formula above, as in the paper's stage-1 loss).
 Not here: sequence packing (length bucketing instead), LoRA, evaluation by generation (eval.py).
 """
 import contextlib
+import fcntl
 import glob
 import json
 import math
@@ -70,7 +71,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tools import build_prompt, read_jsonl
+from tools import ConfigError, build_prompt, cli, read_jsonl
 
 
 @dataclass
@@ -351,16 +352,12 @@ def heldout_metrics(model, tokenizer, env, rows, device, batch_size=32, max_len=
 # The whole stage
 
 def resolve_init(init, cfg):
-    """A model folder from sft.init: base, a stage output under run.dir, an existing path, or a hub name."""
+    """A model folder from sft.init: base, an existing path, a stage output under run.dir, or a hub name."""
     from data import base_model_path
+    from tools import model_path
     if init == "base":
         return base_model_path(cfg)
-    staged = os.path.join(cfg.run.dir, init)
-    if os.path.isdir(staged):
-        return staged
-    if os.path.isdir(init) or (init.count("/") == 1 and not init.startswith((".", "/"))):
-        return init
-    raise FileNotFoundError(f"sft.init={init!r}: no folder {staged!r} or {init!r} (run that stage first)")
+    return model_path(init, cfg.run.dir, f"sft.init={init!r}")
 
 
 def log_line(path, row):
@@ -384,21 +381,24 @@ def main(argv=None):
     from tools import EnvConfig, RunConfig, load_config, load_model
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per run: ours
-    cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": ModelConfig, "sft": SFTConfig}, argv, own="sft")
+    cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": ModelConfig, "sft": SFTConfig}, argv, own="sft",
+                      flags=RUN_FLAGS)
     run, env, sc = cfg.run, cfg.env, cfg.sft
-    unknown = [f for f in cfg.flags if f != "resume"]
-    if unknown or sc.stage not in STAGES or sc.parallel not in ("ddp", "fsdp", "none"):
-        raise ValueError(f"config: unknown flag(s) {unknown} or sft.stage {sc.stage!r} (one of {STAGES}) "
-                         f"or sft.parallel {sc.parallel!r} (ddp, fsdp, none)")
+    if sc.stage not in STAGES or sc.parallel not in ("ddp", "fsdp", "none"):
+        raise ConfigError(f"config: sft.stage {sc.stage!r} (one of {STAGES}) or sft.parallel {sc.parallel!r} "
+                          f"(ddp, fsdp, none)")
     check_bf16(sc.bf16, sc.parallel, "sft")
     rank, world_size, device = setup_dist(run)
     start_logging(run, sc.out or sc.stage, cfg.to_dict(), rank)
     if sc.batch_size % world_size:
-        raise ValueError(f"config: sft.batch_size ({sc.batch_size}) must divide by the number of ranks ({world_size})")
+        raise ConfigError(f"config: sft.batch_size ({sc.batch_size}) must divide by the number of ranks ({world_size})")
     steps = sc.steps or getattr(sc, f"{sc.stage}_steps")
     out = sc.out or sc.stage
     out_dir, ckpt_dir = os.path.join(run.dir, out), os.path.join(run.dir, out + ".ckpt")
     metrics_path = os.path.join(run.dir, out + ".metrics.jsonl")
+    if rank == 0:
+        claim_run(run.dir, out, cfg.flags)  # before anything is loaded or written
+    barrier()
     random.seed(run.seed)
     torch.manual_seed(run.seed)
 
@@ -428,7 +428,7 @@ def main(argv=None):
         meta = load_checkpoint(latest_checkpoint(ckpt_dir), ddp_model, optimizer, scheduler)
         start = meta["step"]
         print0(f"sft: resumed from {latest_checkpoint(ckpt_dir)} at step {start}")
-    elif rank == 0:  # a fresh run: an earlier run's checkpoints would be pruned in place of ours, or resumed
+    elif rank == 0:  # --resume before any whole checkpoint (claim_run dealt with the rest): start afresh
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
@@ -470,6 +470,7 @@ def main(argv=None):
             log_line(metrics_path, {"step": steps, "final": True, **metrics})
             print0("sft: held-out", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
         print0(f"sft: wrote {out_dir}")
+        release_run(run.dir, out)
     barrier()  # the process group stays up: a pipeline may call main() again in this process
 
 
@@ -699,6 +700,62 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=None, meta=None,
     return final
 
 
+# -----------------------------------------------------------------------------
+# The run guard: a run never destroys what an earlier run left, and two live runs never share an out=
+
+RUN_FLAGS = ("resume", "overwrite")  # the flags of every training script
+_LOCKS = {}  # lock file path -> its open file, held for the life of this process
+
+
+def claim_run(run_dir, out, flags):
+    """Lock <run_dir>/<out>.lock and check what an earlier run left under this out=, before anything is written.
+
+    - another live process holds the lock: ConfigError naming its PID (fcntl locks die with their process, so
+      a killed run never leaves a stale one);
+    - <out>/, <out>.ckpt/ or <out>.metrics.jsonl exist, and neither --resume nor --overwrite was given:
+      ConfigError saying how to do either (a fresh run would replace them);
+    - --overwrite: they are deleted now, and the run starts over.
+    Call it on rank 0 only. The lock belongs to the process: a second main() in it (demo.py) may claim again.
+    """
+    if "resume" in flags and "overwrite" in flags:
+        raise ConfigError("give --resume or --overwrite, not both")
+    os.makedirs(run_dir, exist_ok=True)
+    lock_path = os.path.join(run_dir, out + ".lock")
+    if lock_path not in _LOCKS:
+        f = open(lock_path, "a+")
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise ConfigError(f"{os.path.join(run_dir, out)} is in use by a live run (PID {holder}; lock "
+                              f"{lock_path}): wait for it, or give this run another out=") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _LOCKS[lock_path] = f
+    left = [p for p in (os.path.join(run_dir, out + s) for s in ("", ".ckpt", ".metrics.jsonl")) if os.path.exists(p)]
+    if left and "overwrite" in flags:
+        for p in left:
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
+        print0(f"--overwrite: deleted {', '.join(left)}")
+    elif left and "resume" not in flags:
+        release_run(run_dir, out)
+        raise ConfigError(f"{', '.join(left)} exist(s), left by an earlier run: --resume continues it, --overwrite "
+                          f"deletes it and starts over (or choose another out=)")
+
+
+def release_run(run_dir, out):
+    """Drop the lock of claim_run (at the end of a run; a crash drops it when the process ends)."""
+    f = _LOCKS.pop(os.path.join(run_dir, out + ".lock"), None)
+    if f is not None:
+        f.close()
+
+
 def list_checkpoints(ckpt_dir):
     """Complete checkpoint folders, oldest first (.tmp leftovers of a killed run are ignored)."""
     return sorted(p for p in glob.glob(os.path.join(ckpt_dir, "step_*")) if not p.endswith(".tmp"))
@@ -738,4 +795,4 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -45,6 +45,20 @@ import yaml
 SECTIONS = ("run", "env", "world", "model", "synth", "sft", "worldmodel", "rl", "eval")
 
 
+class ConfigError(ValueError):
+    """A usage or config error: the script's fault is the user's input, so it ends with one line, not a traceback."""
+
+
+def cli(main, argv=None):
+    """Run an entry point's main(argv): a ConfigError prints its one line to stderr and exits with status 2
+    (the convention of argparse and of Unix tools for bad usage); any other exception keeps its traceback."""
+    try:
+        return main(argv)
+    except ConfigError as e:
+        print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 @dataclass
 class RunConfig:
     name: str = "tiny"  # every artifact of this pipeline goes under <runs_dir>/<name>/
@@ -92,7 +106,10 @@ class EnvConfig:
 
 def parse_value(text, typ, name):
     """Parse a command-line string into the dataclass field's type."""
-    value = yaml.safe_load(text) if typ is not str else text
+    try:
+        value = yaml.safe_load(text) if typ is not str else text
+    except yaml.YAMLError:
+        raise ConfigError(f"config: {name}={text!r} is not a value") from None
     return check_type(value, typ, name)
 
 
@@ -105,7 +122,7 @@ def check_type(value, typ, name):
         except ValueError:
             pass
     if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
-        raise ValueError(f"config: {name} must be {typ.__name__}, got {value!r}")
+        raise ConfigError(f"config: {name} must be {typ.__name__}, got {value!r}")
     return value
 
 
@@ -114,56 +131,69 @@ def build(cls, values, section):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in fields:
-            raise ValueError(f"config: unknown key '{section}.{key}' (known: {', '.join(fields)})")
+            raise ConfigError(f"config: unknown key '{section}.{key}' (known: {', '.join(fields)})")
         values[key] = check_type(value, fields[key].type, f"{section}.{key}")
     return cls(**values)
 
 
-def load_config(sections, argv=None, own=None):
+def load_config(sections, argv=None, own=None, flags=()):
     """Read --config FILE and key=value overrides into one dataclass per section.
 
     sections: {"run": RunConfig, "sft": SFTConfig, ...}, what this script needs; own: the section that a bare
-    `key=value` belongs to. Returns a SimpleNamespace with one attribute per section plus .path and .raw.
-    Other sections in the file are checked by name only (their script checks their keys).
+    `key=value` belongs to; flags: the --flags this script takes (any other is refused: a typo such as --resum
+    must not start a run that wipes the one it meant to resume). Returns a SimpleNamespace with one attribute
+    per section plus .path and .flags. Other sections in the file are checked by name only (their script
+    checks their keys). Every error is a ConfigError.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    path, overrides, flags = None, [], []
+    path, overrides, given = None, [], []
     while argv:
         arg = argv.pop(0)
         if arg == "--config":
+            if not argv:
+                raise ConfigError("config: --config needs a file")
             path = argv.pop(0)
         elif arg.startswith("--config="):
             path = arg.split("=", 1)[1]
         elif "=" in arg:
             overrides.append(arg.lstrip("-"))
         elif arg.startswith("--"):
-            flags.append(arg[2:])
+            given.append(arg[2:])
         else:
-            raise ValueError(f"config: cannot read argument {arg!r} (use --config FILE and key=value)")
+            raise ConfigError(f"config: cannot read argument {arg!r} (use --config FILE and key=value)")
+    unknown = [f"--{f}" for f in given if f not in flags]
+    if unknown:
+        known = ", ".join(f"--{f}" for f in flags) or "none"
+        raise ConfigError(f"config: unknown flag {', '.join(unknown)} (this script takes: {known})")
     raw = {}
     if path:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"config: {path} must be a mapping of sections")
+            raise ConfigError(f"config: {path} must be a mapping of sections")
     for name, body in raw.items():
         if name not in SECTIONS:
-            raise ValueError(f"config: unknown section '{name}' in {path} (known: {', '.join(SECTIONS)})")
+            raise ConfigError(f"config: unknown section '{name}' in {path} (known: {', '.join(SECTIONS)})")
         if not isinstance(body, dict):
-            raise ValueError(f"config: section '{name}' in {path} must be a mapping")
+            raise ConfigError(f"config: section '{name}' in {path} must be a mapping")
     values = {name: dict(raw.get(name) or {}) for name in sections}
     for item in overrides:
         key, text = item.split("=", 1)
         name, _, key = key.rpartition(".")
         name = name or own
         if name not in sections:
-            raise ValueError(f"config: override '{item}' names no section of this script ({', '.join(sections)})")
+            raise ConfigError(f"config: override '{item}' names no section of this script ({', '.join(sections)})")
         fields = {f.name: f.type for f in dataclasses.fields(sections[name])}
         if key not in fields:
-            raise ValueError(f"config: unknown key '{name}.{key}' (known: {', '.join(fields)})")
+            raise ConfigError(f"config: unknown key '{name}.{key}' (known: {', '.join(fields)})")
         values[name][key] = parse_value(text, fields[key], f"{name}.{key}")
     cfg = {name: build(cls, values[name], name) for name, cls in sections.items()}
-    return _Namespace(cfg, path=path, flags=flags)
+    return _Namespace(cfg, path=path, flags=given)
 
 
 class _Namespace(dict):
@@ -208,16 +238,23 @@ class Parsed:
 
 
 def extract_boxed(text, opener="\\boxed{"):
-    """Content of the last balanced \\boxed{...} in text, or None. Nested braces are kept."""
-    start = text.rfind(opener)
-    while start != -1:
-        depth, i = 1, start + len(opener)
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start + len(opener):i - 1].strip()
-        start = text.rfind(opener, 0, start)  # unclosed: try an earlier one
+    """Content of the last balanced \\boxed{...} in text, or None. Nested braces are kept; an unclosed opener
+    is passed over for an earlier one. The opener ends with "{".
+
+    Linear time: one pass pairs every brace with a stack, then each opener looks its brace up. (Scanning
+    forward from each opener in turn is quadratic: 4,000 unclosed openers took 15 s, and a policy that babbles
+    must not stall scoring.)
+    """
+    close_of, stack = {}, []  # position of a "{" -> position of its "}"
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            close_of[stack.pop()] = m.start()
+    for m in reversed(list(re.finditer(re.escape(opener), text))):
+        brace = m.end() - 1
+        if brace in close_of:
+            return text[brace + 1:close_of[brace]].strip()
     return None
 
 
@@ -238,8 +275,7 @@ def _parse(text, env):
     if body.lstrip().startswith(env.think_open):
         body = body.lstrip()[len(env.think_open):]
     think, closed, after = body.partition(env.think_close)
-    action_re = re.escape(env.action_open) + "(.*?)" + re.escape(env.action_close)
-    actions = [q.strip() for q in re.findall(action_re, think, flags=re.S)]
+    actions = find_actions(think, env)
     out = Parsed(actions=actions, answer=extract_boxed(after, env.answer_open) if closed else None)
     if not closed:
         out.reason = "no think_close"
@@ -259,18 +295,36 @@ def _parse(text, env):
     return out
 
 
+def find_actions(think, env):
+    """Each action_open ... action_close query in order, as a lazy regex would find them, in linear time (a lazy
+    regex rescans the rest of the text from every unclosed opener)."""
+    actions, i = [], 0
+    while (start := think.find(env.action_open, i)) != -1:
+        end = think.find(env.action_close, start + len(env.action_open))
+        if end == -1:
+            break  # no close after this opener: none after any later one either
+        actions.append(think[start + len(env.action_open):end].strip())
+        i = end + len(env.action_close)
+    return actions
+
+
 # -----------------------------------------------------------------------------
 # Rewards and metrics: SQuAD normalisation, EM, F1, the paper's lenient match, several gold answers.
 
+PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
 def normalize_answer(s):
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = s.lower().translate(PUNCTUATION)
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
 
 def exact_match(pred, golds):
-    return float(any(normalize_answer(pred) == normalize_answer(g) for g in golds))
+    """1.0 if the normalised prediction equals a normalised gold answer. An empty prediction never matches:
+    normalisation empties \\boxed{} and a gold answer such as "A" alike."""
+    pred = normalize_answer(pred)
+    return float(bool(pred) and any(pred == normalize_answer(g) for g in golds))
 
 
 def f1_score(pred, golds):
@@ -308,10 +362,15 @@ def reward(text, golds, env, kind="em"):
 # Search tools: queries -> top-k passages each
 
 class ToolError(RuntimeError):
-    pass
+    """A search that failed; `cause` is the short reason (connection refused, timeout, HTTP 500, bad JSON)."""
+
+    def __init__(self, message, cause=""):
+        super().__init__(message)
+        self.cause = cause or message
 
 
 NOT_JSON = object()  # stands for a line that does not parse
+NOT_UTF8 = object()  # stands for a line whose bytes are not UTF-8 text
 
 
 def check_rows(placed, check, what="row", on_bad="skip", warn=print):
@@ -321,7 +380,7 @@ def check_rows(placed, check, what="row", on_bad="skip", warn=print):
     """
     good = []
     for place, row in placed:
-        problem = "not JSON" if row is NOT_JSON else check(row)
+        problem = "not JSON" if row is NOT_JSON else "not UTF-8 text" if row is NOT_UTF8 else check(row)
         if problem and on_bad == "raise":
             raise ValueError(f"{place}: bad {what}: {problem}")
         if problem:
@@ -332,13 +391,18 @@ def check_rows(placed, check, what="row", on_bad="skip", warn=print):
 
 
 def read_jsonl(path, check, what="row", on_bad="skip", warn=print):
-    """[(place, row)] of a JSONL file ("file:line", row), checked by check_rows; blank lines are ignored."""
+    """[(place, row)] of a JSONL file ("file:line", row), checked by check_rows; blank lines are ignored.
+
+    Lines are read as bytes and decoded one by one, so undecodable bytes are a bad row with its file and line.
+    """
     def load(line):
         try:
-            return json.loads(line)
+            return json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            return NOT_UTF8
         except ValueError:
             return NOT_JSON
-    with open(path) as f:
+    with open(path, "rb") as f:
         placed = [(f"{path}:{n}", load(line)) for n, line in enumerate(f, 1) if line.strip()]
     return check_rows(placed, check, what, on_bad, warn)
 
@@ -416,7 +480,7 @@ class HTTPSearch:
 
     The reply is {"result": [[{"document": {"contents": ...}, "score": ...}, ...], ...]} (Search-R1) or
     [[{"contents": ...}, ...], ...]; each request has a timeout, failures are retried with exponential backoff,
-    then ToolError is raised (never a hang).
+    then ToolError is raised (never a hang), naming the URL and the cause of the last try.
     """
 
     def __init__(self, url, timeout_s=10.0, retries=2, backoff_s=0.5):
@@ -435,7 +499,8 @@ class HTTPSearch:
                 return self._passages(r.json(), len(queries))
             except (requests.RequestException, ValueError) as e:
                 error = e
-        raise ToolError(f"retrieval server {self.url} failed after {self.retries + 1} tries: {error}")
+        cause = failure_cause(error)
+        raise ToolError(f"retrieval server {self.url} failed after {self.retries + 1} tries: {cause} ({error})", cause)
 
     @staticmethod
     def _passages(reply, n):
@@ -453,12 +518,26 @@ class HTTPSearch:
         return out
 
 
+def failure_cause(error):
+    """The short cause of a failed HTTP search, as a person would say it."""
+    import requests
+    if isinstance(error, requests.Timeout):
+        return "timeout"
+    if isinstance(error, requests.ConnectionError):
+        return "connection refused" if "refused" in str(error).lower() else "connection failed"
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        return f"HTTP {error.response.status_code}"
+    if isinstance(error, ValueError):  # requests' JSONDecodeError is one too
+        return "bad JSON" if "malformed reply" not in str(error) else "malformed reply"
+    return type(error).__name__
+
+
 def make_tool(env, run=None):
     if env.tool == "bm25":
         return BM25Search(env.corpus or os.path.join(run.data_dir if run else "data/tiny", "corpus.jsonl"))
     if env.tool == "http":
         return HTTPSearch(env.url, env.timeout_s, env.retries)
-    raise ValueError(f"config: env.tool must be bm25 or http, got {env.tool!r}")
+    raise ConfigError(f"config: env.tool must be bm25 or http, got {env.tool!r}")
 
 
 def format_observation(passages, tokenizer, env):
@@ -485,18 +564,21 @@ def split_context(context, tokenizer, env):
 
 
 class SearchEnv:
-    """The real environment: a batch of queries -> a batch of observation strings; counts real calls.
+    """The real environment: a batch of queries -> a batch of observation strings; counts real calls and failures.
 
     `contexts` (the text of each trajectory so far) does not change the result; with `log_path` every real call
     is appended to a JSONL file as {"question", "history", "query", "observation"}: the world model's training
-    data (worldmodel.py), collected for free during synthesis, RL with the real tool, and eval.
+    data (worldmodel.py), collected for free during synthesis, RL with the real tool, and eval. A failed call
+    is logged too, with {"error": cause}, and its observation says "search failed: cause"; `failures` counts
+    them and `last_error` keeps the tool's whole message (with the server's URL).
     """
     simulated = False
 
     def __init__(self, tool, tokenizer, env, log_path=None):
         self.tool, self.tokenizer, self.env, self.log_path = tool, tokenizer, env, log_path
         self.calls = 0  # real tool calls spent, one per query
-        self.failures = 0
+        self.failures = 0  # calls whose search failed (after the tool's own retries)
+        self.last_error = None  # the message of the latest failure
 
     def __call__(self, queries, contexts=None):
         queries = [q.strip()[:self.env.max_query_chars] for q in queries]
@@ -504,22 +586,27 @@ class SearchEnv:
         try:
             results = self.tool(queries, k=self.env.topk)
         except Exception as e:
+            cause = getattr(e, "cause", "") or type(e).__name__
             if self.env.on_error == "raise":
-                raise ToolError(str(e)) from e
+                raise ToolError(str(e), cause) from e
             self.failures += len(queries)
-            return [f"{self.env.obs_open} search failed: {type(e).__name__} {self.env.obs_close}"] * len(queries)
+            self.last_error = str(e) or cause
+            observations = [f"{self.env.obs_open} search failed: {cause} {self.env.obs_close}"] * len(queries)
+            if self.log_path:
+                self.log(queries, contexts or [""] * len(queries), observations, error=cause)
+            return observations
         observations = [format_observation(p, self.tokenizer, self.env) for p in results]
         if self.log_path:
             self.log(queries, contexts or [""] * len(queries), observations)
         return observations
 
-    def log(self, queries, contexts, observations):
+    def log(self, queries, contexts, observations, error=None):
         """Append one row per call; one write per batch, so concurrent ranks do not interleave rows."""
         rows = []
         for query, context, obs in zip(queries, contexts, observations):
             question, history = split_context(context, self.tokenizer, self.env)
-            rows.append(json.dumps({"question": question, "history": history, "query": query, "observation": obs},
-                                   ensure_ascii=False) + "\n")
+            row = {"question": question, "history": history, "query": query, "observation": obs}
+            rows.append(json.dumps({**row, "error": error} if error else row, ensure_ascii=False) + "\n")
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         with open(self.log_path, "a") as f:
             f.write("".join(rows))
@@ -542,8 +629,45 @@ def pick_dtype(run, device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def is_hub_id(name):
+    """An owner/name the hub could hold (a path such as runs/tiny/sft123 or ./x is not one)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith(".") and \
+        not os.path.isdir(name.split("/")[0])  # runs/sft2 with a runs/ folder here: a local path
+
+
+def missing_model(path, what="model"):
+    """The one-line error for a model folder that is not there: which folder, and which script writes it."""
+    name = os.path.basename(os.path.normpath(path))
+    writer = ("rl.py (rl.out=NAME)" if name.startswith("rl") else "worldmodel.py (worldmodel.out=NAME)"
+              if name.startswith("worldmodel") else "sft.py (sft.out=NAME)" if name.startswith(("sft", "cot"))
+              else "the stage whose out= is NAME").replace("NAME", name)
+    return ConfigError(f"{what}: no model folder {path!r} ({writer} writes it; demo.py runs every stage)")
+
+
+def model_path(name, run_dir, what="model"):
+    """The folder a config's model name means: a folder, a stage output <run_dir>/<name>, or an owner/name hub
+    id; anything else is a ConfigError naming the folder expected under run_dir, before any hub call."""
+    staged = os.path.join(run_dir, name)
+    if os.path.isdir(name):
+        return name
+    if os.path.isdir(staged):
+        return staged
+    if is_hub_id(name):
+        return name
+    raise missing_model(staged if os.sep not in name else name, what)
+
+
 def load_model(path, run=None, device=None, dtype=None):
-    """(model, tokenizer) from an HF folder or hub name. The tokenizer pads on the left (rollout.py needs it)."""
+    """(model, tokenizer) from an HF folder or hub name. The tokenizer pads on the left (rollout.py needs it).
+
+    A path that is not a folder and not a hub id (or a hub id not cached while HF_HUB_OFFLINE=1) is a one-line
+    ConfigError before any hub call: offline, transformers would retry the hub for minutes and never say which
+    local folder was meant.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    if not os.path.isdir(path) and (not is_hub_id(path) or (
+            constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(path, "config.json"), str))):
+        raise missing_model(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     run = run or RunConfig()
     device = device or pick_device(run)

@@ -53,7 +53,7 @@ the whole fidelity report. The history drops the policy's thoughts (above).
     python worldmodel.py --config configs/tiny.yaml steps=600 policy=runs/tiny/sft123
     python worldmodel.py --config configs/tiny.yaml calls='runs/tiny/logs/*.jsonl'   # other logged real calls
     python rl.py --config configs/tiny.yaml env.worldmodel=runs/tiny/worldmodel sim_share=0.8333  # RL-1 on it
-    python worldmodel.py --config configs/tiny.yaml --resume            # after a crash
+    python worldmodel.py --config configs/tiny.yaml --resume            # after a crash (--overwrite: start over)
     python worldmodel.py --config configs/tiny.yaml run.device=cuda bf16=true  # one GPU: bf16 compute, fp32 masters
     torchrun --nproc_per_node 2 worldmodel.py --config configs/tiny.yaml
 
@@ -74,8 +74,8 @@ import torch
 
 import data
 from rollout import generate
-from tools import (EnvConfig, RunConfig, SearchEnv, build_prompt, format_observation, load_config, load_model,
-                   make_tool, normalize_answer, read_jsonl, reward, split_context)
+from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, format_observation, load_config,
+                   load_model, make_tool, normalize_answer, read_jsonl, reward, split_context)
 
 
 @dataclass
@@ -113,11 +113,12 @@ class WorldModelConfig:
 # Real calls: logs, or the oracle's queries sent to the real tool
 
 def read_calls(pattern):
-    """Logged real calls from a JSONL path or glob; malformed rows are reported with file:line and skipped."""
+    """Logged real calls from a JSONL path or glob; malformed rows are reported with file:line and skipped, and
+    failed calls (logged with an "error": their observation is a failure message) are left out."""
     paths = sorted(glob.glob(pattern))
     if not paths:
         raise FileNotFoundError(f"worldmodel.calls: no file matches {pattern!r}")
-    return [row for path in paths for _, row in read_jsonl(path, check_call, "call row")]
+    return [row for path in paths for _, row in read_jsonl(path, check_call, "call row") if not row.get("error")]
 
 
 def check_call(row):
@@ -267,11 +268,11 @@ def make_environment(env, run, tokenizer):
         return SearchEnv(make_tool(env, run), tokenizer, env)
     if env.env == "worldmodel":
         if not env.worldmodel:
-            raise ValueError("config: env.env=worldmodel needs env.worldmodel (a world-model folder)")
+            raise ConfigError("config: env.env=worldmodel needs env.worldmodel (a world-model folder)")
         return WorldModelEnv.from_path(env.worldmodel, env, tokenizer, run)
     if env.env == "policy":
         return None
-    raise ValueError(f"config: env.env must be real, policy or worldmodel, got {env.env!r}")
+    raise ConfigError(f"config: env.env must be real, policy or worldmodel, got {env.env!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -390,7 +391,7 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size):
                      save_checkpoint, wrap_model)
     wm = cfg.worldmodel
     if wm.batch_size < world_size:
-        raise ValueError(f"config: worldmodel.batch_size={wm.batch_size} is smaller than the {world_size} ranks")
+        raise ConfigError(f"config: worldmodel.batch_size={wm.batch_size} is smaller than the {world_size} ranks")
     model.train()
     ddp_model = wrap_model(model, device, "fsdp" if wm.bf16 else "ddp", wm.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=wm.lr, weight_decay=wm.weight_decay, betas=(0.9, 0.95))
@@ -536,12 +537,14 @@ def first_existing(run_dir, names):
 
 
 def main(argv=None):
-    from sft import barrier, print0, setup_dist
+    from sft import RUN_FLAGS, barrier, claim_run, print0, release_run, setup_dist
     from transformers import AutoTokenizer
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig,
-                       "worldmodel": WorldModelConfig}, argv, own="worldmodel")
+                       "worldmodel": WorldModelConfig}, argv, own="worldmodel", flags=RUN_FLAGS)
     wm, env = cfg.worldmodel, cfg.env
     rank, world_size, device = setup_dist(cfg.run)
+    if rank == 0:
+        claim_run(cfg.run.dir, wm.out, cfg.flags)  # an earlier run's output, or a live run on this out=
     torch.manual_seed(cfg.run.seed)
     if rank == 0:
         data.base_model_path(cfg)  # build the tiny base once, before other ranks read it
@@ -568,6 +571,7 @@ def main(argv=None):
     out_dir = os.path.join(cfg.run.dir, wm.out)
     if rank == 0:
         data.save_atomic(out_dir, model, tokenizer)
+        release_run(cfg.run.dir, wm.out)
         print0(f"world model saved to {out_dir} ({time.time() - t0:.1f}s)")
     barrier()
     report = {"train_loss": log, "fidelity": {}}
@@ -620,4 +624,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

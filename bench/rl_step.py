@@ -29,19 +29,23 @@ import torch  # noqa: E402
 
 import rl  # noqa: E402
 from rollout import rollout  # noqa: E402
-from tools import EnvConfig, RunConfig, build_prompt, load_model, reward  # noqa: E402
+from tools import ConfigError, EnvConfig, RunConfig, build_prompt, cli, load_model, reward  # noqa: E402
 
 DEFAULTS = {"model": "runs/tiny/base", "data": "data/tiny/train.jsonl", "prompts": 8, "group": 4, "new_tokens": 64,
             "steps": 4, "lr": 1e-5, "threads": 1}
 
 
 def read_args(argv):
+    """key=value arguments over DEFAULTS; an unknown key or a bad value is a ConfigError (one line, exit 2)."""
     args = dict(DEFAULTS)
     for item in argv:
         key, _, value = item.partition("=")
         if key not in args:
-            raise SystemExit(f"bench: unknown argument {key!r} (known: {', '.join(args)})")
-        args[key] = type(DEFAULTS[key])(value)
+            raise ConfigError(f"bench: unknown argument {key!r} (known: {', '.join(args)})")
+        try:
+            args[key] = type(DEFAULTS[key])(value)
+        except ValueError:
+            raise ConfigError(f"bench: {key} must be {type(DEFAULTS[key]).__name__}, got {value!r}") from None
     return args
 
 
@@ -123,7 +127,7 @@ def main(argv=None):
         print(json.dumps({"bench": "rl_step", "skipped": "trl not installed"}))
         return
     if not os.path.exists(os.path.join(args["model"], "config.json")):
-        raise SystemExit(f"bench: no model at {args['model']} (python data.py --config configs/tiny.yaml builds it)")
+        raise ConfigError(f"bench: no model at {args['model']} (python data.py --config configs/tiny.yaml builds it)")
     torch.set_num_threads(args["threads"])
     env = EnvConfig(env="policy", max_new_tokens=args["new_tokens"])
     rows = load_rows(args["data"], args["steps"], args["prompts"])
@@ -144,4 +148,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

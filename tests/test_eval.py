@@ -239,7 +239,8 @@ def test_main_writes_per_question_jsonl_and_summary(tiny_root, tiny_base):
 
 
 def test_bad_mode_and_missing_model_are_clear_errors(tiny_root):
-    with pytest.raises(FileNotFoundError, match="no folder"):
+    from tools import ConfigError
+    with pytest.raises(ConfigError, match=f"eval.init='nothing_here': no model folder '{tiny_root}/runs/tiny/nothing_here'"):
         ev.main(["--config", "configs/tiny.yaml", f"run.runs_dir={tiny_root}/runs", "init=nothing_here"])
     with pytest.raises(ValueError, match="eval.mode"):
         ev.evaluate(None, None, [], tiny_eval_cfg(tiny_root, ["mode=oracle"]))
@@ -319,7 +320,8 @@ def test_a_tool_that_is_down_is_counted_not_fatal(tiny_root, tiny_model):
     rows = ev.load_questions(cfg)[:2]
     summary, records, episodes = ev.evaluate(model, tokenizer, rows, cfg)
     assert summary["tool_failures"] == 1 * 2  # one search a question, two questions
-    assert "search failed" in tokenizer.decode(episodes[0].ids)
+    assert "search failed: connection refused" in tokenizer.decode(episodes[0].ids)
+    assert f"tool failures {summary['tool_failures']}" in ev.summary_line(summary)  # the printed line says so
 
 
 def test_answer_without_boxed_falls_back_to_the_last_line_after_think():

@@ -13,13 +13,15 @@ import rl
 # -----------------------------------------------------------------------------
 # The loss, alone
 
-def test_group_advantages_match_hand_computation():
+def test_group_advantages_divide_by_the_sample_std_as_trl_and_verl():
     rewards = torch.tensor([1., 0., 0., 0., 1., 1., 1., 1.])
-    std = math.sqrt(0.25 * 0.75)  # population std of {1, 0, 0, 0}
+    std = math.sqrt((0.75 ** 2 + 3 * 0.25 ** 2) / 3)  # sample std of {1, 0, 0, 0}: divided by G - 1
     expected = torch.tensor([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std, 0, 0, 0, 0])
     assert torch.allclose(rl.group_advantages(rewards, 4), expected, atol=1e-4)
+    assert torch.allclose(rl.group_advantages(torch.tensor([0., 1.]), 2), torch.tensor([-0.7071, 0.7071]), atol=1e-4)
     unscaled = rl.group_advantages(rewards, 4, scale_std=False)
     assert torch.allclose(unscaled, torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
+    assert rl.group_advantages(torch.tensor([1., 0.]), 1).tolist() == [0.0, 0.0]  # a group of one: no NaN
 
 
 def test_group_advantages_sum_to_zero_within_each_group():
@@ -343,6 +345,70 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_root, tiny_base, tm
     assert any(not torch.equal(a[k], base[k]) for k in a)  # training moved the weights
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == list(range(1, 5))
+
+
+def test_a_typo_or_a_rerun_never_wipes_an_earlier_runs_checkpoints(tiny_root, tiny_base, tmp_path):
+    from tools import ConfigError
+    ckpt = tmp_path / "t" / "rl.ckpt" / "step_000002"
+    ckpt.mkdir(parents=True)
+    with pytest.raises(ConfigError, match="unknown flag --resum"):
+        rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=1", "eval_n=0", "--resum"))
+    with pytest.raises(ConfigError, match="--resume continues it, --overwrite deletes it"):
+        rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=1", "eval_n=0"))
+    assert ckpt.exists()
+
+
+def test_a_missing_init_folder_names_the_folder_and_its_stage(tiny_root, tiny_base, tmp_path):
+    from tools import ConfigError
+    with pytest.raises(ConfigError, match=f"rl.init='sft123': no model folder '{tmp_path}/t/sft123' "
+                                          f"\\(sft.py \\(sft.out=sft123\\) writes it"):
+        rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "init=sft123"))
+
+
+def searching_rollout(monkeypatch):
+    """rl.rollout, but every trajectory also sends one query to the step's environment (an untrained model seldom
+    searches): a real step spends exactly one real call per trajectory (env.max_actions=0 stops the model's own)."""
+    real_rollout = rl.rollout
+
+    def rollout(policy, tokenizer, rows, env_cfg, environment, **kwargs):
+        episodes = real_rollout(policy, tokenizer, rows, env_cfg, environment, **kwargs)
+        for ep in episodes if environment is not None else []:
+            environment(["who founded Vexa"])
+            ep.real_calls += 1
+        return episodes
+    monkeypatch.setattr(rl, "rollout", rollout)
+
+
+def test_a_retriever_that_is_down_stops_the_run_naming_url_and_cause(tiny_root, tiny_base, tmp_path, monkeypatch):
+    import socket
+    from tools import ToolError
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/retrieve"
+    searching_rollout(monkeypatch)
+    with pytest.raises(ToolError, match=f"step 1: 8 of 8 real tool calls failed.*{url}.*connection refused"):
+        rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=2", "eval_n=0", "env.max_actions=0", "env.tool=http",
+                        f"env.url={url}", "env.retries=0", "env.timeout_s=1"))
+    assert not (tmp_path / "t" / "rl").exists()  # stopped before any update on "search failed" observations
+
+
+def test_tool_failures_below_the_limit_are_counted_and_training_goes_on(tiny_root, tiny_base, tmp_path,
+                                                                         monkeypatch):
+    import worldmodel
+    from tools import ToolError
+    calls = []
+
+    def flaky(queries, k=2):  # every fourth call fails
+        calls.append(queries)
+        if len(calls) % 4 == 0:
+            raise ToolError("retrieval server http://x/retrieve failed after 3 tries: HTTP 500", "HTTP 500")
+        return [["Vexa was founded by Ada Brun."] for _ in queries]
+    monkeypatch.setattr(worldmodel, "make_tool", lambda env, run: flaky)
+    searching_rollout(monkeypatch)
+    rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=2", "eval_n=0", "env.max_actions=0", "save_every=0"))
+    rows = read_metrics(tmp_path)
+    assert [(r["real_calls"], r["tool_failures"], r["tool_failures_total"]) for r in rows] == [(8, 2, 2), (8, 2, 4)]
+    assert os.path.exists(os.path.join(tmp_path, "t", "rl", "model.safetensors"))
 
 
 def test_qwen7b_config_holds_the_papers_settings():

@@ -97,6 +97,35 @@ def test_parser_handles_huge_and_unicode_input():
 # -----------------------------------------------------------------------------
 # metrics and reward
 
+@pytest.mark.parametrize("hostile", [
+    "<think> x </think> " + "\\boxed{" * 15_000,  # unclosed answers: each used to rescan the rest of the text
+    "<think> x </think> " + "\\boxed{a" * 12_500 + "}",
+    "<think> " + "<begin_search> q " * 7_000 + "</think> \\boxed{x}",  # unclosed actions: a lazy regex rescans
+    "<think> x </think> \\boxed{" + "The, a! " * 12_500 + "}",  # a huge answer to normalise
+    "<think> " + "<search_result> " * 6_500 + "</think>",
+    "{" * 50_000 + "}" * 50_000,
+], ids=["unclosed-boxed", "nested-boxed", "unclosed-actions", "huge-answer", "unclosed-observations", "braces"])
+def test_parser_and_reward_take_linear_time_on_hostile_text(hostile):
+    assert len(hostile) >= 100_000
+    t0 = time.perf_counter()
+    parse(hostile, ENV)
+    reward(hostile, ["x"], ENV)
+    assert time.perf_counter() - t0 < 0.5  # quadratic: 4,000 unclosed \\boxed{ alone took 15 s
+
+
+def test_boxed_picks_the_last_balanced_answer_past_unclosed_ones():
+    assert extract_boxed("\\boxed{a} \\boxed{b{c}} \\boxed{d") == "b{c}"
+    assert extract_boxed("\\boxed{a} } \\boxed{{}") == "a"  # the last opener's brace is closed by nothing
+    assert extract_boxed("\\boxed{ x {y} \\boxed{z} }") == "z"  # the innermost closes first, as before
+    assert extract_boxed("no answer }{") is None
+
+
+def test_empty_prediction_never_matches():
+    assert reward(" x </think> \\boxed{}", ["A"], ENV) == 0.0  # "A" normalises to "" as the empty answer does
+    assert exact_match("", ["A"]) == 0.0 and exact_match("the", ["an"]) == 0.0
+    assert exact_match("", [""]) == 0.0 and lenient_match("", ["A"]) == 0.0 and f1_score("", ["A"]) == 0.0
+
+
 def test_squad_normalisation_em_and_f1():
     assert exact_match("The  Eiffel Tower!", ["eiffel tower"]) == 1.0
     assert exact_match("Paris", ["London", "paris"]) == 1.0
@@ -146,11 +175,39 @@ def test_config_file_then_overrides(tmp_path):
     ("env: 3\n", [], "section 'env'"),
     ("", ["env.timeout_s=slow"], "env.timeout_s must be float"),
     ("", ["sft.lr=1"], "names no section"),
+    ("env:\n  topk: [5\n", [], "not valid YAML"),
+    ("", ["env.topk=[5"], "env.topk='\\[5' is not a value"),
+    ("", ["--resum"], "unknown flag --resum"),
+    ("", ["--config"], "--config needs a file"),
 ])
 def test_config_errors_name_the_culprit(tmp_path, yaml_text, argv, message):
     path = write_yaml(tmp_path, yaml_text)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(tools.ConfigError, match=message):
         tools.load_config({"run": RunConfig, "env": EnvConfig}, ["--config", path, *argv], own="run")
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(tools.ConfigError, match="cannot read .*nope.yaml"):
+        tools.load_config({"run": RunConfig}, ["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_only_the_flags_a_script_takes_are_accepted():
+    cfg = tools.load_config({"run": RunConfig}, ["--resume"], flags=("resume", "overwrite"))
+    assert cfg.flags == ["resume"]
+    with pytest.raises(tools.ConfigError, match=r"unknown flag --resmue \(this script takes: --resume, --overwrite\)"):
+        tools.load_config({"run": RunConfig}, ["--resmue"], flags=("resume", "overwrite"))
+
+
+def test_cli_turns_a_config_error_into_one_line_and_exit_status_2(capsys):
+    def main(argv):
+        tools.load_config({"run": RunConfig}, argv)
+    with pytest.raises(SystemExit) as stop:
+        tools.cli(main, ["run.sead=1"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert "unknown key 'run.sead'" in err and "Traceback" not in err
+    with pytest.raises(ZeroDivisionError):  # a real bug keeps its traceback
+        tools.cli(lambda argv: 1 / 0, [])
 
 
 def test_int_config_value_is_accepted_for_float_field(tmp_path):
@@ -301,3 +358,70 @@ def test_bm25_build_and_query_never_import_jax(tmp_path):
     assert json.loads(proc.stdout) == {"hits": [["Cy\nCy was born in Vess."], ["Ada\nAda was born in Lorn."]],
                                        "jax_imported": False}
     assert not (tmp_path / "site" / "jax_was_imported").exists()
+
+
+@pytest.mark.parametrize("mode, cause", [("500", "HTTP 500"), ("garbage", "bad JSON"), ("slow", "timeout"),
+                                         ("short", "malformed reply")])
+def test_http_failure_names_its_cause_and_the_url(server, mode, cause):
+    Handler.mode = mode
+    with pytest.raises(tools.ToolError) as failed:
+        tools.HTTPSearch(server, timeout_s=0.3, retries=0)(["a"], k=1)
+    assert failed.value.cause == cause and server in str(failed.value) and cause in str(failed.value)
+
+
+def test_http_failure_of_a_server_that_is_down_says_connection_refused():
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(tools.ToolError) as failed:
+        tools.HTTPSearch(f"http://127.0.0.1:{port}/retrieve", timeout_s=0.5, retries=0)(["a"])
+    assert failed.value.cause == "connection refused"
+
+
+def test_failed_calls_are_counted_shown_and_logged_with_their_cause(server, tmp_path):
+    Handler.mode = "500"
+    log = tmp_path / "calls.jsonl"
+    env = tools.SearchEnv(tools.HTTPSearch(server, timeout_s=1, retries=0), WordTokenizer(), EnvConfig(), str(log))
+    obs = env(["q1", "q2"])
+    assert obs == ["<search_result> search failed: HTTP 500 </search_result>"] * 2
+    assert (env.calls, env.failures) == (2, 2) and server in env.last_error
+    Handler.mode = "ok"
+    env(["q3"])
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["query"], r.get("error")) for r in rows] == [("q1", "HTTP 500"), ("q2", "HTTP 500"), ("q3", None)]
+    assert env.failures == 2
+
+
+# -----------------------------------------------------------------------------
+# JSONL readers, model loading
+
+def test_undecodable_bytes_are_a_bad_row_with_file_and_line(tmp_path):
+    import data
+    path = tmp_path / "qa.jsonl"
+    good = json.dumps({"id": "1", "question": "q?", "golden_answers": ["a"]}).encode()
+    path.write_bytes(good + b"\n" + b'{"id": "2", "question": "caf\xe9?", "golden_answers": ["a"]}\n' + good + b"\n")
+    warnings = []
+    rows = tools.read_jsonl(str(path), lambda row: None, warn=warnings.append)
+    assert len(rows) == 2 and warnings == [f"warning: {path}:2: skipped bad row: not UTF-8 text"]
+    assert len(data.load_qa(str(path))) == 2  # the QA reader skips it too, and says where
+    with pytest.raises(ValueError, match=f"{path}:2: bad QA row: not UTF-8 text"):
+        data.load_qa(str(path), on_bad="raise")
+
+
+def test_a_missing_model_folder_is_one_line_before_any_hub_call(tmp_path, monkeypatch):
+    import transformers
+
+    def hub(*args, **kwargs):
+        raise AssertionError("from_pretrained was called: it would try the hub")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", hub)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", hub)
+    run_dir = str(tmp_path / "runs" / "tiny")
+    for path in (f"{run_dir}/sft123", "sft123", "./sft123"):
+        with pytest.raises(tools.ConfigError, match=f"no model folder '{path}' \\(sft.py \\(sft.out=sft123\\)"):
+            tools.load_model(path)
+    with pytest.raises(tools.ConfigError, match=f"rl.init='sft123': no model folder '{run_dir}/sft123' .*sft.py"):
+        tools.model_path("sft123", run_dir, "rl.init='sft123'")
+    with pytest.raises(tools.ConfigError, match=f"'{run_dir}/rl_sim' \\(rl.py \\(rl.out=rl_sim\\)"):
+        tools.model_path("rl_sim", run_dir)
+    assert tools.model_path("Qwen/Qwen2.5-7B", run_dir) == "Qwen/Qwen2.5-7B"  # a hub id is left to the hub

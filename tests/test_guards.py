@@ -1,0 +1,104 @@
+"""Nothing lost, nothing silent: the run guard and lock (sft.claim_run), and how every entry point refuses bad input.
+
+    .venv/bin/python -m pytest -q tests/test_guards.py
+"""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sft
+from tools import ConfigError, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+# -----------------------------------------------------------------------------
+# The run guard: an earlier run's output stays unless --resume or --overwrite says what to do with it
+
+def test_an_earlier_runs_output_is_refused_without_resume_or_overwrite(tmp_path):
+    ckpt = tmp_path / "rl.ckpt" / "step_000002"
+    ckpt.mkdir(parents=True)
+    with pytest.raises(ConfigError, match="rl.ckpt exist.*--resume continues it, --overwrite deletes it"):
+        sft.claim_run(str(tmp_path), "rl", [])
+    assert ckpt.exists()
+    sft.claim_run(str(tmp_path), "rl", ["resume"])  # resuming keeps it
+    sft.release_run(str(tmp_path), "rl")
+    assert ckpt.exists()
+    sft.claim_run(str(tmp_path), "other", [])  # another out= is another run
+    sft.release_run(str(tmp_path), "other")
+
+
+def test_overwrite_deletes_the_earlier_output_and_starts_over(tmp_path):
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl.ckpt" / "step_000002").mkdir(parents=True)
+    (tmp_path / "rl.metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "rl_sim.metrics.jsonl").write_text('{"step": 1}\n')
+    sft.claim_run(str(tmp_path), "rl", ["overwrite"])
+    sft.release_run(str(tmp_path), "rl")
+    assert sorted(os.listdir(tmp_path)) == ["rl.lock", "rl_sim.metrics.jsonl"]  # only this out='s own files
+    with pytest.raises(ConfigError, match="not both"):
+        sft.claim_run(str(tmp_path), "rl", ["resume", "overwrite"])
+
+
+HOLDER = """
+import sys, time
+import sft
+sft.claim_run(sys.argv[1], "rl", [])
+open(sys.argv[1] + "/rl.metrics.jsonl", "w").write('{"step": 1}\\n')
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_live_run_on_the_same_out_is_refused_naming_the_pid(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], env=CPU_ENV, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=f"in use by a live run \\(PID {holder.pid};"):
+            sft.claim_run(str(tmp_path), "rl", ["overwrite"])
+        assert (tmp_path / "rl.metrics.jsonl").exists()  # --overwrite never deletes a live run's files
+    finally:
+        holder.kill()
+        holder.wait()
+    sft.claim_run(str(tmp_path), "rl", ["overwrite"])  # the lock died with its process: no stale lock
+    sft.release_run(str(tmp_path), "rl")
+
+
+# -----------------------------------------------------------------------------
+# Every entry point: an unknown flag or key is one line and exit status 2, before any work
+
+ENTRY_POINTS = ["data", "sft", "rl", "worldmodel", "eval", "demo", "bench.rl_step"]
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+@pytest.mark.parametrize("bad", ["--resum", "run.sead=1"])
+def test_every_entry_point_refuses_unknown_flags_and_keys_with_exit_2(module, bad, capsys, tmp_path):
+    argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}", bad]
+    if module == "bench.rl_step":  # key=value is its only syntax
+        argv = [bad.lstrip("-").split("=")[0] + "=1"]
+    with pytest.raises(SystemExit) as stop:
+        cli(importlib.import_module(module).main, argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and bad.lstrip("-").split("=")[0].split(".")[-1] in err
+    assert os.listdir(tmp_path) == []  # refused before anything was written
+
+
+def test_bench_rollout_refuses_unknown_flags_with_exit_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module("bench.rollout").main(["--modles", "tiny"])  # argparse: usage, then the error
+    assert stop.value.code == 2 and "unrecognized arguments: --modles" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["rl.py", "demo.py"])
+def test_a_typo_on_the_command_line_exits_2_without_a_traceback(script, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--config", "configs/tiny.yaml", "--resum",
+                           "run.device=cpu", f"run.runs_dir={tmp_path}"], cwd=ROOT, env=CPU_ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: config: unknown flag --resum (")
