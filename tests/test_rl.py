@@ -318,7 +318,7 @@ def test_too_many_non_finite_losses_stop_the_run_with_a_clear_message(tiny_root,
     real_loss = rl.grpo_loss
     monkeypatch.setattr(rl, "grpo_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), real_loss(*a, **k)[1]))
     with pytest.raises(RuntimeError, match="NaN/inf"):
-        rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=5", "eval_n=0", "max_bad_steps=2"))
+        rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=5", "eval_n=0", "max_bad_steps=2", "updates_per_step=1"))
     assert len(read_metrics(tmp_path)) == 1  # the first bad step was skipped and logged, the second stopped it
 
 
