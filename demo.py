@@ -19,8 +19,9 @@ each can be run alone with the same arguments):
     sft.py         SFT-1 from the CoT model, then SFT-2 from it                   -> sft1, sft12
     sft.py         SFT-3 from SFT-1&2 (no observation mask: the internal world model) -> sft123
     worldmodel.py  a separate world-model LM and its fidelity report             -> worldmodel
-    rl.py          GRPO from SFT-1&2&3, three schedules: all simulated (the policy writes its own observations),
-                   the paper's first 5/6 simulated then real, and all real        -> rl_sim, rl_simreal, rl_real
+    rl.py          GRPO from SFT-1&2&3, four schedules: all simulated (the policy writes its own observations),
+                   the paper's first 5/6 simulated then real, all real, and 5/6 simulated by the separate
+                   world-model LM then real (beyond the paper)        -> rl_sim, rl_simreal, rl_real, rl_wm
     eval.py        every model above on the held-out test questions (greedy, real tool), plus two baselines:
                    no tool (the CoT model, searching switched off) and a fixed workflow (SFT-2's weights behind a
                    retrieve-then-read loop: one search with the question, then the model answers, never searching)
@@ -427,7 +428,7 @@ def main(argv=None):
     quick, n_seeds, jobs, readme, config_path, overrides = parse_flags(sys.argv[1:] if argv is None else list(argv))
     cfg = load_config({"run": RunConfig, "env": EnvConfig}, ["--config", config_path] +
                       (QUICK["run"] if quick else []) + [o for o in overrides if o.split(".", 1)[0] in ("run", "env")])
-    t0 = time.time()
+    t0, sha = time.time(), commit()  # the code as it starts: later edits to the tree did not run
     seeds = [cfg.run.seed + i for i in range(n_seeds)]
     runs = [run_seed(config_path, overrides, quick, seed, jobs) for seed in seeds]
     rows = gather([seed_cells(results, p.run_dir) for p, results in runs])
@@ -435,7 +436,6 @@ def main(argv=None):
     table = results_table(rows) + ("\n\nHow faithful each simulator is (worldmodel.py, held-out real calls):\n\n" +
                                    fidelity_table(fidelity) if fidelity else "")
     times = {f"seed{seed}": {k: round(v, 1) for k, v in p.times.items()} for seed, (p, _) in zip(seeds, runs)}
-    sha = commit()
     print("\n" + table + "\n\n" + NOTE)
     print("stage times (s):", json.dumps(times))
     os.makedirs(cfg.run.dir, exist_ok=True)
