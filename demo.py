@@ -353,11 +353,10 @@ def show_one(cfg, model_dir, kind="country", tries=16):
 
 def commit():
     """The commit the code ran on (+ '-dirty' when tracked files differ from it), or 'unknown'."""
-    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -451,7 +450,7 @@ def main(argv=None):
         f.write(f"# AutoCoA on the tiny world ({'quick' if quick else 'full'} demo)\n\n{section}\n"
                 f"Stage times (s): {json.dumps(times)}\n")
     if readme:
-        write_readme(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), section)
+        write_readme(os.path.join(HERE, "README.md"), section)
     first_dir, first_results = runs[0][0].run_dir, runs[0][1]
     if first_results:
         print("plots:", ", ".join(plot(first_results, first_dir, cfg.run.dir)))
