@@ -8,6 +8,7 @@ torch.device("cpu"), subprocesses get CUDA_VISIBLE_DEVICES="" (so the suite pass
 tests marked `@pytest.mark.requires_cuda` run on the GPU and are skipped where there is none.
 """
 import os
+import signal
 import sys
 
 import pytest
@@ -85,3 +86,16 @@ def tiny_synth(tiny_root, tiny_base):
                        "run.device=cpu"])
     stats = data.synthesize(cfg, AutoTokenizer.from_pretrained(tiny_base))
     return os.path.join(tiny_root, "data", "synth"), stats
+
+
+def finished(proc, timeout=300):
+    """stdout of a subprocess started with start_new_session=True, asserting exit 0; a hung run (and its torchrun
+    workers) is killed as a group, never left running after the test."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    return out

@@ -6,13 +6,13 @@ torchrun (2 CPU ranks, gloo), on the untrained tiny model: what the plumbing wri
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
 import eval as ev
+from conftest import finished
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,13 +78,7 @@ def test_two_torchrun_ranks_write_what_one_process_writes(tiny_root, tiny_base, 
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "eval.py", *two], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:  # a hung run (and its torchrun workers) must not outlive the test
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 0, stderr[-3000:]
+    stdout = finished(proc, timeout=240)
     ev.main(one)
     for name in ("alpha", "beta"):
         rows = []

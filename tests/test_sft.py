@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import sft
+from conftest import finished
 from tools import EnvConfig
 
 ENV = EnvConfig()
@@ -180,17 +181,6 @@ def losses(runs_dir, out):
 def weights(folder):
     from safetensors.torch import load_file
     return load_file(os.path.join(folder, "model.safetensors"))
-
-
-def finished(proc):
-    try:
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:  # a hung run (and its torchrun workers) must not outlive the test
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
-    return out
 
 
 def test_torchrun_two_cpu_ranks_give_the_losses_of_one_process(tiny_root, tiny_base, small_train, tmp_path):
