@@ -59,6 +59,21 @@ def cli(main, argv=None):
         sys.exit(2)
 
 
+def read_key_values(defaults, argv, who):
+    """key=value arguments over a dict of defaults (the benches' small configs), each value cast to its default's
+    type; an unknown key or a bad value is a ConfigError."""
+    args = dict(defaults)
+    for item in argv:
+        key, _, value = item.partition("=")
+        if key not in args:
+            raise ConfigError(f"{who}: unknown argument {key!r} (known: {', '.join(args)})")
+        try:
+            args[key] = type(defaults[key])(value)
+        except ValueError:
+            raise ConfigError(f"{who}: {key} must be {type(defaults[key]).__name__}, got {value!r}") from None
+    return args
+
+
 @dataclass
 class RunConfig:
     name: str = "tiny"  # every artifact of this pipeline goes under <runs_dir>/<name>/

@@ -29,24 +29,10 @@ import torch  # noqa: E402
 
 import rl  # noqa: E402
 from rollout import rollout  # noqa: E402
-from tools import ConfigError, EnvConfig, RunConfig, build_prompt, cli, load_model, reward  # noqa: E402
+from tools import ConfigError, EnvConfig, RunConfig, build_prompt, cli, load_model, read_key_values, reward  # noqa: E402
 
 DEFAULTS = {"model": "runs/tiny/base", "data": "data/tiny/train.jsonl", "prompts": 8, "group": 4, "new_tokens": 64,
             "steps": 4, "lr": 1e-5, "threads": 1}
-
-
-def read_args(argv):
-    """key=value arguments over DEFAULTS; an unknown key or a bad value is a ConfigError (one line, exit 2)."""
-    args = dict(DEFAULTS)
-    for item in argv:
-        key, _, value = item.partition("=")
-        if key not in args:
-            raise ConfigError(f"bench: unknown argument {key!r} (known: {', '.join(args)})")
-        try:
-            args[key] = type(DEFAULTS[key])(value)
-        except ValueError:
-            raise ConfigError(f"bench: {key} must be {type(DEFAULTS[key]).__name__}, got {value!r}") from None
-    return args
 
 
 def load_rows(path, n_steps, n_prompts):
@@ -119,7 +105,7 @@ def bench_trl(args, rows, env):
 
 
 def main(argv=None):
-    args = read_args(sys.argv[1:] if argv is None else argv)
+    args = read_key_values(DEFAULTS, sys.argv[1:] if argv is None else argv, "config")
     try:
         import trl  # noqa: F401
     except ImportError:

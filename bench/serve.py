@@ -36,16 +36,6 @@ DEFAULTS = {"corpus": "data/wiki/corpus.jsonl", "clients": 8, "requests": 400, "
             "time_limit_s": 60.0, "seed": 0}
 
 
-def parse_args(argv):
-    args = dict(DEFAULTS)
-    for item in argv:
-        key, _, value = item.partition("=")
-        if key not in args:
-            raise SystemExit(f"bench/serve.py: unknown argument {key!r} (known: {', '.join(args)})")
-        args[key] = type(DEFAULTS[key])(value)
-    return args
-
-
 def make_queries(docs, n, seed):
     rng = random.Random(seed)
     out = []
@@ -83,7 +73,7 @@ def load(url, batches, clients, topk, time_limit_s):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = tools.read_key_values(DEFAULTS, sys.argv[1:] if argv is None else argv, "config")
     if not os.path.exists(args["corpus"]):
         import data
         print("wiki corpus docs:", data.build_wiki_corpus(args["corpus"]))
@@ -119,4 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    tools.cli(main)
