@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import torch
 
 import data
+from sft import barrier, print0, setup_dist
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, exact_match, extract_boxed,
                    f1_score, lenient_match, load_config, load_model, make_tool, model_path, parse)
 
@@ -656,7 +657,6 @@ def set_name(source):
 
 
 def main(argv=None):
-    from sft import barrier, print0, setup_dist
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "eval": EvalConfig}, argv,
                       own="eval")
     ecfg = cfg.eval

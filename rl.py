@@ -89,7 +89,8 @@ from tqdm import tqdm
 from data import load_qa, save_atomic
 from rollout import rollout
 from sft import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, full_state_dict, is_dist, latest_checkpoint,
-                 load_checkpoint, log_line, print0, release_run, save_checkpoint, setup_dist, truncate_log, unwrap,
+                 load_checkpoint, log_line, print0, release_run, save_checkpoint, setup_dist, start_logging,
+                 truncate_log, unwrap,
                  wrap_model)
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, ToolError, cli, load_config, load_model, make_tool,
                    model_path, parse, reward)
@@ -494,7 +495,6 @@ def main(argv=None):
     run, env_cfg, rcfg = cfg.run, cfg.env, cfg.rl
     check_bf16(rcfg.bf16, rcfg.parallel, "rl")
     rank, world_size, device = setup_dist(run)
-    from sft import start_logging
     start_logging(run, rcfg.out, cfg.to_dict(), rank)
     if rcfg.prompts_per_step % world_size:
         raise ConfigError(f"config: rl.prompts_per_step ({rcfg.prompts_per_step}) must divide by the number of "

@@ -71,7 +71,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tools import ConfigError, build_prompt, cli, read_jsonl
+from tools import ConfigError, build_prompt, cli, model_path, read_jsonl
 
 
 @dataclass
@@ -354,7 +354,6 @@ def heldout_metrics(model, tokenizer, env, rows, device, batch_size=32, max_len=
 def resolve_init(init, cfg):
     """A model folder from sft.init: base, an existing path, a stage output under run.dir, or a hub name."""
     from data import base_model_path
-    from tools import model_path
     if init == "base":
         return base_model_path(cfg)
     return model_path(init, cfg.run.dir, f"sft.init={init!r}")
