@@ -18,7 +18,8 @@ each can be run alone with the same arguments):
     sft.py         SFT-2 from the CoT model                                       -> sft2
     sft.py         SFT-1 from the CoT model, then SFT-2 from it                   -> sft1, sft12
     sft.py         SFT-3 from SFT-1&2 (no observation mask: the internal world model) -> sft123
-    worldmodel.py  a separate world-model LM and its fidelity report             -> worldmodel
+    worldmodel.py  a separate world-model LM (fine-tuned from SFT-1&2&3 on real calls) and the fidelity report
+                                                                                  -> worldmodel
     rl.py          GRPO from SFT-1&2&3, four schedules: all simulated (the policy writes its own observations),
                    the paper's first 5/6 simulated then real, all real, and 5/6 simulated by the separate
                    world-model LM then real (beyond the paper)        -> rl_sim, rl_simreal, rl_real, rl_wm
@@ -153,8 +154,10 @@ def run_stages(p):
     p.train("SFT-1&2&3", "sft", ("sft",), ["sft.stage=sft3", "sft.init=sft12", "sft.out=sft123"], "sft123")
     rl = lambda out, *extra: (f"RL {out}", "rl", ("rl",), ["rl.init=sft123", f"rl.out={out}",
                                                            f"rl.sim_share={RL_RUNS[out]:.6f}", *extra], out)
+    # the world-model LM starts from the policy: it knows the tags and what SFT-3 taught of the facts
     p.side_by_side([("world model", "worldmodel", ("worldmodel",),
-                     ["worldmodel.policy=" + os.path.join(p.run_dir, "sft123")], "worldmodel"),
+                     ["worldmodel.init=sft123", "worldmodel.policy=" + os.path.join(p.run_dir, "sft123")],
+                     "worldmodel"),
                     rl("rl_wm", "rl.sim_env=worldmodel", "env.worldmodel=" + os.path.join(p.run_dir, "worldmodel"))],
                    *[[rl(out, "rl.sim_env=policy")] for out in RL_RUNS if out != "rl_wm"])
 

@@ -19,8 +19,10 @@ in the prompt they follow each other after the question's line)
 
     loss = - sum_t log p(obs_t | prompt, obs_<t) / #obs tokens        (prompt tokens masked out)
 
-Any HF causal LM can be the world model (`init`); on the tiny world it is a fresh model of the tiny architecture
-with the tiny tokenizer (the untrained base folder).
+Any HF causal LM can be the world model (`init`; empty = the untrained base). demo.py starts it from the policy
+after SFT-3 (`init=sft123`), which already knows the tags and part of the facts: on the tiny world (seed 0) its
+observations then keep the answer in 0.40 of held-out calls about seen entities after 150 steps, against 0.04
+after 300 steps from the untrained base.
 
 The history keeps only earlier actions and observations, not the policy's thoughts: the tool never sees them,
 and so the world model stays the same whatever style of reasoning the policy writes.
@@ -49,7 +51,7 @@ own simulation, with the real and simulated calls each run spent. Report: printe
 Departures from the paper: the paper uses only the policy as world model; a separate LM is our addition, as is
 the whole fidelity report. The history drops the policy's thoughts (above).
 
-    python worldmodel.py --config configs/tiny.yaml                     # train on the tiny world, print the report
+    python worldmodel.py --config configs/tiny.yaml init=sft123         # from the policy, print the report
     python worldmodel.py --config configs/tiny.yaml steps=600 policy=runs/tiny/sft123
     python worldmodel.py --config configs/tiny.yaml calls='runs/tiny/logs/*.jsonl'   # other logged real calls
     python rl.py --config configs/tiny.yaml env.worldmodel=runs/tiny/worldmodel sim_share=0.8333  # RL-1 on it
@@ -75,13 +77,14 @@ import torch
 import data
 from rollout import generate
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, format_observation, load_config,
-                   load_model, make_tool, normalize_answer, read_jsonl, reward, split_context)
+                   load_model, make_tool, model_path, normalize_answer, read_jsonl, reward, split_context)
 
 
 @dataclass
 class WorldModelConfig:
     # model and data
-    init: str = ""  # model to fine-tune (HF folder or hub name); empty = the base model (tiny world: untrained)
+    init: str = ""  # model to fine-tune: a folder, a stage name under run.dir (sft123, ...) or a hub name; empty =
+    # the base model (tiny world: untrained)
     out: str = "worldmodel"  # output folder name under <run.dir>
     calls: str = "auto"  # logged real calls (JSONL path or glob) | oracle (the train questions' oracle queries sent to
     # the real tool) | auto: <run.data_dir>/synth/calls_train.jsonl (logged by synthesis) if it exists, else oracle
@@ -542,6 +545,7 @@ def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig,
                        "worldmodel": WorldModelConfig}, argv, own="worldmodel", flags=RUN_FLAGS)
     wm, env = cfg.worldmodel, cfg.env
+    init = model_path(wm.init, cfg.run.dir, f"worldmodel.init={wm.init!r}") if wm.init else None  # before any work
     rank, world_size, device = setup_dist(cfg.run)
     if rank == 0:
         claim_run(cfg.run.dir, wm.out, cfg.flags)  # an earlier run's output, or a live run on this out=
@@ -565,7 +569,7 @@ def main(argv=None):
 
     # 2. fine-tune the world model: loss on observation tokens only
     train_dtype = getattr(torch, cfg.run.dtype) if cfg.run.dtype != "auto" else torch.float32  # fp32 masters
-    model, tokenizer = load_model(wm.init or base, cfg.run, device=device, dtype=train_dtype)
+    model, tokenizer = load_model(init or base, cfg.run, device=device, dtype=train_dtype)
     examples = [make_example(tokenizer, c, env, wm.history_max_tokens) for c in train_calls]
     model, log = train(cfg, model, tokenizer, examples, device, rank, world_size)
     out_dir = os.path.join(cfg.run.dir, wm.out)

@@ -191,3 +191,22 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_root, tiny_base, bf16, 
     wmod.main(argv + ["--resume"])
     resumed = load_model(os.path.join(run_dir, "worldmodel"), device=torch.device("cpu"))[0].state_dict()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_init_names_a_stage_folder_under_the_run_and_a_missing_one_is_one_clear_error(tiny_root, tiny_base):
+    import shutil
+    from tools import ConfigError
+    run_dir = os.path.join(tiny_root, "runs", "wminit")
+    start = os.path.join(run_dir, "sft123")  # a stand-in policy: the base with one weight changed
+    shutil.copytree(tiny_base, start, dirs_exist_ok=True)
+    model, tok = load_model(start, device=torch.device("cpu"))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(0.5)
+    model.save_pretrained(start)
+    argv = wm_argv(tiny_root, tiny_base, "wminit", "calls=oracle", "steps=1", "batch_size=4", "lr=0",
+                   "eval_calls=0", "history_max_tokens=32")
+    wmod.main(argv + ["init=sft123"])
+    trained = load_model(os.path.join(run_dir, "worldmodel"), device=torch.device("cpu"))[0]
+    assert torch.equal(trained.model.norm.weight, torch.full_like(trained.model.norm.weight, 0.5))  # lr 0: the start
+    with pytest.raises(ConfigError, match="worldmodel.init='sft9'.*wminit"):
+        wmod.main(argv + ["init=sft9", "--overwrite"])
