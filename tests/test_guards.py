@@ -72,14 +72,14 @@ def test_a_second_live_run_on_the_same_out_is_refused_naming_the_pid(tmp_path):
 # -----------------------------------------------------------------------------
 # Every entry point: an unknown flag or key is one line and exit status 2, before any work
 
-ENTRY_POINTS = ["data", "sft", "rl", "worldmodel", "eval", "demo", "bench.rl_step", "bench.serve"]
+ENTRY_POINTS = ["data", "sft", "rl", "worldmodel", "eval", "demo", "bench.rl_step", "bench.serve", "bench.sim_rewards"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 @pytest.mark.parametrize("bad", ["--resum", "run.sead=1"])
 def test_every_entry_point_refuses_unknown_flags_and_keys_with_exit_2(module, bad, capsys, tmp_path):
     argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}", bad]
-    if module.startswith("bench."):  # key=value is the only syntax of rl_step and serve
+    if module.startswith("bench."):  # key=value is the only syntax of these benches
         argv = [bad.lstrip("-").split("=")[0] + "=1"]
     with pytest.raises(SystemExit) as stop:
         cli(importlib.import_module(module).main, argv)

@@ -459,3 +459,25 @@ def test_bf16_on_one_process_trains_fp32_masters_and_rolls_out_with_bf16_weights
 def test_bf16_needs_fsdp_and_says_so(tmp_path):
     with pytest.raises(ValueError, match="rl.bf16=true needs rl.parallel=fsdp"):
         rl.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}", "bf16=true"])
+
+
+def test_sim_rewards_splits_reward_by_whether_the_question_needs_a_search_and_the_trajectory_searched(tmp_path):
+    import importlib
+    bench = importlib.import_module("bench.sim_rewards")
+    from rollout import Episode
+    from tools import EnvConfig
+    env = EnvConfig()
+    right, wrong = " </think> \\boxed{Lorn}", " </think> \\boxed{Kesh}"
+    eps = [Episode("q", ["Lorn"], [], text=right, actions=["Ada"], row={"needs_search": True}),
+           Episode("q", ["Lorn"], [], text=wrong, actions=["Ada"], row={"needs_search": True}),
+           Episode("q", ["Lorn"], [], text=wrong, actions=[], row={"needs_search": True}),
+           Episode("q", ["Lorn"], [], text=right, actions=[], row={"needs_search": False})]
+    assert bench.reward_table(eps, env) == {"needs search": {"searched": [2, 0.5], "no search": [1, 0.0]},
+                                            "well-known": {"searched": [0, None], "no search": [1, 1.0]}}
+    (tmp_path / "eval").mkdir()
+    rows = [{"needs_search": True, "actions": 0}, {"needs_search": True, "actions": 2},
+            {"needs_search": False, "actions": 0}, {"needs_search": True, "actions": 1}]
+    (tmp_path / "eval" / "sft_2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval" / "sft_2.summary.json").write_text("{}")
+    assert bench.no_search_share(str(tmp_path / "eval")) == {"sft_2": 0.333}
+    assert bench.no_search_share(str(tmp_path / "missing")) == {}

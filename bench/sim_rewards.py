@@ -1,0 +1,97 @@
+"""
+bench/sim_rewards.py -- what simulated RL steps reward, and what the RL models learnt from it.
+
+RL-1 rewards a trajectory when its final answer is right, whoever wrote the observations. This script samples
+RL-1's rollouts from the RL start (<run>/sft123: training prompts, temperature 1, group 4, as rl.py does) in each
+environment, the policy's own simulation, worldmodel.py's LM and the real tool, and gives the mean reward of the
+trajectories that search and of those that do not, on questions that need a search and on well-known facts. Then,
+from the demo's test evals (<run>/eval/*.jsonl), the share of questions that need a search each model answered
+without searching.
+
+    python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0      # after the demo (seed 0)
+    python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0 prompts=200
+
+Needs <run>/sft123 and, for the world-model row, <run>/worldmodel. Ends with one JSON line.
+"""
+import dataclasses
+import json
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+from rollout import rollout  # noqa: E402
+from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, load_model, make_tool,  # noqa: E402
+                   normalize_answer, read_key_values, reward)
+
+DEFAULTS = {"run": "runs/tiny/seed0", "data": "data/tiny/seed0", "config": "configs/tiny.yaml", "prompts": 96,
+            "group": 4, "seed": 0, "threads": 1}
+
+
+def reward_table(episodes, env):
+    """{"needs search" | "well-known": {"searched" | "no search": [n, mean reward]}} over the episodes."""
+    out = {q: {a: [0, 0.0] for a in ("searched", "no search")} for q in ("needs search", "well-known")}
+    for ep in episodes:
+        cell = out["needs search" if ep.row.get("needs_search", True) else "well-known"][
+            "searched" if ep.actions else "no search"]
+        cell[0] += 1
+        cell[1] += reward(ep.text, ep.golds, env)
+    for row in out.values():
+        for cell in row.values():
+            cell[1] = round(cell[1] / cell[0], 3) if cell[0] else None
+    return out
+
+
+def no_search_share(eval_dir):
+    """{eval tag: share of the questions that need a search answered without one} from the demo's test evals."""
+    out = {}
+    for name in sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []:
+        if name.endswith(".jsonl"):
+            with open(os.path.join(eval_dir, name)) as f:
+                rows = [r for r in map(json.loads, f) if r.get("needs_search", True)]
+            if rows:
+                out[name[:-len(".jsonl")]] = round(sum(r["actions"] == 0 for r in rows) / len(rows), 3)
+    return out
+
+
+def main(argv=None):
+    args = read_key_values(DEFAULTS, sys.argv[1:] if argv is None else argv, "sim_rewards")
+    torch.set_num_threads(args["threads"])
+    cfg = load_config({"run": RunConfig, "env": EnvConfig}, ["--config", args["config"], "run.device=cpu",
+                                                             f"run.data_dir={args['data']}"])
+    env = cfg.env
+    policy = os.path.join(args["run"], "sft123")
+    if not os.path.isdir(policy):
+        raise ConfigError(f"sim_rewards: no policy at {policy} (run the demo first)")
+    model, tok = load_model(policy, device=torch.device("cpu"))
+    rows = data.load_qa(os.path.join(args["data"], "train.jsonl"))
+    random.Random(args["seed"]).shuffle(rows)
+    rows = rows[:args["prompts"]]
+    envs = {"policy": (dataclasses.replace(env, env="policy"), None),
+            "real": (dataclasses.replace(env, env="real"), SearchEnv(make_tool(env, cfg.run), tok, env))}
+    wm_path = os.path.join(args["run"], "worldmodel")
+    if os.path.isdir(wm_path):
+        from worldmodel import WorldModelEnv
+        wm_env = dataclasses.replace(env, env="worldmodel", worldmodel=wm_path)
+        envs["worldmodel"] = (wm_env, WorldModelEnv.from_path(wm_path, wm_env, tok))
+    result = {"reward": {}, "no_search_on_test": no_search_share(os.path.join(args["run"], "eval"))}
+    print("mean reward (trajectories) at the RL start, by environment:")
+    for name, (env_cfg, environment) in envs.items():
+        episodes = rollout(model, tok, rows, env_cfg, environment, group_size=args["group"], temperature=1.0,
+                           generator=torch.Generator().manual_seed(args["seed"]))
+        table = result["reward"][name] = reward_table(episodes, env)
+        print(f"  {name:10s} " + "  ".join(f"{q}, {a}: {cell[1]} ({cell[0]})" for q, row in table.items()
+                                           for a, cell in row.items()))
+    print("test questions that need a search, answered without one:")
+    for tag, share in result["no_search_on_test"].items():
+        print(f"  {tag:32s} {share:.3f}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    cli(main)
