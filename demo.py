@@ -3,7 +3,7 @@ demo.py -- the whole AutoCoA pipeline on the tiny world, in one command, ending 
 
     make demo                                            # = python demo.py --config configs/tiny.yaml (seed 0)
     python demo.py --config configs/tiny.yaml --seeds 3  # seeds 0, 1, 2: mean and spread per cell
-    python demo.py --config configs/tiny.yaml --seeds 3 --readme   # ... and rewrite the README's results section
+    python demo.py --config configs/tiny.yaml --seeds 3 --readme   # ... and rewrite the README's results
     python demo.py --config configs/tiny.yaml --quick    # tiny sizes, a few steps each (what the tests run)
     python demo.py --config configs/tiny.yaml --jobs 1   # one core (default 2: independent stages side by side)
 
@@ -31,7 +31,8 @@ It writes runs/<name>/results.json (per-seed values of every cell: the same seed
 runs/<name>/results.md (the Table-1-shaped table, mean and standard deviation over the seeds, the commit it ran
 on and the stage times), runs/<name>/rl_curves.png and accuracy_by_stage.png (the first seed's), and prints one
 complete trajectory of the final model on a held-out question, the model's tokens and the environment's told
-apart. With --readme the table replaces the README's results section (between its two marker lines).
+apart. With --readme the README's results section (between its two marker lines) gets the table, its trajectory
+section the trajectory, and docs/ the two plots.
 
 A training step whose output folder already exists is skipped (delete runs/<name>/ to start over; the evals always
 run); a stage script that is missing is reported and its rows stay empty.
@@ -42,6 +43,7 @@ import importlib
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,6 +74,7 @@ ROWS = [("no tool", "cot", "notool"), ("workflow", "sft2", "workflow"), ("SFT-2"
         ("+RL simulated only", "rl_sim", "agent"), ("+RL simulated then real", "rl_simreal", "agent"),
         ("+RL real only", "rl_real", "agent"), ("+RL world-model LM then real", "rl_wm", "agent")]
 HERE = os.path.dirname(os.path.abspath(__file__))
+README, DOCS = os.path.join(HERE, "README.md"), os.path.join(HERE, "docs")  # what --readme rewrites
 RL_RUNS = {"rl_sim": 1.0, "rl_simreal": 5 / 6, "rl_real": 0.0, "rl_wm": 5 / 6}  # out folder -> simulated share
 # who writes the simulated observations: the policy itself (its SFT-3 internal world model, the paper's choice),
 # or for rl_wm the separate world-model LM of worldmodel.py (beyond the paper)
@@ -334,8 +337,8 @@ def final_model(results, run_dir):
 
 
 def show_one(cfg, model_dir, kind="country", tries=16):
-    """One trajectory of model_dir on a held-out 2-hop question: the first of `tries` such test questions that
-    it answers right (a walk-through reads better on a success), else the first one. Scored as eval.py does."""
+    """One trajectory of model_dir on a held-out 2-hop question, as text: the first of `tries` such test questions
+    that it answers right (a walk-through reads better on a success), else the first one. Scored as eval.py does."""
     import torch
     from rollout import rollout
     from tools import SearchEnv, load_model, make_tool
@@ -347,11 +350,9 @@ def show_one(cfg, model_dir, kind="country", tries=16):
         episodes = rollout(model, tokenizer, rows, cfg.env, env)
     ev.score(episodes, rows, cfg.env, 1)  # fills each episode.reward
     i = next((i for i, ep in enumerate(episodes) if ep.reward == 1.0), 0)
-    print(f"question ({rows[i]['id']}, {rows[i].get('kind')}; the first of {len(rows)} such test questions "
-          f"{'it answers right' if episodes[i].reward else '(none answered right)'}): {rows[i]['question']}  "
-          f"gold: {rows[i]['golden_answers']}")
-    print(ev.show_trajectory(episodes[i], tokenizer))
-    return episodes[i]
+    return (f"question ({rows[i]['id']}, {rows[i].get('kind')}; the first of {len(rows)} such test questions "
+            f"{'it answers right' if episodes[i].reward else '(none answered right)'}): {rows[i]['question']}  "
+            f"gold: {rows[i]['golden_answers']}\n{ev.show_trajectory(episodes[i], tokenizer, color=False)}")
 
 
 def commit():
@@ -384,13 +385,13 @@ def run_seed(config_path, overrides, quick, seed, jobs):
     return p, run_evals(p)
 
 
-def write_readme(path, text):
-    """Replace what stands between the README's results markers with text."""
-    begin, end = "<!-- results: begin (written by demo.py --readme) -->", "<!-- results: end -->"
+def write_readme(path, text, part="results"):
+    """Replace what stands between the README's two markers of `part` (results, trajectory) with text."""
+    begin, end = f"<!-- {part}: begin (written by demo.py --readme) -->", f"<!-- {part}: end -->"
     with open(path) as f:
         readme = f.read()
     if begin not in readme or end not in readme:
-        raise SystemExit(f"demo: {path} has no results markers ({begin} ... {end})")
+        raise SystemExit(f"demo: {path} has no {part} markers ({begin} ... {end})")
     head, rest = readme.split(begin, 1)
     with open(path + ".tmp", "w") as f:
         f.write(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
@@ -452,15 +453,20 @@ def main(argv=None):
     with open(os.path.join(cfg.run.dir, "results.md"), "w") as f:
         f.write(f"# AutoCoA on the tiny world ({'quick' if quick else 'full'} demo)\n\n{section}\n"
                 f"Stage times (s): {json.dumps(times)}\n")
-    if readme:
-        write_readme(os.path.join(HERE, "README.md"), section)
     first_dir, first_results = runs[0][0].run_dir, runs[0][1]
-    if first_results:
-        print("plots:", ", ".join(plot(first_results, first_dir, cfg.run.dir)))
+    plots = plot(first_results, first_dir, cfg.run.dir) if first_results else []
+    print("plots:", ", ".join(plots))
     label, model_dir = final_model(first_results, first_dir)
     if model_dir:
-        print(f"\n== one held-out trajectory of the final model ({label}, seed {seeds[0]}):")
-        show_one(load_config({"run": RunConfig, "env": EnvConfig}, runs[0][0].argv(())), model_dir)
+        shown = show_one(load_config({"run": RunConfig, "env": EnvConfig}, runs[0][0].argv(())), model_dir)
+        print(f"\n== one held-out trajectory of the final model ({label}, seed {seeds[0]}):\n{shown}")
+    if readme:  # the table, the plots (docs/) and the trajectory, all from this run
+        write_readme(README, section)
+        for path in plots:
+            shutil.copyfile(path, os.path.join(DOCS, os.path.basename(path)))
+        if model_dir:
+            write_readme(README, f"The final model ({label}), seed {seeds[0]}, commit "
+                         f"{sha}:\n\n```\n{shown}\n```", "trajectory")
     missing = sorted({m for p, _ in runs for m in p.missing})
     if missing:
         print("missing stages:", ", ".join(missing))

@@ -249,14 +249,14 @@ def test_bad_mode_and_missing_model_are_clear_errors(tiny_root):
 # -----------------------------------------------------------------------------
 # The demo, quick mode: every stage, the table, the plots, the trajectory
 
-def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp_path, capsys):
+def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp_path, capsys, monkeypatch):
     import json
     import os
     import demo
 
-    def run(name):
+    def run(name, *flags):
         rows = demo.main(["--config", "configs/tiny.yaml", "--quick", f"run.data_dir={tmp_path}/{name}/data",
-                          f"run.runs_dir={tmp_path}/{name}/runs", "run.device=cpu"])
+                          f"run.runs_dir={tmp_path}/{name}/runs", "run.device=cpu", *flags])
         with open(os.path.join(tmp_path, name, "runs", "tiny_quick", "results.json"), "rb") as f:
             return rows, f.read()
 
@@ -278,8 +278,17 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
     assert os.path.isdir(os.path.join(run_dir, "seed0", "sft123"))
     saved = json.loads(first)
     assert saved["seeds"] == [0] and saved["rows"] == json.loads(json.dumps(rows))
-    _, second = run("b")  # everything again from nothing, in other folders: the same bytes
+    readme, docs = tmp_path / "README.md", tmp_path / "docs"  # --readme: table, trajectory and plots written
+    readme.write_text("".join(f"<!-- {part}: begin (written by demo.py --readme) -->\nSTALE\n<!-- {part}: end -->\n"
+                              for part in ("results", "trajectory")))
+    docs.mkdir()
+    monkeypatch.setattr(demo, "README", str(readme))
+    monkeypatch.setattr(demo, "DOCS", str(docs))
+    _, second = run("b", "--readme")  # everything again from nothing, in other folders: the same bytes
     assert first == second
+    written = readme.read_text()
+    assert "STALE" not in written and "| +RL real only |" in written and "[[<search_result>" in written
+    assert sorted(os.listdir(docs)) == ["accuracy_by_stage.png", "rl_curves.png"]
 
 
 def test_demo_aggregates_seeds_into_mean_and_spread():
@@ -292,14 +301,17 @@ def test_demo_aggregates_seeds_into_mean_and_spread():
     assert demo.cell(rows["SFT-2"]["real_calls_rl"]) == "-"
 
 
-def test_demo_rewrites_only_the_readme_results_section(tmp_path):
+def test_demo_rewrites_only_the_readme_sections_it_owns(tmp_path):
     import pytest
     import demo
     path = tmp_path / "README.md"
-    path.write_text("intro\n<!-- results: begin (written by demo.py --readme) -->\nold\n<!-- results: end -->\nrest\n")
+    path.write_text("intro\n<!-- results: begin (written by demo.py --readme) -->\nold\n<!-- results: end -->\nrest\n"
+                    "<!-- trajectory: begin (written by demo.py --readme) -->\nold\n<!-- trajectory: end -->\nend\n")
     demo.write_readme(str(path), "| new |")
+    demo.write_readme(str(path), "Question: ...", "trajectory")
     assert path.read_text() == ("intro\n<!-- results: begin (written by demo.py --readme) -->\n| new |\n"
-                                "<!-- results: end -->\nrest\n")
+                                "<!-- results: end -->\nrest\n<!-- trajectory: begin (written by demo.py --readme) -->"
+                                "\nQuestion: ...\n<!-- trajectory: end -->\nend\n")
     (tmp_path / "plain.md").write_text("no markers\n")
     with pytest.raises(SystemExit, match="no results markers"):
         demo.write_readme(str(tmp_path / "plain.md"), "x")
