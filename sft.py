@@ -45,10 +45,10 @@ next-token loss on the model's tokens, and the perplexity of the real observatio
     python sft.py --config configs/tiny.yaml run.device=cuda parallel=fsdp bf16=true   # one GPU, bf16 compute
 
 Measured on the tiny world (configs/tiny.yaml, greedy, real tool, 300 test questions; `demo.py --seeds 3`):
-SFT-2 from the CoT model, 900 steps: EM 0.957 / 0.993 / 0.983 (seeds 0/1/2) against 0.040 / 0.037 / 0.037 for
-the CoT-only model (stage cot, 300 steps); SFT-1&2 0.993 / 0.937 / 0.987; SFT-1&2&3 0.917 / 0.917 / 0.930. The
-loss sits on a plateau (~0.4-0.8: the model has not yet learnt to copy facts from observations) and leaves it
-somewhere between 400 and 700 steps, seed by seed (seed 1 at 600 steps: dev EM 0.54).
+SFT-2 from the CoT model, 900 steps of 16: EM 0.937 / 0.967 / 0.970 (seeds 0/1/2) against 0.063 / 0.037 / 0.043
+for the CoT-only model (stage cot, 600 steps); SFT-1&2 0.993 / 0.953 / 0.977; SFT-1&2&3 0.967 / 0.943 / 0.910.
+Dev EM first sits on a plateau (the model has not yet learnt to copy facts from observations) and leaves it
+somewhere between 400 and 700 steps, seed by seed (at 32 a step, seed 1 after 600 steps: dev EM 0.54).
 
 Departures from the paper: the tiny world's CoT data comes from a scripted teacher, not a reasoning model;
 sft1's pairs may have an empty prefix with real teachers (data.py); the DPO-style term has no beta and no
