@@ -44,13 +44,13 @@ a row stop the run with a message. A real search that fails (after env.retries) 
 failed: <cause>" observation and is counted (`tool_failures`); a step where more than `max_tool_failures` of the
 real calls failed stops the run, naming the server's URL and the cause: a retriever that is down must not train
 the policy on failure messages. A run never deletes an earlier run's output under the same out= unless asked
-(`--overwrite`; `--resume` continues it), and a lock refuses a second live run on it (sft.claim_run). Checkpoints (sft.save_checkpoint: weights, optimizer, scheduler, RNG, config,
-call counters) are atomic; `--resume` continues from the newest one with the same weights as an unbroken run,
+(`--overwrite`; `--resume` continues it), and a lock refuses a second live run on it (sft.claim_run).
+Checkpoints (sft.save_checkpoint: weights, optimizer, scheduler, RNG, config, call counters) are atomic; `--resume` continues from the newest one with the same weights as an unbroken run,
 because a step's prompts and sampling seed follow from the step number alone.
 
 Metrics (<run.dir>/<out>.metrics.jsonl, one line per step): env, reward, em, actions (per trajectory),
-real_calls / sim_calls / tool_failures (this step and running totals), zero_var (share of groups with one reward), kl, clip_frac,
-ratio, entropy (when used), loss, grad_norm, tokens_per_s (model tokens), rollout_s, step_s; eval_em,
+real_calls / sim_calls / tool_failures (this step and running totals), zero_var (share of groups with one
+reward), kl, clip_frac, ratio, entropy (when used), loss, grad_norm, tokens_per_s (model tokens), rollout_s, step_s; eval_em,
 eval_format, eval_actions (greedy, held-out, real tool) before the first and after the last step.
 
 Departures from the paper: the reward is binary EM (the paper's correctness uses a lenient match, available in
@@ -90,10 +90,9 @@ from data import load_qa, save_atomic
 from rollout import rollout
 from sft import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, full_state_dict, is_dist, latest_checkpoint,
                  load_checkpoint, log_line, print0, release_run, save_checkpoint, setup_dist, start_logging,
-                 truncate_log, unwrap,
-                 wrap_model)
+                 truncate_log, unwrap, wrap_model)
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, ToolError, cli, load_config, load_model, make_tool,
-                   model_path, parse, reward)
+                   master_dtype, model_path, parse, reward)
 
 
 @dataclass
@@ -413,7 +412,7 @@ def update(model, ref_model, optimizer, scheduler, micro_batches, rcfg, max_toke
 def build_models(rcfg, run, device, init):
     """(policy, reference or None, tokenizer). The policy trains in float32 (an RL learning rate of 1e-6 vanishes
     in bf16 weights); FSDP2 with rl.bf16 computes in bf16 with fp32 master weights and gradient reductions."""
-    train_dtype = getattr(torch, run.dtype) if run.dtype != "auto" else torch.float32
+    train_dtype = master_dtype(run)
     model, tokenizer = load_model(init, run, device=device, dtype=train_dtype)
     if rcfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

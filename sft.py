@@ -71,7 +71,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tools import ConfigError, build_prompt, cli, model_path, read_jsonl
+from tools import ConfigError, build_prompt, cli, master_dtype, model_path, read_jsonl
 
 
 @dataclass
@@ -407,8 +407,7 @@ def main(argv=None):
         holder = [init]
         dist.broadcast_object_list(holder)
         init = holder[0]
-    train_dtype = getattr(torch, run.dtype) if run.dtype != "auto" else torch.float32  # fp32 master weights
-    model, tokenizer = load_model(init, run, device=device, dtype=train_dtype)
+    model, tokenizer = load_model(init, run, device=device, dtype=master_dtype(run))
     model.config.use_cache = False
     synth = os.path.join(run.data_dir, "synth")
     examples = build_examples(read_synth(sc.data or os.path.join(synth, "train.jsonl")), sc.stage, tokenizer, env,

@@ -644,6 +644,13 @@ def pick_dtype(run, device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def master_dtype(run):
+    """The dtype trained weights are kept in: run.dtype, or float32 for "auto" (bf16 compute, where asked, comes
+    from FSDP2's MixedPrecisionPolicy over these fp32 masters)."""
+    import torch
+    return getattr(torch, run.dtype) if run.dtype != "auto" else torch.float32
+
+
 def is_hub_id(name):
     """An owner/name the hub could hold (a path such as runs/tiny/sft123 or ./x is not one)."""
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith(".") and \

@@ -77,7 +77,7 @@ import torch
 import data
 from rollout import generate
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, format_observation, load_config,
-                   load_model, make_tool, model_path, normalize_answer, read_jsonl, reward, split_context)
+                   load_model, make_tool, master_dtype, model_path, normalize_answer, read_jsonl, reward, split_context)
 
 
 @dataclass
@@ -568,8 +568,7 @@ def main(argv=None):
            f"({search.calls} new tool calls, {time.time() - t0:.1f}s)")
 
     # 2. fine-tune the world model: loss on observation tokens only
-    train_dtype = getattr(torch, cfg.run.dtype) if cfg.run.dtype != "auto" else torch.float32  # fp32 masters
-    model, tokenizer = load_model(init or base, cfg.run, device=device, dtype=train_dtype)
+    model, tokenizer = load_model(init or base, cfg.run, device=device, dtype=master_dtype(cfg.run))
     examples = [make_example(tokenizer, c, env, wm.history_max_tokens) for c in train_calls]
     model, log = train(cfg, model, tokenizer, examples, device, rank, world_size)
     out_dir = os.path.join(cfg.run.dir, wm.out)
