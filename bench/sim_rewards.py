@@ -25,8 +25,8 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 from rollout import rollout  # noqa: E402
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, load_model, make_tool,  # noqa: E402
-                   normalize_answer, read_key_values, reward)
+from tools import EnvConfig, RunConfig, cli, load_config, load_model, model_path, read_key_values, reward  # noqa: E402
+from worldmodel import make_environment  # noqa: E402
 
 DEFAULTS = {"run": "runs/tiny/seed0", "data": "data/tiny/seed0", "config": "configs/tiny.yaml", "prompts": 96,
             "group": 4, "seed": 0, "threads": 1}
@@ -64,20 +64,14 @@ def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig}, ["--config", args["config"], "run.device=cpu",
                                                              f"run.data_dir={args['data']}"])
     env = cfg.env
-    policy = os.path.join(args["run"], "sft123")
-    if not os.path.isdir(policy):
-        raise ConfigError(f"sim_rewards: no policy at {policy} (run the demo first)")
-    model, tok = load_model(policy, device=torch.device("cpu"))
+    model, tok = load_model(model_path("sft123", args["run"], "sim_rewards"), device=torch.device("cpu"))
     rows = data.load_qa(os.path.join(args["data"], "train.jsonl"))
     random.Random(args["seed"]).shuffle(rows)
     rows = rows[:args["prompts"]]
-    envs = {"policy": (dataclasses.replace(env, env="policy"), None),
-            "real": (dataclasses.replace(env, env="real"), SearchEnv(make_tool(env, cfg.run), tok, env))}
     wm_path = os.path.join(args["run"], "worldmodel")
-    if os.path.isdir(wm_path):
-        from worldmodel import WorldModelEnv
-        wm_env = dataclasses.replace(env, env="worldmodel", worldmodel=wm_path)
-        envs["worldmodel"] = (wm_env, WorldModelEnv.from_path(wm_path, wm_env, tok))
+    kinds = ("policy", "real", "worldmodel") if os.path.isdir(wm_path) else ("policy", "real")
+    envs = {kind: dataclasses.replace(env, env=kind, worldmodel=wm_path) for kind in kinds}
+    envs = {kind: (env_cfg, make_environment(env_cfg, cfg.run, tok)) for kind, env_cfg in envs.items()}
     result = {"reward": {}, "no_search_on_test": no_search_share(os.path.join(args["run"], "eval"))}
     print("mean reward (trajectories) at the RL start, by environment:")
     for name, (env_cfg, environment) in envs.items():
