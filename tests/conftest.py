@@ -7,6 +7,7 @@ Every test says which device it means: the tiny-world configs say run.device=cpu
 torch.device("cpu"), subprocesses get CUDA_VISIBLE_DEVICES="" (so the suite passes the same on a GPU box), and
 tests marked `@pytest.mark.requires_cuda` run on the GPU and are skipped where there is none.
 """
+import json
 import os
 import signal
 import sys
@@ -99,3 +100,13 @@ def finished(proc, timeout=300):
             proc.communicate()
     assert proc.returncode == 0, err[-3000:]
     return out
+
+
+def send_json(handler, obj):
+    """Answer an http.server request with 200 and obj as JSON (the stand-in teachers and judges)."""
+    payload = json.dumps(obj).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)

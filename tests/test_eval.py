@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import eval as ev
+from conftest import send_json
 from tools import EnvConfig
 
 
@@ -119,13 +120,7 @@ class Judge(BaseHTTPRequestHandler):
             return
         golds = user.split("Gold answers: ")[1].split("\n")[0].lower()
         pred = user.split("Predicted answer: ")[1].split("\n")[0].lower()
-        reply = {"choices": [{"message": {"role": "assistant", "content": "Yes" if pred in golds else "no"}}]}
-        out = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
+        send_json(self, {"choices": [{"message": {"role": "assistant", "content": "Yes" if pred in golds else "no"}}]})
 
     def log_message(self, *args):
         pass

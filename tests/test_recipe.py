@@ -15,7 +15,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import data
-from conftest import SMALL_WORLD, tiny_config
+from conftest import SMALL_WORLD, send_json, tiny_config
 from test_serve import ROOT, start_server, stop_server
 from tools import EnvConfig
 
@@ -58,11 +58,7 @@ class Teacher(BaseHTTPRequestHandler):
             reply = f" I need to search for this. {ENV.action_open} {name} "
         else:
             reply = f" I know this one. {ENV.think_close} {ENV.answer_open}nowhere}}"
-        payload = json.dumps({"choices": [{"text": reply, "finish_reason": "stop"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, {"choices": [{"text": reply, "finish_reason": "stop"}]})
 
     def log_message(self, *args):
         pass

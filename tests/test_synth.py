@@ -13,6 +13,7 @@ import pytest
 
 import data
 import sft
+from conftest import send_json
 from tools import EnvConfig, RunConfig, SearchEnv, load_config, make_tool, parse, reward
 
 ENV = EnvConfig()
@@ -200,12 +201,7 @@ class ScriptedTeacher(BaseHTTPRequestHandler):
         else:
             city = prompt.split(f"{name} was born in ")[1].split(" in ")[0]
             reply = f" {name} was born in {city}. {ENV.think_close} {ENV.answer_open}{city}}}"
-        payload = json.dumps({"choices": [{"text": reply, "finish_reason": "stop"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, {"choices": [{"text": reply, "finish_reason": "stop"}]})
 
     def log_message(self, *args):
         pass
