@@ -232,11 +232,11 @@ def build_world(cfg, seed, out_dir):
     """Write the tiny world under out_dir; returns the counts."""
     os.makedirs(out_dir, exist_ok=True)
     world = make_world(cfg, seed)
-    rng = random.Random(seed + 2)
+    rng, kinds = random.Random(seed + 2), world_kinds(cfg)
     corpus = make_corpus(world, cfg, seed)
     splits = {"train": make_train(world, cfg, rng),
-              "dev": make_questions(world, "dev", cfg.n_dev, rng, cfg.famous_share, world_kinds(cfg)),
-              "test": make_questions(world, "test", cfg.n_test, rng, cfg.famous_share, world_kinds(cfg))}
+              "dev": make_questions(world, "dev", cfg.n_dev, rng, cfg.famous_share, kinds),
+              "test": make_questions(world, "test", cfg.n_test, rng, cfg.famous_share, kinds)}
     write_jsonl(os.path.join(out_dir, "corpus.jsonl"), corpus)
     for name, rows in splits.items():
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
