@@ -41,7 +41,7 @@ from tools import cli, read_key_values  # noqa: E402
 
 DEFAULTS = {"config": "configs/smollm2_tiny.yaml", "name": "", "eval_n": 100,
             "sft_steps": 40, "sft_batch": 8, "sft_lr": 1e-4,
-            "rl_steps": 12, "rl_prompts": 4, "rl_group": 4, "rl_lr": 2e-5, "sft3_steps": 10, "sim_steps": 2,
+            "rl_steps": 20, "rl_prompts": 4, "rl_group": 4, "rl_lr": 2e-5, "sft3_steps": 10, "sim_steps": 2,
             "parallel_check": 1, "tag": "real_model"}
 
 
@@ -192,7 +192,9 @@ def write_report(r, path):
               f"simulated steps: {r['rl_sim']['rewards']} ({r['rl_sim']['sim_calls']} self-written observations)", "",
               "| phase | wall s | peak MiB | tokens/s | where the time goes |", "|---|---|---|---|---|"]
     s, m = r["seconds"], r["peak_mib"]
-    where = {"data": "world, oracle synthesis, model conversion (first run only)"}
+    where = {"data": "world, oracle synthesis, model conversion (first run only)",
+             "sft_1rank": "2 SFT-2 steps of 4, parallel=fsdp", "sft_2ranks": "the same, torchrun, 2 ranks",
+             "rl_1rank": "1 greedy GRPO step of 2 x 2, parallel=fsdp", "rl_2ranks": "the same, torchrun, 2 ranks"}
     for key in ("before", "after_sft2", "after_rl"):
         phase = {"before": "eval0", "after_sft2": "eval1", "after_rl": "eval2"}[key]
         e = r[key]
