@@ -121,7 +121,7 @@ def test_many_concurrent_clients_get_their_own_answers(server, corpus):
 def test_missing_corpus_and_dense_without_faiss_fail_in_one_line(tmp_path, corpus):
     r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", str(tmp_path / "none.jsonl")], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and r.stderr.strip() == f"serve: no corpus file {str(tmp_path / 'none.jsonl')!r}"
+    assert r.returncode == 2 and r.stderr.strip() == f"tools.py: serve: no corpus file {str(tmp_path / 'none.jsonl')!r}"
     try:
         import faiss  # noqa: F401
         pytest.skip("faiss is installed: the dense retriever would load an encoder")
@@ -129,7 +129,7 @@ def test_missing_corpus_and_dense_without_faiss_fail_in_one_line(tmp_path, corpu
         pass
     r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", corpus, "--retriever", "e5"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "pip install faiss-cpu" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "pip install faiss-cpu" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 # -----------------------------------------------------------------------------
