@@ -249,6 +249,24 @@ def test_resume_of_a_finished_run_says_so_and_rewrites_nothing(tiny_root, tiny_b
     assert snapshot(tmp_path) == before
 
 
+def test_sft_keeps_its_last_checkpoint_so_a_finished_run_is_left_alone(tiny_root, tiny_base, tiny_synth, tmp_path,
+                                                                        capsys):
+    import sft
+    from test_sft import sft_args
+    argv = sft_args(tiny_root, tiny_base, tmp_path, os.path.join(tiny_synth[0], "train.jsonl"), "stage=sft2",
+                    "steps=2", "save_every=0")
+    sft.main(argv)
+    assert os.listdir(tmp_path / "t" / "sft2.ckpt") == ["step_000002"]
+    before = snapshot(tmp_path)
+    time.sleep(0.01)
+    capsys.readouterr()
+    sft.main(argv + ["--resume"])
+    assert f"sft: {tmp_path}/t/sft2 is finished (2 steps): nothing to do" in capsys.readouterr().out
+    assert snapshot(tmp_path) == before
+    assert sft.main(argv + ["steps=0", "sft2_steps=0"]) is None  # steps=0 is the stage's own count, here 0
+    assert "sft: 0 steps for stage sft2: nothing to do" in capsys.readouterr().out and snapshot(tmp_path) == before
+
+
 # -----------------------------------------------------------------------------
 # Empty or broken data files: one line naming the file (and the line), exit 2
 
