@@ -41,11 +41,12 @@ bf16=true (with parallel=fsdp) is one path on 1 and N GPUs: FSDP2 wraps the mode
 gathered bf16 weights.
 
 Robustness. A NaN/inf loss or gradient skips that optimizer step (counted in `skipped`); max_bad_steps of them in
-a row stop the run with a message. A real search that fails (after env.retries) gives the model a "search
-failed: <cause>" observation and is counted (`tool_failures`); the call that takes the failed share of a step's real
-calls past `max_tool_failures` stops the run there, naming the server's URL and the cause: a retriever that is
-down must not train the policy on failure messages, and a slow one costs at most env.timeout_s a call. A run never deletes an earlier run's output under the same out= unless asked
-(`--overwrite`; `--resume` continues it), and a lock refuses a second live run on it (plumbing.claim_run).
+a row stop the run with a message. A real search that fails (after env.retries, within env.timeout_s) gives the
+model a "search failed: <cause>" observation and is counted (`tool_failures`); the call that takes the failed share
+of a step's real calls past `max_tool_failures` stops the run there, naming the server's URL and the cause: a
+retriever that is down must not train the policy on failure messages, and a slow one costs at most env.timeout_s a
+call. A run never deletes an earlier run's output under the same out= unless asked (`--overwrite`; `--resume`
+continues it), and a lock refuses a second live run on it (plumbing.claim_run).
 Checkpoints (plumbing.save_checkpoint: weights, optimizer, scheduler, RNG, config, call counters) are atomic and
 checked at load; `--resume` continues from the newest intact one with the same weights as an unbroken run, because
 a step's prompts and sampling seed follow from the step number alone. steps=0, or --resume of a finished run, has

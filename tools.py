@@ -17,11 +17,12 @@ after </think>, no boxed answer).
 
 Search tools share one batched interface, `tool(queries) -> [[passage, ...], ...]`:
   - BM25Search: bm25s over a local corpus JSONL ({"id", "contents"}, title on the first line), index cached on disk;
-  - HTTPSearch: a Search-R1 / FlashRAG retrieval server (POST /retrieve), with timeout, retries and backoff.
+  - HTTPSearch: a Search-R1 / FlashRAG retrieval server (POST /retrieve), one deadline per call, retries and backoff.
 SearchEnv wraps a tool into the environment rollout.py talks to: queries in, observation strings out, calls counted.
 
 The retrieval server (last section) serves a corpus in that same wire format, BM25 or dense (e5 + faiss):
     python tools.py serve --corpus data/wiki/corpus.jsonl --port 8000     # then env.tool=http everywhere
+    python tools.py serve --corpus ... --workers 32 --timeout_s 30         # worker threads, per-connection timeout
 
 Not here: the world model environment (worldmodel.py), generation (rollout.py), training (sft.py, rl.py).
 """

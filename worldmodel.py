@@ -113,8 +113,8 @@ class WorldModelConfig:
     keep_ckpts: int = 2
     log_every: int = 50
 
-    RANGES = {"heldout_share": "[0, 1)", "history_max_tokens": "[0, inf)", "steps": "[0, inf)", "batch_size": "[1, inf)",
-              "lr": "[0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)",
+    RANGES = {"heldout_share": "[0, 1)", "history_max_tokens": "[0, inf)", "steps": "[0, inf)",
+              "batch_size": "[1, inf)", "lr": "[0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)",
               "grad_clip": "[0, inf)", "eval_calls": "[0, inf)", "eval_questions": "[0, inf)", "eval_batch": "[1, inf)",
               "save_every": "[0, inf)", "keep_ckpts": "[0, inf)", "log_every": "[1, inf)"}
 

@@ -81,7 +81,8 @@ def load(url, batches, clients, topk, time_limit_s):
 
 def burst(url, queries, clients, per_client, topk, time_limit_s, keepalive=True):
     """Every client starts at once and sends its share of `queries` one by one, on its own keep-alive session (or
-    a new connection each, keepalive False). Returns {"answers": [(query, doc ids)], "latencies", "resets", "errors", "wall_s"}."""
+    a new connection each, keepalive False).
+    Returns {"answers": [(query, doc ids)], "latencies", "resets", "errors", "wall_s"}."""
     deadline = time.time() + time_limit_s
     start, lock = threading.Barrier(clients), threading.Lock()
     out = {"answers": [], "latencies": [], "resets": 0, "errors": []}
@@ -162,7 +163,8 @@ def main(argv=None):
     if b:
         alone = {q: [local.docs[i]["id"] for i in local.search([q], args["topk"])[0][0]] for q, _ in b["answers"]}
         wrong = sum(ids != alone[q] for q, ids in b["answers"])
-        result["burst"] = {"clients": args["burst_clients"], "keepalive": args["burst_keepalive"], "requests": n_burst, "answered": len(b["answers"]),
+        result["burst"] = {"clients": args["burst_clients"], "keepalive": args["burst_keepalive"], "requests": n_burst,
+                           "answered": len(b["answers"]),
                            "resets": b["resets"], "errors": len(b["errors"]), "wrong_answers": wrong,
                            "p50_ms": 1000 * percentile(b["latencies"], 50),
                            "p99_ms": 1000 * percentile(b["latencies"], 99), "wall_s": b["wall_s"]}

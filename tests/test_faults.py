@@ -238,15 +238,21 @@ def test_rl_with_zero_steps_says_so_and_writes_nothing(tiny_root, tiny_base, tmp
     assert os.listdir(tmp_path) == []
 
 
+def resumed_output(main, argv, runs_dir, capsys):
+    """What `main(argv + ["--resume"])` prints, once it has left every file under runs_dir as it was."""
+    before = snapshot(runs_dir)
+    time.sleep(0.01)
+    capsys.readouterr()
+    main(argv + ["--resume"])
+    assert snapshot(runs_dir) == before
+    return capsys.readouterr().out
+
+
 def test_resume_of_a_finished_run_says_so_and_rewrites_nothing(tiny_root, tiny_base, tmp_path, capsys):
     argv = rl_argv(tiny_root, tiny_base, tmp_path, "steps=2", "eval_n=0", "save_every=0")
     rl.main(argv)
-    before = snapshot(tmp_path)
-    time.sleep(0.01)
-    capsys.readouterr()
-    rl.main(argv + ["--resume"])
-    assert f"rl: {tmp_path}/t/rl is finished (2 steps): nothing to do" in capsys.readouterr().out
-    assert snapshot(tmp_path) == before
+    out = resumed_output(rl.main, argv, tmp_path, capsys)
+    assert f"rl: {tmp_path}/t/rl is finished (2 steps): nothing to do" in out
 
 
 def test_sft_keeps_its_last_checkpoint_so_a_finished_run_is_left_alone(tiny_root, tiny_base, tiny_synth, tmp_path,
@@ -257,14 +263,10 @@ def test_sft_keeps_its_last_checkpoint_so_a_finished_run_is_left_alone(tiny_root
                     "steps=2", "save_every=0")
     sft.main(argv)
     assert os.listdir(tmp_path / "t" / "sft2.ckpt") == ["step_000002"]
-    before = snapshot(tmp_path)
-    time.sleep(0.01)
-    capsys.readouterr()
-    sft.main(argv + ["--resume"])
-    assert f"sft: {tmp_path}/t/sft2 is finished (2 steps): nothing to do" in capsys.readouterr().out
-    assert snapshot(tmp_path) == before
-    assert sft.main(argv + ["steps=0", "sft2_steps=0"]) is None  # steps=0 is the stage's own count, here 0
-    assert "sft: 0 steps for stage sft2: nothing to do" in capsys.readouterr().out and snapshot(tmp_path) == before
+    out = resumed_output(sft.main, argv, tmp_path, capsys)
+    assert f"sft: {tmp_path}/t/sft2 is finished (2 steps): nothing to do" in out
+    out = resumed_output(sft.main, argv + ["steps=0", "sft2_steps=0"], tmp_path, capsys)  # steps=0: the stage's own
+    assert "sft: 0 steps for stage sft2: nothing to do" in out
 
 
 # -----------------------------------------------------------------------------
