@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from tools import RunConfig, EnvConfig, cli, load_config, make_tool
-from tools import SearchEnv, build_prompt, check_rows, parse, read_jsonl, reward
+from tools import SearchEnv, build_prompt, check_rows, parse, partial_write, read_jsonl, reward
 
 
 @dataclass
@@ -58,6 +58,11 @@ class WorldConfig:
     distractors_per_person: float = 0.5  # extra "X visited Y" documents per person
     kinds: str = "city,employer,country,comparison,yesno"  # question kinds asked (comma-separated, of KINDS)
 
+    RANGES = {"n_people": "[1, inf)", "n_famous": "[0, inf)", "n_cities": "[1, inf)", "n_countries": "[1, inf)",
+              "n_companies": "[1, inf)", "n_first": "[1, inf)", "n_last": "[1, inf)", "test_share": "[0, 1]",
+              "dev_share": "[0, 1]", "n_dev": "[0, inf)", "n_test": "[0, inf)", "famous_share": "[0, 1]",
+              "famous_repeats": "[0, inf)", "distractors_per_person": "[0, inf)"}
+
 
 @dataclass
 class ModelConfig:
@@ -70,6 +75,9 @@ class ModelConfig:
     intermediate_size: int = 512
     max_positions: int = 1024
     wiki: bool = False  # also write the offline Wikipedia corpus (data/wiki/corpus.jsonl)
+
+    RANGES = {"vocab_size": "[1, inf)", "hidden_size": "[1, inf)", "layers": "[1, inf)", "heads": "[1, inf)",
+              "kv_heads": "[1, inf)", "intermediate_size": "[1, inf)", "max_positions": "[1, inf)"}
 
 
 # -----------------------------------------------------------------------------
@@ -353,8 +361,9 @@ def save_atomic(out_dir, *objs):
     """save_pretrained into a temporary folder, then rename: a folder that exists is complete."""
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    for obj in objs:
-        obj.save_pretrained(tmp)
+    with partial_write(tmp, out_dir):  # a full disk: one line, and the partial folder gone
+        for obj in objs:
+            obj.save_pretrained(tmp)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -474,6 +483,9 @@ class SynthConfig:
     api_model: str = ""  # endpoint teacher: the request's "model"
     api_key_env: str = "OPENAI_API_KEY"  # endpoint teacher: environment variable holding the key (unset: none)
     max_tokens: int = 256  # endpoint teacher: tokens per completion request
+
+    RANGES = {"limit": "[0, inf)", "imperfect_share": "[0, 1]", "samples": "[1, inf)", "temperature": "[0, inf)",
+              "top_p": "(0, 1]", "batch_size": "[1, inf)", "max_tokens": "[1, inf)"}
 
 
 def synth_dir(cfg):

@@ -83,6 +83,12 @@ class EvalConfig:
     judge_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (empty: no auth header)
     judge_timeout_s: float = 30.0
     seed: int = 0  # sampling seed (a torch.Generator), so sampled evals repeat exactly
+    max_tool_failures: float = 0.05  # share of a set's real tool calls that may fail: the call that takes it past
+    # this stops the eval, naming the server and the cause (exit 1); its numbers would measure the failures
+
+    RANGES = {"limit": "[0, inf)", "samples": "[1, inf)", "temperature": "[0, inf)", "top_p": "(0, 1]",
+              "batch_size": "[1, inf)", "show": "[0, inf)", "judge_timeout_s": "(0, inf)",
+              "max_tool_failures": "[0, 1]"}
 
 
 # -----------------------------------------------------------------------------
@@ -531,8 +537,6 @@ def check_config(ecfg):
         raise ConfigError(f"config: eval.mode must be agent, notool or workflow, got {ecfg.mode!r}")
     if ecfg.workflow not in ("auto", "fixed", "react"):
         raise ConfigError(f"config: eval.workflow must be auto, fixed or react, got {ecfg.workflow!r}")
-    if ecfg.samples < 1 or ecfg.batch_size < 1:
-        raise ConfigError("config: eval.samples and eval.batch_size must be >= 1")
 
 
 def evaluate(model, tokenizer, rows, cfg):
@@ -550,6 +554,8 @@ def evaluate(model, tokenizer, rows, cfg):
                                  generator)
     else:
         environment = make_environment(cfg, tokenizer)
+        if isinstance(environment, SearchEnv):
+            environment.limit_failures(ecfg.max_tool_failures, "eval.max_tool_failures", "eval: ")
         style = "agent" if ecfg.mode == "agent" else ecfg.workflow
         if style == "auto":
             style = "react" if getattr(tokenizer, "chat_template", None) else "fixed"
@@ -670,7 +676,8 @@ def main(argv=None):
     questions = {source: load_questions(cfg, source) for source in sources}  # a bad set fails before any work
     for source, rows in questions.items():
         if not rows:
-            raise ValueError(f"eval.data={source!r}: no usable questions")
+            raise ConfigError(f"eval.data={source!r}: no usable questions (empty, or every row bad: each is named "
+                              f"above)")
     model, tokenizer = load_model(path, cfg.run, device=device)
     model.eval()
     corpus = cfg.env.corpus or os.path.join(cfg.run.data_dir, "corpus.jsonl")

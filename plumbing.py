@@ -6,13 +6,15 @@ plumbing.py -- what every trainer (sft.py, rl.py, worldmodel.py) and eval.py sha
   metric logs         log_line (one JSON line per step in <out>.metrics.jsonl, also to wandb or TensorBoard when
                       run.log asks), truncate_log (a resumed run rewrites what came after its checkpoint)
   checkpoints         save_checkpoint / load_checkpoint: <out>.ckpt/step_XXXXXX/ = HF weights + meta.json +
-                      optimizer, scheduler and RNG per rank, written to a .tmp folder and renamed, so a killed run
-                      leaves a whole checkpoint or none
+                      optimizer, scheduler and RNG per rank + a manifest of their sizes, written to a .tmp folder
+                      and renamed, so a killed run leaves a whole checkpoint or none; resume_checkpoint passes over
+                      a damaged one (a file cut short) to the newest intact one
   the run guard       claim_run / release_run: a run never deletes an earlier run's output unless --overwrite,
                       and a lock refuses a second live run on the same out=
 
-A trainer's loop reads: setup_dist -> claim_run -> wrap_model -> (latest_checkpoint -> load_checkpoint) -> steps,
-each ending in log_line and now and then save_checkpoint -> save the HF folder -> release_run.
+A trainer's loop reads: setup_dist -> claim_run -> resume_checkpoint (finished_run: nothing to do) -> wrap_model
+-> load_checkpoint -> steps, each ending in log_line and now and then save_checkpoint -> save the HF folder ->
+release_run.
 """
 import fcntl
 import glob
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tools import ConfigError
+from tools import ConfigError, partial_write
 
 
 # -----------------------------------------------------------------------------
@@ -240,25 +242,32 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=None, meta=None,
     """Write <ckpt_dir>/step_<step:06d>/ atomically; every rank must call it. Returns the folder.
 
     Rank 0 writes the HF weights (save_pretrained, so the folder loads with from_pretrained) and meta.json
-    (meta: config, data position, ... plus step); each rank writes its optimizer, scheduler and RNG state.
-    Everything goes to step_XXXXXX.tmp first and is renamed once all ranks are done, so a killed run leaves
-    either a whole checkpoint or none. Only the newest `keep` checkpoints are kept.
+    (meta: config, data position, ... plus step); each rank writes its optimizer, scheduler and RNG state; rank 0
+    then records every file's size in manifest.json, which load time checks (resume_checkpoint). Everything goes to
+    step_XXXXXX.tmp first and is renamed once all ranks are done, so a killed run leaves either a whole checkpoint
+    or none; a failed write (a full disk) removes the .tmp folder and is one line naming the folder and the cause,
+    and the earlier checkpoints stay as they were. Only the newest `keep` checkpoints are kept.
     """
     rank = dist.get_rank() if is_dist() else 0
     final = os.path.join(ckpt_dir, f"step_{step:06d}")
     tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    state_dict = full_state_dict(model)  # collective under FSDP2: every rank takes part
-    if rank == 0:
-        unwrap(model).save_pretrained(tmp, state_dict=state_dict)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({**(meta or {}), "step": step, "world_size": dist.get_world_size() if is_dist() else 1}, f,
-                      indent=1)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                "rng": rng_state()}, os.path.join(tmp, f"rank_{rank}.pt"))
+    with partial_write(tmp, f"checkpoint {final}"):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        state_dict = full_state_dict(model)  # collective under FSDP2: every rank takes part
+        if rank == 0:
+            unwrap(model).save_pretrained(tmp, state_dict=state_dict)
+            write_json(os.path.join(tmp, "meta.json"),
+                       {**(meta or {}), "step": step, "world_size": dist.get_world_size() if is_dist() else 1})
+        with open(os.path.join(tmp, f"rank_{rank}.pt"), "wb") as f:  # a file object: a failed write keeps its
+            torch.save({"optimizer": optimizer.state_dict(),       # OSError (a path gives "unexpected pos")
+                        "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng_state()}, f)
+        barrier()
+        if rank == 0:
+            write_json(os.path.join(tmp, MANIFEST), {"sizes": {name: os.path.getsize(os.path.join(tmp, name))
+                                                               for name in sorted(os.listdir(tmp))}})
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -267,6 +276,59 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=None, meta=None,
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+MANIFEST = "manifest.json"  # {"sizes": {file: bytes}} of a checkpoint's files, written last
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def check_checkpoint(path):
+    """None when every file of the checkpoint's manifest is there with the size it was written with, else what is
+    wrong. A checkpoint without a manifest (written before they had one) is taken as it is."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            sizes = json.load(f)["sizes"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is unreadable"
+    for name, size in sizes.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name} has {os.path.getsize(file)} bytes, {size} were written"
+    return None
+
+
+def resume_checkpoint(ckpt_dir):
+    """The newest intact checkpoint of ckpt_dir, or None when there is none at all. A damaged newer one (a file
+    cut short or missing) is reported in one line and passed over; its files stay. Only damaged ones: ConfigError."""
+    found = list_checkpoints(ckpt_dir)
+    for path in reversed(found):
+        problem = check_checkpoint(path)
+        if problem is None:
+            if path != found[-1]:
+                print0(f"resuming from {path}, the newest intact checkpoint")
+            return path
+        print0(f"warning: checkpoint {path} is damaged: {problem}")
+    if found:
+        raise ConfigError(f"no intact checkpoint in {ckpt_dir}: all {len(found)} are damaged (--overwrite starts over)")
+    return None
+
+
+def checkpoint_step(path):
+    return int(os.path.basename(path).split("_")[1])
+
+
+def finished_run(out_dir, ckpt, steps):
+    """Nothing left to do: the run's output folder exists (written last, so the run ended) and its checkpoint, if
+    any, reached `steps` (a --resume with more steps goes on from it)."""
+    return os.path.isdir(out_dir) and (ckpt is None or checkpoint_step(ckpt) >= steps)
 
 
 # -----------------------------------------------------------------------------

@@ -41,14 +41,16 @@ bf16=true (with parallel=fsdp) is one path on 1 and N GPUs: FSDP2 wraps the mode
 gathered bf16 weights.
 
 Robustness. A NaN/inf loss or gradient skips that optimizer step (counted in `skipped`); max_bad_steps of them in
-a row stop the run with a message. A real search that fails (after env.retries) gives the model a "search
-failed: <cause>" observation and is counted (`tool_failures`); a step where more than `max_tool_failures` of the
-real calls failed stops the run, naming the server's URL and the cause: a retriever that is down must not train
-the policy on failure messages. A run never deletes an earlier run's output under the same out= unless asked
-(`--overwrite`; `--resume` continues it), and a lock refuses a second live run on it (plumbing.claim_run).
-Checkpoints (plumbing.save_checkpoint: weights, optimizer, scheduler, RNG, config, call counters) are atomic;
-`--resume` continues from the newest one with the same weights as an unbroken run, because a step's prompts and
-sampling seed follow from the step number alone.
+a row stop the run with a message. A real search that fails (after env.retries, within env.timeout_s) gives the
+model a "search failed: <cause>" observation and is counted (`tool_failures`); the call that takes the failed share
+of a step's real calls past `max_tool_failures` stops the run there, naming the server's URL and the cause: a
+retriever that is down must not train the policy on failure messages, and a slow one costs at most env.timeout_s a
+call. A run never deletes an earlier run's output under the same out= unless asked (`--overwrite`; `--resume`
+continues it), and a lock refuses a second live run on it (plumbing.claim_run).
+Checkpoints (plumbing.save_checkpoint: weights, optimizer, scheduler, RNG, config, call counters) are atomic and
+checked at load; `--resume` continues from the newest intact one with the same weights as an unbroken run, because
+a step's prompts and sampling seed follow from the step number alone. steps=0, or --resume of a finished run, has
+nothing to do: it says so and writes nothing.
 
 Metrics (<run.dir>/<out>.metrics.jsonl, one line per step): env, reward, em, actions (per trajectory),
 real_calls / sim_calls / tool_failures (this step and running totals), zero_var (share of groups with one
@@ -90,11 +92,11 @@ from tqdm import tqdm
 
 from data import load_qa, save_atomic
 from rollout import rollout
-from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, full_state_dict, is_dist,
-                      latest_checkpoint, load_checkpoint, log_line, print0, release_run, save_checkpoint, setup_dist,
-                      start_logging, truncate_log, unwrap, wrap_model)
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, ToolError, cli, load_config, load_model, make_tool,
-                   master_dtype, model_path, parse, reward)
+from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
+                      latest_checkpoint, load_checkpoint, log_line, print0, release_run, resume_checkpoint,
+                      save_checkpoint, setup_dist, start_logging, truncate_log, unwrap, wrap_model)
+from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, load_model, make_tool, master_dtype,
+                   model_path, parse, reward)
 
 
 @dataclass
@@ -128,13 +130,13 @@ class RLConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: str = "0.9,0.99"  # AdamW betas, "b1,b2"
-    warmup_steps: int = 0  # linear warm-up, then constant (RL keeps the lr flat)
+    warmup_steps: int = 0  # linear warm-up, then constant (RL keeps the lr flat); a shorter run ends warming up
     grad_clip: float = 1.0  # max grad norm; 0 = off
     updates_per_step: int = 1  # optimizer steps per rollout batch (mini-batches); >1 makes the ratio/clip matter
     micro_batch: int = 16  # episodes per forward/backward on one rank (length-sorted; gradient accumulation)
     max_bad_steps: int = 3  # NaN/inf losses in a row before the run stops
-    max_tool_failures: float = 0.5  # share of a step's real calls that may fail (after env.retries) before the run
-                                    # stops; 1 = never stop (the failures are still counted)
+    max_tool_failures: float = 0.5  # share of a step's real calls that may fail (after env.retries): the call that
+                                    # takes it past this stops the run; 1 = never stop (the failures are counted)
     # scale
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per decoder layer)
     bf16: bool = False  # fsdp: bf16 parameters in forward/backward and rollouts; fp32 master weights, reductions
@@ -143,6 +145,14 @@ class RLConfig:
     save_every: int = 20  # steps between resumable checkpoints; 0 = only at the end
     keep_ckpts: int = 2  # newest checkpoints kept
     log_every: int = 1  # steps between metric lines
+
+    RANGES = {"eval_n": "[0, inf)", "eval_every": "[0, inf)", "steps": "[0, inf)", "sim_share": "[0, 1]",
+              "prompts_per_step": "[1, inf)", "group_size": "[2, inf)", "temperature": "[0, inf)", "top_p": "(0, 1]",
+              "eps_low": "[0, 1]", "eps_high": "[0, inf)", "kl_coef": "[0, inf)", "entropy_coef": "[0, inf)",
+              "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
+              "updates_per_step": "[1, inf)", "micro_batch": "[1, inf)", "max_bad_steps": "[1, inf)",
+              "max_tool_failures": "[0, 1]", "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
+              "log_every": "[1, inf)"}
 
 
 # -----------------------------------------------------------------------------
@@ -271,14 +281,6 @@ def step_prompts(rows, step, n, seed):
             random.Random(seed * 100_003 + epoch).shuffle(order)
         out.append(rows[order[pos]])
     return out
-
-
-def check_tool_failures(failed, real, rcfg, environment, step):
-    """Stop the run when more than rl.max_tool_failures of this step's real calls failed (all ranks together)."""
-    if real and failed / real > rcfg.max_tool_failures:
-        cause = getattr(environment, "last_error", None) or "see the first rank's message"
-        raise ToolError(f"rl: step {step}: {int(failed)} of {int(real)} real tool calls failed, more than "
-                        f"rl.max_tool_failures={rcfg.max_tool_failures}: {cause}")
 
 
 def score(episodes, rows, group_size, env_cfg, kind="em"):
@@ -495,34 +497,43 @@ def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "rl": RLConfig}, argv, own="rl", flags=RUN_FLAGS)
     run, env_cfg, rcfg = cfg.run, cfg.env, cfg.rl
     check_bf16(rcfg.bf16, rcfg.parallel, "rl")
+    if rcfg.steps == 0:
+        print0("rl: rl.steps=0: nothing to do")
+        return
     rank, world_size, device = setup_dist(run)
-    start_logging(run, rcfg.out, cfg.to_dict(), rank)
     if rcfg.prompts_per_step % world_size:
         raise ConfigError(f"config: rl.prompts_per_step ({rcfg.prompts_per_step}) must divide by the number of "
                           f"ranks ({world_size})")
     torch.manual_seed(run.seed)
     init = model_path(rcfg.init, run.dir, f"rl.init={rcfg.init!r}")  # a folder, or a stage name: sft2, sft123, ...
+    out_dir, ckpt_dir = os.path.join(run.dir, rcfg.out), os.path.join(run.dir, rcfg.out + ".ckpt")
     if rank == 0:
         claim_run(run.dir, rcfg.out, cfg.flags)  # an earlier run's output, or a live run on this out=
     barrier()
+    ckpt = resume_checkpoint(ckpt_dir) if "resume" in cfg.flags else None
+    if finished_run(out_dir, ckpt, rcfg.steps):
+        print0(f"rl: {out_dir} is finished ({rcfg.steps} steps): nothing to do (--overwrite starts over)")
+        if rank == 0:
+            release_run(run.dir, rcfg.out)
+        return
+    train_path = rcfg.train or os.path.join(run.data_dir, "train.jsonl")
+    train_rows = load_qa(train_path)
+    if not train_rows:  # step_prompts would divide by zero
+        raise ConfigError(f"rl: {train_path}: no usable QA rows (empty, or every row bad: each is named above)")
+    eval_rows = load_qa(rcfg.eval or os.path.join(run.data_dir, "dev.jsonl"))[:rcfg.eval_n] if rcfg.eval_n else []
+    start_logging(run, rcfg.out, cfg.to_dict(), rank)
     model, ref, tokenizer = build_models(rcfg, run, device, init)
     betas = tuple(float(b) for b in rcfg.betas.split(","))
     optimizer = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, betas=betas, weight_decay=rcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (rcfg.warmup_steps + 1)))
-    train_path = rcfg.train or os.path.join(run.data_dir, "train.jsonl")
-    train_rows = load_qa(train_path)
-    if not train_rows:  # step_prompts would divide by zero
-        raise ValueError(f"rl: no usable QA rows in {train_path}")
-    eval_rows = load_qa(rcfg.eval or os.path.join(run.data_dir, "dev.jsonl"))[:rcfg.eval_n] if rcfg.eval_n else []
-    ckpt_dir = os.path.join(run.dir, rcfg.out + ".ckpt")
     metrics_path = os.path.join(run.dir, rcfg.out + ".metrics.jsonl")
 
     # resume: weights, optimizer, scheduler from the newest checkpoint; prompts and sampling seeds follow the step
     start, totals = 0, {"real_calls": 0, "sim_calls": 0, "tool_failures": 0, "skipped": 0, "bad_in_row": 0}
-    if "resume" in cfg.flags and latest_checkpoint(ckpt_dir):
-        meta = load_checkpoint(latest_checkpoint(ckpt_dir), model, optimizer, scheduler)
+    if ckpt:
+        meta = load_checkpoint(ckpt, model, optimizer, scheduler)
         start, totals = meta["step"], {**totals, **meta["totals"]}
-        print0(f"resumed from {latest_checkpoint(ckpt_dir)} at step {start}")
+        print0(f"resumed from {ckpt} at step {start}")
     elif rank == 0:  # --resume before any whole checkpoint (claim_run dealt with the rest): start afresh
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         if os.path.exists(metrics_path):
@@ -551,15 +562,15 @@ def main(argv=None):
         rows = [prompts[i] for i in prompt_index]
         generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + step * 1009 + rank)
         failures_before = getattr(environment, "failures", 0)  # a SearchEnv counts its failed calls
+        if isinstance(environment, SearchEnv):  # a retriever that is down stops the run at the call that shows it
+            environment.limit_failures(rcfg.max_tool_failures, "rl.max_tool_failures", f"rl: step {step + 1}: ")
         with generation_mode(model) as policy:
             episodes = rollout(policy, tokenizer, rows, dataclasses.replace(env_cfg, env=kind), environment,
                                group_size=rcfg.group_size, temperature=rcfg.temperature, top_p=rcfg.top_p,
                                max_new_tokens=max_tokens, generator=generator)
         t_rollout = time.time() - t0
-        # a retriever that is down: stop before an update trains the policy on "search failed" observations
         real, failed = all_reduce([sum(ep.real_calls for ep in episodes),
                                    getattr(environment, "failures", 0) - failures_before])
-        check_tool_failures(failed, real, rcfg, environment, step + 1)
         # 2) reward
         rewards, em, actions = score(episodes, rows, rcfg.group_size, env_cfg, rcfg.reward)
         # 3) advantages and updates: one optimizer step per mini-batch, old log-probs = the rollout's
@@ -595,8 +606,8 @@ def main(argv=None):
         if (rcfg.save_every and (step + 1) % rcfg.save_every == 0) or step + 1 == rcfg.steps:
             save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler,
                             meta={"config": cfg.to_dict(), "totals": totals, "init": init}, keep=rcfg.keep_ckpts)
-    save_final(model, tokenizer, os.path.join(run.dir, rcfg.out), rank)
-    print0(f"rl: wrote {os.path.join(run.dir, rcfg.out)}; real calls {totals['real_calls']} "
+    save_final(model, tokenizer, out_dir, rank)
+    print0(f"rl: wrote {out_dir}; real calls {totals['real_calls']} "
            f"({totals['tool_failures']} failed), simulated calls {totals['sim_calls']}, "
            f"skipped updates {totals['skipped']}")
     if rank == 0:

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tools import ToolError, build_prompt, extract_boxed
+from tools import FailureLimit, ToolError, build_prompt, extract_boxed
 
 NOTE = " I have searched enough. {think_close} {answer_open}"  # appended when the action limit is hit
 
@@ -451,6 +451,8 @@ def call_environment(environment, queries, contexts, env_cfg):
         if not isinstance(obs, (list, tuple)) or len(obs) != len(queries) or not all(isinstance(o, str) for o in obs):
             raise ToolError(f"environment returned {type(obs).__name__}, expected a list of {len(queries)} strings")
         return list(obs)
+    except FailureLimit:
+        raise  # too many failed calls for the run: it stops, whatever on_error says
     except Exception as e:
         if env_cfg.on_error == "raise":
             if isinstance(e, ToolError):

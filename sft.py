@@ -69,8 +69,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, full_state_dict, is_dist,
-                      latest_checkpoint, load_checkpoint, log_line, plain_copy, print0, release_run, save_checkpoint,
+from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
+                      load_checkpoint, log_line, plain_copy, print0, release_run, resume_checkpoint, save_checkpoint,
                       setup_dist, start_logging, truncate_log, wrap_model)
 from tools import ConfigError, build_prompt, cli, master_dtype, model_path, read_jsonl
 
@@ -93,15 +93,21 @@ class SFTConfig:
     device_batch_size: int = 8  # sequences (pairs) per forward; the rest is gradient accumulation
     lr: float = 1e-5  # peak learning rate (a pretrained model's; the tiny model from scratch uses 3e-3)
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear warm-up inside the steps (a shorter run ends warming up), then the cosine
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     bucket_batches: int = 16  # length bucketing: batches are cut from windows of this many batches sorted by length
     max_len: int = 512  # trajectories longer than this (prompt included) are cut
     parallel: str = "ddp"  # ddp | fsdp (FSDP2) | none, under torchrun
     bf16: bool = False  # bf16 compute, fp32 master weights (FSDP2 MixedPrecisionPolicy; needs parallel=fsdp)
-    save_every: int = 100  # checkpoint every this many steps (0 = none before the end)
+    save_every: int = 100  # checkpoint every this many steps (0 = none before the end; the last step's is kept)
     keep_ckpts: int = 2  # newest checkpoints kept
+
+    RANGES = {"cot_share": "[0, 1)", "alpha": "[0, inf)", "steps": "[0, inf)", "cot_steps": "[0, inf)",
+              "sft1_steps": "[0, inf)", "sft2_steps": "[0, inf)", "sft3_steps": "[0, inf)", "batch_size": "[1, inf)",
+              "device_batch_size": "[1, inf)", "lr": "(0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)",
+              "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "bucket_batches": "[1, inf)", "max_len": "[2, inf)",
+              "save_every": "[0, inf)", "keep_ckpts": "[0, inf)"}
 
 
 STAGES = ("cot", "sft1", "sft2", "sft3")
@@ -115,7 +121,7 @@ def read_synth(path):
     from data import check_synth_row
     rows = [row for _, row in read_jsonl(path, check_synth_row, "synth row", warn=print0)]
     if not rows:
-        raise ValueError(f"{path}: no usable rows")
+        raise ConfigError(f"{path}: no usable rows (empty, or every row bad: each is named above)")
     return rows
 
 
@@ -175,7 +181,7 @@ def build_examples(rows, stage, tokenizer, env, max_len):
             out.append({**encode_trajectory(tokenizer, env, row["question"], row["segments"], stage == "sft2", (),
                                             max_len, cache), "cot": False})
     if not out:
-        raise ValueError(f"no training rows for stage {stage} (synthesise with: python data.py ... --synth)")
+        raise ConfigError(f"no training rows for stage {stage} (synthesise with: python data.py ... --synth)")
     return out
 
 
@@ -217,7 +223,7 @@ class Stream:
             self.cache = {e: epoch_order(self.examples, self.sc.stage, self.sc.cot_share, self.sc.batch_size,
                                          self.sc.bucket_batches, self.seed, e)}
             if not self.cache[e]:
-                raise ValueError(f"fewer examples ({len(self.examples)}) than sft.batch_size ({self.sc.batch_size})")
+                raise ConfigError(f"fewer examples ({len(self.examples)}) than sft.batch_size ({self.sc.batch_size})")
         return self.cache[e]
 
     def position(self, step):
@@ -373,17 +379,26 @@ def main(argv=None):
         raise ConfigError(f"config: sft.stage {sc.stage!r} (one of {STAGES}) or sft.parallel {sc.parallel!r} "
                           f"(ddp, fsdp, none)")
     check_bf16(sc.bf16, sc.parallel, "sft")
+    steps = sc.steps or getattr(sc, f"{sc.stage}_steps")
+    if steps == 0:
+        print0(f"sft: 0 steps for stage {sc.stage}: nothing to do")
+        return
     rank, world_size, device = setup_dist(run)
-    start_logging(run, sc.out or sc.stage, cfg.to_dict(), rank)
     if sc.batch_size % world_size:
         raise ConfigError(f"config: sft.batch_size ({sc.batch_size}) must divide by the number of ranks ({world_size})")
-    steps = sc.steps or getattr(sc, f"{sc.stage}_steps")
     out = sc.out or sc.stage
     out_dir, ckpt_dir = os.path.join(run.dir, out), os.path.join(run.dir, out + ".ckpt")
     metrics_path = os.path.join(run.dir, out + ".metrics.jsonl")
     if rank == 0:
         claim_run(run.dir, out, cfg.flags)  # before anything is loaded or written
     barrier()
+    ckpt = resume_checkpoint(ckpt_dir) if "resume" in cfg.flags else None
+    if finished_run(out_dir, ckpt, steps):
+        print0(f"sft: {out_dir} is finished ({steps} steps): nothing to do (--overwrite starts over)")
+        if rank == 0:
+            release_run(run.dir, out)
+        return
+    start_logging(run, out, cfg.to_dict(), rank)
     random.seed(run.seed)
     torch.manual_seed(run.seed)
 
@@ -408,10 +423,10 @@ def main(argv=None):
 
     # 2) resume: weights, optimizer, scheduler, RNG; the data position follows from the step
     start = 0
-    if "resume" in cfg.flags and latest_checkpoint(ckpt_dir):
-        meta = load_checkpoint(latest_checkpoint(ckpt_dir), ddp_model, optimizer, scheduler)
+    if ckpt:
+        meta = load_checkpoint(ckpt, ddp_model, optimizer, scheduler)
         start = meta["step"]
-        print0(f"sft: resumed from {latest_checkpoint(ckpt_dir)} at step {start}")
+        print0(f"sft: resumed from {ckpt} at step {start}")
     elif rank == 0:  # --resume before any whole checkpoint (claim_run dealt with the rest): start afresh
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         if os.path.exists(metrics_path):
@@ -439,7 +454,8 @@ def main(argv=None):
         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_s']:.0f}")
         if rank == 0:
             log_line(metrics_path, row)
-        if sc.save_every and (step + 1) % sc.save_every == 0 and step + 1 < steps:
+        # the last step's too: --resume of a finished run knows it is finished, and more steps= continue it
+        if (sc.save_every and (step + 1) % sc.save_every == 0) or step + 1 == steps:
             save_checkpoint(ckpt_dir, step + 1, ddp_model, optimizer, scheduler, keep=sc.keep_ckpts,
                             meta={"config": cfg.to_dict(), "init": init, "data_position": [epoch, index + 1]})
 

@@ -17,23 +17,30 @@ after </think>, no boxed answer).
 
 Search tools share one batched interface, `tool(queries) -> [[passage, ...], ...]`:
   - BM25Search: bm25s over a local corpus JSONL ({"id", "contents"}, title on the first line), index cached on disk;
-  - HTTPSearch: a Search-R1 / FlashRAG retrieval server (POST /retrieve), with timeout, retries and backoff.
+  - HTTPSearch: a Search-R1 / FlashRAG retrieval server (POST /retrieve), one deadline per call, retries and backoff.
 SearchEnv wraps a tool into the environment rollout.py talks to: queries in, observation strings out, calls counted.
 
 The retrieval server (last section) serves a corpus in that same wire format, BM25 or dense (e5 + faiss):
     python tools.py serve --corpus data/wiki/corpus.jsonl --port 8000     # then env.tool=http everywhere
+    python tools.py serve --corpus ... --workers 32 --timeout_s 30         # worker threads, per-connection timeout
 
 Not here: the world model environment (worldmodel.py), generation (rollout.py), training (sft.py, rl.py).
 """
+import contextlib
 import dataclasses
+import http.client
+import io
 import json
 import os
 import re
+import shutil
 import string
 import sys
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
+from http.server import HTTPServer
 
 import yaml
 
@@ -49,14 +56,49 @@ class ConfigError(ValueError):
     """A usage or config error: the script's fault is the user's input, so it ends with one line, not a traceback."""
 
 
+class RunError(RuntimeError):
+    """A run stopped by what it depends on, not by a bug: the retrieval server failing, a full disk. One line."""
+
+
+def write_failure(error):
+    """The OS's own words for a failed write ("no space left on device", "permission denied"), from an OSError
+    anywhere in the exception's chain (torch.save reports one as "unexpected pos", with the OSError as its context)
+    or from a writer's message ("... (os error 28)": safetensors); None when the error is not the OS's."""
+    e = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno:
+            return os.strerror(e.errno).lower()
+        e = e.__cause__ or e.__context__
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    return os.strerror(int(found.group(1))).lower() if found else None
+
+
+@contextlib.contextmanager
+def partial_write(tmp, what):
+    """Around writing `tmp` (a file or folder renamed into place afterwards): when the block fails, tmp is removed
+    (a full disk stays full otherwise), and a failed write becomes a one-line RunError naming `what` and the cause."""
+    try:
+        yield
+    except Exception as e:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        cause = write_failure(e)
+        if cause is None:
+            raise
+        raise RunError(f"cannot write {what}: {cause}") from e
+
+
 def cli(main, argv=None):
     """Run an entry point's main(argv): a ConfigError prints its one line to stderr and exits with status 2
-    (the convention of argparse and of Unix tools for bad usage); any other exception keeps its traceback."""
+    (the convention of argparse and of Unix tools for bad usage), a RunError its one line and status 1; any other
+    exception keeps its traceback."""
     try:
         return main(argv)
-    except ConfigError as e:
+    except (ConfigError, RunError) as e:
         print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
 
 
 def read_key_values(defaults, argv, who):
@@ -110,13 +152,16 @@ class EnvConfig:
     topk: int = 2  # passages per query
     obs_max_tokens: int = 150  # token budget of one observation
     max_query_chars: int = 300  # longer queries are cut before they reach the tool
-    timeout_s: float = 10.0  # per HTTP request
-    retries: int = 2  # HTTP retries after the first try, with exponential backoff
+    timeout_s: float = 10.0  # deadline of one HTTP tool call: connect, send and the whole reply, retries included
+    retries: int = 2  # HTTP retries after the first try, with exponential backoff, within timeout_s
     on_error: str = "observe"  # observe: the model sees "search failed: ..."; raise: stop the run
     max_actions: int = 4  # at most this many searches, then the answer is forced (paper's Algorithm 1)
     max_new_tokens: int = 256  # per trajectory, observations included
     static_decode: bool = False  # rollout.py: preallocated cache, fixed-shape decode step (a CUDA graph on cuda)
     worldmodel: str = ""  # path of the world-model LM, for env=worldmodel
+
+    RANGES = {"topk": "[1, inf)", "obs_max_tokens": "[1, inf)", "max_query_chars": "[1, inf)",
+              "timeout_s": "(0, inf)", "retries": "[0, 100]", "max_actions": "[0, inf)", "max_new_tokens": "[1, inf)"}
 
 
 def parse_value(text, typ, name):
@@ -142,13 +187,32 @@ def check_type(value, typ, name):
 
 
 def build(cls, values, section):
-    """A dataclass from a dict, refusing unknown keys and wrong types."""
+    """A dataclass from a dict, refusing unknown keys, wrong types and values out of their range."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"config: unknown key '{section}.{key}' (known: {', '.join(fields)})")
         values[key] = check_type(value, fields[key].type, f"{section}.{key}")
-    return cls(**values)
+    return check_ranges(cls(**values), section)
+
+
+# A section's numbers have ranges, written as intervals in the class attribute RANGES (not a field):
+#     RANGES = {"group_size": "[2, inf)", "sim_share": "[0, 1]", "lr": "(0, inf)"}
+# "[" and "]" include the bound, "(" and ")" exclude it. build() checks them before any work, so a bad value is a
+# one-line ConfigError, never a traceback (group_size=0) or a silent no-op (steps=-1).
+INTERVAL = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])")
+
+
+def check_ranges(obj, section):
+    """obj, once each value named in its class's RANGES lies in its interval; else a ConfigError naming it."""
+    for key, interval in getattr(obj, "RANGES", {}).items():
+        value = getattr(obj, key)
+        opening, low, high, closing = INTERVAL.fullmatch(interval).groups()
+        above = value >= float(low) if opening == "[" else value > float(low)
+        below = value <= float(high) if closing == "]" else value < float(high)
+        if not (above and below):
+            raise ConfigError(f"config: {section}.{key}={value!r} is out of range: it must be in {interval}")
+    return obj
 
 
 def load_config(sections, argv=None, own=None, flags=()):
@@ -376,12 +440,17 @@ def reward(text, golds, env, kind="em"):
 # -----------------------------------------------------------------------------
 # Search tools: queries -> top-k passages each
 
-class ToolError(RuntimeError):
+class ToolError(RunError):
     """A search that failed; `cause` is the short reason (connection refused, timeout, HTTP 500, bad JSON)."""
 
     def __init__(self, message, cause=""):
         super().__init__(message)
         self.cause = cause or message
+
+
+class FailureLimit(ToolError):
+    """More of a run's tool calls failed than it allows (SearchEnv.limit_failures): the run stops, whatever
+    env.on_error says (rollout.py lets it through)."""
 
 
 NOT_JSON = object()  # stands for a line that does not parse
@@ -391,13 +460,13 @@ NOT_UTF8 = object()  # stands for a line whose bytes are not UTF-8 text
 def check_rows(placed, check, what="row", on_bad="skip", warn=print):
     """Keep the (place, row) pairs that `check(row)` finds nothing wrong with (it returns a reason or None).
 
-    A bad row is reported as "place: ...", then skipped (on_bad='skip') or raised ('raise').
+    A bad row is reported as "place: ...", then skipped (on_bad='skip') or raised as a ConfigError ('raise').
     """
     good = []
     for place, row in placed:
         problem = "not JSON" if row is NOT_JSON else "not UTF-8 text" if row is NOT_UTF8 else check(row)
         if problem and on_bad == "raise":
-            raise ValueError(f"{place}: bad {what}: {problem}")
+            raise ConfigError(f"{place}: bad {what}: {problem}")
         if problem:
             warn(f"warning: {place}: skipped bad {what}: {problem}")
         else:
@@ -429,9 +498,12 @@ def check_corpus_row(row):
 
 
 def read_corpus(path):
-    """Corpus JSONL rows {"id", "contents"}; a bad line raises with file and line number."""
-    return [{"id": str(row["id"]), "contents": row["contents"]}
+    """Corpus JSONL rows {"id", "contents"}; a bad line is a ConfigError with file and line number."""
+    rows = [{"id": str(row["id"]), "contents": row["contents"]}
             for _, row in read_jsonl(path, check_corpus_row, "corpus row", on_bad="raise")]
+    if not rows:
+        raise ConfigError(f"{path}: no corpus rows (an empty file)")
+    return rows
 
 
 def import_bm25s():
@@ -494,28 +566,31 @@ class HTTPSearch:
     """Client of a Search-R1 / FlashRAG retrieval server: POST {url} {"queries", "topk", "return_scores"}.
 
     The reply is {"result": [[{"document": {"contents": ...}, "score": ...}, ...], ...]} (Search-R1) or
-    [[{"contents": ...}, ...], ...]; each request has a timeout, failures are retried with exponential backoff,
-    then ToolError is raised (never a hang), naming the URL and the cause of the last try.
+    [[{"contents": ...}, ...], ...]. One call has one deadline, `timeout_s`, for everything: connecting, sending and
+    reading the whole reply, retries and their exponential backoff included, so a server that trickles its reply
+    a byte at a time costs at most timeout_s (a per-read timeout never fires on it). Then ToolError, naming the URL
+    and the cause of the last try.
     """
 
     def __init__(self, url, timeout_s=10.0, retries=2, backoff_s=0.5):
         self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
 
     def __call__(self, queries, k=2):
-        import requests
-        error = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        deadline = time.monotonic() + self.timeout_s
+        body = json.dumps({"queries": list(queries), "topk": k, "return_scores": True}).encode()
+        error, tries = None, 0
+        while tries <= self.retries and (not tries or time.monotonic() < deadline):
+            if tries:
+                time.sleep(min(self.backoff_s * 2 ** (tries - 1), max(0.0, deadline - time.monotonic())))
+            tries += 1
             try:
-                r = requests.post(self.url, json={"queries": list(queries), "topk": k, "return_scores": True},
-                                  timeout=self.timeout_s)
-                r.raise_for_status()
-                return self._passages(r.json(), len(queries))
-            except (requests.RequestException, ValueError) as e:
+                return self._passages(json.loads(post(self.url, body, deadline)), len(queries))
+            except (OSError, http.client.HTTPException, ValueError) as e:
                 error = e
         cause = failure_cause(error)
-        raise ToolError(f"retrieval server {self.url} failed after {self.retries + 1} tries: {cause} ({error})", cause)
+        detail = f" ({error})" if str(error) != cause else ""
+        raise ToolError(f"retrieval server {self.url} failed after {tries} tr{'ies' if tries > 1 else 'y'} "
+                        f"within {self.timeout_s:g}s: {cause}{detail}", cause)
 
     @staticmethod
     def _passages(reply, n):
@@ -533,16 +608,72 @@ class HTTPSearch:
         return out
 
 
+class HTTPStatusError(OSError):
+    """A reply whose status is not 2xx."""
+
+    def __init__(self, status):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def post(url, body, deadline):
+    """POST a JSON body and return the reply's body, all of it done by `deadline` (time.monotonic()) or
+    TimeoutError: every socket operation waits only for the time left, so no way of answering slowly can stretch
+    the call. One connection per call (Connection: close)."""
+    import socket
+    parts = urllib.parse.urlsplit(url)
+    host, https = parts.hostname, parts.scheme == "https"
+
+    def left():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline passed")
+        return remaining
+    with socket.create_connection((host, parts.port or (443 if https else 80)), timeout=left()) as sock:
+        if https:
+            import ssl
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        head = (f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        sock.settimeout(left())
+        sock.sendall(head.encode() + body)
+        reply = http.client.HTTPResponse(_DeadlineReader(sock, left))
+        reply.begin()  # the status line and headers, then the body: Content-Length, chunked or up to the close
+        data = reply.read()
+    if not 200 <= reply.status < 300:
+        raise HTTPStatusError(reply.status)
+    return data
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads for http.client, each one waiting only for the time left (`left()`)."""
+
+    def __init__(self, sock, left):
+        self.sock, self.left = sock, left
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self.sock.settimeout(self.left())
+        return self.sock.recv_into(buffer)
+
+    def makefile(self, mode):
+        return io.BufferedReader(self)
+
+
 def failure_cause(error):
     """The short cause of a failed HTTP search, as a person would say it."""
-    import requests
-    if isinstance(error, requests.Timeout):
+    if isinstance(error, HTTPStatusError):
+        return f"HTTP {error.status}"
+    if isinstance(error, TimeoutError):  # socket.timeout is TimeoutError
         return "timeout"
-    if isinstance(error, requests.ConnectionError):
-        return "connection refused" if "refused" in str(error).lower() else "connection failed"
-    if isinstance(error, requests.HTTPError) and error.response is not None:
-        return f"HTTP {error.response.status_code}"
-    if isinstance(error, ValueError):  # requests' JSONDecodeError is one too
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, (OSError, http.client.HTTPException)):
+        return "connection failed"
+    if isinstance(error, ValueError):  # json's JSONDecodeError and a UnicodeDecodeError are ValueErrors
         return "bad JSON" if "malformed reply" not in str(error) else "malformed reply"
     return type(error).__name__
 
@@ -585,7 +716,9 @@ class SearchEnv:
     is appended to a JSONL file as {"question", "history", "query", "observation"}: the world model's training
     data (worldmodel.py), collected for free during synthesis, RL with the real tool, and eval. A failed call
     is logged too, with {"error": cause}, and its observation says "search failed: cause"; `failures` counts
-    them and `last_error` keeps the tool's whole message (with the server's URL).
+    them and `last_error` keeps the tool's whole message (with the server's URL). After limit_failures(share, ...)
+    the call that takes the failed share of the calls since then past `share` raises FailureLimit: a retriever that
+    is down stops a run at once, not after a whole rollout of "search failed" observations.
     """
     simulated = False
 
@@ -594,6 +727,12 @@ class SearchEnv:
         self.calls = 0  # real tool calls spent, one per query
         self.failures = 0  # calls whose search failed (after the tool's own retries)
         self.last_error = None  # the message of the latest failure
+        self.limit = None  # (share, config key, where, calls, failures) of limit_failures
+
+    def limit_failures(self, share, key, where=""):
+        """From now on, stop (FailureLimit) when more than `share` of the calls since now failed; the message
+        starts with `where` and names the config `key` that sets the share."""
+        self.limit = (share, key, where, self.calls, self.failures)
 
     def __call__(self, queries, contexts=None):
         queries = [q.strip()[:self.env.max_query_chars] for q in queries]
@@ -609,6 +748,12 @@ class SearchEnv:
             observations = [f"{self.env.obs_open} search failed: {cause} {self.env.obs_close}"] * len(queries)
             if self.log_path:
                 self.log(queries, contexts or [""] * len(queries), observations, error=cause)
+            if self.limit:
+                share, key, where, calls, failures = self.limit
+                calls, failed = self.calls - calls, self.failures - failures
+                if failed > share * calls:
+                    raise FailureLimit(f"{where}{failed} of {calls} real tool calls failed, more than {key}={share:g}:"
+                                       f" {self.last_error}", cause)
             return observations
         observations = [format_observation(p, self.tokenizer, self.env) for p in results]
         if self.log_path:
@@ -712,8 +857,11 @@ def load_model(path, run=None, device=None, dtype=None):
 # bm25 (default): BM25Search, its index built once and cached beside the corpus, loaded memory-mapped.
 # e5: an e5-style encoder (mean pooling, "query: " / "passage: " prefixes, unit vectors) and a faiss
 # inner-product index cached beside the corpus; needs `pip install faiss-cpu` (an optional extra).
-# One thread per connection (ThreadingHTTPServer); retrieval itself runs under one lock (neither bm25s nor a torch
-# encoder promises thread safety), so clients should batch their queries, as rollout.py does.
+# A bounded pool of worker threads (--workers) serves the connections; a burst of a few hundred waits in the listen
+# backlog (1024), never reset; a connection silent for --timeout_s (a client that sent half a body, an idle
+# keep-alive) is closed; while connections wait for a worker, each reply closes its own, so none waits for a
+# keep-alive client to hang up. Retrieval itself runs under one lock (neither bm25s nor a torch encoder promises
+# thread safety), so clients should batch their queries, as rollout.py does.
 # A body over --max_bytes is refused with 413, anything malformed with 400 and a JSON {"error"}; a failure inside
 # retrieval is a 500 with its message, and the server keeps serving.
 # Not here: reranking, GPU faiss, sharded indexes; the corpus itself is held in memory (~2x its JSONL size).
@@ -785,6 +933,10 @@ def make_handler(retriever, docs, name, max_bytes=1 << 20, max_queries=1024, max
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if getattr(self.server, "waiting", 0):  # others wait for a worker: free this one after the reply
+                self.close_connection = True
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
@@ -828,10 +980,40 @@ def make_handler(retriever, docs, name, max_bytes=1 << 20, max_queries=1024, max
     return Handler
 
 
+class PoolServer(HTTPServer):
+    """An HTTPServer whose connections are served by a fixed number of worker threads, with a deep listen backlog."""
+    request_queue_size = 1024  # the listen backlog (capped by net.core.somaxconn): a burst waits, never reset
+
+    def __init__(self, address, handler, workers=32, timeout_s=30.0):
+        import queue
+        import threading
+        handler.timeout = timeout_s  # each socket operation of a connection (StreamRequestHandler applies it)
+        super().__init__(address, handler)
+        self.accepted = queue.Queue()  # accepted connections no worker has taken yet
+        for _ in range(workers):  # daemon threads: an open keep-alive connection never blocks shutdown
+            threading.Thread(target=self.work, daemon=True).start()
+
+    @property
+    def waiting(self):
+        return self.accepted.qsize()
+
+    def process_request(self, request, client_address):
+        self.accepted.put((request, client_address))
+
+    def work(self):
+        while True:
+            request, client_address = self.accepted.get()
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+
 def serve(argv=None):
     """Build or load the index, then serve until interrupted; prints the URL and the index size."""
     import argparse
-    from http.server import ThreadingHTTPServer
     ap = argparse.ArgumentParser(prog="python tools.py serve", description="Search-R1-style retrieval server")
     ap.add_argument("--corpus", required=True, help="corpus JSONL with {'id', 'contents'} rows")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -840,9 +1022,13 @@ def serve(argv=None):
     ap.add_argument("--model", default="intfloat/e5-base-v2", help="encoder for --retriever e5")
     ap.add_argument("--device", default="cpu", help="encoder device for --retriever e5")
     ap.add_argument("--max_bytes", type=int, default=1 << 20, help="largest request body (bigger: 413)")
+    ap.add_argument("--workers", type=int, default=32, help="threads serving connections (the rest wait)")
+    ap.add_argument("--timeout_s", type=float, default=30.0, help="a connection silent this long is closed")
     args = ap.parse_args(argv)
+    if args.workers < 1 or args.timeout_s <= 0 or args.max_bytes < 1:
+        raise ConfigError("serve: --workers and --max_bytes must be >= 1, --timeout_s > 0")
     if not os.path.exists(args.corpus):
-        raise SystemExit(f"serve: no corpus file {args.corpus!r}")
+        raise ConfigError(f"serve: no corpus file {args.corpus!r}")
     t0 = time.time()
     if args.retriever == "bm25":
         tool = BM25Search(args.corpus, mmap=True)
@@ -851,11 +1037,10 @@ def serve(argv=None):
         try:
             tool = DenseSearch(args.corpus, args.model, device=args.device)
         except ImportError as e:
-            raise SystemExit(f"serve: --retriever e5 needs faiss and transformers ({e}); pip install faiss-cpu")
+            raise ConfigError(f"serve: --retriever e5 needs faiss and transformers ({e}); pip install faiss-cpu")
         retriever, size = tool.search, tool.index.ntotal * tool.index.d * 4
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(retriever, tool.docs, args.retriever,
-                                                                      args.max_bytes))
-    server.daemon_threads = True  # an open keep-alive connection never blocks shutdown
+    server = PoolServer((args.host, args.port), make_handler(retriever, tool.docs, args.retriever, args.max_bytes),
+                        args.workers, args.timeout_s)
     host, port = server.server_address[:2]
     print(f"serve: {args.retriever} over {len(tool.docs)} docs, index {size / 2**20:.1f} MiB, "
           f"ready in {time.time() - t0:.1f}s", flush=True)
@@ -876,4 +1061,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["serve"]:
         raise SystemExit("usage: python tools.py serve --corpus PATH [--port 8000] [--host 127.0.0.1] "
                          "[--retriever bm25|e5]")
-    serve(sys.argv[2:])
+    cli(serve, sys.argv[2:])

@@ -75,8 +75,8 @@ from dataclasses import dataclass
 import torch
 
 import data
-from plumbing import (RUN_FLAGS, all_mean, barrier, claim_run, full_state_dict, latest_checkpoint, load_checkpoint,
-                      plain_copy, print0, release_run, save_checkpoint, setup_dist, wrap_model)
+from plumbing import (RUN_FLAGS, all_mean, barrier, claim_run, finished_run, full_state_dict, load_checkpoint,
+                      plain_copy, print0, release_run, resume_checkpoint, save_checkpoint, setup_dist, wrap_model)
 from rollout import generate
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, format_observation, load_config,
                    load_model, make_tool, master_dtype, model_path, normalize_answer, read_jsonl, reward, split_context)
@@ -98,7 +98,7 @@ class WorldModelConfig:
     batch_size: int = 32  # calls per step, all ranks together
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decay to lr * this
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear warm-up inside the steps (a shorter run ends warming up), then the cosine
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     bf16: bool = False  # bf16 compute, fp32 master weights: FSDP2's MixedPrecisionPolicy, as sft.bf16 (else DDP)
@@ -113,6 +113,11 @@ class WorldModelConfig:
     keep_ckpts: int = 2
     log_every: int = 50
 
+    RANGES = {"heldout_share": "[0, 1)", "history_max_tokens": "[0, inf)", "steps": "[0, inf)",
+              "batch_size": "[1, inf)", "lr": "[0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)",
+              "grad_clip": "[0, inf)", "eval_calls": "[0, inf)", "eval_questions": "[0, inf)", "eval_batch": "[1, inf)",
+              "save_every": "[0, inf)", "keep_ckpts": "[0, inf)", "log_every": "[1, inf)"}
+
 
 # -----------------------------------------------------------------------------
 # Real calls: logs, or the oracle's queries sent to the real tool
@@ -122,7 +127,7 @@ def read_calls(pattern):
     failed calls (logged with an "error": their observation is a failure message) are left out."""
     paths = sorted(glob.glob(pattern))
     if not paths:
-        raise FileNotFoundError(f"worldmodel.calls: no file matches {pattern!r}")
+        raise ConfigError(f"worldmodel.calls: no file matches {pattern!r}")
     return [row for path in paths for _, row in read_jsonl(path, check_call, "call row") if not row.get("error")]
 
 
@@ -390,8 +395,9 @@ def split_calls(calls, heldout_share, seed):
     return [c for c in calls if c["question"] not in held], [c for c in calls if c["question"] in held]
 
 
-def train(cfg, model, tokenizer, examples, device, rank, world_size):
-    """Fine-tune on (prompt, observation) examples; returns the list of (step, loss) logged on rank 0."""
+def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt=None):
+    """Fine-tune on (prompt, observation) examples from checkpoint `ckpt` (None: the start); returns the list of
+    (step, loss) logged on rank 0."""
     wm = cfg.worldmodel
     if wm.batch_size < world_size:
         raise ConfigError(f"config: worldmodel.batch_size={wm.batch_size} is smaller than the {world_size} ranks")
@@ -400,10 +406,10 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size):
     optimizer = torch.optim.AdamW(model.parameters(), lr=wm.lr, weight_decay=wm.weight_decay, betas=(0.9, 0.95))
     ckpt_dir = os.path.join(cfg.run.dir, wm.out + ".ckpt")
     start = 0
-    if "resume" in cfg.flags and latest_checkpoint(ckpt_dir):
-        meta = load_checkpoint(latest_checkpoint(ckpt_dir), ddp_model, optimizer)
+    if ckpt:
+        meta = load_checkpoint(ckpt, ddp_model, optimizer)
         start = meta["step"]
-        print0(f"resumed from {latest_checkpoint(ckpt_dir)} at step {start}")
+        print0(f"resumed from {ckpt} at step {start}")
     log, t0 = [], time.time()
     for step in range(start, wm.steps):
         for group in optimizer.param_groups:
@@ -546,8 +552,19 @@ def main(argv=None):
     wm, env = cfg.worldmodel, cfg.env
     init = model_path(wm.init, cfg.run.dir, f"worldmodel.init={wm.init!r}") if wm.init else None  # before any work
     rank, world_size, device = setup_dist(cfg.run)
+    if wm.steps == 0:
+        print0("worldmodel: worldmodel.steps=0: nothing to do")
+        return None
     if rank == 0:
         claim_run(cfg.run.dir, wm.out, cfg.flags)  # an earlier run's output, or a live run on this out=
+    barrier()
+    out_dir = os.path.join(cfg.run.dir, wm.out)
+    ckpt = resume_checkpoint(os.path.join(cfg.run.dir, wm.out + ".ckpt")) if "resume" in cfg.flags else None
+    if finished_run(out_dir, ckpt, wm.steps):
+        print0(f"worldmodel: {out_dir} is finished ({wm.steps} steps): nothing to do (--overwrite starts over)")
+        if rank == 0:
+            release_run(cfg.run.dir, wm.out)
+        return None
     torch.manual_seed(cfg.run.seed)
     if rank == 0:
         data.base_model_path(cfg)  # build the tiny base once, before other ranks read it
@@ -562,15 +579,15 @@ def main(argv=None):
     calls, source = real_calls(cfg, search, golds)
     train_calls, heldout = split_calls(calls, wm.heldout_share, cfg.run.seed)
     if not train_calls:
-        raise ValueError("worldmodel: no training calls (empty log, or heldout_share=1)")
+        raise ConfigError(f"worldmodel: no usable training calls in {source} (empty, or every row bad: each is "
+                          f"named above)")
     print0(f"real calls from {source}: {len(train_calls)} train, {len(heldout)} held out "
            f"({search.calls} new tool calls, {time.time() - t0:.1f}s)")
 
     # 2. fine-tune the world model: loss on observation tokens only
     model, tokenizer = load_model(init or base, cfg.run, device=device, dtype=master_dtype(cfg.run))
     examples = [make_example(tokenizer, c, env, wm.history_max_tokens) for c in train_calls]
-    model, log = train(cfg, model, tokenizer, examples, device, rank, world_size)
-    out_dir = os.path.join(cfg.run.dir, wm.out)
+    model, log = train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt)
     if rank == 0:
         data.save_atomic(out_dir, model, tokenizer)
         release_run(cfg.run.dir, wm.out)

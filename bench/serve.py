@@ -8,12 +8,19 @@ What is timed:
   inproc    BM25Search.search on the served index, one batch at a time, in this process
   server    `clients` threads, each with its own keep-alive connection, sending `requests` POST /retrieve in all
             (`batch` queries each, topk 3) to a server subprocess on 127.0.0.1; stops early at `time_limit_s`
+  burst     `burst_clients` clients (200) start at once, each sending `burst_requests` (20) requests of one query
+            on a new connection each, as HTTPSearch does (burst_keepalive=1: one keep-alive session a client), to the
+            same server: connection resets and other errors, answers that differ from the same query searched alone
+            in-process, p50/p99 and the wall time; stops early at `time_limit_s`. The target: 0 resets, every answer
+            equal to the query alone.
 Queries are corpus titles with a word of their first sentence (every one has hits). Server and clients share the
 machine: pin both with taskset to compare runs.
 
     python bench/serve.py                                  # the 10k Wikipedia summaries (data.py builds them)
     python bench/serve.py clients=32 requests=2000 batch=8
     python bench/serve.py corpus=PATH/wiki-18.jsonl         # any FlashRAG corpus JSONL
+    python bench/serve.py burst_clients=0                  # without the burst
+    python bench/serve.py burst_keepalive=1                # the burst with one keep-alive session a client
 
 Ends with one JSON line.
 """
@@ -33,7 +40,7 @@ import requests  # noqa: E402
 import tools  # noqa: E402
 
 DEFAULTS = {"corpus": "data/wiki/corpus.jsonl", "clients": 8, "requests": 400, "batch": 1, "topk": 3,
-            "time_limit_s": 60.0, "seed": 0}
+            "time_limit_s": 60.0, "seed": 0, "burst_clients": 200, "burst_requests": 20, "burst_keepalive": 0}
 
 
 def make_queries(docs, n, seed):
@@ -72,6 +79,50 @@ def load(url, batches, clients, topk, time_limit_s):
     return [x[0] for x in done], time.perf_counter() - t0, sum(x[1] for x in done)
 
 
+def burst(url, queries, clients, per_client, topk, time_limit_s, keepalive=True):
+    """Every client starts at once and sends its share of `queries` one by one, on its own keep-alive session (or
+    a new connection each, keepalive False).
+    Returns {"answers": [(query, doc ids)], "latencies", "resets", "errors", "wall_s"}."""
+    deadline = time.time() + time_limit_s
+    start, lock = threading.Barrier(clients), threading.Lock()
+    out = {"answers": [], "latencies": [], "resets": 0, "errors": []}
+
+    def client(c):
+        start.wait()
+        with requests.Session() as session:
+            if not keepalive:
+                session.headers["Connection"] = "close"
+            for query in queries[c * per_client:(c + 1) * per_client]:
+                if time.time() > deadline:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    r = session.post(url, json={"queries": [query], "topk": topk}, timeout=max(1.0, deadline -
+                                                                                               time.time()))
+                    r.raise_for_status()
+                    ids = [d["id"] for d in r.json()["result"][0]]
+                except requests.ConnectionError:  # reset or refused: what an overflowing accept queue does
+                    with lock:
+                        out["resets"] += 1
+                    continue
+                except (requests.RequestException, ValueError, KeyError) as e:
+                    with lock:
+                        out["errors"].append(f"{type(e).__name__}: {e}")
+                    continue
+                with lock:
+                    out["latencies"].append(time.perf_counter() - t0)
+                    out["answers"].append((query, ids))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
 def main(argv=None):
     args = tools.read_key_values(DEFAULTS, sys.argv[1:] if argv is None else argv, "config")
     if not os.path.exists(args["corpus"]):
@@ -93,9 +144,13 @@ def main(argv=None):
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     from test_serve import start_server, stop_server  # the server tests' own start and stop, not a copy
+    n_burst = args["burst_clients"] * args["burst_requests"]
+    burst_queries = make_queries(docs, n_burst, args["seed"] + 1)
     proc, url = start_server(args["corpus"])
     try:
         latencies, wall_s, answered = load(url, batches, args["clients"], args["topk"], args["time_limit_s"])
+        b = burst(url, burst_queries, args["burst_clients"], args["burst_requests"], args["topk"],
+                  args["time_limit_s"], bool(args["burst_keepalive"])) if n_burst else None
     finally:
         stop_server(proc)
     result = {"bench": "serve", "corpus": args["corpus"], "docs": len(docs), "index_build_s": build_s,
@@ -105,6 +160,19 @@ def main(argv=None):
     print(f"{len(docs)} docs, index built in {build_s:.2f}s; server: {result['queries_per_s']:.0f} queries/s, "
           f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms ({args['clients']} clients, "
           f"{args['batch']} per request); in-process: {inproc_qps:.0f} queries/s")
+    if b:
+        alone = {q: [local.docs[i]["id"] for i in local.search([q], args["topk"])[0][0]] for q, _ in b["answers"]}
+        wrong = sum(ids != alone[q] for q, ids in b["answers"])
+        result["burst"] = {"clients": args["burst_clients"], "keepalive": args["burst_keepalive"], "requests": n_burst,
+                           "answered": len(b["answers"]),
+                           "resets": b["resets"], "errors": len(b["errors"]), "wrong_answers": wrong,
+                           "p50_ms": 1000 * percentile(b["latencies"], 50),
+                           "p99_ms": 1000 * percentile(b["latencies"], 99), "wall_s": b["wall_s"]}
+        print(f"burst: {args['burst_clients']} clients x {args['burst_requests']} requests at once "
+              f"({'keep-alive' if args['burst_keepalive'] else 'a new connection each'}): "
+              f"{len(b['answers'])} of {n_burst} answered, {b['resets']} resets, {len(b['errors'])} other errors"
+              f"{' (' + b['errors'][0] + ')' if b['errors'] else ''}, {wrong} answers differ from the query alone; "
+              f"p50 {result['burst']['p50_ms']:.1f} ms, p99 {result['burst']['p99_ms']:.1f} ms, {b['wall_s']:.1f}s")
     print(json.dumps(result))
 
 

@@ -320,10 +320,10 @@ def test_demo_skips_a_broken_rl_metrics_line(tmp_path, capsys):
     assert "rl_real.metrics.jsonl:2" in capsys.readouterr().out
 
 
-def test_a_tool_that_is_down_is_counted_not_fatal(tiny_root, tiny_model):
+def test_a_tool_that_is_down_is_counted_not_fatal_when_max_tool_failures_allows_it(tiny_root, tiny_model):
     model, tokenizer = tiny_model
     cfg = tiny_eval_cfg(tiny_root, ["mode=workflow", "workflow=fixed", "env.tool=http", "env.retries=0",
-                                    "env.timeout_s=0.5", "env.url=http://127.0.0.1:9/retrieve"])
+                                    "env.timeout_s=0.5", "env.url=http://127.0.0.1:9/retrieve", "max_tool_failures=1"])
     rows = ev.load_questions(cfg)[:2]
     summary, records, episodes = ev.evaluate(model, tokenizer, rows, cfg)
     assert summary["tool_failures"] == 1 * 2  # one search a question, two questions

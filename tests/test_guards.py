@@ -88,6 +88,23 @@ def test_every_entry_point_refuses_unknown_flags_and_keys_with_exit_2(module, ba
     assert os.listdir(tmp_path) == []  # refused before anything was written
 
 
+@pytest.mark.parametrize("module, bad", [("rl", "rl.group_size=0"), ("rl", "rl.group_size=-2"), ("rl", "rl.steps=-1"),
+                                         ("rl", "rl.max_tool_failures=1.5"), ("rl", "env.timeout_s=0"),
+                                         ("sft", "sft.batch_size=0"), ("sft", "sft.lr=-0.001"),
+                                         ("worldmodel", "worldmodel.heldout_share=1"), ("eval", "eval.samples=0"),
+                                         ("eval", "eval.max_tool_failures=-0.1"), ("data", "world.n_people=0")])
+def test_a_value_out_of_range_is_one_line_and_exit_2_before_any_work(module, bad, capsys, tmp_path):
+    argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}",
+            f"run.data_dir={tmp_path}/data", bad]
+    with pytest.raises(SystemExit) as stop:
+        cli(importlib.import_module(module).main, argv)
+    err = capsys.readouterr().err
+    key, value = bad.split("=")
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert f"config: {key}={value}" in err.replace(".0 is", " is").replace("=0.0", "=0") and "out of range" in err
+    assert os.listdir(tmp_path) == []  # refused before anything was written
+
+
 def test_bench_rollout_refuses_unknown_flags_with_exit_2(capsys):
     with pytest.raises(SystemExit) as stop:
         importlib.import_module("bench.rollout").main(["--modles", "tiny"])  # argparse: usage, then the error

@@ -118,10 +118,49 @@ def test_many_concurrent_clients_get_their_own_answers(server, corpus):
     assert answers == [local(qs, k=2) for qs in batches]
 
 
+def test_a_burst_of_clients_on_few_workers_gets_every_answer_and_no_reset(corpus):
+    """100 clients connect at once to a server with 4 workers, each sending 3 requests on a keep-alive session:
+    the listen backlog holds the burst, and a worker closes its connection after a reply while others wait."""
+    local = tools.BM25Search(corpus)
+    proc, url = start_server(corpus, "--workers", "4", "--timeout_s", "5")
+    start = threading.Barrier(100)
+
+    def client(i):
+        start.wait()
+        with requests.Session() as session:
+            out = []
+            for j in range(3):
+                queries = [f"{QUERIES[(i + j) % 3]} {i}"]
+                reply = session.post(url, json={"queries": queries, "topk": 2}, timeout=60)
+                out.append((queries, [d["contents"] for d in reply.json()["result"][0]]))
+            return out
+    try:
+        with ThreadPoolExecutor(100) as pool:
+            answers = [a for client_answers in pool.map(client, range(100)) for a in client_answers]
+    finally:
+        stop_server(proc)
+    assert len(answers) == 300 and all(got == local(queries, k=2)[0] for queries, got in answers)
+
+
+def test_a_client_that_stalls_mid_body_is_cut_off_and_frees_its_worker(corpus):
+    import socket
+    proc, url = start_server(corpus, "--workers", "1", "--timeout_s", "1")
+    port = int(url.split(":")[2].split("/")[0])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+            stalled.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"queries\": ")
+            t0 = time.time()
+            reply = requests.post(url, json={"queries": ["Ada Brun"], "topk": 1}, timeout=10)  # the one worker
+            assert reply.status_code == 200 and 0.8 < time.time() - t0 < 3  # waited for the stalled one's timeout
+            assert stalled.recv(100) == b""  # closed by the server, nothing sent
+    finally:
+        stop_server(proc)
+
+
 def test_missing_corpus_and_dense_without_faiss_fail_in_one_line(tmp_path, corpus):
     r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", str(tmp_path / "none.jsonl")], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and r.stderr.strip() == f"serve: no corpus file {str(tmp_path / 'none.jsonl')!r}"
+    assert r.returncode == 2 and r.stderr.strip() == f"tools.py: serve: no corpus file {str(tmp_path / 'none.jsonl')!r}"
     try:
         import faiss  # noqa: F401
         pytest.skip("faiss is installed: the dense retriever would load an encoder")
@@ -129,7 +168,7 @@ def test_missing_corpus_and_dense_without_faiss_fail_in_one_line(tmp_path, corpu
         pass
     r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", corpus, "--retriever", "e5"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "pip install faiss-cpu" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "pip install faiss-cpu" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 # -----------------------------------------------------------------------------

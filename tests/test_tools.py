@@ -227,6 +227,16 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if Handler.mode == "slow":
             time.sleep(1.0)
+        if Handler.mode == "trickle":  # a whole, valid reply, one byte every 50 ms: no single read waits long
+            payload = json.dumps({"result": [[{"document": {"contents": "x" * 40}}] for _ in body["queries"]]})
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            for byte in payload.encode():
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.05)
+            return
         if Handler.mode == "500" or (Handler.mode == "flaky" and Handler.hits == 1):
             self.send_response(500)
             self.end_headers()
@@ -274,13 +284,23 @@ def test_http_search_retries_then_succeeds(server):
     assert out == [["doc about a"]] and Handler.hits == 2
 
 
-@pytest.mark.parametrize("mode", ["500", "garbage", "short", "slow"])
-def test_http_search_fails_clearly_within_bounded_time(server, mode):
+@pytest.mark.parametrize("mode, tries", [("500", 2), ("garbage", 2), ("short", 2), ("slow", 1), ("trickle", 1)])
+def test_http_search_fails_clearly_within_bounded_time(server, mode, tries):
     Handler.mode = mode
     t0 = time.time()
-    with pytest.raises(tools.ToolError, match="failed after 2 tries"):
+    with pytest.raises(tools.ToolError, match=f"failed after {tries} tr"):
         tools.HTTPSearch(server, timeout_s=0.3, retries=1, backoff_s=0.01)(["a"], k=1)
-    assert time.time() - t0 < 5
+    assert time.time() - t0 < 0.6  # the deadline is the whole call's: a slow first try leaves no time for a retry
+
+
+def test_a_trickling_reply_costs_one_deadline_however_slowly_it_comes(server):
+    """The reply (~90 bytes at 50 ms a byte: 4.5 s) never pauses longer than a read timeout would allow; the call's
+    deadline covers connect, send and the whole reply, retries included, so it fails at 1 s naming the cause."""
+    Handler.mode = "trickle"
+    t0 = time.time()
+    with pytest.raises(tools.ToolError) as failed:
+        tools.HTTPSearch(server, timeout_s=1.0, retries=2, backoff_s=0.01)(["a"], k=1)
+    assert time.time() - t0 < 1.5 and failed.value.cause == "timeout" and server in str(failed.value)
 
 
 def test_http_search_server_down():

@@ -8,7 +8,7 @@ import torch
 
 import data
 import worldmodel as wmod
-from tools import EnvConfig, SearchEnv, build_prompt, load_model, make_tool
+from tools import ConfigError, EnvConfig, SearchEnv, build_prompt, load_model, make_tool
 
 ENV = EnvConfig()
 
@@ -49,7 +49,7 @@ def test_read_calls_skips_malformed_rows_and_refuses_a_missing_file(tmp_path, ca
     path.write_text(json.dumps(good) + "\nnot json\n" + json.dumps({"question": "q"}) + "\n")
     assert wmod.read_calls(str(path)) == [good]
     assert f"{path}:2" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="no file matches"):
+    with pytest.raises(ConfigError, match="no file matches"):
         wmod.read_calls(str(tmp_path / "missing-*.jsonl"))
 
 
