@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-from sft import barrier, print0, setup_dist
+from plumbing import barrier, print0, setup_dist
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, exact_match, extract_boxed,
                    f1_score, lenient_match, load_config, load_model, make_tool, model_path, parse)
 

@@ -36,17 +36,19 @@ root; bf16=true adds a bf16 MixedPrecisionPolicy with fp32 master weights and re
 recomputes activations). Under FSDP2 the rollout gathers the whole policy once and frees it afterwards: ranks
 generate different lengths, so gathering per forward would leave them waiting on each other. The policy always
 trains in fp32 weights (an RL learning rate like 7e-7 vanishes in bf16 weights); the reference is bf16 on GPU.
-bf16=true (with parallel=fsdp) is one path on 1 and N GPUs: FSDP2 wraps the model on one process too (sft.wrap_model
-starts a 1-rank group), so training computes in bf16 from fp32 masters and rollouts read the gathered bf16 weights.
+bf16=true (with parallel=fsdp) is one path on 1 and N GPUs: FSDP2 wraps the model on one process too
+(plumbing.wrap_model starts a 1-rank group), so training computes in bf16 from fp32 masters and rollouts read the
+gathered bf16 weights.
 
 Robustness. A NaN/inf loss or gradient skips that optimizer step (counted in `skipped`); max_bad_steps of them in
 a row stop the run with a message. A real search that fails (after env.retries) gives the model a "search
 failed: <cause>" observation and is counted (`tool_failures`); a step where more than `max_tool_failures` of the
 real calls failed stops the run, naming the server's URL and the cause: a retriever that is down must not train
 the policy on failure messages. A run never deletes an earlier run's output under the same out= unless asked
-(`--overwrite`; `--resume` continues it), and a lock refuses a second live run on it (sft.claim_run).
-Checkpoints (sft.save_checkpoint: weights, optimizer, scheduler, RNG, config, call counters) are atomic; `--resume` continues from the newest one with the same weights as an unbroken run,
-because a step's prompts and sampling seed follow from the step number alone.
+(`--overwrite`; `--resume` continues it), and a lock refuses a second live run on it (plumbing.claim_run).
+Checkpoints (plumbing.save_checkpoint: weights, optimizer, scheduler, RNG, config, call counters) are atomic;
+`--resume` continues from the newest one with the same weights as an unbroken run, because a step's prompts and
+sampling seed follow from the step number alone.
 
 Metrics (<run.dir>/<out>.metrics.jsonl, one line per step): env, reward, em, actions (per trajectory),
 real_calls / sim_calls / tool_failures (this step and running totals), zero_var (share of groups with one
@@ -88,9 +90,9 @@ from tqdm import tqdm
 
 from data import load_qa, save_atomic
 from rollout import rollout
-from sft import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, full_state_dict, is_dist, latest_checkpoint,
-                 load_checkpoint, log_line, print0, release_run, save_checkpoint, setup_dist, start_logging,
-                 truncate_log, unwrap, wrap_model)
+from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, full_state_dict, is_dist,
+                      latest_checkpoint, load_checkpoint, log_line, print0, release_run, save_checkpoint, setup_dist,
+                      start_logging, truncate_log, unwrap, wrap_model)
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, ToolError, cli, load_config, load_model, make_tool,
                    master_dtype, model_path, parse, reward)
 
@@ -427,7 +429,7 @@ def build_models(rcfg, run, device, init):
 
 def shard(model, rcfg, device):
     """DDP (small models: a whole copy per rank) or FSDP2 (one shard group per decoder layer, then the root);
-    rl.bf16: FSDP2 with a bf16 MixedPrecisionPolicy, on one process too (sft.wrap_model)."""
+    rl.bf16: FSDP2 with a bf16 MixedPrecisionPolicy, on one process too (plumbing.wrap_model)."""
     if not any(p.requires_grad for p in model.parameters()):  # the reference: no gradients, no DDP
         return wrap_model(model, device, "fsdp", rcfg.bf16) if rcfg.parallel == "fsdp" else model
     return wrap_model(model, device, rcfg.parallel, rcfg.bf16)

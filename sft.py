@@ -1,6 +1,6 @@
 """
-sft.py -- the supervised stages of AutoCoA (arXiv 2503.06580, Sec. 3.2), plus the distributed and checkpoint
-plumbing that rl.py and worldmodel.py import.
+sft.py -- the supervised stages of AutoCoA (arXiv 2503.06580, Sec. 3.2). Distributed setup, checkpoints, metric
+logs and the run guard come from plumbing.py, shared with rl.py and worldmodel.py.
 
 Data: the pre-training corpus of data.py (<run.data_dir>/pretrain.jsonl, stage pretrain), then the synthesised
 trajectories of data.py (<run.data_dir>/synth/train.jsonl; rows of type cot, coa, pair).
@@ -61,8 +61,6 @@ reference model (the formula above, as in the paper's stage-1 loss).
 Not here: sequence packing (length bucketing instead), LoRA, evaluation by generation (eval.py).
 """
 import contextlib
-import fcntl
-import glob
 import json
 import math
 import os
@@ -76,6 +74,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, full_state_dict, is_dist,
+                      latest_checkpoint, load_checkpoint, log_line, plain_copy, print0, release_run, save_checkpoint,
+                      setup_dist, start_logging, truncate_log, wrap_model)
 from tools import ConfigError, build_prompt, cli, master_dtype, model_path, read_jsonl
 
 
@@ -391,21 +392,6 @@ def resolve_init(init, cfg):
     return model_path(init, cfg.run.dir, f"sft.init={init!r}")
 
 
-def log_line(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    LOGGER.log(row)  # and to wandb / tensorboard when run.log asks for it (a no-op otherwise)
-
-
-def truncate_log(path, step):
-    """Keep metric lines up to `step` (a resumed run rewrites what came after its checkpoint)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        with open(path, "w") as f:
-            f.writelines(lines)
-
-
 def main(argv=None):
     from tqdm import tqdm
     from data import ModelConfig, save_atomic
@@ -512,326 +498,6 @@ def main(argv=None):
         print0(f"sft: wrote {out_dir}")
         release_run(run.dir, out)
     barrier()  # the process group stays up: a pipeline may call main() again in this process
-
-
-# -----------------------------------------------------------------------------
-# Distributed plumbing (shared with rl.py and worldmodel.py)
-
-def setup_dist(run=None):
-    """(rank, world_size, device). Under torchrun (RANK/WORLD_SIZE set) the process group is started once:
-    nccl for GPU tensors, gloo for CPU tensors (all_reduce and all_mean reduce CPU tensors; nccl alone has no
-    CPU backend). `run` (a RunConfig) may force the device; default cuda if available, else cpu."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    want = getattr(run, "device", "auto") if run is not None else "auto"
-    use_cuda = torch.cuda.is_available() if want == "auto" else want.startswith("cuda")
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
-    return rank, world_size, device
-
-
-def is_dist():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def print0(*args, **kwargs):
-    """print on rank 0 only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def barrier():
-    if is_dist():
-        dist.barrier()
-
-
-def wrap_model(model, device, strategy="ddp", bf16=False):
-    """Data-parallel wrapper. ddp: every rank holds the whole model (small models); fsdp: FSDP2 fully_shard,
-    one shard group per decoder layer then the root (parameters become DTensors). One process: unchanged, except
-    with bf16, which is FSDP2's MixedPrecisionPolicy on any number of ranks (a 1-rank group when not under
-    torchrun): bf16 parameters in forward/backward, fp32 master weights and gradient reductions."""
-    if bf16:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        start_one_rank_group(device)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for layer in unwrap(model).model.layers:
-            fully_shard(layer, mp_policy=mp)
-        return fully_shard(model, mp_policy=mp)
-    if not is_dist() or strategy == "none":
-        return model
-    if strategy == "ddp":
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        for layer in unwrap(model).model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
-    raise ValueError(f"config: parallel strategy must be ddp, fsdp or none, got {strategy!r}")
-
-
-def check_bf16(bf16, strategy, section):
-    """bf16 is FSDP2's mixed precision (wrap_model): with ddp or none it would silently mean fsdp."""
-    if bf16 and strategy != "fsdp":
-        raise ValueError(f"config: {section}.bf16=true needs {section}.parallel=fsdp (got {strategy!r})")
-
-
-def start_one_rank_group(device):
-    """FSDP2 needs a process group: under `torchrun --nproc_per_node 1`, its rendezvous (a store of our own would
-    wait forever for torchrun's agent); under python, a 1-rank group on a free local port. Once per process."""
-    if dist.is_initialized():
-        return
-    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-    if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend)
-        return
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-
-
-def is_fsdp(model):
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-def plain_copy(model, state_dict, device):
-    """The HF model with whole, plain weights: the model itself, or under FSDP2 a copy holding state_dict (the
-    gathered weights of full_state_dict, in the master weights' dtype)."""
-    if not is_fsdp(model):
-        return unwrap(model)
-    from transformers import AutoModelForCausalLM
-    copy = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(state_dict.values())).dtype)
-    copy.load_state_dict(state_dict)
-    return copy.to(device)
-
-
-def unwrap(model):
-    """The HF model inside a DDP wrapper (FSDP2 shards in place: the model is itself)."""
-    return model.module if isinstance(model, DDP) else model
-
-
-def all_reduce(values, op=None):
-    """Sum (or op) of a list of floats over ranks, as python floats; unchanged in one process."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if is_dist():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def all_mean(value):
-    """Mean of a python float over ranks (for logging)."""
-    return all_reduce([float(value)])[0] / (dist.get_world_size() if is_dist() else 1)
-
-
-# -----------------------------------------------------------------------------
-# Metric loggers: the rows log_line writes to <out>.metrics.jsonl, also sent to Weights & Biases or TensorBoard
-# (run.log=wandb|tensorboard, rank 0 only). Neither package is a dependency: when the one asked for is missing,
-# one warning line and the no-op logger, so the training code never asks which logger it has.
-
-class NullLogger:
-    def log(self, row):
-        pass
-
-
-class WandbLogger:
-    def __init__(self, run, name, config):
-        import wandb
-        self.wandb = wandb
-        self.run = wandb.init(project="autocoa", group=run.name, name=f"{run.name}/{name}", config=config,
-                              dir=run.dir, reinit=True)  # reinit: a pipeline runs several stages in one process
-
-    def log(self, row):
-        self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
-                     step=row.get("step"))
-
-
-class TensorBoardLogger:
-    def __init__(self, run, name, config):
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-        self.writer = SummaryWriter(os.path.join(run.dir, "tensorboard", name))
-        self.writer.add_text("config", json.dumps(config, indent=1))
-
-    def log(self, row):
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                self.writer.add_scalar(key, value, row.get("step", 0))
-        self.writer.flush()  # a crashed run keeps what it logged
-
-
-LOGGER = NullLogger()  # the logger of the stage running in this process; start_logging sets it
-
-
-def start_logging(run, name, config, rank=0):
-    """Point log_line at run.log's logger for stage `name` (rank 0; the other ranks never call log_line)."""
-    global LOGGER
-    kinds = {"none": NullLogger, "wandb": WandbLogger, "tensorboard": TensorBoardLogger}
-    if run.log not in kinds:
-        raise ValueError(f"config: run.log must be none, wandb or tensorboard, got {run.log!r}")
-    LOGGER = NullLogger()
-    if rank == 0 and run.log != "none":
-        try:
-            LOGGER = kinds[run.log](run, name, config)
-        except ImportError as e:
-            print0(f"warning: run.log={run.log} but {e}; metrics go to the JSONL files only")
-    return LOGGER
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: <dir>/step_XXXXXX/ = save_pretrained weights + meta.json + optimizer/scheduler/RNG per rank
-
-def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def full_state_dict(model):
-    """The whole model's weights as plain tensors, on every rank (gathers FSDP2 shards)."""
-    if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return unwrap(model).state_dict()
-
-
-def save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=None, meta=None, keep=2):
-    """Write <ckpt_dir>/step_<step:06d>/ atomically; every rank must call it. Returns the folder.
-
-    Rank 0 writes the HF weights (save_pretrained, so the folder loads with from_pretrained) and meta.json
-    (meta: config, data position, ... plus step); each rank writes its optimizer, scheduler and RNG state.
-    Everything goes to step_XXXXXX.tmp first and is renamed once all ranks are done, so a killed run leaves
-    either a whole checkpoint or none. Only the newest `keep` checkpoints are kept.
-    """
-    rank = dist.get_rank() if is_dist() else 0
-    final = os.path.join(ckpt_dir, f"step_{step:06d}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    state_dict = full_state_dict(model)  # collective under FSDP2: every rank takes part
-    if rank == 0:
-        unwrap(model).save_pretrained(tmp, state_dict=state_dict)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({**(meta or {}), "step": step, "world_size": dist.get_world_size() if is_dist() else 1}, f,
-                      indent=1)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                "rng": rng_state()}, os.path.join(tmp, f"rank_{rank}.pt"))
-    barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(ckpt_dir)[:-keep] if keep else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
-# -----------------------------------------------------------------------------
-# The run guard: a run never destroys what an earlier run left, and two live runs never share an out=
-
-RUN_FLAGS = ("resume", "overwrite")  # the flags of every training script
-_LOCKS = {}  # lock file path -> its open file, held for the life of this process
-
-
-def claim_run(run_dir, out, flags):
-    """Lock <run_dir>/<out>.lock and check what an earlier run left under this out=, before anything is written.
-
-    - another live process holds the lock: ConfigError naming its PID (fcntl locks die with their process, so
-      a killed run never leaves a stale one);
-    - <out>/, <out>.ckpt/ or <out>.metrics.jsonl exist, and neither --resume nor --overwrite was given:
-      ConfigError saying how to do either (a fresh run would replace them);
-    - --overwrite: they are deleted now, and the run starts over.
-    Call it on rank 0 only. The lock belongs to the process: a second main() in it (demo.py) may claim again.
-    """
-    if "resume" in flags and "overwrite" in flags:
-        raise ConfigError("give --resume or --overwrite, not both")
-    os.makedirs(run_dir, exist_ok=True)
-    lock_path = os.path.join(run_dir, out + ".lock")
-    if lock_path not in _LOCKS:
-        f = open(lock_path, "a+")
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise ConfigError(f"{os.path.join(run_dir, out)} is in use by a live run (PID {holder}; lock "
-                              f"{lock_path}): wait for it, or give this run another out=") from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        _LOCKS[lock_path] = f
-    left = [p for p in (os.path.join(run_dir, out + s) for s in ("", ".ckpt", ".metrics.jsonl")) if os.path.exists(p)]
-    if left and "overwrite" in flags:
-        for p in left:
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            else:
-                os.remove(p)
-        print0(f"--overwrite: deleted {', '.join(left)}")
-    elif left and "resume" not in flags:
-        release_run(run_dir, out)
-        raise ConfigError(f"{', '.join(left)} exist(s), left by an earlier run: --resume continues it, --overwrite "
-                          f"deletes it and starts over (or choose another out=)")
-
-
-def release_run(run_dir, out):
-    """Drop the lock of claim_run (at the end of a run; a crash drops it when the process ends)."""
-    f = _LOCKS.pop(os.path.join(run_dir, out + ".lock"), None)
-    if f is not None:
-        f.close()
-
-
-def list_checkpoints(ckpt_dir):
-    """Complete checkpoint folders, oldest first (.tmp leftovers of a killed run are ignored)."""
-    return sorted(p for p in glob.glob(os.path.join(ckpt_dir, "step_*")) if not p.endswith(".tmp"))
-
-
-def latest_checkpoint(ckpt_dir):
-    found = list_checkpoints(ckpt_dir)
-    return found[-1] if found else None
-
-
-def load_checkpoint(path, model, optimizer=None, scheduler=None):
-    """Restore weights, optimizer, scheduler and this rank's RNG from a save_checkpoint folder; returns meta.
-
-    Call it after wrap_model and after building the optimizer. The run must use the same number of ranks.
-    """
-    from transformers import AutoModelForCausalLM
-    rank = dist.get_rank() if is_dist() else 0
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    world_size = dist.get_world_size() if is_dist() else 1
-    if meta.get("world_size", 1) != world_size:
-        raise ValueError(f"{path} was written by {meta['world_size']} ranks; resume with the same number "
-                         f"(now {world_size})")
-    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(unwrap(model).parameters()).dtype)
-    if is_fsdp(model):  # FSDP2: scatter the full weights into the shards
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
-    else:
-        unwrap(model).load_state_dict(saved.state_dict())
-    state = torch.load(os.path.join(path, f"rank_{rank}.pt"), weights_only=False)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return meta
 
 
 if __name__ == "__main__":

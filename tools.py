@@ -82,7 +82,7 @@ class RunConfig:
     data_dir: str = "data/tiny"  # corpus.jsonl, train/dev/test.jsonl (data.py writes them for the tiny world)
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
-    log: str = "none"  # none | wandb | tensorboard: also send the metrics JSONL rows there (sft.start_logging)
+    log: str = "none"  # none | wandb | tensorboard: also send the metrics JSONL rows there (plumbing.start_logging)
 
     @property
     def dir(self):

@@ -75,6 +75,8 @@ from dataclasses import dataclass
 import torch
 
 import data
+from plumbing import (RUN_FLAGS, all_mean, barrier, claim_run, full_state_dict, latest_checkpoint, load_checkpoint,
+                      plain_copy, print0, release_run, save_checkpoint, setup_dist, wrap_model)
 from rollout import generate
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, format_observation, load_config,
                    load_model, make_tool, master_dtype, model_path, normalize_answer, read_jsonl, reward, split_context)
@@ -391,8 +393,6 @@ def split_calls(calls, heldout_share, seed):
 
 def train(cfg, model, tokenizer, examples, device, rank, world_size):
     """Fine-tune on (prompt, observation) examples; returns the list of (step, loss) logged on rank 0."""
-    from sft import (all_mean, full_state_dict, latest_checkpoint, load_checkpoint, plain_copy, print0,
-                     save_checkpoint, wrap_model)
     wm = cfg.worldmodel
     if wm.batch_size < world_size:
         raise ConfigError(f"config: worldmodel.batch_size={wm.batch_size} is smaller than the {world_size} ranks")
@@ -595,7 +595,6 @@ def first_existing(run_dir, names):
 
 
 def main(argv=None):
-    from sft import RUN_FLAGS, barrier, claim_run, print0, release_run, setup_dist
     from transformers import AutoTokenizer
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig,
                        "worldmodel": WorldModelConfig}, argv, own="worldmodel", flags=RUN_FLAGS)

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silent: the run guard and lock (sft.claim_run), and how every entry point refuses bad input.
+"""Nothing lost, nothing silent: the run guard and lock (plumbing.claim_run), and how every entry point refuses bad input.
 
     .venv/bin/python -m pytest -q tests/test_guards.py
 """
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-import sft
+import plumbing
 from tools import ConfigError, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,13 +23,13 @@ def test_an_earlier_runs_output_is_refused_without_resume_or_overwrite(tmp_path)
     ckpt = tmp_path / "rl.ckpt" / "step_000002"
     ckpt.mkdir(parents=True)
     with pytest.raises(ConfigError, match="rl.ckpt exist.*--resume continues it, --overwrite deletes it"):
-        sft.claim_run(str(tmp_path), "rl", [])
+        plumbing.claim_run(str(tmp_path), "rl", [])
     assert ckpt.exists()
-    sft.claim_run(str(tmp_path), "rl", ["resume"])  # resuming keeps it
-    sft.release_run(str(tmp_path), "rl")
+    plumbing.claim_run(str(tmp_path), "rl", ["resume"])  # resuming keeps it
+    plumbing.release_run(str(tmp_path), "rl")
     assert ckpt.exists()
-    sft.claim_run(str(tmp_path), "other", [])  # another out= is another run
-    sft.release_run(str(tmp_path), "other")
+    plumbing.claim_run(str(tmp_path), "other", [])  # another out= is another run
+    plumbing.release_run(str(tmp_path), "other")
 
 
 def test_overwrite_deletes_the_earlier_output_and_starts_over(tmp_path):
@@ -37,17 +37,17 @@ def test_overwrite_deletes_the_earlier_output_and_starts_over(tmp_path):
     (tmp_path / "rl.ckpt" / "step_000002").mkdir(parents=True)
     (tmp_path / "rl.metrics.jsonl").write_text('{"step": 1}\n')
     (tmp_path / "rl_sim.metrics.jsonl").write_text('{"step": 1}\n')
-    sft.claim_run(str(tmp_path), "rl", ["overwrite"])
-    sft.release_run(str(tmp_path), "rl")
+    plumbing.claim_run(str(tmp_path), "rl", ["overwrite"])
+    plumbing.release_run(str(tmp_path), "rl")
     assert sorted(os.listdir(tmp_path)) == ["rl.lock", "rl_sim.metrics.jsonl"]  # only this out='s own files
     with pytest.raises(ConfigError, match="not both"):
-        sft.claim_run(str(tmp_path), "rl", ["resume", "overwrite"])
+        plumbing.claim_run(str(tmp_path), "rl", ["resume", "overwrite"])
 
 
 HOLDER = """
 import sys, time
-import sft
-sft.claim_run(sys.argv[1], "rl", [])
+import plumbing
+plumbing.claim_run(sys.argv[1], "rl", [])
 open(sys.argv[1] + "/rl.metrics.jsonl", "w").write('{"step": 1}\\n')
 print("held", flush=True)
 time.sleep(120)
@@ -60,13 +60,13 @@ def test_a_second_live_run_on_the_same_out_is_refused_naming_the_pid(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ConfigError, match=f"in use by a live run \\(PID {holder.pid};"):
-            sft.claim_run(str(tmp_path), "rl", ["overwrite"])
+            plumbing.claim_run(str(tmp_path), "rl", ["overwrite"])
         assert (tmp_path / "rl.metrics.jsonl").exists()  # --overwrite never deletes a live run's files
     finally:
         holder.kill()
         holder.wait()
-    sft.claim_run(str(tmp_path), "rl", ["overwrite"])  # the lock died with its process: no stale lock
-    sft.release_run(str(tmp_path), "rl")
+    plumbing.claim_run(str(tmp_path), "rl", ["overwrite"])  # the lock died with its process: no stale lock
+    plumbing.release_run(str(tmp_path), "rl")
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""sft.py's optional metric loggers (run.log=none|wandb|tensorboard): the JSONL rows every stage writes go to the
+"""plumbing.py's optional metric loggers (run.log=none|wandb|tensorboard): the JSONL rows every stage writes go to the
 asked-for logger too; a missing package costs one warning line, never the run.
 
     .venv/bin/python -m pytest -q tests/test_logging.py
@@ -10,6 +10,7 @@ import types
 
 import pytest
 
+import plumbing
 import sft
 from tools import RunConfig
 
@@ -29,12 +30,12 @@ class FakeWandb(types.ModuleType):
 @pytest.fixture(autouse=True)
 def reset_logger():
     yield
-    sft.LOGGER = sft.NullLogger()  # a test's logger must not leak into the next test's log_line
+    plumbing.LOGGER = plumbing.NullLogger()  # a test's logger must not leak into the next test's log_line
 
 
 def test_default_is_no_logger_and_the_jsonl_alone(tmp_path):
-    assert isinstance(sft.start_logging(RunConfig(runs_dir=str(tmp_path)), "sft2", {}), sft.NullLogger)
-    sft.log_line(str(tmp_path / "m.jsonl"), {"step": 1, "loss": 2.0})
+    assert isinstance(plumbing.start_logging(RunConfig(runs_dir=str(tmp_path)), "sft2", {}), plumbing.NullLogger)
+    plumbing.log_line(str(tmp_path / "m.jsonl"), {"step": 1, "loss": 2.0})
     assert json.loads((tmp_path / "m.jsonl").read_text()) == {"step": 1, "loss": 2.0}
 
 
@@ -42,8 +43,8 @@ def test_wandb_gets_every_numeric_metric_at_its_step(tmp_path, monkeypatch):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     run = RunConfig(runs_dir=str(tmp_path), name="exp", log="wandb")
-    sft.start_logging(run, "rl", {"rl": {"lr": 1e-6}})
-    sft.log_line(str(tmp_path / "m.jsonl"), {"step": 3, "loss": 0.5, "reward": 1, "stage": "rl", "final": True})
+    plumbing.start_logging(run, "rl", {"rl": {"lr": 1e-6}})
+    plumbing.log_line(str(tmp_path / "m.jsonl"), {"step": 3, "loss": 0.5, "reward": 1, "stage": "rl", "final": True})
     assert fake.inits[0]["name"] == "exp/rl" and fake.inits[0]["config"] == {"rl": {"lr": 1e-6}}
     assert fake.logged == [(3, {"loss": 0.5, "reward": 1, "final": True})]  # strings are left to the JSONL
 
@@ -51,22 +52,22 @@ def test_wandb_gets_every_numeric_metric_at_its_step(tmp_path, monkeypatch):
 def test_only_rank_zero_logs(tmp_path, monkeypatch):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    assert isinstance(sft.start_logging(RunConfig(log="wandb"), "sft2", {}, rank=1), sft.NullLogger)
+    assert isinstance(plumbing.start_logging(RunConfig(log="wandb"), "sft2", {}, rank=1), plumbing.NullLogger)
     assert fake.inits == []
 
 
 def test_a_missing_package_is_one_warning_and_a_no_op(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # None in sys.modules: ImportError
-    logger = sft.start_logging(RunConfig(runs_dir=str(tmp_path), log="tensorboard"), "sft2", {})
-    assert isinstance(logger, sft.NullLogger)
+    logger = plumbing.start_logging(RunConfig(runs_dir=str(tmp_path), log="tensorboard"), "sft2", {})
+    assert isinstance(logger, plumbing.NullLogger)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("warning: run.log=tensorboard")
-    sft.log_line(str(tmp_path / "m.jsonl"), {"step": 1, "loss": 2.0})  # and the run goes on
+    plumbing.log_line(str(tmp_path / "m.jsonl"), {"step": 1, "loss": 2.0})  # and the run goes on
 
 
 def test_an_unknown_logger_is_a_config_error():
     with pytest.raises(ValueError, match="run.log must be none, wandb or tensorboard"):
-        sft.start_logging(RunConfig(log="mlflow"), "sft2", {})
+        plumbing.start_logging(RunConfig(log="mlflow"), "sft2", {})
 
 
 def test_sft_main_sends_its_metric_rows_to_the_logger(tiny_root, tiny_base, tiny_synth, tmp_path, monkeypatch):

@@ -220,12 +220,12 @@ def test_non_finite_loss_skips_the_update_and_leaves_the_weights(tiny_base):
 WORKER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import rl, sft
+import plumbing, rl
 from tools import RunConfig
 from tests.test_rl import fake_episodes
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(1)
-rank, world_size, device = sft.setup_dist(RunConfig(device="cpu"))
+rank, world_size, device = plumbing.setup_dist(RunConfig(device="cpu"))
 for parallel, loss_type in [(p, l) for p in {parallel!r} for l in ("grpo", "dapo", "dr_grpo")]:
     cfg = rl.RLConfig(group_size=2, updates_per_step=2, micro_batch=2, kl_coef=0.1, entropy_coef=0.01,
                       loss_type=loss_type, drop_zero_var=True, grad_clip=0.0, parallel=parallel)
@@ -241,7 +241,7 @@ for parallel, loss_type in [(p, l) for p in {parallel!r} for l in ("grpo", "dapo
     mine_r = torch.stack([rewards[2 * p + j] for p in prompt_index for j in range(2)])
     totals = {{"skipped": 0, "bad_in_row": 0}}
     rl.learn(model, ref, opt, sched, mine, mine_r, prompt_index, cfg, 16, 0, device, totals)  # 2 updates
-    state_dict = sft.full_state_dict(model)  # a collective under FSDP2
+    state_dict = plumbing.full_state_dict(model)  # a collective under FSDP2
     if rank == 0:
         torch.save(state_dict, f"{out}.{{parallel}}.{{loss_type}}")
 """
