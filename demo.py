@@ -34,8 +34,8 @@ each can be run alone with the same arguments):
 It writes runs/<name>/results.json (per-seed values of every cell: the same seeds give the same file, bit for bit),
 runs/<name>/results.md (the Table-1-shaped table, mean and standard deviation over the seeds, the commit it ran
 on, the stage times, and the knowledge curve: by how often pre-training repeated a person, the policy's
-closed-book accuracy and how often each simulator's observation keeps the birth city), runs/<name>/rl_curves.png and accuracy_by_stage.png (the first seed's), and prints one
-complete trajectory of the final model on a held-out question, the model's tokens and the environment's told
+closed-book accuracy and how often each simulator's observation keeps the birth city), runs/<name>/rl_curves.png
+and accuracy_by_stage.png (the first seed's), and prints one complete trajectory of the final model on a held-out question, the model's tokens and the environment's told
 apart. With --readme the README's results section (between its two marker lines) gets the table, its trajectory
 section the trajectory, and docs/ the two plots.
 
@@ -82,6 +82,8 @@ ROWS = [("no tool", "cot", "notool"), ("workflow", "sft2", "workflow"), ("SFT-2"
 HERE = os.path.dirname(os.path.abspath(__file__))
 README, DOCS = os.path.join(HERE, "README.md"), os.path.join(HERE, "docs")  # what --readme rewrites
 RL_RUNS = {"rl_sim": 1.0, "rl_simreal": 5 / 6, "rl_real": 0.0, "rl_wm": 5 / 6, "rl_rl2": 0.0}  # out -> simulated share
+REPLAY = "sft.pretrain_share=0.25"  # CoT and SFT-2: a quarter of the stream replays pre-training documents
+SIM_PROMPTS = "rl.sim_popular=30"  # RL-1 prompts: questions about people pre-training repeated 30+ times
 RL_STEPS = {"rl_rl2": 1 / 6}  # share of rl.steps the run takes (others: all): RL-2 alone = rl_simreal's real steps
 # who writes the simulated observations: the policy itself (its SFT-3 internal world model, the paper's choice),
 # or for rl_wm the separate world-model LM of worldmodel.py (beyond the paper)
@@ -160,14 +162,18 @@ def run_stages(p):
     # what a pre-trained LM knows of its world: popular entities well, the tail barely (sft.py stage=pretrain)
     p.train("pre-training", "sft", ("sft",), ["sft.stage=pretrain", "sft.init=base", "sft.out=pretrain",
                                               "sft.batch_size=32", "sft.device_batch_size=32"], "pretrain")
-    p.train("CoT", "sft", ("sft",), ["sft.stage=cot", "sft.init=pretrain", "sft.out=cot"], "cot")
-    p.side_by_side([("SFT-2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=cot", "sft.out=sft2"], "sft2")],
+    # later stages replay pre-training documents (REPLAY of their stream), or SFT-2 would overwrite what it taught
+    p.train("CoT", "sft", ("sft",), ["sft.stage=cot", "sft.init=pretrain", "sft.out=cot", REPLAY], "cot")
+    p.side_by_side([("SFT-2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=cot", "sft.out=sft2", REPLAY], "sft2")],
                    [("SFT-1", "sft", ("sft",), ["sft.stage=sft1", "sft.init=cot", "sft.out=sft1"], "sft1"),
-                    ("SFT-1&2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=sft1", "sft.out=sft12"], "sft12")])
-    p.train("SFT-1&2&3", "sft", ("sft",), ["sft.stage=sft3", "sft.init=sft12", "sft.out=sft123"], "sft123")
+                    ("SFT-1&2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=sft1", "sft.out=sft12", REPLAY],
+                     "sft12")])
+    # SFT-3 relearns the facts with its observations: half its stream is replayed pre-training documents
+    p.train("SFT-1&2&3", "sft", ("sft",), ["sft.stage=sft3", "sft.init=sft12", "sft.out=sft123",
+                                           "sft.pretrain_share=0.5"], "sft123")
     steps = load_config({"run": RunConfig, "env": EnvConfig, "rl": importlib.import_module("rl").RLConfig},
                         p.argv(("rl",))).rl.steps
-    rl = lambda out, *extra: (f"RL {out}", "rl", ("rl",), ["rl.init=sft123", f"rl.out={out}",
+    rl = lambda out, *extra: (f"RL {out}", "rl", ("rl",), ["rl.init=sft123", f"rl.out={out}", SIM_PROMPTS,
                                                            f"rl.sim_share={RL_RUNS[out]:.6f}",
                                                            f"rl.steps={max(1, round(steps * RL_STEPS.get(out, 1)))}",
                                                            *extra], out)

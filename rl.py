@@ -7,6 +7,8 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
                  prompt (rollout.py). Tool calls go to the environment of the schedule: the paper's RL-1 runs
                  in a simulated environment (the policy writes its own <search_result>, or a world model does),
                  RL-2 in the real one. `sim_share` of the steps are simulated, the rest real.
+                 RL-1's prompts can be drawn where the simulator knows the world (`sim_popular`: questions about
+                 people the pre-training corpus repeated often; tiny world only).
     2. reward    r = 1 if the trajectory is well formed and its \\boxed{} answer matches a gold answer, else 0
                  (tools.reward; `reward: f1` gives the answer's F1 instead).
     3. advantage A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6), std off with scale_std=false (Dr. GRPO);
@@ -94,7 +96,7 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, ful
                       latest_checkpoint, load_checkpoint, log_line, print0, release_run, save_checkpoint, setup_dist,
                       start_logging, truncate_log, unwrap, wrap_model)
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, ToolError, cli, load_config, load_model, make_tool,
-                   master_dtype, model_path, parse, reward)
+                   master_dtype, model_path, parse, read_jsonl, reward)
 
 
 @dataclass
@@ -109,6 +111,9 @@ class RLConfig:
     # schedule
     steps: int = 60  # optimizer rounds (one rollout batch each)
     sim_share: float = 0.0  # the first round(sim_share*steps) steps use a simulated environment (paper: 5/6)
+    sim_popular: int = 0  # simulated steps draw their prompts from questions about people whose document the
+    # pre-training corpus (<run.data_dir>/pretrain.jsonl) repeats at least this often: where the simulator knows the
+    # world (0 = every training question)
     sim_env: str = "auto"  # simulated environment: auto (worldmodel if env.worldmodel is set, else policy) | policy | worldmodel
     # rollout
     prompts_per_step: int = 16  # prompts per step, all ranks together (the paper: 48)
@@ -259,6 +264,22 @@ def make_environment(kind, env_cfg, run, tokenizer, cache):
         from worldmodel import make_environment as build  # SearchEnv, None (policy) or the world-model LM
         cache[kind] = build(dataclasses.replace(env_cfg, env=kind), run, tokenizer)
     return cache[kind]
+
+
+def popular_rows(rows, data_dir, min_repeats):
+    """The rows whose first oracle query (the person asked about) the pre-training corpus repeats >= min_repeats
+    times; all rows when min_repeats is 0."""
+    if not min_repeats:
+        return rows
+    path = os.path.join(data_dir, "pretrain.jsonl")
+    if not os.path.exists(path):
+        raise ConfigError(f"config: rl.sim_popular needs the pre-training corpus {path} (the tiny world's data.py)")
+    placed = read_jsonl(path, lambda r: None if isinstance(r, dict) else "not a JSON object", "pretrain row")
+    repeats = {r["name"]: r["repeats"] for _, r in placed if r.get("name")}
+    out = [r for r in rows if repeats.get((r.get("queries") or [""])[0], 0) >= min_repeats]
+    if not out:
+        raise ConfigError(f"config: no training question is about a person repeated {min_repeats}+ times")
+    return out
 
 
 def step_prompts(rows, step, n, seed):
@@ -513,6 +534,7 @@ def main(argv=None):
     train_rows = load_qa(train_path)
     if not train_rows:  # step_prompts would divide by zero
         raise ValueError(f"rl: no usable QA rows in {train_path}")
+    sim_rows = popular_rows(train_rows, run.data_dir, rcfg.sim_popular)
     eval_rows = load_qa(rcfg.eval or os.path.join(run.data_dir, "dev.jsonl"))[:rcfg.eval_n] if rcfg.eval_n else []
     ckpt_dir = os.path.join(run.dir, rcfg.out + ".ckpt")
     metrics_path = os.path.join(run.dir, rcfg.out + ".metrics.jsonl")
@@ -546,7 +568,7 @@ def main(argv=None):
         # 1) rollout: this rank's prompts, group members adjacent, in the environment of the schedule
         kind = step_env(step, rcfg, env_cfg)
         environment = make_environment(kind, env_cfg, run, tokenizer, envs)
-        prompts = step_prompts(train_rows, step, rcfg.prompts_per_step, run.seed)
+        prompts = step_prompts(train_rows if kind == env_cfg.env else sim_rows, step, rcfg.prompts_per_step, run.seed)
         prompt_index = list(range(rank, rcfg.prompts_per_step, world_size))
         rows = [prompts[i] for i in prompt_index]
         generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + step * 1009 + rank)

@@ -89,7 +89,7 @@ class SFTConfig:
     heldout: str = ""  # held-out rows for the final metrics; "" = <run.data_dir>/synth/dev.jsonl ("none": skip)
     cot_share: float = 0.15  # sft2/sft3: share of CoT rows (well-known facts) in the stream; the rest is CoA
     pretrain_share: float = 0.0  # cot/sft2/sft3: share of the stream replayed from the pre-training corpus (by
-    # popularity), so what pre-training taught is not overwritten (0 = none)
+    # popularity), so what pre-training taught is not overwritten (0 = none; sft1's pairs never mix)
     alpha: float = 0.2  # sft1: weight of the chosen continuation's log-likelihood
     steps: int = 0  # optimizer steps; 0 = the stage's own default below
     pretrain_steps: int = 1000
@@ -405,9 +405,8 @@ def main(argv=None):
         raise ConfigError(f"config: sft.stage {sc.stage!r} (one of {STAGES}) or sft.parallel {sc.parallel!r} "
                           f"(ddp, fsdp, none)")
     check_bf16(sc.bf16, sc.parallel, "sft")
-    if not 0 <= sc.pretrain_share < 1 or (sc.pretrain_share and sc.stage in ("pretrain", "sft1")):
-        raise ConfigError(f"config: sft.pretrain_share ({sc.pretrain_share}) must be in [0, 1), and 0 for stage "
-                          f"{sc.stage} (cot, sft2 and sft3 replay documents)")
+    if not 0 <= sc.pretrain_share < 1:
+        raise ConfigError(f"config: sft.pretrain_share must be in [0, 1), got {sc.pretrain_share}")
     rank, world_size, device = setup_dist(run)
     start_logging(run, sc.out or sc.stage, cfg.to_dict(), rank)
     if sc.batch_size % world_size:
@@ -437,7 +436,7 @@ def main(argv=None):
     else:
         examples = build_examples(read_synth(sc.data or os.path.join(synth, "train.jsonl")), sc.stage, tokenizer,
                                   env, sc.max_len)
-        if sc.pretrain_share > 0:  # replay: the pre-training documents join the stream, drawn by popularity
+        if sc.pretrain_share > 0 and sc.stage != "sft1":  # replay: pre-training documents join, drawn by popularity
             examples += [{**e, "doc": True} for e in pretrain_examples(
                 read_pretrain(os.path.join(run.data_dir, "pretrain.jsonl")), tokenizer, env)]
     stream = Stream(examples, sc, run.seed)

@@ -46,7 +46,10 @@ it could have memorised) and queries it has not:
     invented        share of the simulated observation's entity mentions (capitalised words) found nowhere in
                     the corpus; `unsupported`: share not in the real observation
 and end to end: the agent's EM (tools.reward) on questions with the real tool, the world model, and the policy's
-own simulation, with the real and simulated calls each run spent. Report: printed and <run.dir>/<out>.report.json.
+own simulation, with the real and simulated calls each run spent. On the tiny world also the knowledge curve: for
+people grouped by how often the pre-training corpus repeated their document (data.popularity; 0 = dev and test
+people, after the cut-off), the policy's closed-book EM on "Where was X born?" and how often each simulator's
+observation for the query X holds the birth city. Report: printed and <run.dir>/<out>.report.json.
 
 Departures from the paper: the paper uses only the policy as world model; a separate LM is our addition, as is
 the whole fidelity report. The history drops the policy's thoughts (above).

@@ -83,7 +83,7 @@ def test_sft2_mixes_only_well_known_cot_and_sft3_unmasks_observations(tiny_synth
 # -----------------------------------------------------------------------------
 # losses
 
-def test_pretrain_examples_are_one_document_search_results_repeated_by_popularity(tiny_root, tokenizer):
+def test_pretrain_examples_are_one_document_search_results_repeated_by_popularity(tiny_root, tiny_synth, tokenizer):
     """stage=pretrain: a document reads exactly as the real tool's one-document observation, every token learnt,
     and an epoch holds it `repeats` times."""
     rows = sft.read_pretrain(os.path.join(tiny_root, "data", "pretrain.jsonl"))[:40]
@@ -97,6 +97,14 @@ def test_pretrain_examples_are_one_document_search_results_repeated_by_popularit
     total = sum(r["repeats"] for r in rows)
     assert sum(seen.values()) == total - total % 4  # the whole weighted corpus, less the ragged tail batch
     assert all(abs(seen[i] - r["repeats"]) <= 3 for i, r in enumerate(rows))
+    # replay (sft.pretrain_share): documents join a later stage's stream, drawn by their repeats
+    trajectories = sft.build_examples(synth_rows(tiny_synth), "sft3", tokenizer, ENV, 512)
+    mixed = trajectories + [{**e, "doc": True} for e in examples]
+    order = [i for b in sft.epoch_order(mixed, "sft3", 0.15, 8, 4, seed=0, epoch=0, doc_share=0.25) for i in b]
+    drawn = Counter(i - len(trajectories) for i in order if i >= len(trajectories))
+    assert abs(sum(drawn.values()) / len(order) - 0.25) < 0.02
+    heavy = max(range(len(rows)), key=lambda i: rows[i]["repeats"])
+    assert drawn[heavy] > sum(drawn.values()) * rows[heavy]["repeats"] / total / 2  # popular documents come often
 
 
 def test_sft1_loss_equals_its_formula_on_hand_made_logprobs():
