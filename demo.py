@@ -35,8 +35,8 @@ It writes runs/<name>/results.json (per-seed values of every cell: the same seed
 runs/<name>/results.md (the Table-1-shaped table, mean and standard deviation over the seeds, the commit it ran
 on, the stage times, and the knowledge curve: by how often pre-training repeated a person, the policy's
 closed-book accuracy and how often each simulator's observation keeps the birth city), runs/<name>/rl_curves.png
-and accuracy_by_stage.png (the first seed's), and prints one complete trajectory of the final model on a held-out question, the model's tokens and the environment's told
-apart. With --readme the README's results section (between its two marker lines) gets the table, its trajectory
+and accuracy_by_stage.png (the first seed's), and prints one complete trajectory of the final model on a held-out
+question, the model's tokens and the environment's told apart. With --readme the README's results section (between its two marker lines) gets the table, its trajectory
 section the trajectory, and docs/ the two plots.
 
 A training step whose output folder already exists is skipped (delete runs/<name>/ to start over; the evals always
