@@ -283,7 +283,9 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
     _, second = run("b", "--readme")  # everything again from nothing, in other folders: the same bytes
     assert first == second
     written = readme.read_text()
-    assert "STALE" not in written and "| +RL real only |" in written and "[[<search_result>" in written
+    assert "STALE" not in written and "| +RL real only |" in written and "| +RL-2 alone (control) |" in written
+    # the trajectory of the final model (6 steps a stage need not search: show_trajectory's own test marks [[...]])
+    assert "The final model (+RL simulated then real), seed 0" in written and "reward:" in written
     assert sorted(os.listdir(docs)) == ["accuracy_by_stage.png", "rl_curves.png"]
 
 
