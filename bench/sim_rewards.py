@@ -31,7 +31,8 @@ from tools import EnvConfig, RunConfig, cli, load_config, load_model, model_path
 from rl import popular_rows  # noqa: E402
 from worldmodel import make_environment  # noqa: E402
 
-DEFAULTS = {"run": "runs/tiny/seed0", "data": "data/tiny/seed0", "config": "configs/tiny.yaml", "prompts": 96, "popular": 0, "sim_greedy": "config",
+DEFAULTS = {"run": "runs/tiny/seed0", "data": "data/tiny/seed0", "config": "configs/tiny.yaml", "prompts": 96,
+            "popular": 0, "sim_greedy": "config",
             "group": 4, "seed": 0, "threads": 1}
 
 
