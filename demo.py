@@ -86,7 +86,7 @@ README, DOCS = os.path.join(HERE, "README.md"), os.path.join(HERE, "docs")  # wh
 RL_RUNS = {"rl_sim": 1.0, "rl_simreal": 5 / 6, "rl_real": 0.0, "rl_wm": 5 / 6, "rl_rl2": 0.0}  # out -> simulated share
 # --pretrain (the tiny model reads its world first; see the README's "What the model knows before it acts")
 REPLAY = "sft.pretrain_share=0.25"  # CoT and SFT-2: a quarter of the stream replays pre-training documents
-SFT3_REPLAY = ["sft.pretrain_share=0.5", "sft.steps=400"]  # SFT-3: half, for twice the default steps
+SFT3_REPLAY = ["sft.pretrain_share=0.5", "sft.sft3_steps=400"]  # SFT-3: half, for twice the default steps
 SIM_PROMPTS = "rl.sim_popular=30"  # RL-1 prompts: questions about people pre-training repeated 30+ times
 RL_STEPS = {"rl_rl2": 1 / 6}  # share of rl.steps the run takes (others: all): RL-2 alone = rl_simreal's real steps
 # who writes the simulated observations: the policy itself (its SFT-3 internal world model, the paper's choice),
