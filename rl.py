@@ -7,6 +7,8 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
                  prompt (rollout.py). Tool calls go to the environment of the schedule: the paper's RL-1 runs
                  in a simulated environment (the policy writes its own <search_result>, or a world model does),
                  RL-2 in the real one. `sim_share` of the steps are simulated, the rest real.
+                 RL-1's prompts can be drawn where the simulator knows the world (`sim_popular`: questions about
+                 people the pre-training corpus repeated often; tiny world only).
     2. reward    r = 1 if the trajectory is well formed and its \\boxed{} answer matches a gold answer, else 0
                  (tools.reward; `reward: f1` gives the answer's F1 instead).
     3. advantage A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6), std off with scale_std=false (Dr. GRPO);
@@ -54,8 +56,8 @@ nothing to do: it says so and writes nothing.
 
 Metrics (<run.dir>/<out>.metrics.jsonl, one line per step): env, reward, em, actions (per trajectory),
 real_calls / sim_calls / tool_failures (this step and running totals), zero_var (share of groups with one
-reward), kl, clip_frac, ratio, entropy (when used), loss, grad_norm, tokens_per_s (model tokens), rollout_s, step_s; eval_em,
-eval_format, eval_actions (greedy, held-out, real tool) before the first and after the last step.
+reward), kl, clip_frac, ratio, entropy (when used), loss, grad_norm, tokens_per_s (model tokens), rollout_s,
+step_s; eval_em, eval_format, eval_actions (greedy, held-out, real tool) before the first and after the last step.
 
 Departures from the paper: the reward is binary EM (the paper's correctness uses a lenient match, available in
 tools.lenient_match); groups whose rewards are all equal can be dropped (`drop_zero_var`); the KL coefficient may
@@ -96,7 +98,7 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, fin
                       latest_checkpoint, load_checkpoint, log_line, print0, release_run, resume_checkpoint,
                       save_checkpoint, setup_dist, start_logging, truncate_log, unwrap, wrap_model)
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, load_model, make_tool, master_dtype,
-                   model_path, parse, reward)
+                   model_path, parse, read_jsonl, reward)
 
 
 @dataclass
@@ -111,7 +113,11 @@ class RLConfig:
     # schedule
     steps: int = 60  # optimizer rounds (one rollout batch each)
     sim_share: float = 0.0  # the first round(sim_share*steps) steps use a simulated environment (paper: 5/6)
-    sim_env: str = "auto"  # simulated environment: auto (worldmodel if env.worldmodel is set, else policy) | policy | worldmodel
+    sim_popular: int = 0  # simulated steps draw their prompts from questions about people whose document the
+    # pre-training corpus (<run.data_dir>/pretrain.jsonl) repeats at least this often: where the simulator knows the
+    # world (0 = every training question)
+    sim_env: str = "auto"  # simulated environment: auto (worldmodel if env.worldmodel is set, else policy) | policy
+    # | worldmodel
     # rollout
     prompts_per_step: int = 16  # prompts per step, all ranks together (the paper: 48)
     group_size: int = 4  # trajectories per prompt (the paper: 5)
@@ -151,6 +157,7 @@ class RLConfig:
               "eps_low": "[0, 1]", "eps_high": "[0, inf)", "kl_coef": "[0, inf)", "entropy_coef": "[0, inf)",
               "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
               "updates_per_step": "[1, inf)", "micro_batch": "[1, inf)", "max_bad_steps": "[1, inf)",
+              "sim_popular": "[0, inf)",
               "max_tool_failures": "[0, 1]", "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
               "log_every": "[1, inf)"}
 
@@ -269,6 +276,22 @@ def make_environment(kind, env_cfg, run, tokenizer, cache):
         from worldmodel import make_environment as build  # SearchEnv, None (policy) or the world-model LM
         cache[kind] = build(dataclasses.replace(env_cfg, env=kind), run, tokenizer)
     return cache[kind]
+
+
+def popular_rows(rows, data_dir, min_repeats):
+    """The rows whose first oracle query (the person asked about) the pre-training corpus repeats >= min_repeats
+    times; all rows when min_repeats is 0."""
+    if not min_repeats:
+        return rows
+    path = os.path.join(data_dir, "pretrain.jsonl")
+    if not os.path.exists(path):
+        raise ConfigError(f"config: rl.sim_popular needs the pre-training corpus {path} (the tiny world's data.py)")
+    placed = read_jsonl(path, lambda r: None if isinstance(r, dict) else "not a JSON object", "pretrain row")
+    repeats = {r["name"]: r["repeats"] for _, r in placed if r.get("name")}
+    out = [r for r in rows if repeats.get((r.get("queries") or [""])[0], 0) >= min_repeats]
+    if not out:
+        raise ConfigError(f"config: no training question is about a person repeated {min_repeats}+ times")
+    return out
 
 
 def step_prompts(rows, step, n, seed):
@@ -520,6 +543,7 @@ def main(argv=None):
     train_rows = load_qa(train_path)
     if not train_rows:  # step_prompts would divide by zero
         raise ConfigError(f"rl: {train_path}: no usable QA rows (empty, or every row bad: each is named above)")
+    sim_rows = popular_rows(train_rows, run.data_dir, rcfg.sim_popular)
     eval_rows = load_qa(rcfg.eval or os.path.join(run.data_dir, "dev.jsonl"))[:rcfg.eval_n] if rcfg.eval_n else []
     start_logging(run, rcfg.out, cfg.to_dict(), rank)
     model, ref, tokenizer = build_models(rcfg, run, device, init)
@@ -557,7 +581,7 @@ def main(argv=None):
         # 1) rollout: this rank's prompts, group members adjacent, in the environment of the schedule
         kind = step_env(step, rcfg, env_cfg)
         environment = make_environment(kind, env_cfg, run, tokenizer, envs)
-        prompts = step_prompts(train_rows, step, rcfg.prompts_per_step, run.seed)
+        prompts = step_prompts(train_rows if kind == env_cfg.env else sim_rows, step, rcfg.prompts_per_step, run.seed)
         prompt_index = list(range(rank, rcfg.prompts_per_step, world_size))
         rows = [prompts[i] for i in prompt_index]
         generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + step * 1009 + rank)

@@ -18,6 +18,8 @@ Environments (env_cfg.env):
   policy      environment=None: the policy writes its own observation (the paper's RL-1, its internal world
               model). The loop appends the observation opener, the policy generates until the observation closer
               (or obs_max_tokens, then the closer is forced); those tokens get mask 0 and count as sim_calls.
+              With env_cfg.sim_greedy it writes them greedily (argmax) while its own tokens are sampled: they are
+              the environment's, never trained on, and sampling them only blurs what the simulator knows.
 
 A sequence ends at EOS ("eos"), at the closing brace of its \\boxed{} answer after </think> ("answer"), at
 env_cfg.max_new_tokens completion tokens, observations included ("length"), or when it writes one action more
@@ -392,6 +394,7 @@ def run_loop(model, tokenizer, episodes, rules, temperature, top_p, generator, s
     static: one-token steps go through the StaticDecoder (same ids; see its docstring)."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    greedy_obs = getattr(getattr(rules, "env", None), "sim_greedy", False)
     if any(len(ep.prompt_ids) == 0 for ep in episodes):
         raise ValueError("rollout: every prompt needs at least one token")
     live = [Row(episode=ep, feed=list(ep.prompt_ids), slot=i) for i, ep in enumerate(episodes)]  # in slot order
@@ -414,6 +417,9 @@ def run_loop(model, tokenizer, episodes, rules, temperature, top_p, generator, s
                 logits = forward_chunk(model, cache, rows, [r.feed for r in group], pad_id)
             # 2) sample one token per row
             tokens, logps = sample(logits, temperature, top_p, generator)
+            if greedy_obs and any(r.in_obs >= 0 for r in group):  # self-written observations: the likeliest token
+                in_obs = torch.tensor([r.in_obs >= 0 for r in group], device=tokens.device)
+                tokens = torch.where(in_obs, logits.argmax(-1), tokens)
             for row, token, logp in zip(group, tokens.tolist(), logps.tolist()):
                 ep, own = row.episode, row.in_obs < 0  # a self-written observation is the environment's
                 ep.ids.append(token)

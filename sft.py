@@ -2,11 +2,16 @@
 sft.py -- the supervised stages of AutoCoA (arXiv 2503.06580, Sec. 3.2). Distributed setup, checkpoints, metric
 logs and the run guard come from plumbing.py, shared with rl.py and worldmodel.py.
 
-Data: the synthesised trajectories of data.py (<run.data_dir>/synth/train.jsonl; rows of type cot, coa, pair).
+Data: the pre-training corpus of data.py (<run.data_dir>/pretrain.jsonl, stage pretrain), then the synthesised
+trajectories of data.py (<run.data_dir>/synth/train.jsonl; rows of type cot, coa, pair).
 A trajectory is tokenized as prompt (rollout.encode_prompt, exactly what rollout.py feeds) + each segment on its
 own (add_special_tokens=False) + EOS, so which token the environment wrote comes from the segment, never from
 matching strings. Stages (sft.stage):
 
+  pretrain  next-token loss on the world's documents, each written as a search result
+        (`<search_result> title\ntext </search_result>`), each repeated by its entity's popularity (data.popularity:
+        long-tailed). Before any CoT: the tiny model's stand-in for what a pre-trained LM read of its world, so
+        its own simulated search results (SFT-3, rl.py's env=policy) know popular entities and not the tail.
   cot   next-token loss on every CoT row (no tool). The tiny world's stand-in for the paper's starting point, a
         reasoning model that answers from memory; also the CoT-only baseline.
   sft1  CoT+A, *when* to act. Each pair shares a prefix (a no-tool attempt cut after a sentence) and has two
@@ -77,14 +82,17 @@ from tools import ConfigError, build_prompt, cli, master_dtype, model_path, read
 
 @dataclass
 class SFTConfig:
-    stage: str = "sft2"  # cot | sft1 | sft2 | sft3 (see the docstring)
+    stage: str = "sft2"  # pretrain | cot | sft1 | sft2 | sft3 (see the docstring)
     init: str = "base"  # model to start from: base | a stage output under run.dir (cot, sft1, ...) | a path
     out: str = ""  # output folder under run.dir; "" = the stage's name
-    data: str = ""  # synthesised training rows; "" = <run.data_dir>/synth/train.jsonl
+    data: str = ""  # training rows; "" = <run.data_dir>/synth/train.jsonl (pretrain: <run.data_dir>/pretrain.jsonl)
     heldout: str = ""  # held-out rows for the final metrics; "" = <run.data_dir>/synth/dev.jsonl ("none": skip)
     cot_share: float = 0.15  # sft2/sft3: share of CoT rows (well-known facts) in the stream; the rest is CoA
+    pretrain_share: float = 0.0  # cot/sft2/sft3: share of the stream replayed from the pre-training corpus (by
+    # popularity), so what pre-training taught is not overwritten (0 = none; sft1's pairs never mix)
     alpha: float = 0.2  # sft1: weight of the chosen continuation's log-likelihood
     steps: int = 0  # optimizer steps; 0 = the stage's own default below
+    pretrain_steps: int = 1000
     cot_steps: int = 300
     sft1_steps: int = 100
     sft2_steps: int = 500
@@ -107,10 +115,11 @@ class SFTConfig:
               "sft1_steps": "[0, inf)", "sft2_steps": "[0, inf)", "sft3_steps": "[0, inf)", "batch_size": "[1, inf)",
               "device_batch_size": "[1, inf)", "lr": "(0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)",
               "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "bucket_batches": "[1, inf)", "max_len": "[2, inf)",
-              "save_every": "[0, inf)", "keep_ckpts": "[0, inf)"}
+              "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
+              "pretrain_share": "[0, 1)"}
 
 
-STAGES = ("cot", "sft1", "sft2", "sft3")
+STAGES = ("pretrain", "cot", "sft1", "sft2", "sft3")
 
 
 # -----------------------------------------------------------------------------
@@ -185,21 +194,45 @@ def build_examples(rows, stage, tokenizer, env, max_len):
     return out
 
 
+def read_pretrain(path):
+    """Rows of the pre-training corpus (data.make_pretrain: {"contents", "repeats", ...})."""
+    check = lambda r: None if isinstance(r, dict) and isinstance(r.get("contents"), str) and \
+        isinstance(r.get("repeats"), int) and r["repeats"] >= 0 else "needs a string 'contents' and an int 'repeats'"
+    rows = [row for _, row in read_jsonl(path, check, "pretrain row", warn=print0)]
+    if not rows:
+        raise ValueError(f"{path}: no usable rows")
+    return rows
+
+
+def pretrain_examples(rows, tokenizer, env):
+    """One example per document, written exactly as the real tool writes a one-document observation (the whole
+    sequence learnt), with its repeats: epoch_order puts it that many times in an epoch."""
+    from tools import format_observation
+    texts = [format_observation([r["contents"]], tokenizer, env) for r in rows]
+    return [{"ids": ids + [tokenizer.eos_token_id], "mask": [1] * (len(ids) + 1), "cot": False, "repeats": r["repeats"]}
+            for r, ids in zip(rows, encode_texts(tokenizer, texts))]
+
+
 def length_of(example):
     return len(example["ids"]) if "ids" in example else len(example["chosen"]["ids"]) + len(example["rejected"]["ids"])
 
 
-def epoch_order(examples, stage, cot_share, batch_size, bucket_batches, seed, epoch):
+def epoch_order(examples, stage, cot_share, batch_size, bucket_batches, seed, epoch, doc_share=0.0):
     """One epoch as a list of global batches (lists of example indices); a pure function of (seed, epoch), so a
-    resumed run rebuilds the same order. sft2/sft3: every CoA row once, plus CoT rows drawn to make `cot_share`."""
+    resumed run rebuilds the same order. sft2/sft3: every CoA row once, plus CoT rows drawn to make `cot_share`.
+    pretrain: each document `repeats` times. Replayed documents ("doc" examples) are drawn by their repeats, with
+    replacement, to make `doc_share` of the epoch."""
     rng = random.Random(seed * 100003 + epoch)
     cot = [i for i, e in enumerate(examples) if e["cot"]]
-    rest = [i for i, e in enumerate(examples) if not e["cot"]]
+    docs = [i for i, e in enumerate(examples) if e.get("doc") for _ in range(e["repeats"])]
+    rest = [i for i, e in enumerate(examples) if not e["cot"] and not e.get("doc") for _ in range(e.get("repeats", 1))]
     if stage in ("sft2", "sft3") and cot and rest and 0 <= cot_share < 1:
         n_cot = round(len(rest) * cot_share / (1 - cot_share))
         order = rest + [cot[j % len(cot)] for j in rng.sample(range(max(n_cot, len(cot))), n_cot)]
     else:
         order = cot + rest
+    if docs and 0 < doc_share < 1:
+        order += rng.choices(docs, k=round(len(order) * doc_share / (1 - doc_share)))
     rng.shuffle(order)
     window = batch_size * bucket_batches
     batches = []
@@ -221,7 +254,7 @@ class Stream:
     def epoch(self, e):
         if e not in self.cache:
             self.cache = {e: epoch_order(self.examples, self.sc.stage, self.sc.cot_share, self.sc.batch_size,
-                                         self.sc.bucket_batches, self.seed, e)}
+                                         self.sc.bucket_batches, self.seed, e, self.sc.pretrain_share)}
             if not self.cache[e]:
                 raise ConfigError(f"fewer examples ({len(self.examples)}) than sft.batch_size ({self.sc.batch_size})")
         return self.cache[e]
@@ -411,8 +444,15 @@ def main(argv=None):
     model, tokenizer = load_model(init, run, device=device, dtype=master_dtype(run))
     model.config.use_cache = False
     synth = os.path.join(run.data_dir, "synth")
-    examples = build_examples(read_synth(sc.data or os.path.join(synth, "train.jsonl")), sc.stage, tokenizer, env,
-                              sc.max_len)
+    if sc.stage == "pretrain":
+        examples = pretrain_examples(read_pretrain(sc.data or os.path.join(run.data_dir, "pretrain.jsonl")),
+                                     tokenizer, env)
+    else:
+        examples = build_examples(read_synth(sc.data or os.path.join(synth, "train.jsonl")), sc.stage, tokenizer,
+                                  env, sc.max_len)
+        if sc.pretrain_share > 0 and sc.stage != "sft1":  # replay: pre-training documents join, drawn by popularity
+            examples += [{**e, "doc": True} for e in pretrain_examples(
+                read_pretrain(os.path.join(run.data_dir, "pretrain.jsonl")), tokenizer, env)]
     stream = Stream(examples, sc, run.seed)
     ddp_model = wrap_model(model, device, sc.parallel, sc.bf16)
     optimizer = torch.optim.AdamW(ddp_model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.95))

@@ -146,6 +146,8 @@ class EnvConfig:
                           "</search_result>. After </think>, give the final answer as \\boxed{answer}.")
     # the environment
     env: str = "real"  # real | policy (the policy writes its own observation) | worldmodel
+    sim_greedy: bool = False  # env=policy: the policy writes its own observation greedily, not sampled (the
+    # environment's tokens are never trained on: sampling them only adds noise to what the simulator knows)
     tool: str = "bm25"  # bm25 | http
     corpus: str = ""  # corpus JSONL for bm25; empty = <run.data_dir>/corpus.jsonl
     url: str = "http://127.0.0.1:8000/retrieve"  # retrieval server for tool=http

@@ -46,7 +46,10 @@ it could have memorised) and queries it has not:
     invented        share of the simulated observation's entity mentions (capitalised words) found nowhere in
                     the corpus; `unsupported`: share not in the real observation
 and end to end: the agent's EM (tools.reward) on questions with the real tool, the world model, and the policy's
-own simulation, with the real and simulated calls each run spent. Report: printed and <run.dir>/<out>.report.json.
+own simulation, with the real and simulated calls each run spent. On the tiny world also the knowledge curve: for
+people grouped by how often the pre-training corpus repeated their document (data.popularity; 0 = dev and test
+people, after the cut-off), the policy's closed-book EM on "Where was X born?" and how often each simulator's
+observation for the query X holds the birth city. Report: printed and <run.dir>/<out>.report.json.
 
 Departures from the paper: the paper uses only the policy as world model; a separate LM is our addition, as is
 the whole fidelity report. The history drops the policy's thoughts (above).
@@ -108,6 +111,7 @@ class WorldModelConfig:
     agent: str = ""  # agent folder for the end-to-end EM; empty = the policy folder
     eval_questions: int = 50  # test questions per end-to-end run; 0 = skip
     eval_batch: int = 32  # sequences per generation batch
+    knowledge_people: int = 50  # knowledge curve: people per popularity bucket (0 = skip; needs pretrain.jsonl)
     # bookkeeping
     save_every: int = 0  # steps between resumable checkpoints; 0 = only at the end
     keep_ckpts: int = 2
@@ -500,6 +504,55 @@ def measure_policy(model, tokenizer, groups, known, wm, env):
     return out
 
 
+# -----------------------------------------------------------------------------
+# The knowledge curve: what the simulators know, by how often the pre-training corpus repeated the person
+
+BUCKETS = ((0, 0), (1, 2), (3, 9), (10, 29), (30, 99), (100, 10 ** 9))  # repeats in <data_dir>/pretrain.jsonl
+
+
+def bucket_name(lo, hi):
+    return "0 (after cut-off)" if hi == 0 else f"{lo}+" if hi >= 10 ** 9 else f"{lo}-{hi}"
+
+
+def popularity_buckets(data_dir, n, seed):
+    """{bucket: [(person, repeats)]}: up to n people per bucket of pre-training repeats; dev and test people (not
+    in the pre-training corpus) are the 0 bucket. {} without a pre-training corpus (real data)."""
+    path = os.path.join(data_dir, "pretrain.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(os.path.join(data_dir, "world.json")) as f:
+        people = json.load(f)["people"]
+    with open(path) as f:
+        repeats = {r["name"]: r["repeats"] for r in map(json.loads, f) if r.get("name")}
+    rng, out = random.Random(seed), {}
+    for lo, hi in BUCKETS:
+        group = [(p, repeats.get(p["name"], 0)) for p in people if lo <= repeats.get(p["name"], 0) <= hi]
+        if group:
+            out[bucket_name(lo, hi)] = rng.sample(group, min(n, len(group)))
+    return out
+
+
+def knowledge_curve(policy, tokenizer, buckets, env, search, world_env=None):
+    """By popularity bucket, over each bucket's people ("Where was <name> born?"):
+        closed_book    the policy's EM with searching switched off (env.max_actions=0: it answers from memory)
+        kept_policy    the policy's own simulated observation for the query <name> holds the birth city
+        kept_worldmodel  the same for the separate world model (world_env), when given"""
+    from rollout import rollout
+    out = {}
+    for name, group in buckets.items():
+        calls = [{"question": f"Where was {p['name']} born?", "history": "", "query": p["name"]} for p, _ in group]
+        rows = [{"question": c["question"], "golden_answers": [p["city"]]} for c, (p, _) in zip(calls, group)]
+        episodes = rollout(policy, tokenizer, rows, dataclasses.replace(env, max_actions=0, env="real"), search)
+        kept = lambda obs: sum(contains(observation_body(o, env), p["city"]) for o, (p, _) in zip(obs, group))
+        m = {"people": len(group), "closed_book": sum(reward(e.text, e.golds, env) for e in episodes) / len(group),
+             "kept_policy": kept(policy_observations(policy, tokenizer, calls, env)) / len(group)}
+        if world_env is not None:
+            m["kept_worldmodel"] = kept(world_env([c["query"] for c in calls], contexts_of(calls, tokenizer, env))) \
+                / len(group)
+        out[name] = m
+    return out
+
+
 def print_report(report):
     cols = ["calls", "obs_nll", "well_formed", "answer_kept", "fact_recall", "token_f1", "invented", "unsupported"]
     print("\nfidelity on held-out real calls (seen: the world model was trained on calls with this query)")
@@ -513,6 +566,11 @@ def print_report(report):
         for name, r in runs.items():
             print(f"  tool={name:<11} EM {r['em']:.3f} | real calls {r['real_calls']:5d} | simulated calls "
                   f"{r['sim_calls']:5d} | {r['seconds']:.1f}s")
+    if report.get("knowledge"):
+        print("\nknowledge by popularity (repeats in the pre-training corpus; birth city of each bucket's people)")
+        for bucket, m in report["knowledge"].items():
+            print(f"  {bucket:<18} " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in m.items()))
 
 
 def golds_by_question(data_dir):
@@ -611,7 +669,12 @@ def main(argv=None):
     report["fidelity"]["worldmodel"] = measure_worldmodel(model, tokenizer, policy_tok, groups, known, wm, env)
     policy = wm.policy or first_existing(cfg.run.dir, ("sft123", "sft3"))
     if os.path.exists(os.path.join(policy, "config.json")):
-        report["fidelity"]["policy"] = measure_policy(*load_model(policy, cfg.run), groups, known, wm, env)
+        policy_model, policy_tok = load_model(policy, cfg.run)
+        report["fidelity"]["policy"] = measure_policy(policy_model, policy_tok, groups, known, wm, env)
+        buckets = popularity_buckets(cfg.run.data_dir, wm.knowledge_people, cfg.run.seed)
+        if buckets:
+            world_env = WorldModelEnv(model, tokenizer, env, policy_tok, wm.history_max_tokens, wm.eval_batch)
+            report["knowledge"] = knowledge_curve(policy_model, policy_tok, buckets, env, search, world_env)
     else:
         print(f"no policy folder at {policy}: the policy's own simulation is not measured")
 

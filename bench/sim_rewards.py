@@ -10,6 +10,8 @@ without searching.
 
     python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0      # after the demo (seed 0)
     python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0 prompts=200
+    python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0 popular=30  # as rl.sim_popular=30 draws
+    python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0 sim_greedy=false  # sampled observations
 
 Needs <run>/sft123 and, for the world-model row, <run>/worldmodel. Ends with one JSON line.
 """
@@ -26,9 +28,11 @@ import torch  # noqa: E402
 import data  # noqa: E402
 from rollout import rollout  # noqa: E402
 from tools import EnvConfig, RunConfig, cli, load_config, load_model, model_path, read_key_values, reward  # noqa: E402
+from rl import popular_rows  # noqa: E402
 from worldmodel import make_environment  # noqa: E402
 
 DEFAULTS = {"run": "runs/tiny/seed0", "data": "data/tiny/seed0", "config": "configs/tiny.yaml", "prompts": 96,
+            "popular": 0, "sim_greedy": "config",
             "group": 4, "seed": 0, "threads": 1}
 
 
@@ -62,10 +66,11 @@ def main(argv=None):
     args = read_key_values(DEFAULTS, sys.argv[1:] if argv is None else argv, "sim_rewards")
     torch.set_num_threads(args["threads"])
     cfg = load_config({"run": RunConfig, "env": EnvConfig}, ["--config", args["config"], "run.device=cpu",
-                                                             f"run.data_dir={args['data']}"])
+                                                             f"run.data_dir={args['data']}"] +
+                     ([] if args["sim_greedy"] == "config" else [f"env.sim_greedy={args['sim_greedy']}"]))
     env = cfg.env
     model, tok = load_model(model_path("sft123", args["run"], "sim_rewards"), device=torch.device("cpu"))
-    rows = data.load_qa(os.path.join(args["data"], "train.jsonl"))
+    rows = popular_rows(data.load_qa(os.path.join(args["data"], "train.jsonl")), args["data"], args["popular"])
     random.Random(args["seed"]).shuffle(rows)
     rows = rows[:args["prompts"]]
     wm_path = os.path.join(args["run"], "worldmodel")

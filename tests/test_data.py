@@ -30,6 +30,27 @@ def test_world_is_deterministic_for_a_seed(tmp_path):
         assert (d1 / f"{name}.jsonl").read_text() == (d2 / f"{name}.jsonl").read_text()
 
 
+def test_pretrain_corpus_is_long_tailed_and_stops_at_the_cutoff(tiny_cfg):
+    """Each document as often as its entity is popular: train people log-uniform in [1, pretrain_max], famous
+    people, cities and companies at the top, dev and test people absent (after the cut-off); the same world."""
+    rows = read(os.path.join(tiny_cfg.run.data_dir, "pretrain.jsonl"))
+    world = json.load(open(os.path.join(tiny_cfg.run.data_dir, "world.json")))
+    corpus = read(os.path.join(tiny_cfg.run.data_dir, "corpus.jsonl"))
+    split = {p["name"]: p["split"] for p in world["people"]}
+    top = tiny_cfg.world.pretrain_max
+    by_split = {}
+    for r in rows:
+        by_split.setdefault(split.get(r["name"], "other"), []).append(r["repeats"])
+    assert "dev" not in by_split and "test" not in by_split
+    assert set(by_split["famous"]) == {top} and all(1 <= n <= top for n in by_split["train"])
+    train = sorted(by_split["train"])
+    assert train[len(train) // 2] < top / 4 and train[-len(train) // 10] > top / 4  # a long tail and a head
+    docs = {d["id"]: d["contents"] for d in corpus}
+    assert all(docs[r["id"]] == r["contents"] for r in rows)  # the corpus's own documents
+    assert {r["repeats"] for r in rows if r["id"].startswith(("city-", "company-"))} == {top}
+    assert data.popularity(world, tiny_cfg.world, 0) == data.popularity(world, tiny_cfg.world, 0)
+
+
 def test_world_kinds_choose_the_questions_asked(tmp_path):
     cfg = tiny_config(str(tmp_path), ["world.kinds=city,country"])
     data.build_world(cfg.world, 0, cfg.run.data_dir)

@@ -267,6 +267,7 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
     calls = {label: line.split("|")[-2].strip() for line in table.splitlines() for label, _, _ in demo.ROWS
              if line.startswith(f"| {label} |")}
     assert calls["SFT-2"] == "-" and int(calls["+RL real only"]) > 0 and calls["+RL simulated only"] == "0"
+    assert 0 < int(calls["+RL-2 alone (control)"]) < int(calls["+RL real only"])  # its 1/6 of the steps, all real
     for png in ("rl_curves.png", "accuracy_by_stage.png"):
         assert os.path.getsize(os.path.join(run_dir, png)) > 1000
     assert "one held-out trajectory" in printed and "[[" in printed and "reward:" in printed  # not a tty: brackets
@@ -282,7 +283,9 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
     _, second = run("b", "--readme")  # everything again from nothing, in other folders: the same bytes
     assert first == second
     written = readme.read_text()
-    assert "STALE" not in written and "| +RL real only |" in written and "[[<search_result>" in written
+    assert "STALE" not in written and "| +RL real only |" in written and "| +RL-2 alone (control) |" in written
+    # the trajectory of the final model (6 steps a stage need not search: show_trajectory's own test marks [[...]])
+    assert "The final model (+RL simulated then real), seed 0" in written and "reward:" in written
     assert sorted(os.listdir(docs)) == ["accuracy_by_stage.png", "rl_curves.png"]
 
 

@@ -185,6 +185,19 @@ def fake_episodes(model, n, seed, vocab):
     return episodes
 
 
+def test_sim_popular_keeps_the_questions_about_people_pretraining_repeated_often(tiny_cfg):
+    import data
+    rows = data.load_qa(os.path.join(tiny_cfg.run.data_dir, "train.jsonl"))
+    with open(os.path.join(tiny_cfg.run.data_dir, "pretrain.jsonl")) as f:
+        repeats = {r["name"]: r["repeats"] for r in map(json.loads, f) if r.get("name")}
+    assert rl.popular_rows(rows, tiny_cfg.run.data_dir, 0) == rows
+    popular = rl.popular_rows(rows, tiny_cfg.run.data_dir, 30)
+    assert 0 < len(popular) < len(rows) and all(repeats[r["queries"][0]] >= 30 for r in popular)
+    assert len(popular) == sum(repeats.get(r["queries"][0], 0) >= 30 for r in rows)
+    with pytest.raises(rl.ConfigError, match="sim_popular"):
+        rl.popular_rows(rows, os.path.join(tiny_cfg.run.data_dir, "nowhere"), 30)
+
+
 def test_logps_of_a_padded_batch_equal_those_of_each_row_alone(tiny_base):
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     episodes = fake_episodes(model, 4, 0, model.config.vocab_size)

@@ -325,6 +325,31 @@ def test_policy_env_writes_its_own_observation_under_mask_zero(agent, questions,
         assert end <= env.obs_max_tokens + 2
 
 
+def test_policy_env_with_sim_greedy_writes_the_likeliest_observation_and_samples_its_own_words(agent, questions,
+                                                                                              search):
+    """env.sim_greedy: inside a self-written observation every token is the argmax of a plain forward (the
+    opener excepted: the loop writes it); the model's own tokens are still sampled (not all argmax)."""
+    model, tok = agent
+    env = dataclasses.replace(search[0], env="policy", obs_max_tokens=10, sim_greedy=True)
+    episodes = rollout(model, tok, questions[:8], env, None, temperature=1.0, group_size=2,
+                       generator=torch.Generator().manual_seed(0))
+    opener, closer = (tok.convert_tokens_to_ids(t) for t in (env.obs_open, env.obs_close))  # one id each here
+    written = sampled = own = 0
+    for ep in [ep for ep in episodes if ep.actions]:
+        with torch.no_grad():
+            logits = model(torch.tensor([ep.prompt_ids + ep.ids])).logits[0, len(ep.prompt_ids) - 1:-1]
+        best, inside = logits.argmax(-1).tolist(), False
+        for t, (token, m) in enumerate(zip(ep.ids, ep.mask)):
+            if m == 1:
+                own += 1
+                sampled += token != best[t]
+            elif inside and token != closer:  # the policy's own observation (the loop closes one over budget)
+                written += 1
+                assert token == best[t]
+            inside = (inside or token == opener) and m == 0 and token != closer
+    assert written > 0 and sampled > 0 and own > sampled
+
+
 def test_episode_defaults_and_prompt_encoding(agent):
     _, tok = agent
     env = EnvConfig()

@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sft
+import tools
 from conftest import finished
 from tools import EnvConfig
 
@@ -80,6 +82,30 @@ def test_sft2_mixes_only_well_known_cot_and_sft3_unmasks_observations(tiny_synth
 
 # -----------------------------------------------------------------------------
 # losses
+
+def test_pretrain_examples_are_one_document_search_results_repeated_by_popularity(tiny_root, tiny_synth, tokenizer):
+    """stage=pretrain: a document reads exactly as the real tool's one-document observation, every token learnt,
+    and an epoch holds it `repeats` times."""
+    rows = sft.read_pretrain(os.path.join(tiny_root, "data", "pretrain.jsonl"))[:40]
+    examples = sft.pretrain_examples(rows, tokenizer, ENV)
+    text = tokenizer.decode(examples[0]["ids"][:-1])
+    assert text == tools.format_observation([rows[0]["contents"]], tokenizer, ENV)
+    assert text.startswith("<search_result> ") and examples[0]["ids"][-1] == tokenizer.eos_token_id
+    assert all(all(e["mask"]) for e in examples)
+    batches = sft.epoch_order(examples, "pretrain", 0.15, 4, 4, seed=0, epoch=0)
+    seen = Counter(i for b in batches for i in b)
+    total = sum(r["repeats"] for r in rows)
+    assert sum(seen.values()) == total - total % 4  # the whole weighted corpus, less the ragged tail batch
+    assert all(abs(seen[i] - r["repeats"]) <= 3 for i, r in enumerate(rows))
+    # replay (sft.pretrain_share): documents join a later stage's stream, drawn by their repeats
+    trajectories = sft.build_examples(synth_rows(tiny_synth), "sft3", tokenizer, ENV, 512)
+    mixed = trajectories + [{**e, "doc": True} for e in examples]
+    order = [i for b in sft.epoch_order(mixed, "sft3", 0.15, 8, 4, seed=0, epoch=0, doc_share=0.25) for i in b]
+    drawn = Counter(i - len(trajectories) for i in order if i >= len(trajectories))
+    assert abs(sum(drawn.values()) / len(order) - 0.25) < 0.02
+    heavy = max(range(len(rows)), key=lambda i: rows[i]["repeats"])
+    assert drawn[heavy] > sum(drawn.values()) * rows[heavy]["repeats"] / total / 2  # popular documents come often
+
 
 def test_sft1_loss_equals_its_formula_on_hand_made_logprobs():
     lp_c = torch.tensor([-0.5, -2.0, -1.0])

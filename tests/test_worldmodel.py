@@ -159,13 +159,33 @@ def test_config_picks_the_environment(tiny_cfg, tiny_base, base):
         wmod.make_environment(dataclasses.replace(ENV, env="oracle"), tiny_cfg.run, tok)
 
 
+def test_knowledge_curve_buckets_people_by_popularity_and_scores_a_faithful_simulator_1(tiny_cfg, base):
+    """Buckets hold the people whose pre-training repeats fall in them (dev/test: 0); the real tool standing in
+    for a simulator keeps every birth city, and the untrained policy answers none closed-book."""
+    buckets = wmod.popularity_buckets(tiny_cfg.run.data_dir, 3, seed=0)
+    with open(os.path.join(tiny_cfg.run.data_dir, "pretrain.jsonl")) as f:
+        repeats = {r["name"]: r["repeats"] for r in map(json.loads, f) if r.get("name")}
+    assert "0 (after cut-off)" in buckets and len(buckets) >= 4
+    for (lo, hi), (name, group) in zip([b for b in wmod.BUCKETS if wmod.bucket_name(*b) in buckets], buckets.items()):
+        assert name == wmod.bucket_name(lo, hi) and 1 <= len(group) <= 3
+        assert all(lo <= n <= hi and repeats.get(p["name"], 0) == n for p, n in group)
+    assert all(p["split"] in ("dev", "test") for p, _ in buckets["0 (after cut-off)"])
+    model, tok = base
+    search = SearchEnv(make_tool(ENV, tiny_cfg.run), tok, ENV)
+    curve = wmod.knowledge_curve(model, tok, buckets, ENV, search, world_env=search)
+    assert list(curve) == list(buckets)
+    for m in curve.values():
+        assert m["kept_worldmodel"] == 1.0 and m["closed_book"] == 0.0 and 0.0 <= m["kept_policy"] <= 1.0
+
+
 # -----------------------------------------------------------------------------
 # The script: training, the report, resume
 
 def test_world_model_loss_falls_and_the_report_covers_every_simulator(tiny_root, tiny_base, tiny_synth):
     calls = os.path.join(tiny_synth[0], "calls_train.jsonl")  # the real calls synthesis logged
     report = wmod.main(wm_argv(tiny_root, tiny_base, "wm", f"calls={calls}", "steps=60", "batch_size=16",
-                               "log_every=10", "eval_calls=6", f"policy={tiny_base}", "eval_questions=3"))
+                               "log_every=10", "eval_calls=6", f"policy={tiny_base}", "eval_questions=3",
+                               "knowledge_people=2"))
     losses = [loss for _, loss in report["train_loss"]]
     assert losses[-1] < 0.6 * losses[0]
     assert set(report["fidelity"]) == {"worldmodel", "policy"}
@@ -175,6 +195,7 @@ def test_world_model_loss_falls_and_the_report_covers_every_simulator(tiny_root,
     assert set(runs) == {"real", "worldmodel", "policy"}
     assert runs["real"]["sim_calls"] == 0 and runs["worldmodel"]["real_calls"] == 0
     assert runs["policy"]["real_calls"] == 0
+    assert "0 (after cut-off)" in report["knowledge"] and all(m["people"] <= 2 for m in report["knowledge"].values())
     assert os.path.exists(os.path.join(tiny_root, "runs", "wm", "worldmodel", "config.json"))
 
 
