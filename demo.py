@@ -51,7 +51,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import eval as ev
-from tools import SECTIONS, ConfigError, EnvConfig, RunConfig, cli, load_config, read_jsonl
+from tools import SECTIONS, ConfigError, EnvConfig, RunConfig, cli, help_text, load_config, read_jsonl
 
 # Quick mode: a small world and a few steps per stage, enough to exercise every code path in about a minute.
 QUICK = {
@@ -398,8 +398,27 @@ def write_readme(path, text, part="results"):
     os.replace(path + ".tmp", path)
 
 
+FLAGS = {"seeds N": "run seeds run.seed .. run.seed+N-1, each its own world and model; cells: mean ± std (default 1)",
+         "jobs N": "independent stages side by side, one core each (default 2)",
+         "quick": "a small world and a few steps per stage: checks that the code runs (its numbers mean nothing)",
+         "readme": "rewrite the README's results and trajectory sections and docs/*.png from this run"}
+
+
+def all_sections():
+    """{section: dataclass} of every stage: the demo passes each section.key=value to the stages that read it."""
+    import rl
+    import sft
+    import worldmodel
+    return {"run": RunConfig, "env": EnvConfig, "world": ev.data.WorldConfig, "model": ev.data.ModelConfig,
+            "synth": ev.data.SynthConfig, "sft": sft.SFTConfig, "worldmodel": worldmodel.WorldModelConfig,
+            "rl": rl.RLConfig, "eval": ev.EvalConfig}
+
+
 def parse_flags(argv):
-    """(quick, seeds, jobs, readme, config path, overrides); an unknown --flag is an error."""
+    """(quick, seeds, jobs, readme, config path, overrides); an unknown --flag is an error, --help prints the help."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text(all_sections(), flags=FLAGS, doc=__doc__, prog="demo.py"))
+        raise SystemExit(0)
     quick, readme, n_seeds, jobs, rest = False, False, 1, 2, []
     it = iter(argv)
     for a in it:

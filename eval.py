@@ -64,24 +64,24 @@ from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, c
 class EvalConfig:
     init: str = "sft2"  # the model: a folder, a stage name under <run.dir>/, "base", or an HF hub name
     data: str = "test"  # comma-separated QA sets, each a split of run.data_dir (train|dev|test), a QA JSONL path,
-    # a name with a file <qa_dir>/<name>.jsonl, or a FlashRAG hub name (nq, ...); several sets: one table
+                        # a name with a file <qa_dir>/<name>.jsonl, or a FlashRAG hub name (nq, ...); several: a table
     qa_dir: str = "data/qa"  # where QA set names find their files (nq -> data/qa/nq.jsonl)
     limit: int = 0  # evaluate the first N questions only (0 = all)
     mode: str = "agent"  # agent | notool | workflow (see the docstring)
     workflow: str = "auto"  # auto | fixed | react: how the workflow baseline decides its actions
     samples: int = 1  # samples per question; 1 with temperature 0 = greedy
-    temperature: float = 0.0
-    top_p: float = 1.0
+    temperature: float = 0.0  # sampling temperature; 0 = greedy
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
     batch_size: int = 64  # questions per rollout call (times samples = sequences in flight)
     tag: str = ""  # name of the output files; empty = <init>-<mode>-<data>
     out: str = "eval"  # results go to <run.dir>/<out>/
     show: int = 0  # print this many trajectories with model vs environment tokens told apart
     log_calls: str = ""  # append every real tool call to this JSONL (world-model training data, worldmodel.py)
     judge: bool = False  # also ask an LLM judge (OpenAI-compatible endpoint) whether each answer is right
-    judge_url: str = "http://127.0.0.1:8001/v1/chat/completions"
-    judge_model: str = "gpt-4o-mini"
+    judge_url: str = "http://127.0.0.1:8001/v1/chat/completions"  # the judge's chat-completions endpoint
+    judge_model: str = "gpt-4o-mini"  # the request's "model"
     judge_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (empty: no auth header)
-    judge_timeout_s: float = 30.0
+    judge_timeout_s: float = 30.0  # per judge request
     seed: int = 0  # sampling seed (a torch.Generator), so sampled evals repeat exactly
 
 
@@ -504,9 +504,10 @@ def judge(records, ecfg):
 # -----------------------------------------------------------------------------
 # Showing one trajectory: who wrote which token
 
-def show_trajectory(ep, tokenizer, color=None):
+def show_trajectory(ep, tokenizer, color=None, scored=True):
     """The prompt, then the completion with the environment's tokens told apart from the model's:
-    ANSI colour on a terminal (model green, environment grey), else the environment's text in [[ ]]."""
+    ANSI colour on a terminal (model green, environment grey), else the environment's text in [[ ]].
+    scored=False leaves the reward out (a question asked with no gold answer, chat.py)."""
     color = sys.stdout.isatty() if color is None else color
     parts = [tokenizer.decode(ep.prompt_ids)]
     start = 0
@@ -520,7 +521,8 @@ def show_trajectory(ep, tokenizer, color=None):
             start = i
     legend = ("(green: written by the model; grey: written by the environment)" if color else
               "([[...]]: written by the environment; the rest after the prompt: written by the model)")
-    return "".join(parts) + f"\n{legend}\nreward: {ep.reward}  finish: {ep.finish}  actions: {ep.actions}"
+    scored = f"reward: {ep.reward}  " if scored else ""
+    return "".join(parts) + f"\n{legend}\n{scored}finish: {ep.finish}  actions: {ep.actions}"
 
 
 # -----------------------------------------------------------------------------

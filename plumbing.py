@@ -272,7 +272,8 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=None, meta=None,
 # -----------------------------------------------------------------------------
 # The run guard: a run never destroys what an earlier run left, and two live runs never share an out=
 
-RUN_FLAGS = ("resume", "overwrite")  # the flags of every training script
+RUN_FLAGS = {"resume": "continue the run under out= from its newest checkpoint (same weights as an unbroken run)",
+             "overwrite": "delete what an earlier run left under out= (folder, checkpoints, metrics) and start over"}
 _LOCKS = {}  # lock file path -> its open file, held for the life of this process
 
 

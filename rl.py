@@ -114,7 +114,7 @@ class RLConfig:
     prompts_per_step: int = 16  # prompts per step, all ranks together (the paper: 48)
     group_size: int = 4  # trajectories per prompt (the paper: 5)
     temperature: float = 1.0  # sampling temperature (the paper: 0.6); the loss scores tokens at temperature 1
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
     # loss
     loss_type: str = "grpo"  # grpo | dapo | dr_grpo (see the docstring)
     scale_std: bool = True  # divide advantages by the group's std (false: Dr. GRPO)
@@ -125,8 +125,8 @@ class RLConfig:
     entropy_coef: float = 0.0  # alpha of the entropy bonus
     reward: str = "em"  # em | f1
     # optimisation
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    lr: float = 1e-4  # learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
     betas: str = "0.9,0.99"  # AdamW betas, "b1,b2"
     warmup_steps: int = 0  # linear warm-up, then constant (RL keeps the lr flat)
     grad_clip: float = 1.0  # max grad norm; 0 = off

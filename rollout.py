@@ -611,3 +611,10 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, stop_strings=(), temp
     run_loop(model, tokenizer, episodes, StopRules(tokenizer, max_new_tokens, stop_strings),
              temperature, top_p, generator, static=static_decode)
     return [ep.ids for ep in episodes], [ep.logps for ep in episodes]
+
+
+if __name__ == "__main__":  # a library: `python rollout.py --help` says so and where its command lines are
+    import sys
+    print(__doc__.strip().split("\n\n")[0] + "\n\nrollout.py is a library, with no command line of its own: "
+          "python chat.py asks a trained model a question through it, and bench/rollout.py measures it.")
+    sys.exit(0 if sys.argv[1:] in ([], ["--help"], ["-h"]) else 2)

@@ -85,16 +85,16 @@ class SFTConfig:
     cot_share: float = 0.15  # sft2/sft3: share of CoT rows (well-known facts) in the stream; the rest is CoA
     alpha: float = 0.2  # sft1: weight of the chosen continuation's log-likelihood
     steps: int = 0  # optimizer steps; 0 = the stage's own default below
-    cot_steps: int = 300
-    sft1_steps: int = 100
-    sft2_steps: int = 500
-    sft3_steps: int = 100
+    cot_steps: int = 300  # default steps of stage cot
+    sft1_steps: int = 100  # default steps of stage sft1
+    sft2_steps: int = 500  # default steps of stage sft2
+    sft3_steps: int = 100  # default steps of stage sft3
     batch_size: int = 32  # sequences (sft1: pairs) per optimizer step, over all ranks
     device_batch_size: int = 8  # sequences (pairs) per forward; the rest is gradient accumulation
     lr: float = 1e-5  # peak learning rate (a pretrained model's; the tiny model from scratch uses 3e-3)
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
+    warmup_steps: int = 20  # linear warm-up steps, then the cosine
+    weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     bucket_batches: int = 16  # length bucketing: batches are cut from windows of this many batches sorted by length
     max_len: int = 512  # trajectories longer than this (prompt included) are cut

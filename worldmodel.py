@@ -86,21 +86,22 @@ from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, c
 class WorldModelConfig:
     # model and data
     init: str = ""  # model to fine-tune: a folder, a stage name under run.dir (sft123, ...) or a hub name; empty =
-    # the base model (tiny world: untrained)
+                    # the base model (tiny world: untrained)
     out: str = "worldmodel"  # output folder name under <run.dir>
     calls: str = "auto"  # logged real calls (JSONL path or glob) | oracle (the train questions' oracle queries sent to
-    # the real tool) | auto: <run.data_dir>/synth/calls_train.jsonl (logged by synthesis) if it exists, else oracle
+                         # the real tool) | auto: <run.data_dir>/synth/calls_train.jsonl (logged by synthesis) if it
+                         # exists, else oracle
     heldout_share: float = 0.05  # share of training questions whose calls are held out (their entities are seen)
     unseen: str = ""  # questions whose oracle calls make the unseen held-out set; empty = <run.data_dir>/test.jsonl
     history_max_tokens: int = 256  # earlier calls kept in the prompt, cut from the left
     # optimisation
-    steps: int = 300
+    steps: int = 300  # optimizer steps
     batch_size: int = 32  # calls per step, all ranks together
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decay to lr * this
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    warmup_steps: int = 20  # linear warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
     bf16: bool = False  # bf16 compute, fp32 master weights: FSDP2's MixedPrecisionPolicy, as sft.bf16 (else DDP)
     # report
     eval_calls: int = 100  # held-out calls per group (seen, unseen); 0 = no fidelity report
@@ -110,8 +111,8 @@ class WorldModelConfig:
     eval_batch: int = 32  # sequences per generation batch
     # bookkeeping
     save_every: int = 0  # steps between resumable checkpoints; 0 = only at the end
-    keep_ckpts: int = 2
-    log_every: int = 50
+    keep_ckpts: int = 2  # newest checkpoints kept
+    log_every: int = 50  # steps between printed loss lines (the metrics JSONL has every step)
 
 
 # -----------------------------------------------------------------------------
