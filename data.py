@@ -36,6 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from plumbing import progress
 from tools import RunConfig, EnvConfig, cli, load_config, make_tool
 from tools import SearchEnv, build_prompt, check_rows, parse, read_jsonl, reward
 
@@ -659,8 +660,7 @@ def hf_samples(cfg, rows, search, tokenizer, model):
     """samples per row from an HF model through rollout.py: lists of segments, grouped per row."""
     import rollout
     out = []
-    for i in range(0, len(rows), cfg.synth.batch_size):
-        batch = rows[i:i + cfg.synth.batch_size]
+    for batch in progress(rows, cfg.synth.batch_size, "synth", search):
         episodes = rollout.rollout(model, tokenizer, batch, cfg.env, search, group_size=cfg.synth.samples,
                                    temperature=cfg.synth.temperature, top_p=cfg.synth.top_p)
         for j in range(len(batch)):
@@ -696,7 +696,7 @@ def endpoint_samples(cfg, rows, search, tokenizer):
     """samples per row from an endpoint: the text stops at each action close; the real tool's observation is
     appended and the request repeated, until the model answers or spends env.max_actions searches."""
     env, out = cfg.env, []
-    for row in rows:
+    for [row] in progress(rows, 1, "synth", search):
         group = []
         for _ in range(cfg.synth.samples):
             prompt, segments = build_prompt(tokenizer, row["question"], env), []
@@ -777,7 +777,7 @@ def synthesize(cfg, tokenizer=None):
         if teacher == "oracle":
             oracle = Oracle(world, cfg.env, search, tokenizer, cfg.synth.imperfect_share,
                             random.Random(f"{cfg.run.seed}-{split}"))
-            for row in rows:
+            for [row] in progress(rows, 1, f"synth {split}", search):
                 out += oracle(row)
         else:
             groups = (hf_samples(cfg, rows, search, tokenizer, model) if model is not None

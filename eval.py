@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-from plumbing import barrier, print0, setup_dist
+from plumbing import barrier, print0, progress, setup_dist
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, exact_match, extract_boxed,
                    f1_score, lenient_match, load_config, load_model, make_tool, model_path, parse)
 
@@ -124,10 +124,9 @@ def run_agent(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
     """rollout() over batches of questions; episodes come back in row order, samples adjacent."""
     from rollout import rollout
     episodes = []
-    for i in range(0, len(rows), ecfg.batch_size):
-        episodes += rollout(model, tokenizer, rows[i:i + ecfg.batch_size], env_cfg, environment,
-                            group_size=ecfg.samples, temperature=ecfg.temperature, top_p=ecfg.top_p,
-                            generator=generator)
+    for batch in progress(rows, ecfg.batch_size, "eval", environment):
+        episodes += rollout(model, tokenizer, batch, env_cfg, environment, group_size=ecfg.samples,
+                            temperature=ecfg.temperature, top_p=ecfg.top_p, generator=generator)
     return episodes
 
 
@@ -136,14 +135,14 @@ def notool_env(env_cfg):
     return dataclasses.replace(env_cfg, max_actions=0, env="real")  # "real" with a tool never called (NoTool)
 
 
-def generate_batch(model, tokenizer, prompts, max_new_tokens, stop_strings, ecfg, generator):
+def generate_batch(model, tokenizer, prompts, max_new_tokens, stop_strings, ecfg, generator, desc="eval",
+                   environment=None):
     """rollout.generate over batches: prompts (lists of ids) -> [(ids, logps)] in order."""
     from rollout import generate
     out = []
-    for i in range(0, len(prompts), ecfg.batch_size):
-        ids, logps = generate(model, tokenizer, prompts[i:i + ecfg.batch_size], max_new_tokens,
-                              stop_strings=stop_strings, temperature=ecfg.temperature, top_p=ecfg.top_p,
-                              generator=generator)
+    for batch in progress(prompts, ecfg.batch_size, desc, environment, unit="seq"):
+        ids, logps = generate(model, tokenizer, batch, max_new_tokens, stop_strings=stop_strings,
+                              temperature=ecfg.temperature, top_p=ecfg.top_p, generator=generator)
         out += list(zip(ids, logps))
     return out
 
@@ -222,7 +221,7 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
     # 2) the model reasons and answers; an attempted action is cut off and the answer forced
     budget = max(48, env_cfg.max_new_tokens - max(len(t.ids) for t in traces))  # observations count, as in rollout
     outs = generate_batch(model, tokenizer, [t.prompt_ids + t.ids for t in traces], budget,
-                          (env_cfg.action_open,), ecfg, generator)
+                          (env_cfg.action_open,), ecfg, generator, "eval workflow", environment)
     again = []
     for trace, (ids, logps) in zip(traces, outs):
         text = tokenizer.decode(ids)
@@ -324,7 +323,7 @@ def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
             break
         budget = max(1, min(env_cfg.max_new_tokens - min(len(t.ids) for t in live), 128))
         outs = generate_batch(model, tokenizer, [t.prompt_ids + t.ids for t in live], budget,
-                              ("Observation:",), ecfg, generator)
+                              ("Observation:",), ecfg, generator, f"eval react turn {turn + 1}", environment)
         searching = []
         for trace, (ids, logps) in zip(live, outs):
             trace.add(ids, "model", logps)

@@ -57,6 +57,22 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def progress(items, size, desc, environment=None, unit="q"):
+    """The items in slices of `size`, with a tqdm bar on stderr (rank 0): items/s and, when an environment is
+    given, the real or simulated calls it has answered and its failed ones so far. Every loop that may take more
+    than a few seconds goes through one, so no eval or synthesis sits silent for minutes."""
+    from tqdm import tqdm
+    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=int(os.environ.get("RANK", 0)) != 0 or not items)
+    try:
+        for i in range(0, len(items), size):
+            yield items[i:i + size]
+            bar.update(len(items[i:i + size]))
+            if hasattr(environment, "calls"):
+                bar.set_postfix(calls=environment.calls, failures=getattr(environment, "failures", 0))
+    finally:
+        bar.close()
+
+
 def barrier():
     if is_dist():
         dist.barrier()

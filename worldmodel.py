@@ -47,6 +47,8 @@ it could have memorised) and queries it has not:
                     the corpus; `unsupported`: share not in the real observation
 and end to end: the agent's EM (tools.reward) on questions with the real tool, the world model, and the policy's
 own simulation, with the real and simulated calls each run spent. Report: printed and <run.dir>/<out>.report.json.
+Outputs, as every trainer's: <run.dir>/<out>/ (HF folder), <out>.ckpt/ (resume), <out>.metrics.jsonl (loss and lr
+a step; the last row holds the report's numbers), also sent to wandb or tensorboard with run.log.
 
 Departures from the paper: the paper uses only the policy as world model; a separate LM is our addition, as is
 the whole fidelity report. The history drops the policy's thoughts (above).
@@ -76,7 +78,8 @@ import torch
 
 import data
 from plumbing import (RUN_FLAGS, all_mean, barrier, claim_run, full_state_dict, latest_checkpoint, load_checkpoint,
-                      plain_copy, print0, release_run, save_checkpoint, setup_dist, wrap_model)
+                      log_line, plain_copy, print0, progress, release_run, save_checkpoint, setup_dist, start_logging,
+                      truncate_log, wrap_model)
 from rollout import generate
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, format_observation, load_config,
                    load_model, make_tool, master_dtype, model_path, normalize_answer, read_jsonl, reward, split_context)
@@ -112,7 +115,7 @@ class WorldModelConfig:
     # bookkeeping
     save_every: int = 0  # steps between resumable checkpoints; 0 = only at the end
     keep_ckpts: int = 2  # newest checkpoints kept
-    log_every: int = 50  # steps between printed loss lines (the metrics JSONL has every step)
+    log_every: int = 50  # steps between the losses kept in the report's train_loss (the metrics JSONL: every step)
 
 
 # -----------------------------------------------------------------------------
@@ -349,8 +352,8 @@ def policy_observations(model, tokenizer, calls, env, batch_size=32):
     prompts = [tokenizer.encode(c, add_special_tokens=False) + tokenizer.encode(env.obs_open, add_special_tokens=False)
                for c in contexts_of(calls, tokenizer, env)]
     texts = []
-    for i in range(0, len(prompts), batch_size):
-        outs, _ = generate(model, tokenizer, prompts[i:i + batch_size], env.obs_max_tokens + 8, [env.obs_close])
+    for batch in progress(prompts, batch_size, "fidelity: policy", unit="call"):
+        outs, _ = generate(model, tokenizer, batch, env.obs_max_tokens + 8, [env.obs_close])
         texts += [tokenizer.decode(o).replace(tokenizer.eos_token, "") for o in outs]
     return [format_observation([observation_body(t, env)], tokenizer, env) for t in texts]
 
@@ -391,8 +394,10 @@ def split_calls(calls, heldout_share, seed):
     return [c for c in calls if c["question"] not in held], [c for c in calls if c["question"] in held]
 
 
-def train(cfg, model, tokenizer, examples, device, rank, world_size):
-    """Fine-tune on (prompt, observation) examples; returns the list of (step, loss) logged on rank 0."""
+def train(cfg, model, tokenizer, examples, device, rank, world_size, metrics_path):
+    """Fine-tune on (prompt, observation) examples; one metrics row a step to metrics_path (rank 0). Returns the
+    list of (step, loss) every log_every steps."""
+    from tqdm import tqdm
     wm = cfg.worldmodel
     if wm.batch_size < world_size:
         raise ConfigError(f"config: worldmodel.batch_size={wm.batch_size} is smaller than the {world_size} ranks")
@@ -405,8 +410,13 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size):
         meta = load_checkpoint(latest_checkpoint(ckpt_dir), ddp_model, optimizer)
         start = meta["step"]
         print0(f"resumed from {latest_checkpoint(ckpt_dir)} at step {start}")
-    log, t0 = [], time.time()
-    for step in range(start, wm.steps):
+    elif rank == 0 and os.path.exists(metrics_path):  # --resume before any checkpoint: start the log afresh
+        os.remove(metrics_path)
+    if rank == 0:
+        truncate_log(metrics_path, start)  # a resumed run rewrites the rows after its checkpoint
+    log, t_last = [], time.time()
+    bar = tqdm(range(start, wm.steps), initial=start, total=wm.steps, disable=rank != 0, desc="worldmodel")
+    for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, wm)
         batch = batch_at(step, len(examples), wm.batch_size, cfg.run.seed)[rank::world_size]
@@ -419,10 +429,13 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size):
         if wm.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), wm.grad_clip)
         optimizer.step()
+        mean, now = all_mean(loss.item()), time.time()
+        if rank == 0:
+            log_line(metrics_path, {"step": step + 1, "loss": mean, "lr": lr_at(step, wm), "step_s": now - t_last})
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_at(step, wm):.2e}")
+        t_last = now
         if step % wm.log_every == 0 or step == wm.steps - 1:
-            mean = all_mean(loss.item())
             log.append((step, mean))
-            print0(f"step {step:5d} | loss {mean:.4f} | lr {lr_at(step, wm):.2e} | {time.time() - t0:.1f}s")
         if (wm.save_every and (step + 1) % wm.save_every == 0) or step == wm.steps - 1:
             save_checkpoint(ckpt_dir, step + 1, ddp_model, optimizer, meta={"config": cfg.to_dict()},
                             keep=wm.keep_ckpts)
@@ -461,8 +474,8 @@ def end_to_end(agent, agent_tok, rows, cfg, environments):
         environment = make(agent_tok)
         t0 = time.time()
         episodes = []
-        for i in range(0, len(rows), cfg.worldmodel.eval_batch):
-            episodes += rollout(agent, agent_tok, rows[i:i + cfg.worldmodel.eval_batch], env_cfg, environment)
+        for batch in progress(rows, cfg.worldmodel.eval_batch, f"end to end, tool={name}", environment):
+            episodes += rollout(agent, agent_tok, batch, env_cfg, environment)
         out[name] = {"em": sum(reward(e.text, e.golds, cfg.env) for e in episodes) / max(1, len(episodes)),
                      "real_calls": sum(e.real_calls for e in episodes),
                      "sim_calls": sum(e.sim_calls for e in episodes), "seconds": round(time.time() - t0, 1)}
@@ -474,7 +487,8 @@ def measure_worldmodel(model, tokenizer, policy_tok, groups, known, wm, env):
     world_env = WorldModelEnv(model, tokenizer, env, policy_tok, wm.history_max_tokens, wm.eval_batch)
     out = {}
     for group, sample in groups.items():
-        sim = world_env([c["query"] for c in sample], contexts_of(sample, policy_tok, env))
+        sim = [obs for part in progress(sample, wm.eval_batch, f"fidelity: world model, {group}", unit="call")
+               for obs in world_env([c["query"] for c in part], contexts_of(part, policy_tok, env))]
         pairs = [(wm_prompt_ids(tokenizer, c["question"], c["history"], c["query"], env, wm.history_max_tokens),
                   tokenizer.encode(c["observation"], add_special_tokens=False)) for c in sample]
         out[group] = {**fidelity_table(sim, sample, known, env),
@@ -508,6 +522,15 @@ def print_report(report):
         for name, r in runs.items():
             print(f"  tool={name:<11} EM {r['em']:.3f} | real calls {r['real_calls']:5d} | simulated calls "
                   f"{r['sim_calls']:5d} | {r['seconds']:.1f}s")
+
+
+def report_metrics(report):
+    """The report's numbers as one flat metrics row: fidelity_<simulator>_<group>_<metric>, e2e_<split>_<tool>_em."""
+    row = {f"fidelity_{name}_{group}_{metric}": value for name, groups in report["fidelity"].items()
+           for group, metrics in groups.items() for metric, value in metrics.items() if value is not None}
+    row.update({f"e2e_{split}_{tool}_em": r["em"] for split, runs in report.get("end_to_end", {}).items()
+                for tool, r in runs.items()})
+    return row
 
 
 def golds_by_question(data_dir):
@@ -547,6 +570,7 @@ def main(argv=None):
     wm, env = cfg.worldmodel, cfg.env
     init = model_path(wm.init, cfg.run.dir, f"worldmodel.init={wm.init!r}") if wm.init else None  # before any work
     rank, world_size, device = setup_dist(cfg.run)
+    start_logging(cfg.run, wm.out, cfg.to_dict(), rank)  # run.log: the metrics rows also go to wandb/tensorboard
     if rank == 0:
         claim_run(cfg.run.dir, wm.out, cfg.flags)  # an earlier run's output, or a live run on this out=
     torch.manual_seed(cfg.run.seed)
@@ -570,7 +594,8 @@ def main(argv=None):
     # 2. fine-tune the world model: loss on observation tokens only
     model, tokenizer = load_model(init or base, cfg.run, device=device, dtype=master_dtype(cfg.run))
     examples = [make_example(tokenizer, c, env, wm.history_max_tokens) for c in train_calls]
-    model, log = train(cfg, model, tokenizer, examples, device, rank, world_size)
+    metrics_path = os.path.join(cfg.run.dir, wm.out + ".metrics.jsonl")
+    model, log = train(cfg, model, tokenizer, examples, device, rank, world_size, metrics_path)
     out_dir = os.path.join(cfg.run.dir, wm.out)
     if rank == 0:
         data.save_atomic(out_dir, model, tokenizer)
@@ -620,6 +645,7 @@ def main(argv=None):
                 rows = rng.sample(rows, min(wm.eval_questions, len(rows)))
                 report["end_to_end"][split] = end_to_end(agent_model, agent_tok, rows, cfg, environments)
     print_report(report)
+    log_line(metrics_path, {"step": wm.steps, "final": True, **report_metrics(report)})
     with open(os.path.join(cfg.run.dir, wm.out + ".report.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(f"total {time.time() - t0:.1f}s")
