@@ -14,6 +14,7 @@ plumbing.py -- what every trainer (sft.py, rl.py, worldmodel.py) and eval.py sha
 A trainer's loop reads: setup_dist -> claim_run -> wrap_model -> (latest_checkpoint -> load_checkpoint) -> steps,
 each ending in log_line and now and then save_checkpoint -> save the HF folder -> release_run.
 """
+import contextlib
 import fcntl
 import glob
 import json
@@ -296,8 +297,9 @@ _LOCKS = {}  # lock file path -> its open file, held for the life of this proces
 def claim_run(run_dir, out, flags):
     """Lock <run_dir>/<out>.lock and check what an earlier run left under this out=, before anything is written.
 
-    - another live process holds the lock: ConfigError naming its PID (fcntl locks die with their process, so
-      a killed run never leaves a stale one);
+    - another live process holds the lock: ConfigError naming its PID. fcntl locks die with their process: a
+      killed run may leave the file, holding its dead PID, but never a held lock, and the next run takes it over;
+      a run that ends removes its file (release_run);
     - <out>/, <out>.ckpt/ or <out>.metrics.jsonl exist, and neither --resume nor --overwrite was given:
       ConfigError saying how to do either (a fresh run would replace them);
     - --overwrite: they are deleted now, and the run starts over.
@@ -307,7 +309,7 @@ def claim_run(run_dir, out, flags):
         raise ConfigError("give --resume or --overwrite, not both")
     os.makedirs(run_dir, exist_ok=True)
     lock_path = os.path.join(run_dir, out + ".lock")
-    if lock_path not in _LOCKS:
+    while lock_path not in _LOCKS:
         f = open(lock_path, "a+")
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -317,6 +319,13 @@ def claim_run(run_dir, out, flags):
             f.close()
             raise ConfigError(f"{os.path.join(run_dir, out)} is in use by a live run (PID {holder}; lock "
                               f"{lock_path}): wait for it, or give this run another out=") from None
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder released (and removed) it between our open and our lock: take the new one
+            f.close()
+            continue
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
@@ -336,9 +345,13 @@ def claim_run(run_dir, out, flags):
 
 
 def release_run(run_dir, out):
-    """Drop the lock of claim_run (at the end of a run; a crash drops it when the process ends)."""
-    f = _LOCKS.pop(os.path.join(run_dir, out + ".lock"), None)
+    """Drop the lock of claim_run and remove its file (at the end of a run; a crash drops the lock when the process
+    ends, leaving a file that is not a lock). Removed while still held, so no other run can hold that file then."""
+    path = os.path.join(run_dir, out + ".lock")
+    f = _LOCKS.pop(path, None)
     if f is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
         f.close()
 
 

@@ -14,14 +14,15 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
                  (Bessel's correction, as in TRL and verl): a group {0, 1} gets -0.71 and +0.71.
     4. update    `updates_per_step` optimizer steps on mini-batches of the episodes, each minimising
 
-        L = agg_t [ -min(rho_t A, clip(rho_t, 1-eps_low, 1+eps_high) A) + beta KL3_t - alpha H_t ]
+        L = agg_t [ -min(rho_t A, clip(rho_t, 1-eps_low, 1+eps_high) A) + kl_coef KL3_t - entropy_coef H_t ]
         rho_t  = exp(logp_t - logp_old_t)            logp_old: the log-prob recorded at sampling (rollout.py)
         KL3_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1    (k3 estimator, >= 0; needs a frozen reference)
         H_t    = entropy of the policy at token t (optional bonus)
 
        over the tokens with mask 1: prompt, padding and observation tokens (written by the environment) never
        enter the loss. The aggregation agg is one switch in grpo_loss():
-         grpo     mean over a trajectory's tokens, then mean over trajectories (DeepSeekMath)
+         grpo     mean over a trajectory's tokens, then mean over trajectories (DeepSeekMath): grpo_loss sums
+                  the token means and divides by the global mini-batch's trajectory count (loss_denominator)
          dapo     mean over all tokens of the batch (DAPO)
          dr_grpo  sum over tokens / (trajectories x max_new_tokens), a constant normaliser (Dr. GRPO)
        Normalisers are counted over the whole mini-batch on all ranks, so 1 process and N processes give the
@@ -121,8 +122,8 @@ class RLConfig:
     drop_zero_var: bool = False  # drop groups whose rewards are all equal (no signal; saves compute)
     eps_low: float = 0.2  # clip range below 1 of the importance ratio
     eps_high: float = 0.2  # clip range above 1 (DAPO's clip-higher: 0.28)
-    kl_coef: float = 0.0  # beta of the k3 KL to the frozen start model; 0 = no reference model at all
-    entropy_coef: float = 0.0  # alpha of the entropy bonus
+    kl_coef: float = 0.0  # weight of the k3 KL to the frozen start model (the papers' beta); 0 = no reference model
+    entropy_coef: float = 0.0  # weight of the entropy bonus
     reward: str = "em"  # em | f1
     # optimisation
     lr: float = 1e-4  # learning rate (AdamW)
@@ -201,7 +202,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, eps_low=0.2, eps_hi
         per_token = per_token - entropy_coef * entropy
 
     tokens_per_seq = mask.sum(1)  # (B,)
-    if loss_type == "grpo":  # each trajectory's token mean, then the sum over trajectories
+    if loss_type == "grpo":  # each trajectory's token mean, summed; the trajectory count below makes it a mean
         total = ((per_token * mask).sum(1) / tokens_per_seq.clamp(min=1)).sum()
     else:  # dapo and dr_grpo: the sum over all tokens; they differ in the denominator only
         total = (per_token * mask).sum()

@@ -438,9 +438,11 @@ def run_loop(model, tokenizer, episodes, rules, temperature, top_p, generator, s
 # The CoA rules: actions, observations, the action limit, the answer
 
 def query_of(tokenizer, ep, start, env_cfg):
-    """The query of the action the model just closed: the text between the last action tags of its stretch."""
+    """The query of the action the model just closed: the text between the last action tags of its stretch; None
+    when the closer has no opener before it (then it is no action: nothing is searched)."""
     text = tokenizer.decode(ep.ids[start:])
-    return text[:text.rfind(env_cfg.action_close)].rpartition(env_cfg.action_open)[2].strip()
+    before, opened, query = text[:text.rfind(env_cfg.action_close)].rpartition(env_cfg.action_open)
+    return query.strip() if opened else None
 
 
 def call_environment(environment, queries, contexts, env_cfg):
@@ -501,11 +503,14 @@ class CoARules:
         calls = []
         for row in rows:
             ep = row.episode
+            query = query_of(self.tok, ep, row.start, self.env)
+            if query is None:  # a closer with no opener: no search (tools.parse calls it unbalanced action tags)
+                continue
             if len(ep.actions) >= self.env.max_actions:  # one action too many: not run, the answer is forced
                 row.forced, row.answer_from = True, len(ep.ids)
                 self.add_env(row, self.note_ids)
                 continue
-            ep.actions.append(query_of(self.tok, ep, row.start, self.env))
+            ep.actions.append(query)
             if self.environment is None:  # env=policy: open the observation, the policy writes the rest
                 ep.sim_calls += 1
                 row.in_obs = len(ep.ids)

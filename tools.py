@@ -557,12 +557,16 @@ class BM25Search:
             os.replace(tmp, index_dir)  # atomic: a killed build never leaves a half index
 
     def search(self, queries, k=2):
-        """(document indices, scores) per query, best first; numpy top-k, never jax."""
+        """(document indices, scores) per query, best first, at most k; numpy top-k, never jax. Documents that share
+        no term with the query (score 0: bm25s fills its top k with them) are left out, so a query that matches
+        nothing gets no passages ("no results"), not k arbitrary documents."""
         bm25s = import_bm25s()
         tokens = bm25s.tokenize([q or " " for q in queries], stopwords="en", show_progress=False)
         idx, scores = self.index.retrieve(tokens, k=min(k, len(self.docs)), show_progress=False, n_threads=1,
                                           backend_selection="numpy")
-        return idx.tolist(), scores.tolist()
+        hits = [[(i, s) for i, s in zip(row, row_scores) if s > 0] for row, row_scores in zip(idx.tolist(),
+                                                                                            scores.tolist())]
+        return [[i for i, _ in row] for row in hits], [[s for _, s in row] for row in hits]
 
     def __call__(self, queries, k=2):
         return [[self.docs[i]["contents"] for i in row] for row in self.search(queries, k)[0]]
