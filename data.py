@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from plumbing import progress
-from tools import RunConfig, EnvConfig, cli, load_config, make_tool
+from tools import RunConfig, EnvConfig, ConfigError, cli, load_config, make_tool
 from tools import SearchEnv, build_prompt, check_rows, parse, read_jsonl, reward
 
 
@@ -784,6 +784,10 @@ def synthesize(cfg, tokenizer=None):
                       else endpoint_samples(cfg, rows, search, tokenizer))
             for row, group in zip(rows, groups):
                 out += judged(row, group, cfg.env)
+        if rows and not out:  # before writing: an empty train.jsonl would only fail in the next stage
+            raise ConfigError(f"synth: the teacher {teacher} kept no row of the {len(rows)} {split} questions (every "
+                              f"sample was wrong or malformed; rejection sampling keeps right ones): try more "
+                              f"synth.samples or another teacher (synth.teacher=oracle on the tiny world)")
         write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), out)
         counts = Counter(r["type"] for r in out)
         stats[split] = {"questions": len(rows), **counts, "real_calls": search.calls, "tool_failures": search.failures,

@@ -31,15 +31,17 @@ Three modes, all through rollout.py so the rows compare fairly:
 
 Outputs: <run.dir>/<eval.out>/<tag>.jsonl (one row per question and sample) and <tag>.summary.json; with several
 sets (eval.data=nq,triviaqa,...) one pair per set and the paper's Table 1: <tag>.table.md and <tag>.table.json,
-a column per set plus their average, rows EM, F1, lenient accuracy, actions per question (and the judge's).
+a column per set plus their average, rows EM, F1, lenient accuracy, format-error rate, actions per question (and
+the judge's).
 
     python eval.py --config configs/tiny.yaml init=sft2                     # the agent, greedy, real tool
     python eval.py --config configs/tiny.yaml init=sft2 mode=notool
+    python eval.py --config configs/tiny.yaml init=sft2 limit=5 show=2     # and print 2 trajectories (chat.py: ask one)
     python eval.py --config configs/tiny.yaml init=sft2 samples=4 temperature=0.7 env.env=policy
     python eval.py --config configs/smollm2_eval.yaml mode=workflow data=/path/hotpotqa.jsonl limit=50
     python eval.py --config configs/smollm2_eval.yaml data=nq,triviaqa,hotpotqa,2wiki,musique,bamboogle \
         qa_dir=PATH/flashrag_test limit=500                               # Table 1: nq -> PATH/nq.jsonl, ...
-    torchrun --nproc_per_node 8 eval.py --config configs/qwen7b.yaml init=rl2 data=nq,hotpotqa   # a shard per rank
+    torchrun --nproc_per_node 8 eval.py --config configs/qwen7b.yaml init=rl data=nq,hotpotqa   # a shard per rank
 
 Not here: the pass@k family, retrieval metrics (data.bm25_recall has recall@k), an LLM judge for training rewards.
 """
@@ -602,7 +604,8 @@ def summary_line(summary):
 # records to rank 0, which puts them back in row order and writes what one process would have written (greedy
 # rows do not depend on the shard; wall_s is the slowest rank's).
 
-TABLE_ROWS = (("em", "EM"), ("f1", "F1"), ("lenient", "lenient acc."), ("actions", "actions/question"))
+TABLE_ROWS = (("em", "EM"), ("f1", "F1"), ("lenient", "lenient acc."), ("format_error", "format errors"),
+              ("actions", "actions/question"))  # format errors: what explains a column of zeros
 
 
 def gather_shards(shards, world_size):

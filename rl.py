@@ -6,7 +6,8 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
     1. rollout   every rank takes its shard of the step's prompts and samples `group_size` trajectories per
                  prompt (rollout.py). Tool calls go to the environment of the schedule: the paper's RL-1 runs
                  in a simulated environment (the policy writes its own <search_result>, or a world model does),
-                 RL-2 in the real one. `sim_share` of the steps are simulated, the rest real.
+                 RL-2 in the real one. `sim_share` of the steps are simulated, the rest real (with sim_share
+                 below 1, at least the last step is real: a short run still spends real calls).
     2. reward    r = 1 if the trajectory is well formed and its \\boxed{} answer matches a gold answer, else 0
                  (tools.reward; `reward: f1` gives the answer's F1 instead).
     3. advantage A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6), std off with scale_std=false (Dr. GRPO);
@@ -109,7 +110,8 @@ class RLConfig:
     eval_every: int = 0  # steps between evals; 0 = only before the first and after the last step
     # schedule
     steps: int = 60  # optimizer rounds (one rollout batch each)
-    sim_share: float = 0.0  # the first round(sim_share*steps) steps use a simulated environment (paper: 5/6)
+    sim_share: float = 0.0  # the first round(sim_share*steps) steps use a simulated environment (paper: 5/6); below 1
+                            # the last step is always real
     sim_env: str = "auto"  # simulated environment: auto (worldmodel if env.worldmodel is set, else policy) | policy | worldmodel
     # rollout
     prompts_per_step: int = 16  # prompts per step, all ranks together (the paper: 48)
@@ -245,9 +247,16 @@ def token_logps(model, input_ids, attention_mask, n_completion, with_entropy=Fal
 # -----------------------------------------------------------------------------
 # One step: which environment, which prompts, rollout, reward
 
+def sim_steps(rcfg):
+    """How many of the first steps are simulated: round(sim_share * steps), but with sim_share < 1 at least the
+    last step is real (2 steps at 5/6 round to 2 simulated, and the "then real" run would spend no real call)."""
+    n = round(rcfg.sim_share * rcfg.steps)
+    return min(n, rcfg.steps - 1) if rcfg.sim_share < 1 else n
+
+
 def step_env(step, rcfg, env_cfg):
-    """The environment kind of this step: simulated for the first round(sim_share * steps), then env.env."""
-    if step < round(rcfg.sim_share * rcfg.steps):
+    """The environment kind of this step: simulated for the first sim_steps(rcfg), then env.env."""
+    if step < sim_steps(rcfg):
         if rcfg.sim_env == "auto":
             return "worldmodel" if env_cfg.worldmodel else "policy"
         return rcfg.sim_env

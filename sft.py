@@ -32,14 +32,17 @@ Precision, one path for sft.py, rl.py and worldmodel.py: bf16=true wraps the mod
 decoder layer, then the root) with a bf16 MixedPrecisionPolicy: forward and backward in bf16, fp32 master weights,
 gradients reduced in fp32. It needs parallel=fsdp, and means the same on one process (a 1-rank process group is
 started, so `python` and `torchrun --nproc_per_node 1` run it too) as on N. bf16=false trains in fp32.
-Outputs: <run.dir>/<out>/ (HF folder, written atomically), <run.dir>/<out>.ckpt/step_XXXXXX/ (resume),
+Outputs are named for the stages that made them (demo.py, the README): cot, sft1, sft2 (SFT-2 alone), sft12
+(SFT-1 then SFT-2), sft123 (then SFT-3; rl.py starts from it). Under them: <run.dir>/<out>/ (HF folder, written
+atomically), <run.dir>/<out>.ckpt/step_XXXXXX/ (resume),
 <run.dir>/<out>.metrics.jsonl (one line per step; the last line holds the held-out metrics on dev trajectories:
 next-token loss on the model's tokens, and the perplexity of the real observations).
 
     python sft.py --config configs/tiny.yaml stage=cot                    # -> runs/tiny/cot
+    python sft.py --config configs/tiny.yaml stage=sft2 init=cot          # -> runs/tiny/sft2 (SFT-2 alone)
     python sft.py --config configs/tiny.yaml stage=sft1 init=cot          # -> runs/tiny/sft1
-    python sft.py --config configs/tiny.yaml stage=sft2 init=sft1         # -> runs/tiny/sft2
-    python sft.py --config configs/tiny.yaml stage=sft3 init=sft2         # -> runs/tiny/sft3
+    python sft.py --config configs/tiny.yaml stage=sft2 init=sft1 out=sft12     # -> runs/tiny/sft12 (SFT-1&2)
+    python sft.py --config configs/tiny.yaml stage=sft3 init=sft12 out=sft123   # -> runs/tiny/sft123 (SFT-1&2&3)
     python sft.py --config configs/tiny.yaml stage=sft2 --resume          # after a crash: the same weights
     torchrun --nproc_per_node 2 sft.py --config configs/tiny.yaml         # 2 CPU processes (gloo), same losses
     python sft.py --config configs/tiny.yaml run.device=cuda parallel=fsdp bf16=true   # one GPU, bf16 compute

@@ -918,7 +918,8 @@ def serve(argv=None):
     ap.add_argument("--corpus", required=True, help="corpus JSONL with {'id', 'contents'} rows")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     ap.add_argument("--port", type=int, default=8000, help="0 = any free port (the URL printed says which)")
-    ap.add_argument("--retriever", default="bm25", choices=["bm25", "e5"])
+    ap.add_argument("--retriever", default="bm25", choices=["bm25", "e5"],
+                    help="bm25 (index cached beside the corpus) or e5 (dense: an encoder and faiss-cpu)")
     ap.add_argument("--model", default="intfloat/e5-base-v2", help="encoder for --retriever e5")
     ap.add_argument("--device", default="cpu", help="encoder device for --retriever e5")
     ap.add_argument("--max_bytes", type=int, default=1 << 20, help="largest request body (bigger: 413)")

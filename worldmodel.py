@@ -82,7 +82,8 @@ from plumbing import (RUN_FLAGS, all_mean, barrier, claim_run, full_state_dict, 
                       truncate_log, wrap_model)
 from rollout import generate
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, format_observation, load_config,
-                   load_model, make_tool, master_dtype, model_path, normalize_answer, read_jsonl, reward, split_context)
+                   load_model, make_tool, master_dtype, model_path, normalize_answer, parse, read_jsonl, reward,
+                   split_context)
 
 
 @dataclass
@@ -108,7 +109,7 @@ class WorldModelConfig:
     bf16: bool = False  # bf16 compute, fp32 master weights: FSDP2's MixedPrecisionPolicy, as sft.bf16 (else DDP)
     # report
     eval_calls: int = 100  # held-out calls per group (seen, unseen); 0 = no fidelity report
-    policy: str = ""  # policy folder whose own simulation is measured too; empty = <run.dir>/sft123 or sft3 if there
+    policy: str = ""  # policy folder whose own simulation is measured too; empty = <run.dir>/sft123
     agent: str = ""  # agent folder for the end-to-end EM; empty = the policy folder
     eval_questions: int = 50  # test questions per end-to-end run; 0 = skip
     eval_batch: int = 32  # sequences per generation batch
@@ -466,7 +467,8 @@ def contexts_of(calls, tokenizer, env):
 
 
 def end_to_end(agent, agent_tok, rows, cfg, environments):
-    """Agent EM and call counts with each environment: {name: {"em", "real_calls", "sim_calls", "seconds"}}."""
+    """Agent EM, format-error rate and call counts with each environment: {name: {"em", "format_error", "real_calls",
+    "sim_calls", "seconds"}}."""
     from rollout import rollout
     out = {}
     for name, make in environments.items():
@@ -477,6 +479,7 @@ def end_to_end(agent, agent_tok, rows, cfg, environments):
         for batch in progress(rows, cfg.worldmodel.eval_batch, f"end to end, tool={name}", environment):
             episodes += rollout(agent, agent_tok, batch, env_cfg, environment)
         out[name] = {"em": sum(reward(e.text, e.golds, cfg.env) for e in episodes) / max(1, len(episodes)),
+                     "format_error": sum(not parse(e.text, cfg.env).format_ok for e in episodes) / max(1, len(episodes)),
                      "real_calls": sum(e.real_calls for e in episodes),
                      "sim_calls": sum(e.sim_calls for e in episodes), "seconds": round(time.time() - t0, 1)}
     return out
@@ -520,7 +523,7 @@ def print_report(report):
     for split, runs in report.get("end_to_end", {}).items():
         print(f"\nagent end to end on {split}-entity questions ({report['agent']})")
         for name, r in runs.items():
-            print(f"  tool={name:<11} EM {r['em']:.3f} | real calls {r['real_calls']:5d} | simulated calls "
+            print(f"  tool={name:<11} EM {r['em']:.3f} | format errors {r['format_error']:.3f} | real calls {r['real_calls']:5d} | simulated calls "
                   f"{r['sim_calls']:5d} | {r['seconds']:.1f}s")
 
 
@@ -556,11 +559,6 @@ def real_calls(cfg, search, golds):
     for c in calls:
         c["golden_answers"] = golds.get(c["question"], [])
     return calls, source
-
-
-def first_existing(run_dir, names):
-    paths = [os.path.join(run_dir, n) for n in names]
-    return next((p for p in paths if os.path.exists(os.path.join(p, "config.json"))), paths[-1])
 
 
 def main(argv=None):
@@ -618,7 +616,7 @@ def main(argv=None):
     groups = {name: sample for name, sample in (("seen", seen), ("unseen", unseen)) if sample}
     known = corpus_entities(env, cfg.run)
     report["fidelity"]["worldmodel"] = measure_worldmodel(model, tokenizer, policy_tok, groups, known, wm, env)
-    policy = wm.policy or first_existing(cfg.run.dir, ("sft123", "sft3"))
+    policy = wm.policy or os.path.join(cfg.run.dir, "sft123")
     if os.path.exists(os.path.join(policy, "config.json")):
         report["fidelity"]["policy"] = measure_policy(*load_model(policy, cfg.run), groups, known, wm, env)
     else:
