@@ -478,8 +478,9 @@ def end_to_end(agent, agent_tok, rows, cfg, environments):
         episodes = []
         for batch in progress(rows, cfg.worldmodel.eval_batch, f"end to end, tool={name}", environment):
             episodes += rollout(agent, agent_tok, batch, env_cfg, environment)
-        out[name] = {"em": sum(reward(e.text, e.golds, cfg.env) for e in episodes) / max(1, len(episodes)),
-                     "format_error": sum(not parse(e.text, cfg.env).format_ok for e in episodes) / max(1, len(episodes)),
+        n = max(1, len(episodes))
+        out[name] = {"em": sum(reward(e.text, e.golds, cfg.env) for e in episodes) / n,
+                     "format_error": sum(not parse(e.text, cfg.env).format_ok for e in episodes) / n,
                      "real_calls": sum(e.real_calls for e in episodes),
                      "sim_calls": sum(e.sim_calls for e in episodes), "seconds": round(time.time() - t0, 1)}
     return out
@@ -523,8 +524,8 @@ def print_report(report):
     for split, runs in report.get("end_to_end", {}).items():
         print(f"\nagent end to end on {split}-entity questions ({report['agent']})")
         for name, r in runs.items():
-            print(f"  tool={name:<11} EM {r['em']:.3f} | format errors {r['format_error']:.3f} | real calls {r['real_calls']:5d} | simulated calls "
-                  f"{r['sim_calls']:5d} | {r['seconds']:.1f}s")
+            print(f"  tool={name:<11} EM {r['em']:.3f} | format errors {r['format_error']:.3f} | real calls "
+                  f"{r['real_calls']:5d} | simulated calls {r['sim_calls']:5d} | {r['seconds']:.1f}s")
 
 
 def report_metrics(report):
