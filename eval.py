@@ -31,15 +31,17 @@ Three modes, all through rollout.py so the rows compare fairly:
 
 Outputs: <run.dir>/<eval.out>/<tag>.jsonl (one row per question and sample) and <tag>.summary.json; with several
 sets (eval.data=nq,triviaqa,...) one pair per set and the paper's Table 1: <tag>.table.md and <tag>.table.json,
-a column per set plus their average, rows EM, F1, lenient accuracy, actions per question (and the judge's).
+a column per set plus their average, rows EM, F1, lenient accuracy, format-error rate, actions per question (and
+the judge's).
 
     python eval.py --config configs/tiny.yaml init=sft2                     # the agent, greedy, real tool
     python eval.py --config configs/tiny.yaml init=sft2 mode=notool
+    python eval.py --config configs/tiny.yaml init=sft2 limit=5 show=2     # and print 2 trajectories (chat.py: ask one)
     python eval.py --config configs/tiny.yaml init=sft2 samples=4 temperature=0.7 env.env=policy
     python eval.py --config configs/smollm2_eval.yaml mode=workflow data=/path/hotpotqa.jsonl limit=50
     python eval.py --config configs/smollm2_eval.yaml data=nq,triviaqa,hotpotqa,2wiki,musique,bamboogle \
         qa_dir=PATH/flashrag_test limit=500                               # Table 1: nq -> PATH/nq.jsonl, ...
-    torchrun --nproc_per_node 8 eval.py --config configs/qwen7b.yaml init=rl2 data=nq,hotpotqa   # a shard per rank
+    torchrun --nproc_per_node 8 eval.py --config configs/qwen7b.yaml init=rl data=nq,hotpotqa   # a shard per rank
 
 Not here: the pass@k family, retrieval metrics (data.bm25_recall has recall@k), an LLM judge for training rewards.
 """
@@ -55,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-from plumbing import barrier, print0, setup_dist
+from plumbing import barrier, print0, progress, setup_dist
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, exact_match, extract_boxed,
                    f1_score, lenient_match, load_config, load_model, make_tool, model_path, parse)
 
@@ -64,24 +66,24 @@ from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, c
 class EvalConfig:
     init: str = "sft2"  # the model: a folder, a stage name under <run.dir>/, "base", or an HF hub name
     data: str = "test"  # comma-separated QA sets, each a split of run.data_dir (train|dev|test), a QA JSONL path,
-    # a name with a file <qa_dir>/<name>.jsonl, or a FlashRAG hub name (nq, ...); several sets: one table
+                        # a name with a file <qa_dir>/<name>.jsonl, or a FlashRAG hub name (nq, ...); several: a table
     qa_dir: str = "data/qa"  # where QA set names find their files (nq -> data/qa/nq.jsonl)
     limit: int = 0  # evaluate the first N questions only (0 = all)
     mode: str = "agent"  # agent | notool | workflow (see the docstring)
     workflow: str = "auto"  # auto | fixed | react: how the workflow baseline decides its actions
     samples: int = 1  # samples per question; 1 with temperature 0 = greedy
-    temperature: float = 0.0
-    top_p: float = 1.0
+    temperature: float = 0.0  # sampling temperature; 0 = greedy
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
     batch_size: int = 64  # questions per rollout call (times samples = sequences in flight)
     tag: str = ""  # name of the output files; empty = <init>-<mode>-<data>
     out: str = "eval"  # results go to <run.dir>/<out>/
     show: int = 0  # print this many trajectories with model vs environment tokens told apart
     log_calls: str = ""  # append every real tool call to this JSONL (world-model training data, worldmodel.py)
     judge: bool = False  # also ask an LLM judge (OpenAI-compatible endpoint) whether each answer is right
-    judge_url: str = "http://127.0.0.1:8001/v1/chat/completions"
-    judge_model: str = "gpt-4o-mini"
+    judge_url: str = "http://127.0.0.1:8001/v1/chat/completions"  # the judge's chat-completions endpoint
+    judge_model: str = "gpt-4o-mini"  # the request's "model"
     judge_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (empty: no auth header)
-    judge_timeout_s: float = 30.0
+    judge_timeout_s: float = 30.0  # per judge request
     seed: int = 0  # sampling seed (a torch.Generator), so sampled evals repeat exactly
     max_tool_failures: float = 0.05  # share of a set's real tool calls that may fail: the call that takes it past
     # this stops the eval, naming the server and the cause (exit 1); its numbers would measure the failures
@@ -130,10 +132,9 @@ def run_agent(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
     """rollout() over batches of questions; episodes come back in row order, samples adjacent."""
     from rollout import rollout
     episodes = []
-    for i in range(0, len(rows), ecfg.batch_size):
-        episodes += rollout(model, tokenizer, rows[i:i + ecfg.batch_size], env_cfg, environment,
-                            group_size=ecfg.samples, temperature=ecfg.temperature, top_p=ecfg.top_p,
-                            generator=generator)
+    for batch in progress(rows, ecfg.batch_size, "eval", environment):
+        episodes += rollout(model, tokenizer, batch, env_cfg, environment, group_size=ecfg.samples,
+                            temperature=ecfg.temperature, top_p=ecfg.top_p, generator=generator)
     return episodes
 
 
@@ -142,14 +143,14 @@ def notool_env(env_cfg):
     return dataclasses.replace(env_cfg, max_actions=0, env="real")  # "real" with a tool never called (NoTool)
 
 
-def generate_batch(model, tokenizer, prompts, max_new_tokens, stop_strings, ecfg, generator):
+def generate_batch(model, tokenizer, prompts, max_new_tokens, stop_strings, ecfg, generator, desc="eval",
+                   environment=None):
     """rollout.generate over batches: prompts (lists of ids) -> [(ids, logps)] in order."""
     from rollout import generate
     out = []
-    for i in range(0, len(prompts), ecfg.batch_size):
-        ids, logps = generate(model, tokenizer, prompts[i:i + ecfg.batch_size], max_new_tokens,
-                              stop_strings=stop_strings, temperature=ecfg.temperature, top_p=ecfg.top_p,
-                              generator=generator)
+    for batch in progress(prompts, ecfg.batch_size, desc, environment, unit="seq"):
+        ids, logps = generate(model, tokenizer, batch, max_new_tokens, stop_strings=stop_strings,
+                              temperature=ecfg.temperature, top_p=ecfg.top_p, generator=generator)
         out += list(zip(ids, logps))
     return out
 
@@ -228,7 +229,7 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
     # 2) the model reasons and answers; an attempted action is cut off and the answer forced
     budget = max(48, env_cfg.max_new_tokens - max(len(t.ids) for t in traces))  # observations count, as in rollout
     outs = generate_batch(model, tokenizer, [t.prompt_ids + t.ids for t in traces], budget,
-                          (env_cfg.action_open,), ecfg, generator)
+                          (env_cfg.action_open,), ecfg, generator, "eval workflow", environment)
     again = []
     for trace, (ids, logps) in zip(traces, outs):
         text = tokenizer.decode(ids)
@@ -330,7 +331,7 @@ def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
             break
         budget = max(1, min(env_cfg.max_new_tokens - min(len(t.ids) for t in live), 128))
         outs = generate_batch(model, tokenizer, [t.prompt_ids + t.ids for t in live], budget,
-                              ("Observation:",), ecfg, generator)
+                              ("Observation:",), ecfg, generator, f"eval react turn {turn + 1}", environment)
         searching = []
         for trace, (ids, logps) in zip(live, outs):
             trace.add(ids, "model", logps)
@@ -510,9 +511,10 @@ def judge(records, ecfg):
 # -----------------------------------------------------------------------------
 # Showing one trajectory: who wrote which token
 
-def show_trajectory(ep, tokenizer, color=None):
+def show_trajectory(ep, tokenizer, color=None, scored=True):
     """The prompt, then the completion with the environment's tokens told apart from the model's:
-    ANSI colour on a terminal (model green, environment grey), else the environment's text in [[ ]]."""
+    ANSI colour on a terminal (model green, environment grey), else the environment's text in [[ ]].
+    scored=False leaves the reward out (a question asked with no gold answer, chat.py)."""
     color = sys.stdout.isatty() if color is None else color
     parts = [tokenizer.decode(ep.prompt_ids)]
     start = 0
@@ -526,7 +528,8 @@ def show_trajectory(ep, tokenizer, color=None):
             start = i
     legend = ("(green: written by the model; grey: written by the environment)" if color else
               "([[...]]: written by the environment; the rest after the prompt: written by the model)")
-    return "".join(parts) + f"\n{legend}\nreward: {ep.reward}  finish: {ep.finish}  actions: {ep.actions}"
+    scored = f"reward: {ep.reward}  " if scored else ""
+    return "".join(parts) + f"\n{legend}\n{scored}finish: {ep.finish}  actions: {ep.actions}"
 
 
 # -----------------------------------------------------------------------------
@@ -607,7 +610,8 @@ def summary_line(summary):
 # records to rank 0, which puts them back in row order and writes what one process would have written (greedy
 # rows do not depend on the shard; wall_s is the slowest rank's).
 
-TABLE_ROWS = (("em", "EM"), ("f1", "F1"), ("lenient", "lenient acc."), ("actions", "actions/question"))
+TABLE_ROWS = (("em", "EM"), ("f1", "F1"), ("lenient", "lenient acc."), ("format_error", "format errors"),
+              ("actions", "actions/question"))  # format errors: what explains a column of zeros
 
 
 def gather_shards(shards, world_size):

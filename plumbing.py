@@ -16,6 +16,7 @@ A trainer's loop reads: setup_dist -> claim_run -> resume_checkpoint (finished_r
 -> load_checkpoint -> steps, each ending in log_line and now and then save_checkpoint -> save the HF folder ->
 release_run.
 """
+import contextlib
 import fcntl
 import glob
 import json
@@ -57,6 +58,22 @@ def print0(*args, **kwargs):
     """print on rank 0 only."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def progress(items, size, desc, environment=None, unit="q"):
+    """The items in slices of `size`, with a tqdm bar on stderr (rank 0): items/s and, when an environment is
+    given, the real or simulated calls it has answered and its failed ones so far. Every loop that may take more
+    than a few seconds goes through one, so no eval or synthesis sits silent for minutes."""
+    from tqdm import tqdm
+    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=int(os.environ.get("RANK", 0)) != 0 or not items)
+    try:
+        for i in range(0, len(items), size):
+            yield items[i:i + size]
+            bar.update(len(items[i:i + size]))
+            if hasattr(environment, "calls"):
+                bar.set_postfix(calls=environment.calls, failures=getattr(environment, "failures", 0))
+    finally:
+        bar.close()
 
 
 def barrier():
@@ -334,15 +351,17 @@ def finished_run(out_dir, ckpt, steps):
 # -----------------------------------------------------------------------------
 # The run guard: a run never destroys what an earlier run left, and two live runs never share an out=
 
-RUN_FLAGS = ("resume", "overwrite")  # the flags of every training script
+RUN_FLAGS = {"resume": "continue the run under out= from its newest checkpoint (same weights as an unbroken run)",
+             "overwrite": "delete what an earlier run left under out= (folder, checkpoints, metrics) and start over"}
 _LOCKS = {}  # lock file path -> its open file, held for the life of this process
 
 
 def claim_run(run_dir, out, flags):
     """Lock <run_dir>/<out>.lock and check what an earlier run left under this out=, before anything is written.
 
-    - another live process holds the lock: ConfigError naming its PID (fcntl locks die with their process, so
-      a killed run never leaves a stale one);
+    - another live process holds the lock: ConfigError naming its PID. fcntl locks die with their process: a
+      killed run may leave the file, holding its dead PID, but never a held lock, and the next run takes it over;
+      a run that ends removes its file (release_run);
     - <out>/, <out>.ckpt/ or <out>.metrics.jsonl exist, and neither --resume nor --overwrite was given:
       ConfigError saying how to do either (a fresh run would replace them);
     - --overwrite: they are deleted now, and the run starts over.
@@ -352,7 +371,7 @@ def claim_run(run_dir, out, flags):
         raise ConfigError("give --resume or --overwrite, not both")
     os.makedirs(run_dir, exist_ok=True)
     lock_path = os.path.join(run_dir, out + ".lock")
-    if lock_path not in _LOCKS:
+    while lock_path not in _LOCKS:
         f = open(lock_path, "a+")
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -362,6 +381,13 @@ def claim_run(run_dir, out, flags):
             f.close()
             raise ConfigError(f"{os.path.join(run_dir, out)} is in use by a live run (PID {holder}; lock "
                               f"{lock_path}): wait for it, or give this run another out=") from None
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder released (and removed) it between our open and our lock: take the new one
+            f.close()
+            continue
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
@@ -381,9 +407,13 @@ def claim_run(run_dir, out, flags):
 
 
 def release_run(run_dir, out):
-    """Drop the lock of claim_run (at the end of a run; a crash drops it when the process ends)."""
-    f = _LOCKS.pop(os.path.join(run_dir, out + ".lock"), None)
+    """Drop the lock of claim_run and remove its file (at the end of a run; a crash drops the lock when the process
+    ends, leaving a file that is not a lock). Removed while still held, so no other run can hold that file then."""
+    path = os.path.join(run_dir, out + ".lock")
+    f = _LOCKS.pop(path, None)
     if f is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
         f.close()
 
 

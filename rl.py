@@ -6,7 +6,8 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
     1. rollout   every rank takes its shard of the step's prompts and samples `group_size` trajectories per
                  prompt (rollout.py). Tool calls go to the environment of the schedule: the paper's RL-1 runs
                  in a simulated environment (the policy writes its own <search_result>, or a world model does),
-                 RL-2 in the real one. `sim_share` of the steps are simulated, the rest real.
+                 RL-2 in the real one. `sim_share` of the steps are simulated, the rest real (with sim_share
+                 below 1, at least the last step is real: a short run still spends real calls).
                  RL-1's prompts can be drawn where the simulator knows the world (`sim_popular`: questions about
                  people the pre-training corpus repeated often; tiny world only).
     2. reward    r = 1 if the trajectory is well formed and its \\boxed{} answer matches a gold answer, else 0
@@ -16,14 +17,15 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
                  (Bessel's correction, as in TRL and verl): a group {0, 1} gets -0.71 and +0.71.
     4. update    `updates_per_step` optimizer steps on mini-batches of the episodes, each minimising
 
-        L = agg_t [ -min(rho_t A, clip(rho_t, 1-eps_low, 1+eps_high) A) + beta KL3_t - alpha H_t ]
+        L = agg_t [ -min(rho_t A, clip(rho_t, 1-eps_low, 1+eps_high) A) + kl_coef KL3_t - entropy_coef H_t ]
         rho_t  = exp(logp_t - logp_old_t)            logp_old: the log-prob recorded at sampling (rollout.py)
         KL3_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1    (k3 estimator, >= 0; needs a frozen reference)
         H_t    = entropy of the policy at token t (optional bonus)
 
        over the tokens with mask 1: prompt, padding and observation tokens (written by the environment) never
        enter the loss. The aggregation agg is one switch in grpo_loss():
-         grpo     mean over a trajectory's tokens, then mean over trajectories (DeepSeekMath)
+         grpo     mean over a trajectory's tokens, then mean over trajectories (DeepSeekMath): grpo_loss sums
+                  the token means and divides by the global mini-batch's trajectory count (loss_denominator)
          dapo     mean over all tokens of the batch (DAPO)
          dr_grpo  sum over tokens / (trajectories x max_new_tokens), a constant normaliser (Dr. GRPO)
        Normalisers are counted over the whole mini-batch on all ranks, so 1 process and N processes give the
@@ -112,29 +114,30 @@ class RLConfig:
     eval_every: int = 0  # steps between evals; 0 = only before the first and after the last step
     # schedule
     steps: int = 60  # optimizer rounds (one rollout batch each)
-    sim_share: float = 0.0  # the first round(sim_share*steps) steps use a simulated environment (paper: 5/6)
+    sim_share: float = 0.0  # the first round(sim_share*steps) steps use a simulated environment (paper: 5/6); below 1
+                            # the last step is always real
     sim_popular: int = 0  # simulated steps draw their prompts from questions about people whose document the
-    # pre-training corpus (<run.data_dir>/pretrain.jsonl) repeats at least this often: where the simulator knows the
-    # world (0 = every training question)
+                          # pre-training corpus (<run.data_dir>/pretrain.jsonl) repeats at least this often: where
+                          # the simulator knows the world (0 = every training question)
     sim_env: str = "auto"  # simulated environment: auto (worldmodel if env.worldmodel is set, else policy) | policy
-    # | worldmodel
+                           # | worldmodel
     # rollout
     prompts_per_step: int = 16  # prompts per step, all ranks together (the paper: 48)
     group_size: int = 4  # trajectories per prompt (the paper: 5)
     temperature: float = 1.0  # sampling temperature (the paper: 0.6); the loss scores tokens at temperature 1
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
     # loss
     loss_type: str = "grpo"  # grpo | dapo | dr_grpo (see the docstring)
     scale_std: bool = True  # divide advantages by the group's std (false: Dr. GRPO)
     drop_zero_var: bool = False  # drop groups whose rewards are all equal (no signal; saves compute)
     eps_low: float = 0.2  # clip range below 1 of the importance ratio
     eps_high: float = 0.2  # clip range above 1 (DAPO's clip-higher: 0.28)
-    kl_coef: float = 0.0  # beta of the k3 KL to the frozen start model; 0 = no reference model at all
-    entropy_coef: float = 0.0  # alpha of the entropy bonus
+    kl_coef: float = 0.0  # weight of the k3 KL to the frozen start model (the papers' beta); 0 = no reference model
+    entropy_coef: float = 0.0  # weight of the entropy bonus
     reward: str = "em"  # em | f1
     # optimisation
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    lr: float = 1e-4  # learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
     betas: str = "0.9,0.99"  # AdamW betas, "b1,b2"
     warmup_steps: int = 0  # linear warm-up, then constant (RL keeps the lr flat); a shorter run ends warming up
     grad_clip: float = 1.0  # max grad norm; 0 = off
@@ -218,7 +221,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, eps_low=0.2, eps_hi
         per_token = per_token - entropy_coef * entropy
 
     tokens_per_seq = mask.sum(1)  # (B,)
-    if loss_type == "grpo":  # each trajectory's token mean, then the sum over trajectories
+    if loss_type == "grpo":  # each trajectory's token mean, summed; the trajectory count below makes it a mean
         total = ((per_token * mask).sum(1) / tokens_per_seq.clamp(min=1)).sum()
     else:  # dapo and dr_grpo: the sum over all tokens; they differ in the denominator only
         total = (per_token * mask).sum()
@@ -261,9 +264,16 @@ def token_logps(model, input_ids, attention_mask, n_completion, with_entropy=Fal
 # -----------------------------------------------------------------------------
 # One step: which environment, which prompts, rollout, reward
 
+def sim_steps(rcfg):
+    """How many of the first steps are simulated: round(sim_share * steps), but with sim_share < 1 at least the
+    last step is real (2 steps at 5/6 round to 2 simulated, and the "then real" run would spend no real call)."""
+    n = round(rcfg.sim_share * rcfg.steps)
+    return min(n, rcfg.steps - 1) if rcfg.sim_share < 1 else n
+
+
 def step_env(step, rcfg, env_cfg):
-    """The environment kind of this step: simulated for the first round(sim_share * steps), then env.env."""
-    if step < round(rcfg.sim_share * rcfg.steps):
+    """The environment kind of this step: simulated for the first sim_steps(rcfg), then env.env."""
+    if step < sim_steps(rcfg):
         if rcfg.sim_env == "auto":
             return "worldmodel" if env_cfg.worldmodel else "policy"
         return rcfg.sim_env

@@ -444,9 +444,11 @@ def run_loop(model, tokenizer, episodes, rules, temperature, top_p, generator, s
 # The CoA rules: actions, observations, the action limit, the answer
 
 def query_of(tokenizer, ep, start, env_cfg):
-    """The query of the action the model just closed: the text between the last action tags of its stretch."""
+    """The query of the action the model just closed: the text between the last action tags of its stretch; None
+    when the closer has no opener before it (then it is no action: nothing is searched)."""
     text = tokenizer.decode(ep.ids[start:])
-    return text[:text.rfind(env_cfg.action_close)].rpartition(env_cfg.action_open)[2].strip()
+    before, opened, query = text[:text.rfind(env_cfg.action_close)].rpartition(env_cfg.action_open)
+    return query.strip() if opened else None
 
 
 def call_environment(environment, queries, contexts, env_cfg):
@@ -509,11 +511,14 @@ class CoARules:
         calls = []
         for row in rows:
             ep = row.episode
+            query = query_of(self.tok, ep, row.start, self.env)
+            if query is None:  # a closer with no opener: no search (tools.parse calls it unbalanced action tags)
+                continue
             if len(ep.actions) >= self.env.max_actions:  # one action too many: not run, the answer is forced
                 row.forced, row.answer_from = True, len(ep.ids)
                 self.add_env(row, self.note_ids)
                 continue
-            ep.actions.append(query_of(self.tok, ep, row.start, self.env))
+            ep.actions.append(query)
             if self.environment is None:  # env=policy: open the observation, the policy writes the rest
                 ep.sim_calls += 1
                 row.in_obs = len(ep.ids)
@@ -619,3 +624,10 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, stop_strings=(), temp
     run_loop(model, tokenizer, episodes, StopRules(tokenizer, max_new_tokens, stop_strings),
              temperature, top_p, generator, static=static_decode)
     return [ep.ids for ep in episodes], [ep.logps for ep in episodes]
+
+
+if __name__ == "__main__":  # a library: `python rollout.py --help` says so and where its command lines are
+    import sys
+    print(__doc__.strip().split("\n\n")[0] + "\n\nrollout.py is a library, with no command line of its own: "
+          "python chat.py asks a trained model a question through it, and bench/rollout.py measures it.")
+    sys.exit(0 if sys.argv[1:] in ([], ["--help"], ["-h"]) else 2)

@@ -37,14 +37,17 @@ Precision, one path for sft.py, rl.py and worldmodel.py: bf16=true wraps the mod
 decoder layer, then the root) with a bf16 MixedPrecisionPolicy: forward and backward in bf16, fp32 master weights,
 gradients reduced in fp32. It needs parallel=fsdp, and means the same on one process (a 1-rank process group is
 started, so `python` and `torchrun --nproc_per_node 1` run it too) as on N. bf16=false trains in fp32.
-Outputs: <run.dir>/<out>/ (HF folder, written atomically), <run.dir>/<out>.ckpt/step_XXXXXX/ (resume),
+Outputs are named for the stages that made them (demo.py, the README): cot, sft1, sft2 (SFT-2 alone), sft12
+(SFT-1 then SFT-2), sft123 (then SFT-3; rl.py starts from it). Under them: <run.dir>/<out>/ (HF folder, written
+atomically), <run.dir>/<out>.ckpt/step_XXXXXX/ (resume),
 <run.dir>/<out>.metrics.jsonl (one line per step; the last line holds the held-out metrics on dev trajectories:
 next-token loss on the model's tokens, and the perplexity of the real observations).
 
     python sft.py --config configs/tiny.yaml stage=cot                    # -> runs/tiny/cot
+    python sft.py --config configs/tiny.yaml stage=sft2 init=cot          # -> runs/tiny/sft2 (SFT-2 alone)
     python sft.py --config configs/tiny.yaml stage=sft1 init=cot          # -> runs/tiny/sft1
-    python sft.py --config configs/tiny.yaml stage=sft2 init=sft1         # -> runs/tiny/sft2
-    python sft.py --config configs/tiny.yaml stage=sft3 init=sft2         # -> runs/tiny/sft3
+    python sft.py --config configs/tiny.yaml stage=sft2 init=sft1 out=sft12     # -> runs/tiny/sft12 (SFT-1&2)
+    python sft.py --config configs/tiny.yaml stage=sft3 init=sft12 out=sft123   # -> runs/tiny/sft123 (SFT-1&2&3)
     python sft.py --config configs/tiny.yaml stage=sft2 --resume          # after a crash: the same weights
     torchrun --nproc_per_node 2 sft.py --config configs/tiny.yaml         # 2 CPU processes (gloo), same losses
     python sft.py --config configs/tiny.yaml run.device=cuda parallel=fsdp bf16=true   # one GPU, bf16 compute
@@ -89,20 +92,21 @@ class SFTConfig:
     heldout: str = ""  # held-out rows for the final metrics; "" = <run.data_dir>/synth/dev.jsonl ("none": skip)
     cot_share: float = 0.15  # sft2/sft3: share of CoT rows (well-known facts) in the stream; the rest is CoA
     pretrain_share: float = 0.0  # cot/sft2/sft3: share of the stream replayed from the pre-training corpus (by
-    # popularity), so what pre-training taught is not overwritten (0 = none; sft1's pairs never mix)
+                                 # popularity), so what pre-training taught is not overwritten (0 = none; sft1's
+                                 # pairs never mix)
     alpha: float = 0.2  # sft1: weight of the chosen continuation's log-likelihood
     steps: int = 0  # optimizer steps; 0 = the stage's own default below
-    pretrain_steps: int = 1000
-    cot_steps: int = 300
-    sft1_steps: int = 100
-    sft2_steps: int = 500
-    sft3_steps: int = 100
+    pretrain_steps: int = 1000  # default steps of stage pretrain
+    cot_steps: int = 300  # default steps of stage cot
+    sft1_steps: int = 100  # default steps of stage sft1
+    sft2_steps: int = 500  # default steps of stage sft2
+    sft3_steps: int = 100  # default steps of stage sft3
     batch_size: int = 32  # sequences (sft1: pairs) per optimizer step, over all ranks
     device_batch_size: int = 8  # sequences (pairs) per forward; the rest is gradient accumulation
     lr: float = 1e-5  # peak learning rate (a pretrained model's; the tiny model from scratch uses 3e-3)
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 20  # linear warm-up inside the steps (a shorter run ends warming up), then the cosine
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     bucket_batches: int = 16  # length bucketing: batches are cut from windows of this many batches sorted by length
     max_len: int = 512  # trajectories longer than this (prompt included) are cut

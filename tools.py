@@ -28,7 +28,9 @@ Not here: the world model environment (worldmodel.py), generation (rollout.py), 
 """
 import contextlib
 import dataclasses
+import functools
 import http.client
+import inspect
 import io
 import json
 import os
@@ -36,7 +38,9 @@ import re
 import shutil
 import string
 import sys
+import textwrap
 import time
+import tokenize
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
@@ -49,7 +53,7 @@ import yaml
 # Precedence: dataclass defaults < YAML < command line `section.key=value` (or `key=value` for the script's own
 # section). Unknown sections, unknown keys and wrong types raise with the name in the message.
 
-SECTIONS = ("run", "env", "world", "model", "synth", "sft", "worldmodel", "rl", "eval")
+SECTIONS = ("run", "env", "world", "model", "synth", "sft", "worldmodel", "rl", "eval", "chat")
 
 
 class ConfigError(ValueError):
@@ -101,26 +105,94 @@ def cli(main, argv=None):
         sys.exit(2 if isinstance(e, ConfigError) else 1)
 
 
-def read_key_values(defaults, argv, who):
-    """key=value arguments over a dict of defaults (the benches' small configs), each value cast to its default's
-    type; an unknown key or a bad value is a ConfigError."""
-    args = dict(defaults)
+def read_key_values(cls, argv, who):
+    """key=value arguments over a dataclass of defaults (the benches' small configs) -> a dict, each value parsed
+    to its field's type; --help prints the keys (help_text) and exits; an unknown key or a bad value is a
+    ConfigError."""
+    argv = list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(help_text({"": cls}, doc=getattr(sys.modules.get("__main__"), "__doc__", None)))
+        raise SystemExit(0)
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {}
     for item in argv:
         key, _, value = item.partition("=")
-        if key not in args:
-            raise ConfigError(f"{who}: unknown argument {key!r} (known: {', '.join(args)})")
-        try:
-            args[key] = type(defaults[key])(value)
-        except ValueError:
-            raise ConfigError(f"{who}: {key} must be {type(defaults[key]).__name__}, got {value!r}") from None
-    return args
+        if key not in types:
+            raise ConfigError(f"{who}: unknown argument {key!r} (known: {', '.join(types)})")
+        values[key] = parse_value(value, types[key], key)
+    return dataclasses.asdict(cls(**values))
+
+
+# --help: a script's flags and every key of its config sections with type, default and meaning. The meaning is
+# the field's trailing `# comment` in its dataclass (a comment line indented under the field continues it; one
+# at the field's indent is a heading), read from the source, so the help cannot drift from the code
+# (tests/test_tools.py checks that every field of every section has one).
+
+@functools.lru_cache(maxsize=None)
+def field_help(cls):
+    """{field name: its comment} of a config dataclass, from its source."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields_at = {}  # source row -> (field, indent)
+    for row, line in enumerate(source.splitlines(), 1):
+        m = re.match(r"( *)(\w+) *:", line)
+        if m and m.group(2) in names:
+            fields_at[row] = (m.group(2), len(m.group(1)))
+    out, last = {}, None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT:
+            continue
+        (row, col), text, alone = tok.start, tok.string.lstrip("#").strip(), not tok.line[:tok.start[1]].strip()
+        if row in fields_at:
+            last = fields_at[row]
+            out[last[0]] = text
+        elif alone and last and col > last[1]:
+            out[last[0]] += " " + text
+        elif alone:
+            last = None
+    return out
+
+
+def help_text(sections, own=None, flags=None, doc=None, prog=None):
+    """The --help of a script: usage, the first paragraph of its docstring, its flags, then per section every key
+    as `section.key  type = default  meaning`."""
+    prog = prog or os.path.relpath(sys.argv[0])
+    flags = flags if isinstance(flags, dict) else dict.fromkeys(flags or (), "")
+    usage = " ".join(["usage: python", prog, "[--config FILE]" if any(sections) else "",
+                      *(f"[--{f}]" for f in flags), "[key=value ...]"])
+    lines = [" ".join(usage.split())]
+    if doc:
+        lines += ["", doc.strip().split("\n\n")[0]]
+    described = {"--config FILE": "YAML, one mapping per section: its values replace the defaults below, and "
+                                  "key=value arguments replace both"} if any(sections) else {}
+    described.update({f"--{name}": meaning for name, meaning in flags.items()})
+    described["-h, --help"] = "print this help and exit"
+    lines += ["", "flags:"] + [textwrap.fill(meaning, 118, initial_indent=f"  {name:<16}", subsequent_indent=" " * 18)
+                               for name, meaning in described.items()]
+    for name, cls in sections.items():
+        if name:
+            lines += ["", f"{name}:" + (f" (a bare key=value means {name}.key)" if name == own else "")]
+        else:
+            lines += ["", "keys:"]
+        meanings = field_help(cls)
+        for f in dataclasses.fields(cls):
+            default = repr(f.default) if len(repr(f.default)) < 60 else repr(f.default)[:50] + "...'"
+            key = f"  {name + '.' if name else ''}{f.name}  {f.type.__name__} = {default}"
+            text = meanings.get(f.name, "")
+            if len(key) > 44:
+                lines += [key, textwrap.fill(text, 118, initial_indent=" " * 46, subsequent_indent=" " * 46)]
+            else:
+                lines.append(textwrap.fill(text, 118, initial_indent=f"{key:<46}", subsequent_indent=" " * 46))
+    if doc:
+        lines += ["", f"The docstring at the top of {prog} explains what it does and how."]
+    return "\n".join(lines)
 
 
 @dataclass
 class RunConfig:
     name: str = "tiny"  # every artifact of this pipeline goes under <runs_dir>/<name>/
-    runs_dir: str = "runs"
-    seed: int = 0
+    runs_dir: str = "runs"  # where run folders live
+    seed: int = 0  # the seed of the world, the initialisation, the data order and sampling
     data_dir: str = "data/tiny"  # corpus.jsonl, train/dev/test.jsonl (data.py writes them for the tiny world)
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
@@ -134,20 +206,22 @@ class RunConfig:
 @dataclass
 class EnvConfig:
     # the CoA format (the paper's tags); every stage reads them from here
-    think_open: str = "<think>"
-    think_close: str = "</think>"
-    action_open: str = "<begin_search>"
-    action_close: str = "</end_search>"
-    obs_open: str = "<search_result>"
-    obs_close: str = "</search_result>"
-    answer_open: str = "\\boxed{"
-    system_prompt: str = ("Answer the question. Think inside <think> </think>. To search, write "
-                          "<begin_search> query </end_search>; results come back inside <search_result> "
-                          "</search_result>. After </think>, give the final answer as \\boxed{answer}.")
+    think_open: str = "<think>"  # opens the reasoning
+    think_close: str = "</think>"  # closes it; the answer comes after
+    action_open: str = "<begin_search>"  # opens an action (a search query), written by the model
+    action_close: str = "</end_search>"  # closes it: generation pauses and the environment answers
+    obs_open: str = "<search_result>"  # opens an observation, written by the environment
+    obs_close: str = "</search_result>"  # closes it
+    answer_open: str = "\\boxed{"  # the final answer's opener (the answer runs to its closing brace)
+    system_prompt: str = (  # what a model with a chat template is told (the tiny model has none: never sees it)
+        "Answer the question. Think inside <think> </think>. To search, write <begin_search> query </end_search>; "
+        "results come back inside <search_result> </search_result>. After </think>, give the final answer as "
+        "\\boxed{answer}.")
     # the environment
     env: str = "real"  # real | policy (the policy writes its own observation) | worldmodel
     sim_greedy: bool = False  # env=policy: the policy writes its own observation greedily, not sampled (the
-    # environment's tokens are never trained on: sampling them only adds noise to what the simulator knows)
+                              # environment's tokens are never trained on: sampling them only adds noise to what
+                              # the simulator knows)
     tool: str = "bm25"  # bm25 | http
     corpus: str = ""  # corpus JSONL for bm25; empty = <run.data_dir>/corpus.jsonl
     url: str = "http://127.0.0.1:8000/retrieve"  # retrieval server for tool=http
@@ -221,12 +295,16 @@ def load_config(sections, argv=None, own=None, flags=()):
     """Read --config FILE and key=value overrides into one dataclass per section.
 
     sections: {"run": RunConfig, "sft": SFTConfig, ...}, what this script needs; own: the section that a bare
-    `key=value` belongs to; flags: the --flags this script takes (any other is refused: a typo such as --resum
-    must not start a run that wipes the one it meant to resume). Returns a SimpleNamespace with one attribute
+    `key=value` belongs to; flags: {name: meaning} of the --flags this script takes (any other is refused: a typo
+    such as --resum must not start a run that wipes the one it meant to resume). --help (-h) prints help_text
+    and exits 0. Returns a SimpleNamespace with one attribute
     per section plus .path and .flags. Other sections in the file are checked by name only (their script
     checks their keys). Every error is a ConfigError.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(help_text(sections, own, flags, getattr(sys.modules.get("__main__"), "__doc__", None)))
+        raise SystemExit(0)
     path, overrides, given = None, [], []
     while argv:
         arg = argv.pop(0)
@@ -553,12 +631,16 @@ class BM25Search:
             os.replace(tmp, index_dir)  # atomic: a killed build never leaves a half index
 
     def search(self, queries, k=2):
-        """(document indices, scores) per query, best first; numpy top-k, never jax."""
+        """(document indices, scores) per query, best first, at most k; numpy top-k, never jax. Documents that share
+        no term with the query (score 0: bm25s fills its top k with them) are left out, so a query that matches
+        nothing gets no passages ("no results"), not k arbitrary documents."""
         bm25s = import_bm25s()
         tokens = bm25s.tokenize([q or " " for q in queries], stopwords="en", show_progress=False)
         idx, scores = self.index.retrieve(tokens, k=min(k, len(self.docs)), show_progress=False, n_threads=1,
                                           backend_selection="numpy")
-        return idx.tolist(), scores.tolist()
+        hits = [[(i, s) for i, s in zip(row, row_scores) if s > 0] for row, row_scores in zip(idx.tolist(),
+                                                                                            scores.tolist())]
+        return [[i for i, _ in row] for row in hits], [[s for _, s in row] for row in hits]
 
     def __call__(self, queries, k=2):
         return [[self.docs[i]["contents"] for i in row] for row in self.search(queries, k)[0]]
@@ -1020,7 +1102,8 @@ def serve(argv=None):
     ap.add_argument("--corpus", required=True, help="corpus JSONL with {'id', 'contents'} rows")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     ap.add_argument("--port", type=int, default=8000, help="0 = any free port (the URL printed says which)")
-    ap.add_argument("--retriever", default="bm25", choices=["bm25", "e5"])
+    ap.add_argument("--retriever", default="bm25", choices=["bm25", "e5"],
+                    help="bm25 (index cached beside the corpus) or e5 (dense: an encoder and faiss-cpu)")
     ap.add_argument("--model", default="intfloat/e5-base-v2", help="encoder for --retriever e5")
     ap.add_argument("--device", default="cpu", help="encoder device for --retriever e5")
     ap.add_argument("--max_bytes", type=int, default=1 << 20, help="largest request body (bigger: 413)")
@@ -1060,7 +1143,11 @@ def _dir_bytes(path):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["serve"]:
-        raise SystemExit("usage: python tools.py serve --corpus PATH [--port 8000] [--host 127.0.0.1] "
-                         "[--retriever bm25|e5]")
-    cli(serve, sys.argv[2:])
+    USAGE = ("usage: python tools.py serve --corpus PATH [--port 8000] [--host 127.0.0.1] [--retriever bm25|e5]\n"
+             "       (python tools.py serve --help: every option; the rest of tools.py is a library)")
+    if sys.argv[1:2] in (["--help"], ["-h"]):
+        print(USAGE)
+    elif sys.argv[1:2] != ["serve"]:
+        raise SystemExit(USAGE)
+    else:
+        cli(serve, sys.argv[2:])

@@ -50,6 +50,8 @@ own simulation, with the real and simulated calls each run spent. On the tiny wo
 people grouped by how often the pre-training corpus repeated their document (data.popularity; 0 = dev and test
 people, after the cut-off), the policy's closed-book EM on "Where was X born?" and how often each simulator's
 observation for the query X holds the birth city. Report: printed and <run.dir>/<out>.report.json.
+Outputs, as every trainer's: <run.dir>/<out>/ (HF folder), <out>.ckpt/ (resume), <out>.metrics.jsonl (loss and lr
+a step; the last row holds the report's numbers), also sent to wandb or tensorboard with run.log.
 
 Departures from the paper: the paper uses only the policy as world model; a separate LM is our addition, as is
 the whole fidelity report. The history drops the policy's thoughts (above).
@@ -79,43 +81,46 @@ import torch
 
 import data
 from plumbing import (RUN_FLAGS, all_mean, barrier, claim_run, finished_run, full_state_dict, load_checkpoint,
-                      plain_copy, print0, release_run, resume_checkpoint, save_checkpoint, setup_dist, wrap_model)
+                      log_line, plain_copy, print0, progress, release_run, resume_checkpoint, save_checkpoint,
+                      setup_dist, start_logging, truncate_log, wrap_model)
 from rollout import generate
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, format_observation, load_config,
-                   load_model, make_tool, master_dtype, model_path, normalize_answer, read_jsonl, reward, split_context)
+                   load_model, make_tool, master_dtype, model_path, normalize_answer, parse, read_jsonl, reward,
+                   split_context)
 
 
 @dataclass
 class WorldModelConfig:
     # model and data
     init: str = ""  # model to fine-tune: a folder, a stage name under run.dir (sft123, ...) or a hub name; empty =
-    # the base model (tiny world: untrained)
+                    # the base model (tiny world: untrained)
     out: str = "worldmodel"  # output folder name under <run.dir>
     calls: str = "auto"  # logged real calls (JSONL path or glob) | oracle (the train questions' oracle queries sent to
-    # the real tool) | auto: <run.data_dir>/synth/calls_train.jsonl (logged by synthesis) if it exists, else oracle
+                         # the real tool) | auto: <run.data_dir>/synth/calls_train.jsonl (logged by synthesis) if it
+                         # exists, else oracle
     heldout_share: float = 0.05  # share of training questions whose calls are held out (their entities are seen)
     unseen: str = ""  # questions whose oracle calls make the unseen held-out set; empty = <run.data_dir>/test.jsonl
     history_max_tokens: int = 256  # earlier calls kept in the prompt, cut from the left
     # optimisation
-    steps: int = 300
+    steps: int = 300  # optimizer steps
     batch_size: int = 32  # calls per step, all ranks together
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decay to lr * this
     warmup_steps: int = 20  # linear warm-up inside the steps (a shorter run ends warming up), then the cosine
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
     bf16: bool = False  # bf16 compute, fp32 master weights: FSDP2's MixedPrecisionPolicy, as sft.bf16 (else DDP)
     # report
     eval_calls: int = 100  # held-out calls per group (seen, unseen); 0 = no fidelity report
-    policy: str = ""  # policy folder whose own simulation is measured too; empty = <run.dir>/sft123 or sft3 if there
+    policy: str = ""  # policy folder whose own simulation is measured too; empty = <run.dir>/sft123
     agent: str = ""  # agent folder for the end-to-end EM; empty = the policy folder
     eval_questions: int = 50  # test questions per end-to-end run; 0 = skip
     eval_batch: int = 32  # sequences per generation batch
     knowledge_people: int = 50  # knowledge curve: people per popularity bucket (0 = skip; needs pretrain.jsonl)
     # bookkeeping
     save_every: int = 0  # steps between resumable checkpoints; 0 = only at the end
-    keep_ckpts: int = 2
-    log_every: int = 50
+    keep_ckpts: int = 2  # newest checkpoints kept
+    log_every: int = 50  # steps between the losses kept in the report's train_loss (the metrics JSONL: every step)
 
     RANGES = {"heldout_share": "[0, 1)", "history_max_tokens": "[0, inf)", "steps": "[0, inf)",
               "batch_size": "[1, inf)", "lr": "[0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)",
@@ -357,8 +362,8 @@ def policy_observations(model, tokenizer, calls, env, batch_size=32):
     prompts = [tokenizer.encode(c, add_special_tokens=False) + tokenizer.encode(env.obs_open, add_special_tokens=False)
                for c in contexts_of(calls, tokenizer, env)]
     texts = []
-    for i in range(0, len(prompts), batch_size):
-        outs, _ = generate(model, tokenizer, prompts[i:i + batch_size], env.obs_max_tokens + 8, [env.obs_close])
+    for batch in progress(prompts, batch_size, "fidelity: policy", unit="call"):
+        outs, _ = generate(model, tokenizer, batch, env.obs_max_tokens + 8, [env.obs_close])
         texts += [tokenizer.decode(o).replace(tokenizer.eos_token, "") for o in outs]
     return [format_observation([observation_body(t, env)], tokenizer, env) for t in texts]
 
@@ -399,9 +404,10 @@ def split_calls(calls, heldout_share, seed):
     return [c for c in calls if c["question"] not in held], [c for c in calls if c["question"] in held]
 
 
-def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt=None):
-    """Fine-tune on (prompt, observation) examples from checkpoint `ckpt` (None: the start); returns the list of
-    (step, loss) logged on rank 0."""
+def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metrics_path):
+    """Fine-tune on (prompt, observation) examples from checkpoint `ckpt` (None: the start); one metrics row a step
+    to metrics_path (rank 0). Returns the list of (step, loss) every log_every steps."""
+    from tqdm import tqdm
     wm = cfg.worldmodel
     if wm.batch_size < world_size:
         raise ConfigError(f"config: worldmodel.batch_size={wm.batch_size} is smaller than the {world_size} ranks")
@@ -414,8 +420,13 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt=None):
         meta = load_checkpoint(ckpt, ddp_model, optimizer)
         start = meta["step"]
         print0(f"resumed from {ckpt} at step {start}")
-    log, t0 = [], time.time()
-    for step in range(start, wm.steps):
+    elif rank == 0 and os.path.exists(metrics_path):  # --resume before any checkpoint: start the log afresh
+        os.remove(metrics_path)
+    if rank == 0:
+        truncate_log(metrics_path, start)  # a resumed run rewrites the rows after its checkpoint
+    log, t_last = [], time.time()
+    bar = tqdm(range(start, wm.steps), initial=start, total=wm.steps, disable=rank != 0, desc="worldmodel")
+    for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, wm)
         batch = batch_at(step, len(examples), wm.batch_size, cfg.run.seed)[rank::world_size]
@@ -428,10 +439,13 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt=None):
         if wm.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), wm.grad_clip)
         optimizer.step()
+        mean, now = all_mean(loss.item()), time.time()
+        if rank == 0:
+            log_line(metrics_path, {"step": step + 1, "loss": mean, "lr": lr_at(step, wm), "step_s": now - t_last})
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_at(step, wm):.2e}")
+        t_last = now
         if step % wm.log_every == 0 or step == wm.steps - 1:
-            mean = all_mean(loss.item())
             log.append((step, mean))
-            print0(f"step {step:5d} | loss {mean:.4f} | lr {lr_at(step, wm):.2e} | {time.time() - t0:.1f}s")
         if (wm.save_every and (step + 1) % wm.save_every == 0) or step == wm.steps - 1:
             save_checkpoint(ckpt_dir, step + 1, ddp_model, optimizer, meta={"config": cfg.to_dict()},
                             keep=wm.keep_ckpts)
@@ -462,7 +476,8 @@ def contexts_of(calls, tokenizer, env):
 
 
 def end_to_end(agent, agent_tok, rows, cfg, environments):
-    """Agent EM and call counts with each environment: {name: {"em", "real_calls", "sim_calls", "seconds"}}."""
+    """Agent EM, format-error rate and call counts with each environment: {name: {"em", "format_error", "real_calls",
+    "sim_calls", "seconds"}}."""
     from rollout import rollout
     out = {}
     for name, make in environments.items():
@@ -470,9 +485,11 @@ def end_to_end(agent, agent_tok, rows, cfg, environments):
         environment = make(agent_tok)
         t0 = time.time()
         episodes = []
-        for i in range(0, len(rows), cfg.worldmodel.eval_batch):
-            episodes += rollout(agent, agent_tok, rows[i:i + cfg.worldmodel.eval_batch], env_cfg, environment)
-        out[name] = {"em": sum(reward(e.text, e.golds, cfg.env) for e in episodes) / max(1, len(episodes)),
+        for batch in progress(rows, cfg.worldmodel.eval_batch, f"end to end, tool={name}", environment):
+            episodes += rollout(agent, agent_tok, batch, env_cfg, environment)
+        n = max(1, len(episodes))
+        out[name] = {"em": sum(reward(e.text, e.golds, cfg.env) for e in episodes) / n,
+                     "format_error": sum(not parse(e.text, cfg.env).format_ok for e in episodes) / n,
                      "real_calls": sum(e.real_calls for e in episodes),
                      "sim_calls": sum(e.sim_calls for e in episodes), "seconds": round(time.time() - t0, 1)}
     return out
@@ -483,7 +500,8 @@ def measure_worldmodel(model, tokenizer, policy_tok, groups, known, wm, env):
     world_env = WorldModelEnv(model, tokenizer, env, policy_tok, wm.history_max_tokens, wm.eval_batch)
     out = {}
     for group, sample in groups.items():
-        sim = world_env([c["query"] for c in sample], contexts_of(sample, policy_tok, env))
+        sim = [obs for part in progress(sample, wm.eval_batch, f"fidelity: world model, {group}", unit="call")
+               for obs in world_env([c["query"] for c in part], contexts_of(part, policy_tok, env))]
         pairs = [(wm_prompt_ids(tokenizer, c["question"], c["history"], c["query"], env, wm.history_max_tokens),
                   tokenizer.encode(c["observation"], add_special_tokens=False)) for c in sample]
         out[group] = {**fidelity_table(sim, sample, known, env),
@@ -564,13 +582,22 @@ def print_report(report):
     for split, runs in report.get("end_to_end", {}).items():
         print(f"\nagent end to end on {split}-entity questions ({report['agent']})")
         for name, r in runs.items():
-            print(f"  tool={name:<11} EM {r['em']:.3f} | real calls {r['real_calls']:5d} | simulated calls "
-                  f"{r['sim_calls']:5d} | {r['seconds']:.1f}s")
+            print(f"  tool={name:<11} EM {r['em']:.3f} | format errors {r['format_error']:.3f} | real calls "
+                  f"{r['real_calls']:5d} | simulated calls {r['sim_calls']:5d} | {r['seconds']:.1f}s")
     if report.get("knowledge"):
         print("\nknowledge by popularity (repeats in the pre-training corpus; birth city of each bucket's people)")
         for bucket, m in report["knowledge"].items():
             print(f"  {bucket:<18} " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in m.items()))
+
+
+def report_metrics(report):
+    """The report's numbers as one flat metrics row: fidelity_<simulator>_<group>_<metric>, e2e_<split>_<tool>_em."""
+    row = {f"fidelity_{name}_{group}_{metric}": value for name, groups in report["fidelity"].items()
+           for group, metrics in groups.items() for metric, value in metrics.items() if value is not None}
+    row.update({f"e2e_{split}_{tool}_em": r["em"] for split, runs in report.get("end_to_end", {}).items()
+                for tool, r in runs.items()})
+    return row
 
 
 def golds_by_question(data_dir):
@@ -598,11 +625,6 @@ def real_calls(cfg, search, golds):
     return calls, source
 
 
-def first_existing(run_dir, names):
-    paths = [os.path.join(run_dir, n) for n in names]
-    return next((p for p in paths if os.path.exists(os.path.join(p, "config.json"))), paths[-1])
-
-
 def main(argv=None):
     from transformers import AutoTokenizer
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig,
@@ -613,6 +635,7 @@ def main(argv=None):
     if wm.steps == 0:
         print0("worldmodel: worldmodel.steps=0: nothing to do")
         return None
+    start_logging(cfg.run, wm.out, cfg.to_dict(), rank)  # run.log: the metrics rows also go to wandb/tensorboard
     if rank == 0:
         claim_run(cfg.run.dir, wm.out, cfg.flags)  # an earlier run's output, or a live run on this out=
     barrier()
@@ -645,7 +668,8 @@ def main(argv=None):
     # 2. fine-tune the world model: loss on observation tokens only
     model, tokenizer = load_model(init or base, cfg.run, device=device, dtype=master_dtype(cfg.run))
     examples = [make_example(tokenizer, c, env, wm.history_max_tokens) for c in train_calls]
-    model, log = train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt)
+    metrics_path = os.path.join(cfg.run.dir, wm.out + ".metrics.jsonl")
+    model, log = train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metrics_path)
     if rank == 0:
         data.save_atomic(out_dir, model, tokenizer)
         release_run(cfg.run.dir, wm.out)
@@ -667,7 +691,7 @@ def main(argv=None):
     groups = {name: sample for name, sample in (("seen", seen), ("unseen", unseen)) if sample}
     known = corpus_entities(env, cfg.run)
     report["fidelity"]["worldmodel"] = measure_worldmodel(model, tokenizer, policy_tok, groups, known, wm, env)
-    policy = wm.policy or first_existing(cfg.run.dir, ("sft123", "sft3"))
+    policy = wm.policy or os.path.join(cfg.run.dir, "sft123")
     if os.path.exists(os.path.join(policy, "config.json")):
         policy_model, policy_tok = load_model(policy, cfg.run)
         report["fidelity"]["policy"] = measure_policy(policy_model, policy_tok, groups, known, wm, env)
@@ -699,6 +723,7 @@ def main(argv=None):
                 rows = rng.sample(rows, min(wm.eval_questions, len(rows)))
                 report["end_to_end"][split] = end_to_end(agent_model, agent_tok, rows, cfg, environments)
     print_report(report)
+    log_line(metrics_path, {"step": wm.steps, "final": True, **report_metrics(report)})
     with open(os.path.join(cfg.run.dir, wm.out + ".report.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(f"total {time.time() - t0:.1f}s")

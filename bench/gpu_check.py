@@ -277,7 +277,7 @@ def memory_check(big, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the same checks at CPU size (tests)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "gpu_check"), help="work folder (re-created)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -37,16 +37,30 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tools import cli, read_key_values  # noqa: E402
 
-DEFAULTS = {"config": "configs/smollm2_tiny.yaml", "name": "", "eval_n": 100,
-            "sft_steps": 40, "sft_batch": 8, "sft_lr": 1e-4,
-            "rl_steps": 20, "rl_prompts": 4, "rl_group": 4, "rl_lr": 2e-5, "sft3_steps": 10, "sim_steps": 2,
-            "parallel_check": 1, "tag": "real_model"}
+
+@dataclass
+class Args:
+    config: str = "configs/smollm2_tiny.yaml"  # the run's config (the model, the world, the token budgets)
+    name: str = ""  # the run's folder under runs/ ("" = the config's run.name); the data is shared
+    eval_n: int = 100  # test questions in each eval (greedy)
+    sft_steps: int = 40  # SFT-2 steps
+    sft_batch: int = 8  # trajectories per SFT step
+    sft_lr: float = 1e-4  # SFT peak learning rate
+    rl_steps: int = 20  # GRPO steps with the real tool
+    rl_prompts: int = 4  # prompts per GRPO step
+    rl_group: int = 4  # trajectories per prompt
+    rl_lr: float = 2e-5  # GRPO learning rate
+    sft3_steps: int = 10  # SFT-3 steps from SFT-2 before the simulated steps (0: RL-1 from SFT-2)
+    sim_steps: int = 2  # simulated GRPO steps (env=policy: the policy writes its own observations)
+    parallel_check: int = 1  # 1: 1 process vs torchrun 2 ranks, parallel=fsdp (2 SFT steps, 1 RL step)
+    tag: str = "real_model"  # name of the report files <run.dir>/<tag>.md/.json and the logs folder
 
 
 def run_phase(name, cmd, log_dir):
@@ -120,7 +134,7 @@ def same(a, b, rtol=1e-4, atol=1e-6):
 
 
 def main(argv=None):
-    args = read_key_values(DEFAULTS, sys.argv[1:] if argv is None else argv, "real_model")
+    args = read_key_values(Args, sys.argv[1:] if argv is None else argv, "real_model")
     os.chdir(ROOT)
     from tools import RunConfig, load_config
     cfg = ["--config", args["config"]] + ([f"run.name={args['name']}"] if args["name"] else [])

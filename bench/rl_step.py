@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,10 +30,20 @@ import torch  # noqa: E402
 
 import rl  # noqa: E402
 from rollout import rollout  # noqa: E402
-from tools import ConfigError, EnvConfig, RunConfig, build_prompt, cli, load_model, read_key_values, reward  # noqa: E402
+from tools import (ConfigError, EnvConfig, RunConfig, build_prompt, cli, load_model, read_key_values,  # noqa: E402
+                   reward)
 
-DEFAULTS = {"model": "runs/tiny/base", "data": "data/tiny/train.jsonl", "prompts": 8, "group": 4, "new_tokens": 64,
-            "steps": 4, "lr": 1e-5, "threads": 1}
+
+@dataclass
+class Args:
+    model: str = "runs/tiny/base"  # the policy both trainers start from (data.py builds the tiny base)
+    data: str = "data/tiny/train.jsonl"  # QA JSONL the prompts come from
+    prompts: int = 8  # prompts per step
+    group: int = 4  # trajectories per prompt
+    new_tokens: int = 64  # completion tokens per trajectory
+    steps: int = 4  # timed steps (after one warm-up step)
+    lr: float = 1e-5  # learning rate of both
+    threads: int = 1  # torch threads
 
 
 def load_rows(path, n_steps, n_prompts):
@@ -105,7 +116,7 @@ def bench_trl(args, rows, env):
 
 
 def main(argv=None):
-    args = read_key_values(DEFAULTS, sys.argv[1:] if argv is None else argv, "config")
+    args = read_key_values(Args, sys.argv[1:] if argv is None else argv, "config")
     try:
         import trl  # noqa: F401
     except ImportError:

@@ -475,15 +475,15 @@ def observation_chunks(episodes, turns):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    p.add_argument("--models", default="tiny,smollm2")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--models", default="tiny,smollm2", help="comma list of model.base values (tiny, smollm2, an HF path)")
+    p.add_argument("--batch", type=int, default=16, help="trajectories generated together")
     p.add_argument("--turns", default="3", help="tool calls per trajectory; a comma list runs each")
     p.add_argument("--free", type=int, default=16, help="free model tokens per turn")
     p.add_argument("--answer", type=int, default=4, help="free answer tokens")
-    p.add_argument("--obs-tokens", type=int, default=150)
+    p.add_argument("--obs-tokens", type=int, default=150, help="tokens of each observation")
     p.add_argument("--repeats", type=int, default=0, help="0 = 3 for tiny, 1 for smollm2")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data-dir", default="data/tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--data-dir", default="data/tiny", help="the tiny world (its base model and questions)")
     p.add_argument("--profile", action="store_true", help="cProfile of one (a) run per model")
     p.add_argument("--torch-profile", action="store_true", help="torch.profiler table of one (s) run per model")
     p.add_argument("--bandwidth-gbs", type=float, default=0.0,

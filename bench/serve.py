@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,8 +40,19 @@ import requests  # noqa: E402
 
 import tools  # noqa: E402
 
-DEFAULTS = {"corpus": "data/wiki/corpus.jsonl", "clients": 8, "requests": 400, "batch": 1, "topk": 3,
-            "time_limit_s": 60.0, "seed": 0, "burst_clients": 200, "burst_requests": 20, "burst_keepalive": 0}
+
+@dataclass
+class Args:
+    corpus: str = "data/wiki/corpus.jsonl"  # corpus JSONL served (the Wikipedia summaries are built when missing)
+    clients: int = 8  # concurrent client threads, each with its own keep-alive connection
+    requests: int = 400  # POST /retrieve requests in all
+    batch: int = 1  # queries per request
+    topk: int = 3  # passages per query
+    time_limit_s: float = 60.0  # the server part stops early after this long
+    seed: int = 0  # seed of the queries
+    burst_clients: int = 200  # clients of the burst, started at once (0 = no burst)
+    burst_requests: int = 20  # one-query requests per burst client
+    burst_keepalive: int = 0  # 1: each burst client keeps one session; 0: a new connection a request, as HTTPSearch
 
 
 def make_queries(docs, n, seed):
@@ -124,7 +136,7 @@ def burst(url, queries, clients, per_client, topk, time_limit_s, keepalive=True)
 
 
 def main(argv=None):
-    args = tools.read_key_values(DEFAULTS, sys.argv[1:] if argv is None else argv, "config")
+    args = tools.read_key_values(Args, sys.argv[1:] if argv is None else argv, "config")
     if not os.path.exists(args["corpus"]):
         import data
         print("wiki corpus docs:", data.build_wiki_corpus(args["corpus"]))

@@ -31,9 +31,18 @@ from tools import EnvConfig, RunConfig, cli, load_config, load_model, model_path
 from rl import popular_rows  # noqa: E402
 from worldmodel import make_environment  # noqa: E402
 
-DEFAULTS = {"run": "runs/tiny/seed0", "data": "data/tiny/seed0", "config": "configs/tiny.yaml", "prompts": 96,
-            "popular": 0, "sim_greedy": "config",
-            "group": 4, "seed": 0, "threads": 1}
+
+@dataclasses.dataclass
+class Args:
+    run: str = "runs/tiny/seed0"  # the demo's run folder of one seed (sft123, worldmodel, eval/ inside)
+    data: str = "data/tiny/seed0"  # its data folder (train.jsonl, corpus.jsonl)
+    config: str = "configs/tiny.yaml"  # the config the demo ran with
+    prompts: int = 96  # training prompts sampled
+    popular: int = 0  # only questions about people pre-training repeated this often or more, as rl.sim_popular
+    sim_greedy: str = "config"  # the policy's own observations greedy (true) or sampled (false); config: env's
+    group: int = 4  # trajectories per prompt
+    seed: int = 0  # seed of the prompts and the sampling
+    threads: int = 1  # torch threads
 
 
 def reward_table(episodes, env):
@@ -63,7 +72,7 @@ def no_search_share(eval_dir):
 
 
 def main(argv=None):
-    args = read_key_values(DEFAULTS, sys.argv[1:] if argv is None else argv, "sim_rewards")
+    args = read_key_values(Args, sys.argv[1:] if argv is None else argv, "sim_rewards")
     torch.set_num_threads(args["threads"])
     cfg = load_config({"run": RunConfig, "env": EnvConfig}, ["--config", args["config"], "run.device=cpu",
                                                              f"run.data_dir={args['data']}"] +

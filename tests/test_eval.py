@@ -268,6 +268,12 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
              if line.startswith(f"| {label} |")}
     assert calls["SFT-2"] == "-" and int(calls["+RL real only"]) > 0 and calls["+RL simulated only"] == "0"
     assert 0 < int(calls["+RL-2 alone (control)"]) < int(calls["+RL real only"])  # its 1/6 of the steps, all real
+    simreal = demo.rl_metrics(os.path.join(run_dir, "seed0"), "rl_simreal")
+    assert [r["env"] for r in simreal if "env" in r] == ["policy", "real"]  # 2 steps at 5/6: the last one is real
+    assert "| F1 | format errors |" in table
+    assert demo.QUICK_NOTE in table and demo.QUICK_NOTE in printed  # quick numbers say they are not results
+    assert "Written by `python demo.py --config configs/tiny.yaml --quick run.data_dir=" in table
+    assert "--readme" not in table and "one seed (0): no spread" in table and "seeds 0 " not in table
     for png in ("rl_curves.png", "accuracy_by_stage.png"):
         assert os.path.getsize(os.path.join(run_dir, png)) > 1000
     assert "one held-out trajectory" in printed and "[[" in printed and "reward:" in printed  # not a tty: brackets
@@ -285,7 +291,8 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
     written = readme.read_text()
     assert "STALE" not in written and "| +RL real only |" in written and "| +RL-2 alone (control) |" in written
     # the trajectory of the final model (6 steps a stage need not search: show_trajectory's own test marks [[...]])
-    assert "The final model (+RL simulated then real), seed 0" in written and "reward:" in written
+    assert "The final model (+RL simulated then real), seed 0" in written and "question (test-" in written
+    assert "--quick run.data_dir=" in written and " run.device=cpu --readme` on commit" in written
     assert sorted(os.listdir(docs)) == ["accuracy_by_stage.png", "rl_curves.png"]
 
 

@@ -24,14 +24,15 @@ def test_merge_puts_strided_shards_back_in_row_order():
 
 
 def test_table_has_a_column_per_set_and_their_unweighted_average():
-    summaries = {"nq": {"em": 0.2, "f1": 0.4, "lenient": 0.3, "actions": 1.0, "questions": 10},
-                 "bamboogle": {"em": 0.6, "f1": 0.8, "lenient": 0.7, "actions": 3.0, "questions": 2}}
+    summaries = {"nq": {"em": 0.2, "f1": 0.4, "lenient": 0.3, "format_error": 0.5, "actions": 1.0, "questions": 10},
+                 "bamboogle": {"em": 0.6, "f1": 0.8, "lenient": 0.7, "format_error": 0.0, "actions": 3.0,
+                               "questions": 2}}
     tab = ev.table(summaries)
-    assert list(tab) == ["EM", "F1", "lenient acc.", "actions/question"]
+    assert list(tab) == ["EM", "F1", "lenient acc.", "format errors", "actions/question"]
     assert tab["EM"] == pytest.approx({"nq": 0.2, "bamboogle": 0.6, "average": 0.4})  # as the paper: per-set mean
     md = ev.table_markdown(tab, "t")
     assert "| | nq | bamboogle | average |" in md and "| EM | 20.0 | 60.0 | 40.0 |" in md
-    assert "| actions/question | 1.00 | 3.00 | 2.00 |" in md
+    assert "| actions/question | 1.00 | 3.00 | 2.00 |" in md and "| format errors | 50.0 | 0.0 | 25.0 |" in md
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,8 @@ def test_overwrite_deletes_the_earlier_output_and_starts_over(tmp_path):
     (tmp_path / "rl_sim.metrics.jsonl").write_text('{"step": 1}\n')
     plumbing.claim_run(str(tmp_path), "rl", ["overwrite"])
     plumbing.release_run(str(tmp_path), "rl")
-    assert sorted(os.listdir(tmp_path)) == ["rl.lock", "rl_sim.metrics.jsonl"]  # only this out='s own files
+    assert sorted(os.listdir(tmp_path)) == ["rl_sim.metrics.jsonl"]  # only this out='s own files; the lock's file
+    # goes at release
     with pytest.raises(ConfigError, match="not both"):
         plumbing.claim_run(str(tmp_path), "rl", ["resume", "overwrite"])
 
@@ -65,8 +66,11 @@ def test_a_second_live_run_on_the_same_out_is_refused_naming_the_pid(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    plumbing.claim_run(str(tmp_path), "rl", ["overwrite"])  # the lock died with its process: no stale lock
+    assert (tmp_path / "rl.lock").read_text().strip() == str(holder.pid)  # a killed run's file, holding a dead PID,
+    plumbing.claim_run(str(tmp_path), "rl", ["overwrite"])  # is no lock: fcntl locks die with their process
+    assert (tmp_path / "rl.lock").read_text().strip() == str(os.getpid())
     plumbing.release_run(str(tmp_path), "rl")
+    assert not (tmp_path / "rl.lock").exists()  # a run that ends leaves no lock file behind
 
 
 # -----------------------------------------------------------------------------

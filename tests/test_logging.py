@@ -80,3 +80,30 @@ def test_sft_main_sends_its_metric_rows_to_the_logger(tiny_root, tiny_base, tiny
         rows = [json.loads(line) for line in f]
     assert [step for step, _ in fake.logged] == [row["step"] for row in rows] == [1, 2]
     assert [m["loss"] for _, m in fake.logged] == [row["loss"] for row in rows]
+
+
+def test_worldmodel_writes_a_metrics_row_a_step_and_sends_it_to_the_logger(tiny_root, tiny_base, tmp_path,
+                                                                            monkeypatch):
+    import worldmodel
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    argv = ["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data", f"run.runs_dir={tmp_path}",
+            "run.name=t", "run.log=wandb", f"model.base={tiny_base}", "run.device=cpu", "calls=oracle", "steps=3",
+            "batch_size=4", "eval_calls=0", "history_max_tokens=32"]
+    worldmodel.main(argv)
+    with open(os.path.join(tmp_path, "t", "worldmodel.metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [row["step"] for row in rows] == [step for step, _ in fake.logged] == [1, 2, 3]
+    assert all(row["loss"] > 0 and "lr" in row for row in rows)
+    assert fake.inits[0]["name"] == "t/worldmodel"
+
+
+def test_progress_yields_every_slice_and_shows_rate_calls_and_failures(capsys):
+    env = types.SimpleNamespace(calls=0, failures=0)
+    seen = []
+    for part in plumbing.progress(list(range(5)), 2, "eval", env):
+        seen.append(part)
+        env.calls, env.failures = env.calls + 2, 1
+    err = capsys.readouterr().err
+    assert seen == [[0, 1], [2, 3], [4]]
+    assert "eval: 100%" in err and "5/5" in err and "q/s" in err and "calls=6, failures=1" in err

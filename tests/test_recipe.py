@@ -1,7 +1,8 @@
 """The README's "Reproduce the paper on one GPU node", command by command, at toy scale: the commands are read
-from the README itself (between <!-- recipe --> and <!-- /recipe -->), their variables set to the tiny world, a
-scripted teacher endpoint and the retrieval server on free loopback ports, and toy-size overrides appended
-(small world, a few steps). `torchrun ... X.py ARGS` runs as X.main(ARGS) in this process (one rank).
+from the README itself (between <!-- recipe --> and <!-- /recipe -->) and run as written, their variables set to
+the tiny world, a scripted teacher endpoint and the retrieval server's free loopback port; only toy sizes (small
+world, a few steps) and where the files go are appended. `torchrun ... X.py ARGS` runs as X.main(ARGS) in this
+process (one rank). The tiny config searches with BM25 in-process: the server is used because the commands say so.
 
     .venv/bin/python -m pytest -q tests/test_recipe.py
 """
@@ -10,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import string
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,9 +66,8 @@ class Teacher(BaseHTTPRequestHandler):
         pass
 
 
-def toy_overrides(script, root, url):
-    common = [f"run.data_dir={root}/data", f"run.runs_dir={root}/runs", "run.name=recipe", "env.tool=http",
-              f"env.url={url}", "env.max_new_tokens=48"]
+def toy_overrides(script, root):
+    common = [f"run.data_dir={root}/data", f"run.runs_dir={root}/runs", "run.name=recipe", "env.max_new_tokens=48"]
     return common + {
         "data.py": SMALL_WORLD + ["synth.samples=2", "synth.limit=24"],
         "sft.py": ["steps=2", "batch_size=4", "device_batch_size=4", "save_every=0", "heldout=none"],
@@ -88,8 +89,11 @@ def test_the_readme_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     teacher = ThreadingHTTPServer(("127.0.0.1", 0), Teacher)
     threading.Thread(target=teacher.serve_forever, daemon=True).start()
     variables, commands = recipe()
-    assert set(variables) == {"CFG", "BASE", "CORPUS", "TEACHER", "TEACHER_MODEL", "QA"}
-    values = {"CFG": "configs/tiny.yaml", "BASE": "tiny", "CORPUS": f"{root}/data/corpus.jsonl",
+    assert set(variables) == {"CFG", "BASE", "CORPUS", "PORT", "TEACHER", "TEACHER_MODEL", "QA"}
+    with socket.socket() as s:  # a free loopback port for the retrieval server
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    values = {"CFG": "configs/tiny.yaml", "BASE": "tiny", "CORPUS": f"{root}/data/corpus.jsonl", "PORT": str(port),
               "TEACHER": f"http://127.0.0.1:{teacher.server_port}/v1", "TEACHER_MODEL": "scripted", "QA": f"{root}/qa"}
     mains = {"data.py": data.main, "sft.py": sft.main, "rl.py": rl.main, "eval.py": ev.main}
     server, ran = None, []
@@ -100,10 +104,13 @@ def test_the_readme_recipe_runs_end_to_end_at_toy_scale(tmp_path):
                 words = ["python"] + words[words.index(next(w for w in words if w.endswith(".py"))):]
             assert words[0] == "python", command
             if words[1:3] == ["tools.py", "serve"]:
-                assert words[-1] == "&" and words[3] == "--corpus" and words[5:7] == ["--port", "8000"]
-                server, url = start_server(words[4], *words[7:-1])  # a free port instead of 8000
+                assert words[-1] == "&" and words[3] == "--corpus" and words[5:7] == ["--port", str(port)]
+                server, url = start_server(words[4], *words[5:-1])  # its --port replaces start_server's 0
+                assert url == f"http://127.0.0.1:{port}/retrieve"
             else:
-                mains[words[1]](words[2:] + toy_overrides(words[1], root, url))
+                if words[1] != "sft.py":  # every command that searches goes to the server
+                    assert f"env.url={url}" in words and "env.tool=http" in words, command
+                mains[words[1]](words[2:] + toy_overrides(words[1], root))
             ran.append(words[1])
     finally:
         if server:
@@ -116,7 +123,7 @@ def test_the_readme_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     assert {"coa", "pair"} <= kinds  # rejection sampling kept searches, and paired them with wrong guesses
     assert all(r["type"] != "coa" or any(s["who"] == "env" for s in r["segments"]) for r in synth)
     run_dir = f"{root}/runs/recipe"
-    for out in ("sft1", "sft12", "sft3", "rl"):
+    for out in ("sft1", "sft12", "sft123", "rl"):
         assert os.path.exists(f"{run_dir}/{out}/config.json"), out
     rl_rows = [json.loads(line) for line in open(f"{run_dir}/rl.metrics.jsonl")]
     envs = [r.get("env") for r in rl_rows if r.get("step", 0) > 0 and "env" in r]

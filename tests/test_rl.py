@@ -494,3 +494,12 @@ def test_sim_rewards_splits_reward_by_whether_the_question_needs_a_search_and_th
     (tmp_path / "eval" / "sft_2.summary.json").write_text("{}")
     assert bench.no_search_share(str(tmp_path / "eval")) == {"sft_2": 0.333}
     assert bench.no_search_share(str(tmp_path / "missing")) == {}
+
+
+def test_a_schedule_with_sim_share_below_1_keeps_a_real_step():
+    from tools import EnvConfig
+    env = EnvConfig()
+    kinds = lambda steps, share: [rl.step_env(s, rl.RLConfig(steps=steps, sim_share=share), env) for s in range(steps)]
+    assert kinds(2, 5 / 6) == ["policy", "real"]  # round(1.67) = 2 would have left no real step
+    assert kinds(1, 0.5) == ["real"] and kinds(2, 1.0) == ["policy", "policy"] and kinds(3, 0.0) == ["real"] * 3
+    assert kinds(6, 5 / 6) == ["policy"] * 5 + ["real"]

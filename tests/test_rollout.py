@@ -27,7 +27,7 @@ def agent(tiny_base):
         head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
         head.weight.copy_(model.get_output_embeddings().weight)
         head.bias.zero_()
-        for tag, b in [("</end_search>", 4.0), ("<begin_search>", 3.0), ("</think>", 2.5), ("\\boxed{", 3.0)]:
+        for tag, b in [("</end_search>", 4.0), ("<begin_search>", 6.0), ("</think>", 2.5), ("\\boxed{", 3.0)]:
             head.bias[tok.convert_tokens_to_ids(tag)] = b
         head.bias[tok.convert_tokens_to_ids("}")] = 5.0
         head.bias[tok.eos_token_id] = 1.0
@@ -82,13 +82,16 @@ def reference_rollout(model, tok, question, env, environment, max_new):
         stretch = tok.decode(ids[seg:])
         if env.think_close in stretch:
             answer_from = len(ids)
-        elif env.action_close in stretch:
+        elif stretch.endswith(env.action_close):  # the model just closed an action
+            _, opened, query = stretch[:-len(env.action_close)].rpartition(env.action_open)
+            if not opened:  # a closer with no opener is no action
+                continue
             if len(actions) >= env.max_actions:
                 forced, answer_from = True, len(ids)
                 add_env(tok.encode(NOTE.format(think_close=env.think_close, answer_open=env.answer_open),
                                    add_special_tokens=False))
             else:
-                query = stretch.split(env.action_close)[0].rpartition(env.action_open)[2].strip()
+                query = query.strip()
                 actions.append(query)
                 add_env(tok.encode(environment([query])[0], add_special_tokens=False))
             if len(ids) >= max_new:
@@ -154,7 +157,7 @@ def test_rollout_with_tool_calls_equals_from_scratch_reference(agent, questions,
         assert ep.actions == actions
         assert ep.finish == finish
         assert ep.real_calls == len(actions) and ep.sim_calls == 0
-    assert sum(len(ep.actions) for ep in episodes) >= batch  # the tool really was called
+    assert any(ep.actions for ep in episodes)  # the tool really was called
 
 
 def test_rollout_covers_every_finish_reason(agent, questions, search):
@@ -528,3 +531,17 @@ def test_cuda_graph_decode_gives_the_eager_paths_greedy_ids(agent, questions, se
     for a, b in zip(eager, static):
         assert (b.ids, b.mask, b.actions, b.finish) == (a.ids, a.mask, a.actions, a.finish)
         assert torch.allclose(torch.tensor(b.logps), torch.tensor(a.logps), atol=1e-4)
+
+
+def test_a_closing_tag_with_no_opener_runs_no_search(agent, questions):
+    """`</end_search>` alone is no action: the whole thought must not go to the tool as a query."""
+    model, tok = agent
+    said = tok.encode(" I think it is Lorn </end_search> so. </think> \\boxed{Lorn}", add_special_tokens=False)
+    env, original = FixedEnv("<search_result> x </search_result>"), model.lm_head
+    model.lm_head = ForcedHead(original, said)
+    try:
+        ep = rollout(model, tok, questions[:1], EnvConfig(max_new_tokens=60), env)[0]
+    finally:
+        model.lm_head = original
+    assert env.queries == [] and ep.actions == [] and ep.real_calls == 0 and all(ep.mask)
+    assert ep.ids == said and ep.finish == "answer"

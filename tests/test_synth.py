@@ -13,6 +13,7 @@ import pytest
 
 import data
 import sft
+import tools
 from conftest import send_json
 from tools import EnvConfig, RunConfig, SearchEnv, load_config, make_tool, parse, reward
 
@@ -162,7 +163,11 @@ def test_hf_teacher_through_rollout_keeps_only_right_trajectories(tiny_root, tin
     cfg = synth_config(tiny_root, f"synth.teacher={tiny_base}", f"synth.out={tmp_path}/hf", "synth.splits=dev",
                        "synth.limit=6", "synth.samples=2", "synth.batch_size=3", "env.max_new_tokens=40",
                        "run.device=cpu")
-    stats = data.synthesize(cfg)
+    try:
+        stats = data.synthesize(cfg)
+    except tools.ConfigError as e:  # an untrained model is rarely right: keeping nothing is the one-line error
+        assert "kept no row of the 6 dev questions" in str(e) and not os.path.exists(f"{tmp_path}/hf/dev.jsonl")
+        return
     assert stats["dev"]["questions"] == 6
     for row in rows_of(f"{tmp_path}/hf/dev.jsonl"):  # an untrained model is rarely right: whatever is kept is
         if row["type"] != "pair":
@@ -234,3 +239,33 @@ def test_endpoint_teacher_that_is_down_fails_with_a_clear_error(tiny_root, tiny_
                        "synth.splits=dev", "synth.limit=1", "env.retries=0", "env.timeout_s=1.0")
     with pytest.raises(RuntimeError, match="teacher endpoint .* failed"):
         data.synthesize(cfg, AutoTokenizer.from_pretrained(tiny_base))
+
+
+class WrongTeacher(BaseHTTPRequestHandler):
+    """/v1/completions: always a wrong answer from memory."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        send_json(self, {"choices": [{"text": f" I know. {ENV.think_close} {ENV.answer_open}nowhere}}",
+                                      "finish_reason": "stop"}]})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_teacher_that_keeps_no_rows_is_one_line_and_exit_2_before_writing(tiny_root, tiny_base, tmp_path, capsys):
+    server = HTTPServer(("127.0.0.1", 0), WrongTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            tools.cli(data.main, ["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data",
+                                  f"model.base={tiny_base}", "--synth", f"synth.out={tmp_path}/none",
+                                  f"synth.teacher=http://127.0.0.1:{server.server_port}", "synth.splits=dev",
+                                  "synth.samples=1", "synth.limit=5"])
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    last = err.rstrip().split("\n")[-1].split("\r")[-1]  # after the progress bar
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert "kept no row of the 5 dev questions" in last and "synth.teacher=oracle" in last
+    assert not os.path.exists(f"{tmp_path}/none/dev.jsonl")

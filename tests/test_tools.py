@@ -445,3 +445,13 @@ def test_a_missing_model_folder_is_one_line_before_any_hub_call(tmp_path, monkey
     with pytest.raises(tools.ConfigError, match=f"'{run_dir}/rl_sim' \\(rl.py \\(rl.out=rl_sim\\)"):
         tools.model_path("rl_sim", run_dir)
     assert tools.model_path("Qwen/Qwen2.5-7B", run_dir) == "Qwen/Qwen2.5-7B"  # a hub id is left to the hub
+
+
+def test_bm25_gives_no_passage_for_a_query_that_matches_nothing(tmp_path):
+    docs = [{"id": str(i), "contents": f"Person{i}\nPerson{i} was born in City{i}."} for i in range(3)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    search = tools.BM25Search(str(tmp_path / "corpus.jsonl"))
+    assert search(["Zzyzx quux", "Person1 City2", "the of"], k=2) == [
+        [], ["Person1\nPerson1 was born in City1.", "Person2\nPerson2 was born in City2."], []]
+    idx, scores = search.search(["quux"], k=3)
+    assert idx == [[]] and scores == [[]]
