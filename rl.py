@@ -145,7 +145,8 @@ class RLConfig:
     micro_batch: int = 16  # episodes per forward/backward on one rank (length-sorted; gradient accumulation)
     max_bad_steps: int = 3  # NaN/inf losses in a row before the run stops
     max_tool_failures: float = 0.5  # share of a step's real calls that may fail (after env.retries): the call that
-                                    # takes it past this stops the run; 1 = never stop (the failures are counted)
+                                    # takes it past this stops the run; 1 = never stop (the failures are still
+                                    # counted)
     # scale
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per decoder layer)
     bf16: bool = False  # fsdp: bf16 parameters in forward/backward and rollouts; fp32 master weights, reductions

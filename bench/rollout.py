@@ -17,8 +17,8 @@ bench/rollout.py -- rollout.py's throughput against the way others do it and aga
     (e) graph floor  (c) on transformers' StaticCache, every one-token step one CUDA graph replay (eager on CPU).
 
 The work is identical for the three. An untrained model never writes a tag, so a script fixes the shape of
-every trajectory: per turn `free` tokens chosen by the model (tags, braces and EOS suppressed), then the action
-closer forced; after `turns` actions the think closer and \\boxed{ are forced, `answer` free tokens, then "}".
+every trajectory: per turn the action opener forced, `free` tokens chosen by the model (tags, braces and EOS
+suppressed), then the action closer forced; after `turns` actions the think closer and \\boxed{ are forced, `answer` free tokens, then "}".
 (a) applies the script in a wrapper around the LM head, (b) as a LogitsProcessor; (c) just follows the
 same forward schedule. Observations come from a zero-cost in-memory tool (tiny-world documents chosen by the
 query's hash) through tools.SearchEnv, cut to env.obs_max_tokens (150) tokens; (c) feeds (a)'s observation ids.
@@ -81,8 +81,8 @@ class Script:
 
     def __init__(self, tok, env, free, turns, answer):
         enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-        close = enc(env.action_close)
-        self.turns = [[None] * free + close for _ in range(turns)]
+        open_, close = enc(env.action_open + " "), enc(env.action_close)  # an action: opener, query, closer
+        self.turns = [open_ + [None] * free + close for _ in range(turns)]
         self.turns.append([None] * free + enc(f" {env.think_close} {env.answer_open}") + [None] * answer + enc("}"))
         self.steps = [s for turn in self.turns for s in turn]
         texts = [tok.decode([i]) for i in range(len(tok))]
