@@ -58,7 +58,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import eval as ev
-from tools import SECTIONS, ConfigError, EnvConfig, RunConfig, cli, help_text, load_config, read_jsonl
+from tools import SECTIONS, ConfigError, EnvConfig, RunConfig, cli, help_text, load_config, read_jsonl, show_help
 
 # Quick mode: a small world and a few steps per stage, enough to exercise every code path in about a minute.
 QUICK = {
@@ -473,8 +473,7 @@ def parse_flags(argv):
     """(quick, seeds, jobs, readme, pretrain, config path, overrides); an unknown --flag is an error, --help prints
     the help."""
     if "--help" in argv or "-h" in argv:
-        print(help_text(all_sections(), flags=FLAGS, doc=__doc__, prog="demo.py"))
-        raise SystemExit(0)
+        show_help(help_text(all_sections(), flags=FLAGS, doc=__doc__, prog="demo.py"))
     quick, readme, pretrain, n_seeds, jobs, rest = False, False, False, 1, 2, []
     it = iter(argv)
     for a in it:

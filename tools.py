@@ -111,8 +111,7 @@ def read_key_values(cls, argv, who):
     ConfigError."""
     argv = list(argv)
     if "--help" in argv or "-h" in argv:
-        print(help_text({"": cls}, doc=getattr(sys.modules.get("__main__"), "__doc__", None)))
-        raise SystemExit(0)
+        show_help(help_text({"": cls}, doc=getattr(sys.modules.get("__main__"), "__doc__", None)))
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     values = {}
     for item in argv:
@@ -151,6 +150,15 @@ def field_help(cls):
         elif alone:
             last = None
     return out
+
+
+def show_help(text):
+    """Print a --help and exit 0, also when the reader stops early (`--help | head`: a broken pipe, no traceback)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would raise again
+    raise SystemExit(0)
 
 
 def help_text(sections, own=None, flags=None, doc=None, prog=None):
@@ -303,8 +311,7 @@ def load_config(sections, argv=None, own=None, flags=()):
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--help" in argv or "-h" in argv:
-        print(help_text(sections, own, flags, getattr(sys.modules.get("__main__"), "__doc__", None)))
-        raise SystemExit(0)
+        show_help(help_text(sections, own, flags, getattr(sys.modules.get("__main__"), "__doc__", None)))
     path, overrides, given = None, [], []
     while argv:
         arg = argv.pop(0)

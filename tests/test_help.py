@@ -92,6 +92,16 @@ def test_library_files_answer_help(script, says):
     assert done.returncode == 0 and says in done.stdout
 
 
+def test_help_read_in_part_ends_quietly():
+    # `--help | head -1`: the reader is gone before the help is written (its end of the pipe closed first)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    done = subprocess.run([sys.executable, "rl.py", "--help"], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    os.close(write_end)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-500:]
+
+
 # -----------------------------------------------------------------------------
 # chat.py
 
