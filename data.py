@@ -199,7 +199,7 @@ def world_kinds(cfg):
     kinds = tuple(k.strip() for k in cfg.kinds.split(",") if k.strip())
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
-        raise ValueError(f"config: world.kinds must name some of {', '.join(KINDS)}; got {cfg.kinds!r}")
+        raise ConfigError(f"config: world.kinds must name some of {', '.join(KINDS)}; got {cfg.kinds!r}")
     return kinds
 
 
@@ -318,7 +318,7 @@ def load_qa(source, split="test", on_bad="skip", limit=None):
         ds = datasets.load_dataset("RUC-NLPIR/FlashRAG_datasets", HUB_NAMES[source], split=split)
         placed = check_rows([(f"{source}[{i}]", dict(r)) for i, r in enumerate(ds)], check_row, "QA row", on_bad)
     else:
-        raise FileNotFoundError(f"no QA file {source!r} and no hub dataset of that name ({', '.join(HUB_NAMES)})")
+        raise ConfigError(f"no QA file {source!r} and no hub dataset of that name ({', '.join(HUB_NAMES)})")
     rows = [{"id": place, **row} for place, row in placed]  # a row's own id wins over its place
     return rows[:limit] if limit else rows
 
@@ -798,7 +798,7 @@ def synthesize(cfg, tokenizer=None):
     if teacher == "oracle":
         world_path = os.path.join(cfg.run.data_dir, "world.json")
         if not os.path.exists(world_path):
-            raise ValueError(f"synth.teacher=oracle needs the tiny world ({world_path} is missing)")
+            raise ConfigError(f"synth.teacher=oracle needs the tiny world ({world_path} is missing)")
         with open(world_path) as f:
             world = json.load(f)
         if tokenizer is None:

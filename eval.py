@@ -111,8 +111,8 @@ def load_questions(cfg, source=None):
     elif not os.path.exists(source) and os.path.exists(named):
         source = named
     elif not os.path.exists(source) and source not in data.HUB_NAMES:
-        raise FileNotFoundError(f"eval.data: no QA file {source!r} nor {named!r} (eval.qa_dir), "
-                                f"and no FlashRAG hub name ({', '.join(data.HUB_NAMES)})")
+        raise ConfigError(f"eval.data: no QA file {source!r} nor {named!r} (eval.qa_dir), "
+                          f"and no FlashRAG hub name ({', '.join(data.HUB_NAMES)})")
     return data.load_qa(source, limit=cfg.eval.limit or None)
 
 
@@ -210,7 +210,7 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
     forced with the same note as rollout's action limit: the model never decides to search."""
     from rollout import encode_prompt
     if environment is None:
-        raise ValueError("the fixed workflow needs a tool: env.env=real or worldmodel")
+        raise ConfigError("the fixed workflow needs a tool: env.env=real or worldmodel")
     traces = []
     for row in rows:
         for _ in range(ecfg.samples):
@@ -321,7 +321,7 @@ def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
     answer with a forced 'Action: Finish['.
     """
     if environment is None:
-        raise ValueError("the ReAct workflow needs a tool: env.env=real or worldmodel")
+        raise ConfigError("the ReAct workflow needs a tool: env.env=real or worldmodel")
     traces = [Trace(row, encode(tokenizer, react_prompt(tokenizer, row["question"])))
               for row in rows for _ in range(ecfg.samples)]
     forcing = set()  # traces whose context ends with a forced "Action: Finish[" (the action limit was hit)

@@ -103,13 +103,13 @@ def wrap_model(model, device, strategy="ddp", bf16=False):
             fully_shard(layer)
         fully_shard(model)
         return model
-    raise ValueError(f"config: parallel strategy must be ddp, fsdp or none, got {strategy!r}")
+    raise ConfigError(f"config: parallel strategy must be ddp, fsdp or none, got {strategy!r}")
 
 
 def check_bf16(bf16, strategy, section):
     """bf16 is FSDP2's mixed precision (wrap_model): with ddp or none it would silently mean fsdp."""
     if bf16 and strategy != "fsdp":
-        raise ValueError(f"config: {section}.bf16=true needs {section}.parallel=fsdp (got {strategy!r})")
+        raise ConfigError(f"config: {section}.bf16=true needs {section}.parallel=fsdp (got {strategy!r})")
 
 
 def start_one_rank_group(device):
@@ -205,7 +205,7 @@ def start_logging(run, name, config, rank=0):
     global LOGGER
     kinds = {"none": NullLogger, "wandb": WandbLogger, "tensorboard": TensorBoardLogger}
     if run.log not in kinds:
-        raise ValueError(f"config: run.log must be none, wandb or tensorboard, got {run.log!r}")
+        raise ConfigError(f"config: run.log must be none, wandb or tensorboard, got {run.log!r}")
     LOGGER = NullLogger()
     if rank == 0 and run.log != "none":
         try:
@@ -438,7 +438,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None):
         meta = json.load(f)
     world_size = dist.get_world_size() if is_dist() else 1
     if meta.get("world_size", 1) != world_size:
-        raise ValueError(f"{path} was written by {meta['world_size']} ranks; resume with the same number "
+        raise ConfigError(f"{path} was written by {meta['world_size']} ranks; resume with the same number "
                          f"(now {world_size})")
     saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(unwrap(model).parameters()).dtype)
     if is_fsdp(model):  # FSDP2: scatter the full weights into the shards

@@ -57,7 +57,7 @@ def test_world_kinds_choose_the_questions_asked(tmp_path):
     for name in ("train", "dev", "test"):
         rows = read(os.path.join(cfg.run.data_dir, f"{name}.jsonl"))
         assert {r["kind"] for r in rows if r["needs_search"]} == {"city", "country"}
-    with pytest.raises(ValueError, match="world.kinds"):
+    with pytest.raises(tools.ConfigError, match="world.kinds"):
         data.world_kinds(tiny_config(str(tmp_path), ["world.kinds=city,weather"]).world)
 
 
@@ -130,7 +130,7 @@ def test_malformed_qa_rows_are_reported_then_skipped_or_refused(tmp_path, capsys
     assert "qa.jsonl:2" in err and "qa.jsonl:3" in err and "qa.jsonl:5" in err
     with pytest.raises(ValueError, match="qa.jsonl:2: bad QA row"):
         data.load_qa(str(path), on_bad="raise")
-    with pytest.raises(FileNotFoundError, match="no hub dataset"):
+    with pytest.raises(tools.ConfigError, match="no hub dataset"):
         data.load_qa("no_such_set")
 
 

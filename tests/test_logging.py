@@ -12,7 +12,7 @@ import pytest
 
 import plumbing
 import sft
-from tools import RunConfig
+from tools import ConfigError, RunConfig
 
 
 class FakeWandb(types.ModuleType):
@@ -66,7 +66,7 @@ def test_a_missing_package_is_one_warning_and_a_no_op(tmp_path, monkeypatch, cap
 
 
 def test_an_unknown_logger_is_a_config_error():
-    with pytest.raises(ValueError, match="run.log must be none, wandb or tensorboard"):
+    with pytest.raises(ConfigError, match="run.log must be none, wandb or tensorboard"):
         plumbing.start_logging(RunConfig(log="mlflow"), "sft2", {})
 
 

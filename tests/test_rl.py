@@ -470,7 +470,7 @@ def test_bf16_on_one_process_trains_fp32_masters_and_rolls_out_with_bf16_weights
 
 
 def test_bf16_needs_fsdp_and_says_so(tmp_path):
-    with pytest.raises(ValueError, match="rl.bf16=true needs rl.parallel=fsdp"):
+    with pytest.raises(rl.ConfigError, match="rl.bf16=true needs rl.parallel=fsdp"):
         rl.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}", "bf16=true"])
 
 

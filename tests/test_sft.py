@@ -263,5 +263,5 @@ def test_bf16_on_one_process_saves_fp32_weights_that_moved(tiny_root, tiny_base,
     assert any(not torch.equal(out[k], base[k]) for k in base)
     assert all(math.isfinite(x) for x in losses(tmp_path, "sft2"))
     assert os.path.isdir(tmp_path / "t" / "sft2.ckpt" / "step_000001")  # a checkpoint gathered from the shards
-    with pytest.raises(ValueError, match="sft.bf16=true needs sft.parallel=fsdp"):
+    with pytest.raises(tools.ConfigError, match="sft.bf16=true needs sft.parallel=fsdp"):
         sft.main(sft_args(tiny_root, tiny_base, str(tmp_path), small_train, "bf16=true"))
