@@ -41,7 +41,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from plumbing import progress
+from plumbing import print0, progress
 from tools import RunConfig, EnvConfig, ConfigError, cli, load_config, make_tool
 from tools import SearchEnv, build_prompt, check_rows, parse, partial_write, read_jsonl, reward
 
@@ -167,6 +167,17 @@ def popularity(world, cfg, seed):
     out.update({f"city-{c}": top for c in world["city_country"]})
     out.update({f"company-{c}": top for c in world["company_city"]})
     return out
+
+
+def read_pretrain(path):
+    """Rows of the pre-training corpus (make_pretrain: {"contents", "repeats", ...}); a bad row is named and
+    skipped, a file with none left is a ConfigError. sft.py trains on it, rl.py's sim_popular reads its repeats."""
+    check = lambda r: None if isinstance(r, dict) and isinstance(r.get("contents"), str) and \
+        isinstance(r.get("repeats"), int) and r["repeats"] >= 0 else "needs a string 'contents' and an int 'repeats'"
+    rows = [row for _, row in read_jsonl(path, check, "pretrain row", warn=print0)]
+    if not rows:
+        raise ConfigError(f"{path}: no usable rows")
+    return rows
 
 
 def make_pretrain(world, corpus, cfg, seed):

@@ -198,16 +198,6 @@ def build_examples(rows, stage, tokenizer, env, max_len):
     return out
 
 
-def read_pretrain(path):
-    """Rows of the pre-training corpus (data.make_pretrain: {"contents", "repeats", ...})."""
-    check = lambda r: None if isinstance(r, dict) and isinstance(r.get("contents"), str) and \
-        isinstance(r.get("repeats"), int) and r["repeats"] >= 0 else "needs a string 'contents' and an int 'repeats'"
-    rows = [row for _, row in read_jsonl(path, check, "pretrain row", warn=print0)]
-    if not rows:
-        raise ValueError(f"{path}: no usable rows")
-    return rows
-
-
 def pretrain_examples(rows, tokenizer, env):
     """One example per document, written exactly as the real tool writes a one-document observation (the whole
     sequence learnt), with its repeats: epoch_order puts it that many times in an epoch."""
@@ -405,7 +395,7 @@ def resolve_init(init, cfg):
 
 def main(argv=None):
     from tqdm import tqdm
-    from data import ModelConfig, save_atomic
+    from data import ModelConfig, read_pretrain, save_atomic
     from tools import EnvConfig, RunConfig, load_config, load_model
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per run: ours

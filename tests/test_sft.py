@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import sft
 import tools
 from conftest import finished
@@ -86,7 +87,7 @@ def test_sft2_mixes_only_well_known_cot_and_sft3_unmasks_observations(tiny_synth
 def test_pretrain_examples_are_one_document_search_results_repeated_by_popularity(tiny_root, tiny_synth, tokenizer):
     """stage=pretrain: a document reads exactly as the real tool's one-document observation, every token learnt,
     and an epoch holds it `repeats` times."""
-    rows = sft.read_pretrain(os.path.join(tiny_root, "data", "pretrain.jsonl"))[:40]
+    rows = data.read_pretrain(os.path.join(tiny_root, "data", "pretrain.jsonl"))[:40]
     examples = sft.pretrain_examples(rows, tokenizer, ENV)
     text = tokenizer.decode(examples[0]["ids"][:-1])
     assert text == tools.format_observation([rows[0]["contents"]], tokenizer, ENV)
