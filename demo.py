@@ -39,7 +39,8 @@ the stage times, and the knowledge curve: by how often pre-training repeated a p
 accuracy and how often each simulator's observation keeps the birth city), runs/<name>/rl_curves.png and
 accuracy_by_stage.png (the first seed's), and prints one complete trajectory of the final model on a held-out
 question, the model's tokens and the environment's told apart. With --readme the README's results section (between
-its two marker lines) gets the table, its trajectory section the trajectory, and docs/ the two plots.
+its two marker lines) gets the table, its trajectory section the trajectory, and docs/ the two plots; with
+--pretrain too, its own "pretrain results" section gets the table and docs/ the plots as pretrain_*.png.
 
 A training step whose output folder already exists is skipped (delete runs/<name>/ to start over; the evals always
 run); a stage script that is missing is reported and its rows stay empty.
@@ -458,7 +459,8 @@ def write_readme(path, text, part="results"):
 FLAGS = {"seeds N": "run seeds run.seed .. run.seed+N-1, each its own world and model; cells: mean ± std (default 1)",
          "jobs N": "independent stages side by side, one core each (default 2)",
          "quick": "a small world and a few steps per stage: checks that the code runs (its numbers mean nothing)",
-         "readme": "rewrite the README's results and trajectory sections and docs/*.png from this run",
+         "readme": "rewrite the README's results and trajectory sections and docs/*.png from this run (--pretrain: its "
+                   "own section and docs/pretrain_*.png)",
          "pretrain": "pre-train on the world's corpus first, with replay and RL-1 on popular prompts "
                      "(runs/<name>_pretrain)"}
 
@@ -554,10 +556,11 @@ def main(argv=None):
         shown = show_one(load_config({"run": RunConfig, "env": EnvConfig}, runs[0][0].argv(())), model_dir)
         print(f"\n== one held-out trajectory of the final model ({label}, seed {seeds[0]}):\n{shown}")
     if readme:  # the table, the plots (docs/) and the trajectory, all from this run
-        write_readme(README, section)
+        # --pretrain has its own section and plots beside the default pipeline's; the trajectory stays the default's
+        write_readme(README, section, "pretrain results" if pretrain else "results")
         for path in plots:
-            shutil.copyfile(path, os.path.join(DOCS, os.path.basename(path)))
-        if model_dir:
+            shutil.copyfile(path, os.path.join(DOCS, ("pretrain_" if pretrain else "") + os.path.basename(path)))
+        if model_dir and not pretrain:
             write_readme(README, f"The final model ({label}), seed {seeds[0]}, commit "
                          f"{sha}:\n\n```\n{shown}\n```", "trajectory")
     missing = sorted({m for p, _ in runs for m in p.missing})
