@@ -563,9 +563,9 @@ def bucket_name(lo, hi):
 
 def popularity_buckets(data_dir, n, seed):
     """{bucket: [(person, repeats)]}: up to n people per bucket of pre-training repeats; dev and test people (not
-    in the pre-training corpus) are the 0 bucket. {} without a pre-training corpus (real data)."""
+    in the pre-training corpus) are the 0 bucket. {} without a pre-training corpus (real data) or when n is 0."""
     path = os.path.join(data_dir, "pretrain.jsonl")
-    if not os.path.exists(path):
+    if not n or not os.path.exists(path):
         return {}
     with open(os.path.join(data_dir, "world.json")) as f:
         people = json.load(f)["people"]

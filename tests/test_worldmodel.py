@@ -183,6 +183,7 @@ def test_knowledge_curve_buckets_people_by_popularity_and_scores_a_faithful_simu
         assert name == wmod.bucket_name(lo, hi) and 1 <= len(group) <= 3
         assert all(lo <= n <= hi and repeats.get(p["name"], 0) == n for p, n in group)
     assert all(p["split"] in ("dev", "test") for p, _ in buckets["0 (after cut-off)"])
+    assert wmod.popularity_buckets(tiny_cfg.run.data_dir, 0, seed=0) == {}  # knowledge_people=0: no curve, no crash
     model, tok = base
     search = SearchEnv(make_tool(ENV, tiny_cfg.run), tok, ENV)
     curve = wmod.knowledge_curve(model, tok, buckets, ENV, search, world_env=search)
