@@ -271,6 +271,10 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
     assert [r["env"] for r in simreal if "env" in r] == ["policy", "real"]  # 2 steps at 5/6: the last one is real
     control = demo.rl_metrics(os.path.join(run_dir, "seed0"), "rl_rl2")  # RL-2 alone: simreal's real steps, no more
     assert [r["env"] for r in control if "env" in r] == ["real"] and int(calls["+RL-2 alone (control)"]) > 0
+    zs = demo.rl_metrics(os.path.join(run_dir, "seed0"), "rl_zs")  # RL-1 in the gold-shown world model, then real
+    assert [r["env"] for r in zs if "env" in r] == ["worldmodel", "real"]
+    with open(os.path.join(run_dir, "seed0", "worldmodel_gold", "config.json")) as f:
+        assert json.load(f)["worldmodel_gold"] is True
     assert "| F1 | format errors |" in table
     assert demo.QUICK_NOTE in table and demo.QUICK_NOTE in printed  # quick numbers say they are not results
     assert "Written by `python demo.py --config configs/tiny.yaml --quick run.data_dir=" in table
