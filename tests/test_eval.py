@@ -328,6 +328,19 @@ def test_demo_rewrites_only_the_readme_sections_it_owns(tmp_path):
     assert (tmp_path / "plain.md").read_text() == "no markers\n"
 
 
+def test_demo_fidelity_table_has_a_row_for_the_gold_shown_world_model(tmp_path):
+    import json
+    import demo
+    for out, kept in (("worldmodel", 0.4), ("worldmodel_gold", 0.99)):  # each report's own world model
+        (tmp_path / f"{out}.report.json").write_text(json.dumps(
+            {"fidelity": {"worldmodel": {"seen": {"answer_kept": kept}}, "policy": {"seen": {"answer_kept": 0.3}}}}))
+    cells = demo.fidelity_cells(str(tmp_path))
+    assert cells == {"worldmodel": {"answer_kept_seen": 0.4}, "policy": {"answer_kept_seen": 0.3},
+                     "worldmodel_gold": {"answer_kept_seen": 0.99}}
+    table = demo.fidelity_table(demo.gather([cells]))
+    assert "| the gold-shown world model (worldmodel.py gold=true, ZeroSearch's kind) | 0.99 | - |" in table
+
+
 def test_demo_skips_a_broken_rl_metrics_line(tmp_path, capsys):
     import demo
     (tmp_path / "rl_real.metrics.jsonl").write_text('{"step": 1, "real_calls_total": 3}\n{"step": 2, "real_ca\n')
