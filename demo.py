@@ -22,13 +22,14 @@ each can be run alone with the same arguments):
     sft.py         SFT-2 from the CoT model                                       -> sft2
     sft.py         SFT-1 from the CoT model, then SFT-2 from it                   -> sft1, sft12
     sft.py         SFT-3 from SFT-1&2 (no observation mask: the internal world model) -> sft123
-    worldmodel.py  a separate world-model LM (fine-tuned from SFT-1&2&3 on real calls) and the fidelity report
-                                                                                  -> worldmodel
-    rl.py          GRPO from SFT-1&2&3, four schedules: all simulated (the policy writes its own observations),
+    worldmodel.py  a separate world-model LM (fine-tuned from SFT-1&2&3 on real calls) and the fidelity report,
+                   and ZeroSearch's kind (the same, its prompt also showing the question's gold answers)
+                                                                                  -> worldmodel, worldmodel_gold
+    rl.py          GRPO from SFT-1&2&3, five schedules: all simulated (the policy writes its own observations),
                    the paper's first 5/6 simulated then real, all real, and 5/6 simulated by the separate
-                   world-model LM then real (beyond the paper); and the control the paper lacks, RL-2 alone:
-                   the simulated-then-real run's real steps without its simulated ones
-                                                               -> rl_sim, rl_simreal, rl_real, rl_wm, rl_rl2
+                   world-model LM, or by the gold-shown one, then real (beyond the paper); and the control the
+                   paper lacks, RL-2 alone: the simulated-then-real run's real steps without its simulated ones
+                                                      -> rl_sim, rl_simreal, rl_real, rl_wm, rl_zs, rl_rl2
     eval.py        every model above on the held-out test questions (greedy, real tool), plus two baselines:
                    no tool (the CoT model, searching switched off) and a fixed workflow (SFT-2's weights behind a
                    retrieve-then-read loop: one search with the question, then the model answers, never searching)
@@ -81,10 +82,12 @@ ROWS = [("no tool", "cot", "notool"), ("workflow", "sft2", "workflow"), ("SFT-2"
         ("SFT-1&2", "sft12", "agent"), ("SFT-1&2&3", "sft123", "agent"),
         ("+RL simulated only", "rl_sim", "agent"), ("+RL simulated then real", "rl_simreal", "agent"),
         ("+RL-2 alone (control)", "rl_rl2", "agent"),
-        ("+RL real only", "rl_real", "agent"), ("+RL world-model LM then real", "rl_wm", "agent")]
+        ("+RL real only", "rl_real", "agent"), ("+RL world-model LM then real", "rl_wm", "agent"),
+        ("+RL gold-shown world model then real", "rl_zs", "agent")]
 HERE = os.path.dirname(os.path.abspath(__file__))
 README, DOCS = os.path.join(HERE, "README.md"), os.path.join(HERE, "docs")  # what --readme rewrites
-RL_RUNS = {"rl_sim": 1.0, "rl_simreal": 5 / 6, "rl_real": 0.0, "rl_wm": 5 / 6, "rl_rl2": 0.0}  # out -> simulated share
+RL_RUNS = {"rl_sim": 1.0, "rl_simreal": 5 / 6, "rl_real": 0.0, "rl_wm": 5 / 6, "rl_zs": 5 / 6,
+           "rl_rl2": 0.0}  # out -> simulated share
 # --pretrain (the tiny model reads its world first; see the README's "What the model knows before it acts")
 REPLAY = "sft.pretrain_share=0.25"  # CoT and SFT-2: a quarter of the stream replays pre-training documents
 # SFT-3: half the stream replayed, 4x the default steps. Chosen on training prompts and dev (bench/sim_rewards.py:
@@ -95,7 +98,12 @@ SFT3_REPLAY = ["sft.pretrain_share=0.5", "sft.sft3_steps=800"]
 SIM_PROMPTS = "rl.sim_popular=30"  # RL-1 prompts: questions about people pre-training repeated 30+ times
 RL_STEPS = {"rl_rl2": 1 / 6}  # share of rl.steps the run takes (others: all): RL-2 alone = rl_simreal's real steps
 # who writes the simulated observations: the policy itself (its SFT-3 internal world model, the paper's choice),
-# or for rl_wm the separate world-model LM of worldmodel.py (beyond the paper)
+# or for rl_wm the separate world-model LM of worldmodel.py, for rl_zs the gold-shown one (beyond the paper)
+# RL run -> (its world model's folder under run.dir, stage name, worldmodel.py's own settings); the gold-shown one
+# skips the knowledge curve: it is told the answer, and the plain one's report has the policy's curve
+WORLD_MODELS = {"rl_wm": ("worldmodel", "world model", []),
+                "rl_zs": ("worldmodel_gold", "gold-shown world model", ["worldmodel.gold=true",
+                                                                         "worldmodel.knowledge_people=0"])}
 KINDS = ("city", "employer", "country", "comparison", "yesno", "well_known")
 
 
@@ -190,12 +198,13 @@ def run_stages(p):
                                                            f"rl.sim_share={RL_RUNS[out]:.6f}",
                                                            f"rl.steps={max(1, round(steps * RL_STEPS.get(out, 1)))}",
                                                            *extra], out)
-    # the world-model LM starts from the policy: it knows the tags and what SFT-3 taught of the facts
-    p.side_by_side([("world model", "worldmodel", ("worldmodel",),
-                     ["worldmodel.init=sft123", "worldmodel.policy=" + os.path.join(p.run_dir, "sft123")],
-                     "worldmodel"),
-                    rl("rl_wm", "rl.sim_env=worldmodel", "env.worldmodel=" + os.path.join(p.run_dir, "worldmodel"))],
-                   *[[rl(out, "rl.sim_env=policy")] for out in RL_RUNS if out not in ("rl_wm", "rl_rl2")],
+    # the world-model LMs start from the policy: they know the tags and what SFT-3 taught of the facts
+    wm = lambda folder, name, extra: (name, "worldmodel", ("worldmodel",), [
+        "worldmodel.init=sft123", "worldmodel.policy=" + os.path.join(p.run_dir, "sft123"), f"worldmodel.out={folder}",
+        *extra], folder)
+    p.side_by_side(*[[wm(*spec), rl(out, "rl.sim_env=worldmodel", "env.worldmodel=" + os.path.join(p.run_dir, spec[0]))]
+                     for out, spec in WORLD_MODELS.items()],
+                   *[[rl(out, "rl.sim_env=policy")] for out in RL_RUNS if out not in (*WORLD_MODELS, "rl_rl2")],
                    [rl("rl_rl2")])
 
 
@@ -253,9 +262,9 @@ def seed_cells(results, run_dir):
     return out
 
 
-def wm_report(run_dir):
-    """worldmodel.py's report of one seed ({} when there is none)."""
-    path = os.path.join(run_dir, "worldmodel.report.json")
+def wm_report(run_dir, out="worldmodel"):
+    """worldmodel.py's report of one seed for the world model `out` ({} when there is none)."""
+    path = os.path.join(run_dir, out + ".report.json")
     if not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -263,10 +272,15 @@ def wm_report(run_dir):
 
 
 def fidelity_cells(run_dir):
-    """{simulator: {answer_kept_seen, answer_kept_unseen}} from worldmodel.py's report ({} when there is none):
-    how often a simulated observation keeps the answer-bearing fact that the real one holds."""
+    """{simulator: {answer_kept_seen, answer_kept_unseen}} from worldmodel.py's reports ({} when there is none):
+    how often a simulated observation keeps the answer-bearing fact that the real one holds. The gold-shown world
+    model's report adds its own row, worldmodel_gold."""
+    fidelity = wm_report(run_dir).get("fidelity", {})
+    gold = wm_report(run_dir, "worldmodel_gold").get("fidelity", {})
+    if "worldmodel" in gold:
+        fidelity["worldmodel_gold"] = gold["worldmodel"]
     return {name: {f"answer_kept_{group}": m.get("answer_kept") for group, m in groups.items()}
-            for name, groups in wm_report(run_dir).get("fidelity", {}).items()}
+            for name, groups in fidelity.items()}
 
 
 def knowledge_cells(run_dir):
@@ -285,7 +299,8 @@ def gather(per_seed):
 
 def fidelity_table(fidelity):
     """Markdown: per simulator, how often its observation keeps the answer-bearing fact, seen / unseen entities."""
-    names = {"policy": "the policy itself (SFT-1&2&3)", "worldmodel": "the world-model LM (worldmodel.py)"}
+    names = {"policy": "the policy itself (SFT-1&2&3)", "worldmodel": "the world-model LM (worldmodel.py)",
+             "worldmodel_gold": "the gold-shown world model (worldmodel.py gold=true, ZeroSearch's kind)"}
     lines = ["| simulator | answer kept, seen entities | answer kept, unseen entities |", "|---|---|---|"]
     for name, m in fidelity.items():
         lines.append(f"| {names.get(name, name)} | {cell(m.get('answer_kept_seen', [None]))} | "
@@ -427,8 +442,10 @@ QUICK_NOTE = ("QUICK MODE (--quick): a small world and a few steps per stage, to
 NOTE = ("no tool: the CoT-only model, searching switched off (env.max_actions=0). workflow: SFT-2's weights behind "
         "a fixed retrieve-then-read loop (one search with the question, then the model answers without searching). "
         "RL rows start from SFT-1&2&3; RL-2 alone is the simulated-then-real run's real steps (1/6 of them) without "
-        "its simulated ones. Test questions are about people no training question mentions; well_known = "
-        "famous people's facts, answerable without a search.")
+        "its simulated ones; the gold-shown world model is worldmodel.py's LM with the question's gold answers in its "
+        "prompt (ZeroSearch's simulator), so its observations can carry the answer whatever it knows. Test "
+        "questions are about people no training question mentions; well_known = famous people's facts, answerable "
+        "without a search.")
 
 
 def run_seed(config_path, overrides, quick, seed, jobs, pretrain=False):

@@ -27,6 +27,13 @@ after 300 steps from the untrained base.
 The history keeps only earlier actions and observations, not the policy's thoughts: the tool never sees them,
 and so the world model stays the same whatever style of reasoning the policy writes.
 
+With `gold=true` it is ZeroSearch's kind of simulator (arXiv 2505.04588): the prompt also holds the question's
+gold answers right after the question line (`Question: q\\nAnswer: Kesh\\n`, then history and query), so it can
+learn to write the answer-bearing document whatever it remembers of the entity; the target, the real
+observation, is unchanged. The golds come from <run.data_dir>'s QA files (logged calls carry none), in training
+and when served; the folder's config.json records `worldmodel_gold`, so `env.worldmodel=<folder>` serves it as
+trained, and a question with no gold answer there is an error, never a prompt without one.
+
 Data: real calls as JSONL rows {"question", "history" (the trajectory's text so far, ending with the action),
 "query", "observation"}. tools.SearchEnv(log_path=...) writes them wherever the real tool is used; synthesis
 keeps <run.data_dir>/synth/calls_train.jsonl (the default source). With `calls=oracle` they are made here
@@ -53,12 +60,13 @@ observation for the query X holds the birth city. Report: printed and <run.dir>/
 Outputs, as every trainer's: <run.dir>/<out>/ (HF folder), <out>.ckpt/ (resume), <out>.metrics.jsonl (loss and lr
 a step; the last row holds the report's numbers), also sent to wandb or tensorboard with run.log.
 
-Departures from the paper: the paper uses only the policy as world model; a separate LM is our addition, as is
-the whole fidelity report. The history drops the policy's thoughts (above).
+Departures from the paper: the paper uses only the policy as world model; a separate LM is our addition (the
+gold-shown one ZeroSearch's), as is the whole fidelity report. The history drops the policy's thoughts (above).
 
     python worldmodel.py --config configs/tiny.yaml init=sft123         # from the policy, print the report
     python worldmodel.py --config configs/tiny.yaml steps=600 policy=runs/tiny/sft123
     python worldmodel.py --config configs/tiny.yaml calls='runs/tiny/logs/*.jsonl'   # other logged real calls
+    python worldmodel.py --config configs/tiny.yaml init=sft123 gold=true out=worldmodel_gold   # ZeroSearch's
     python rl.py --config configs/tiny.yaml env.worldmodel=runs/tiny/worldmodel sim_share=0.8333  # RL-1 on it
     python worldmodel.py --config configs/tiny.yaml --resume            # after a crash (--overwrite: start over)
     python worldmodel.py --config configs/tiny.yaml run.device=cuda bf16=true  # one GPU: bf16 compute, fp32 masters
@@ -101,6 +109,8 @@ class WorldModelConfig:
     heldout_share: float = 0.05  # share of training questions whose calls are held out (their entities are seen)
     unseen: str = ""  # questions whose oracle calls make the unseen held-out set; empty = <run.data_dir>/test.jsonl
     history_max_tokens: int = 256  # earlier calls kept in the prompt, cut from the left
+    gold: bool = False  # ZeroSearch (arXiv 2505.04588): the prompt also holds the question's gold answers, read from
+                        # <run.data_dir>'s QA files when training and when served (saved in the folder's config.json)
     # optimisation
     steps: int = 300  # optimizer steps
     batch_size: int = 32  # calls per step, all ranks together
@@ -184,17 +194,32 @@ def interaction_history(history, env):
 # -----------------------------------------------------------------------------
 # The world model's examples: prompt ids (masked) + observation ids (trained)
 
-def wm_prompt_ids(tokenizer, question, history, query, env, history_max_tokens):
-    """Ids of `Question: q\\n<history> <begin_search> query </end_search>`; the history is cut from the left."""
-    head = tokenizer.encode(f"Question: {question}\n", add_special_tokens=False)
+def wm_prompt_ids(tokenizer, question, history, query, env, history_max_tokens, answers=None):
+    """Ids of `Question: q\\n<history> <begin_search> query </end_search>`; the history is cut from the left.
+    With answers (a gold-shown world model) the question line is followed by `Answer: a1 | a2\\n`."""
+    shown = f"Answer: {' | '.join(answers)}\n" if answers is not None else ""
+    head = tokenizer.encode(f"Question: {question}\n{shown}", add_special_tokens=False)
     past = tokenizer.encode(interaction_history(history, env), add_special_tokens=False)
     past = past[-history_max_tokens:] if history_max_tokens > 0 else []
     return head + past + tokenizer.encode(" " + action_text(query, env), add_special_tokens=False)
 
 
-def make_example(tokenizer, call, env, history_max_tokens):
-    """(prompt_ids, target_ids): the target is the observation then eos, tokenized on its own like rollout.py."""
-    prompt = wm_prompt_ids(tokenizer, call["question"], call["history"], call["query"], env, history_max_tokens)
+def shown_answers(golds, question):
+    """The gold answers a gold-shown world model's prompt holds (None: golds is None, a plain world model). A
+    question without any is an error: a prompt without them is one the model was never trained on."""
+    if golds is None:
+        return None
+    if not golds.get(question):
+        raise ConfigError(f"worldmodel: no gold answer for the question {question!r} in run.data_dir's "
+                          f"train/dev/test.jsonl, and this world model is shown one (worldmodel.gold=true)")
+    return golds[question]
+
+
+def make_example(tokenizer, call, env, history_max_tokens, golds=None):
+    """(prompt_ids, target_ids): the target is the observation then eos, tokenized on its own like rollout.py.
+    golds (question -> answers) only for a gold-shown world model."""
+    prompt = wm_prompt_ids(tokenizer, call["question"], call["history"], call["query"], env, history_max_tokens,
+                           shown_answers(golds, call["question"]))
     target = tokenizer.encode(call["observation"], add_special_tokens=False) + [tokenizer.eos_token_id]
     return prompt, target
 
@@ -239,30 +264,35 @@ class WorldModelEnv:
 
     contexts are the trajectories' text so far (prompt + completion); the question and earlier calls are read
     from them. The observation body is cut to env.obs_max_tokens tokens of the *policy's* tokenizer, the same
-    budget as the real tool's observations.
+    budget as the real tool's observations. golds (question -> answers): a gold-shown world model (ZeroSearch),
+    its prompts hold the answers of the trajectory's question.
     """
     simulated = True
 
-    def __init__(self, model, wm_tokenizer, env, tokenizer=None, history_max_tokens=256, batch_size=32):
+    def __init__(self, model, wm_tokenizer, env, tokenizer=None, history_max_tokens=256, batch_size=32, golds=None):
         self.model, self.wm_tokenizer, self.env = model.eval(), wm_tokenizer, env
         self.tokenizer = tokenizer or wm_tokenizer  # the policy's: contexts and the token budget are in its terms
-        self.history_max_tokens, self.batch_size = history_max_tokens, batch_size
+        self.history_max_tokens, self.batch_size, self.golds = history_max_tokens, batch_size, golds
         self.calls = 0  # simulated calls, one per query
 
     @classmethod
-    def from_path(cls, path, env, tokenizer=None, run=None, **kwargs):
+    def from_path(cls, path, env, tokenizer, run, **kwargs):
+        """The folder alone says whether it was trained with gold answers (worldmodel.gold, in its config.json);
+        then the golds come from run.data_dir's QA files."""
         model, wm_tokenizer = load_model(path, run)
-        return cls(model, wm_tokenizer, env, tokenizer, **kwargs)
+        golds = golds_by_question(run.data_dir) if getattr(model.config, "worldmodel_gold", False) else None
+        return cls(model, wm_tokenizer, env, tokenizer, golds=golds, **kwargs)
+
+    def prompt(self, question, history, query):
+        return wm_prompt_ids(self.wm_tokenizer, question, history, query, self.env, self.history_max_tokens,
+                             shown_answers(self.golds, question))
 
     def __call__(self, queries, contexts=None):
         queries = [q.strip()[:self.env.max_query_chars] for q in queries]
         contexts = contexts or [""] * len(queries)
         self.calls += len(queries)
-        prompts = []
-        for query, context in zip(queries, contexts):
-            question, history = split_context(context, self.tokenizer, self.env)
-            prompts.append(wm_prompt_ids(self.wm_tokenizer, question, history, query, self.env,
-                                         self.history_max_tokens))
+        prompts = [self.prompt(*split_context(context, self.tokenizer, self.env), query)
+                   for query, context in zip(queries, contexts)]
         return [self.finish(text) for text in self.write(prompts)]
 
     def write(self, prompts):
@@ -495,17 +525,16 @@ def end_to_end(agent, agent_tok, rows, cfg, environments):
     return out
 
 
-def measure_worldmodel(model, tokenizer, policy_tok, groups, known, wm, env):
+def measure_worldmodel(world_env, groups, known):
     """Fidelity of the separate world model, served exactly as rollout.py would call it."""
-    world_env = WorldModelEnv(model, tokenizer, env, policy_tok, wm.history_max_tokens, wm.eval_batch)
-    out = {}
+    env, wm_tok, out = world_env.env, world_env.wm_tokenizer, {}
     for group, sample in groups.items():
-        sim = [obs for part in progress(sample, wm.eval_batch, f"fidelity: world model, {group}", unit="call")
-               for obs in world_env([c["query"] for c in part], contexts_of(part, policy_tok, env))]
-        pairs = [(wm_prompt_ids(tokenizer, c["question"], c["history"], c["query"], env, wm.history_max_tokens),
-                  tokenizer.encode(c["observation"], add_special_tokens=False)) for c in sample]
+        sim = [obs for part in progress(sample, world_env.batch_size, f"fidelity: world model, {group}", unit="call")
+               for obs in world_env([c["query"] for c in part], contexts_of(part, world_env.tokenizer, env))]
+        pairs = [(world_env.prompt(c["question"], c["history"], c["query"]),
+                  wm_tok.encode(c["observation"], add_special_tokens=False)) for c in sample]
         out[group] = {**fidelity_table(sim, sample, known, env),
-                      "obs_nll": observation_nll(model, pairs, tokenizer.pad_token_id)}
+                      "obs_nll": observation_nll(world_env.model, pairs, wm_tok.pad_token_id)}
     return out
 
 
@@ -534,9 +563,9 @@ def bucket_name(lo, hi):
 
 def popularity_buckets(data_dir, n, seed):
     """{bucket: [(person, repeats)]}: up to n people per bucket of pre-training repeats; dev and test people (not
-    in the pre-training corpus) are the 0 bucket. {} without a pre-training corpus (real data)."""
+    in the pre-training corpus) are the 0 bucket. {} without a pre-training corpus (real data) or when n is 0."""
     path = os.path.join(data_dir, "pretrain.jsonl")
-    if not os.path.exists(path):
+    if not n or not os.path.exists(path):
         return {}
     with open(os.path.join(data_dir, "world.json")) as f:
         people = json.load(f)["people"]
@@ -667,10 +696,12 @@ def main(argv=None):
 
     # 2. fine-tune the world model: loss on observation tokens only
     model, tokenizer = load_model(init or base, cfg.run, device=device, dtype=master_dtype(cfg.run))
-    examples = [make_example(tokenizer, c, env, wm.history_max_tokens) for c in train_calls]
+    shown = golds if wm.gold else None  # ZeroSearch: each prompt holds its question's gold answers
+    examples = [make_example(tokenizer, c, env, wm.history_max_tokens, shown) for c in train_calls]
     metrics_path = os.path.join(cfg.run.dir, wm.out + ".metrics.jsonl")
     model, log = train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metrics_path)
     if rank == 0:
+        model.config.worldmodel_gold = wm.gold  # in config.json: WorldModelEnv.from_path serves it as trained
         data.save_atomic(out_dir, model, tokenizer)
         release_run(cfg.run.dir, wm.out)
         print0(f"world model saved to {out_dir} ({time.time() - t0:.1f}s)")
@@ -690,14 +721,15 @@ def main(argv=None):
     seen, unseen = held_out_groups(heldout, extra, train_queries, wm.eval_calls, cfg.run.seed)
     groups = {name: sample for name, sample in (("seen", seen), ("unseen", unseen)) if sample}
     known = corpus_entities(env, cfg.run)
-    report["fidelity"]["worldmodel"] = measure_worldmodel(model, tokenizer, policy_tok, groups, known, wm, env)
+    serve = lambda tok: WorldModelEnv(model, tokenizer, env, tok, wm.history_max_tokens, wm.eval_batch, shown)
+    report["fidelity"]["worldmodel"] = measure_worldmodel(serve(policy_tok), groups, known)
     policy = wm.policy or os.path.join(cfg.run.dir, "sft123")
     if os.path.exists(os.path.join(policy, "config.json")):
         policy_model, policy_tok = load_model(policy, cfg.run)
         report["fidelity"]["policy"] = measure_policy(policy_model, policy_tok, groups, known, wm, env)
         buckets = popularity_buckets(cfg.run.data_dir, wm.knowledge_people, cfg.run.seed)
-        if buckets:
-            world_env = WorldModelEnv(model, tokenizer, env, policy_tok, wm.history_max_tokens, wm.eval_batch)
+        if buckets:  # a gold-shown world model is told the birth city: its curve would measure copying, not knowledge
+            world_env = None if wm.gold else serve(policy_tok)
             report["knowledge"] = knowledge_curve(policy_model, policy_tok, buckets, env, search, world_env)
     else:
         print(f"no policy folder at {policy}: the policy's own simulation is not measured")
@@ -713,8 +745,7 @@ def main(argv=None):
                   "unseen": [r for r in data.load_qa(unseen_path) if r.get("needs_search", True)]
                              if os.path.exists(unseen_path) else []}
         environments = {"real": lambda tok: SearchEnv(make_tool(env, cfg.run), tok, env),
-                        "worldmodel": lambda tok: WorldModelEnv(model, tokenizer, env, tok, wm.history_max_tokens,
-                                                                wm.eval_batch),
+                        "worldmodel": serve,
                         "policy": lambda tok: None}
         agent_model, agent_tok = load_model(agent, cfg.run)
         report["agent"], report["end_to_end"] = agent, {}

@@ -3,17 +3,18 @@ bench/sim_rewards.py -- what simulated RL steps reward, and what the RL models l
 
 RL-1 rewards a trajectory when its final answer is right, whoever wrote the observations. This script samples
 RL-1's rollouts from the RL start (<run>/sft123: training prompts, temperature 1, group 4, as rl.py does) in each
-environment, the policy's own simulation, worldmodel.py's LM and the real tool, and gives the mean reward of the
-trajectories that search and of those that do not, on questions that need a search and on well-known facts. Then,
-from the demo's test evals (<run>/eval/*.jsonl), the share of questions that need a search each model answered
-without searching.
+environment, the policy's own simulation, worldmodel.py's LM, its gold-shown one (ZeroSearch's kind) and the real
+tool, and gives the mean reward of the trajectories that search and of those that do not, on questions that need a
+search and on well-known facts. Then, from the demo's test evals (<run>/eval/*.jsonl), the share of questions
+that need a search each model answered without searching.
 
     python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0      # after the demo (seed 0)
     python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0 prompts=200
     python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0 popular=30  # as rl.sim_popular=30 draws
     python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0 sim_greedy=false  # sampled observations
 
-Needs <run>/sft123 and, for the world-model row, <run>/worldmodel. Ends with one JSON line.
+Needs <run>/sft123 and, for the world-model rows, <run>/worldmodel and <run>/worldmodel_gold (each row only
+when its folder exists). Ends with one JSON line.
 """
 import dataclasses
 import json
@@ -82,17 +83,18 @@ def main(argv=None):
     rows = popular_rows(data.load_qa(os.path.join(args["data"], "train.jsonl")), args["data"], args["popular"])
     random.Random(args["seed"]).shuffle(rows)
     rows = rows[:args["prompts"]]
-    wm_path = os.path.join(args["run"], "worldmodel")
-    kinds = ("policy", "real", "worldmodel") if os.path.isdir(wm_path) else ("policy", "real")
-    envs = {kind: dataclasses.replace(env, env=kind, worldmodel=wm_path) for kind in kinds}
-    envs = {kind: (env_cfg, make_environment(env_cfg, cfg.run, tok)) for kind, env_cfg in envs.items()}
+    envs = {kind: dataclasses.replace(env, env=kind) for kind in ("policy", "real")}
+    for name in ("worldmodel", "worldmodel_gold"):  # the gold-shown one: its folder's config.json says so
+        if os.path.isdir(os.path.join(args["run"], name)):
+            envs[name] = dataclasses.replace(env, env="worldmodel", worldmodel=os.path.join(args["run"], name))
+    envs = {name: (env_cfg, make_environment(env_cfg, cfg.run, tok)) for name, env_cfg in envs.items()}
     result = {"reward": {}, "no_search_on_test": no_search_share(os.path.join(args["run"], "eval"))}
     print("mean reward (trajectories) at the RL start, by environment:")
     for name, (env_cfg, environment) in envs.items():
         episodes = rollout(model, tok, rows, env_cfg, environment, group_size=args["group"], temperature=1.0,
                            generator=torch.Generator().manual_seed(args["seed"]))
         table = result["reward"][name] = reward_table(episodes, env)
-        print(f"  {name:10s} " + "  ".join(f"{q}, {a}: {cell[1]} ({cell[0]})" for q, row in table.items()
+        print(f"  {name:15s} " + "  ".join(f"{q}, {a}: {cell[1]} ({cell[0]})" for q, row in table.items()
                                            for a, cell in row.items()))
     print("test questions that need a search, answered without one:")
     for tag, share in result["no_search_on_test"].items():

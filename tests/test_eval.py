@@ -271,6 +271,10 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
     assert [r["env"] for r in simreal if "env" in r] == ["policy", "real"]  # 2 steps at 5/6: the last one is real
     control = demo.rl_metrics(os.path.join(run_dir, "seed0"), "rl_rl2")  # RL-2 alone: simreal's real steps, no more
     assert [r["env"] for r in control if "env" in r] == ["real"] and int(calls["+RL-2 alone (control)"]) > 0
+    zs = demo.rl_metrics(os.path.join(run_dir, "seed0"), "rl_zs")  # RL-1 in the gold-shown world model, then real
+    assert [r["env"] for r in zs if "env" in r] == ["worldmodel", "real"]
+    with open(os.path.join(run_dir, "seed0", "worldmodel_gold", "config.json")) as f:
+        assert json.load(f)["worldmodel_gold"] is True
     assert "| F1 | format errors |" in table
     assert demo.QUICK_NOTE in table and demo.QUICK_NOTE in printed  # quick numbers say they are not results
     assert "Written by `python demo.py --config configs/tiny.yaml --quick run.data_dir=" in table
@@ -322,6 +326,19 @@ def test_demo_rewrites_only_the_readme_sections_it_owns(tmp_path):
     with pytest.raises(SystemExit, match="no results markers"):
         demo.write_readme(str(tmp_path / "plain.md"), "x")
     assert (tmp_path / "plain.md").read_text() == "no markers\n"
+
+
+def test_demo_fidelity_table_has_a_row_for_the_gold_shown_world_model(tmp_path):
+    import json
+    import demo
+    for out, kept in (("worldmodel", 0.4), ("worldmodel_gold", 0.99)):  # each report's own world model
+        (tmp_path / f"{out}.report.json").write_text(json.dumps(
+            {"fidelity": {"worldmodel": {"seen": {"answer_kept": kept}}, "policy": {"seen": {"answer_kept": 0.3}}}}))
+    cells = demo.fidelity_cells(str(tmp_path))
+    assert cells == {"worldmodel": {"answer_kept_seen": 0.4}, "policy": {"answer_kept_seen": 0.3},
+                     "worldmodel_gold": {"answer_kept_seen": 0.99}}
+    table = demo.fidelity_table(demo.gather([cells]))
+    assert "| the gold-shown world model (worldmodel.py gold=true, ZeroSearch's kind) | 0.99 | - |" in table
 
 
 def test_demo_skips_a_broken_rl_metrics_line(tmp_path, capsys):

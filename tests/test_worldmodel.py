@@ -87,6 +87,19 @@ def test_example_trains_on_the_observation_tokens_only(base):
     assert tok.decode(prompt).endswith("<begin_search> Ada Brun </end_search>")
 
 
+def test_gold_shown_prompt_holds_the_answer_after_the_question_and_the_target_is_unchanged(base):
+    _, tok = base
+    call = {"question": "Where was Ada Brun born?", "history": "", "query": "Ada Brun",
+            "observation": "<search_result> Ada Brun was born in Lorn. </search_result>"}
+    plain_prompt, plain_target = wmod.make_example(tok, call, ENV, 64)
+    prompt, target = wmod.make_example(tok, call, ENV, 64, {call["question"]: ["Lorn", "Lorne"]})
+    assert target == plain_target
+    assert tok.decode(prompt).startswith("Question: Where was Ada Brun born?\nAnswer: Lorn | Lorne\n <begin_search>")
+    assert "Answer:" not in tok.decode(plain_prompt)
+    with pytest.raises(ConfigError, match="Where was Ada Brun born"):  # no gold: an error, not a gold-less prompt
+        wmod.make_example(tok, call, ENV, 64, {"Another question?": ["Kesh"]})
+
+
 # -----------------------------------------------------------------------------
 # Fidelity metrics on hand-made pairs
 
@@ -151,7 +164,7 @@ def test_config_picks_the_environment(tiny_cfg, tiny_base, base):
     real = wmod.make_environment(dataclasses.replace(ENV, env="real"), tiny_cfg.run, tok)
     assert isinstance(real, SearchEnv) and not real.simulated
     world = wmod.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=tiny_base), tiny_cfg.run, tok)
-    assert isinstance(world, wmod.WorldModelEnv) and world.simulated
+    assert isinstance(world, wmod.WorldModelEnv) and world.simulated and world.golds is None  # a plain world model
     assert wmod.make_environment(dataclasses.replace(ENV, env="policy"), tiny_cfg.run, tok) is None
     with pytest.raises(ValueError, match="env.worldmodel"):
         wmod.make_environment(dataclasses.replace(ENV, env="worldmodel"), tiny_cfg.run, tok)
@@ -170,6 +183,7 @@ def test_knowledge_curve_buckets_people_by_popularity_and_scores_a_faithful_simu
         assert name == wmod.bucket_name(lo, hi) and 1 <= len(group) <= 3
         assert all(lo <= n <= hi and repeats.get(p["name"], 0) == n for p, n in group)
     assert all(p["split"] in ("dev", "test") for p, _ in buckets["0 (after cut-off)"])
+    assert wmod.popularity_buckets(tiny_cfg.run.data_dir, 0, seed=0) == {}  # knowledge_people=0: no curve, no crash
     model, tok = base
     search = SearchEnv(make_tool(ENV, tiny_cfg.run), tok, ENV)
     curve = wmod.knowledge_curve(model, tok, buckets, ENV, search, world_env=search)
@@ -197,6 +211,26 @@ def test_world_model_loss_falls_and_the_report_covers_every_simulator(tiny_root,
     assert runs["policy"]["real_calls"] == 0
     assert "0 (after cut-off)" in report["knowledge"] and all(m["people"] <= 2 for m in report["knowledge"].values())
     assert os.path.exists(os.path.join(tiny_root, "runs", "wm", "worldmodel", "config.json"))
+
+
+def test_gold_world_model_folder_is_served_with_the_gold_of_the_trajectorys_question(tiny_root, tiny_base, tiny_synth,
+                                                                                    tiny_cfg, base):
+    _, tok = base
+    calls = os.path.join(tiny_synth[0], "calls_train.jsonl")
+    wmod.main(wm_argv(tiny_root, tiny_base, "wm_gold", f"calls={calls}", "steps=2", "batch_size=4", "eval_calls=0",
+                      "gold=true"))
+    folder = os.path.join(tiny_root, "runs", "wm_gold", "worldmodel")  # rl.py's env.worldmodel=<folder>, nothing else
+    world = wmod.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=folder), tiny_cfg.run, tok)
+    row = data.load_qa(os.path.join(tiny_cfg.run.data_dir, "train.jsonl"))[0]
+    prompts = []  # generation stubbed out: what is checked is the prompt the served path builds
+    world.write = lambda batch: prompts.extend(batch) or ["<search_result> x </search_result>"] * len(batch)
+    context = lambda q: build_prompt(tok, q, ENV) + " " + wmod.action_text("Ada Brun", ENV)
+    world(["Ada Brun"], [context(row["question"])])
+    shown = f"Question: {row['question']}\nAnswer: {' | '.join(row['golden_answers'])}\n"
+    assert tok.decode(prompts[0]).startswith(shown)
+    with pytest.raises(ConfigError, match="'Where was Nobody Known born\\?'") as err:
+        world(["Nobody Known"], [context("Where was Nobody Known born?")])
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("bf16", ["false", "true"])  # true: FSDP2 on one process, checkpoints from its shards
