@@ -210,8 +210,8 @@ def shown_answers(golds, question):
     if golds is None:
         return None
     if not golds.get(question):
-        raise ConfigError(f"worldmodel: no gold answer for the question {question!r} in run.data_dir's "
-                          f"train/dev/test.jsonl, and this world model is shown one (worldmodel.gold=true)")
+        raise ConfigError(f"worldmodel: no gold answer known for the question {question!r}, and this world model is "
+                          f"shown one (worldmodel.gold=true; served, it knows run.data_dir/train.jsonl's only)")
     return golds[question]
 
 
@@ -278,9 +278,10 @@ class WorldModelEnv:
     @classmethod
     def from_path(cls, path, env, tokenizer, run, **kwargs):
         """The folder alone says whether it was trained with gold answers (worldmodel.gold, in its config.json);
-        then the golds come from run.data_dir's QA files."""
+        then the golds come from run.data_dir's training questions only: RL-1 asks those, and an eval run on dev or
+        test questions with this environment stops at its first call instead of showing the simulator the answers."""
         model, wm_tokenizer = load_model(path, run)
-        golds = golds_by_question(run.data_dir) if getattr(model.config, "worldmodel_gold", False) else None
+        golds = golds_by_question(run.data_dir, ("train",)) if getattr(model.config, "worldmodel_gold", False) else None
         return cls(model, wm_tokenizer, env, tokenizer, golds=golds, **kwargs)
 
     def prompt(self, question, history, query):
@@ -629,10 +630,10 @@ def report_metrics(report):
     return row
 
 
-def golds_by_question(data_dir):
+def golds_by_question(data_dir, splits=("train", "dev", "test")):
     """question -> golden answers, from the QA files of the data dir (logged calls carry no answers)."""
     out = {}
-    for name in ("train", "dev", "test"):
+    for name in splits:
         path = os.path.join(data_dir, f"{name}.jsonl")
         if os.path.exists(path):
             out.update({r["question"]: r["golden_answers"] for r in data.load_qa(path)})

@@ -231,6 +231,9 @@ def test_gold_world_model_folder_is_served_with_the_gold_of_the_trajectorys_ques
     with pytest.raises(ConfigError, match="'Where was Nobody Known born\\?'") as err:
         world(["Nobody Known"], [context("Where was Nobody Known born?")])
     assert "\n" not in str(err.value)
+    test_question = data.load_qa(os.path.join(tiny_cfg.run.data_dir, "test.jsonl"))[0]["question"]
+    with pytest.raises(ConfigError, match="no gold answer known"):  # an eval with it never shows test answers
+        world(["Ada Brun"], [context(test_question)])
 
 
 @pytest.mark.parametrize("bf16", ["false", "true"])  # true: FSDP2 on one process, checkpoints from its shards
