@@ -82,6 +82,24 @@ def test_well_known_questions_get_their_own_group():
     assert s["by_kind"]["city"]["n"] == 2 and s["by_kind"]["city"]["actions"] == 0.5
 
 
+def test_when_to_act_counts_skipped_and_needless_searches_by_whether_the_question_needs_one():
+    marks = [True, True, True, True, False, False, False, None]  # None: a row no tiny world marks (real QA sets)
+    rows = [{"question": f"q{i}", "golden_answers": ["x"], "kind": "city", "needs_search": m}
+            for i, m in enumerate(marks)]
+    searched = [[], ["a"], ["a", "b"], [], ["a"], [], [], []]  # needs one: skip, 1, 2, skip; well-known: 1, 0, 0
+    records = ev.score([FakeEpisode(coa("x", q), actions=list(q)) for q in searched], rows, ENV, 1)
+    s = ev.summarize(records)
+    assert s["needed_search_skipped"] == 0.5 and s["needless_search"] == pytest.approx(1 / 3)  # unmarked: in neither
+    assert "when to act:  needed search skipped 0.500  needless search 0.333" in ev.summary_line(dict(s, wall_s=1))
+    unmarked = ev.summarize(records[-1:])  # no question marked: no number, and nothing printed
+    assert unmarked["needed_search_skipped"] is None and unmarked["needless_search"] is None
+    assert "when to act" not in ev.summary_line(dict(unmarked, wall_s=1))
+    tab = ev.table({"dev": s, "test": ev.summarize(records[:5])})  # a table row when every set has the number
+    assert tab["needed search skipped"] == {"dev": 0.5, "test": 0.5, "average": 0.5}
+    assert tab["needless search"]["test"] == 1.0
+    assert "needless search" not in ev.table({"dev": s, "nq": unmarked})
+
+
 @pytest.mark.parametrize("text, expected", [
     (" I need the author.\nAction: Search[Dracula author]\nObservation:", ("search", "Dracula author")),
     (" done.\nAction: Finish[Bram Stoker]", ("finish", "Bram Stoker")),
