@@ -246,7 +246,7 @@ def train_calls(run_dir, folder):
     return str(rows[-1].get("real_calls_total", 0)) if rows else "-"
 
 
-CELLS = ("em", "f1", "lenient", "actions", "format_error")  # per-row metrics kept for every seed
+CELLS = ("em", "f1", "lenient", "actions", "format_error", *ev.WHEN_TO_ACT)  # per-row metrics kept for every seed
 
 
 def seed_cells(results, run_dir):
@@ -332,18 +332,26 @@ def results_table(rows):
     """Markdown shaped like the paper's Table 1: one row per method, EM by question kind, then the averages;
     each cell the mean ± standard deviation over the seeds."""
     kinds = [k for k in KINDS if any(f"em_{k}" in r for r in rows.values())]
-    head = ["method", *kinds, "EM", "F1", "format errors", "actions/q", "real calls in RL"]
+    f1 = ["F1"] if f1_differs(rows) else []
+    head = ["method", *kinds, "EM", *f1, "format errors", "actions/q", *ev.WHEN_TO_ACT.values(), "real calls in RL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, _, _ in ROWS:
+    for label, _, mode in ROWS:
         r = rows.get(label)
         if r is None:
             lines.append("| " + " | ".join([label] + ["n/a"] * (len(head) - 1)) + " |")
             continue
         cells = [cell(r[f"em_{k}"]) if f"em_{k}" in r else "-" for k in kinds]
-        cells += [cell(r["em"], 3), cell(r["f1"], 3), cell(r["format_error"]), cell(r["actions"]),
-                  cell(r["real_calls_rl"], 0)]
-        lines.append("| " + " | ".join([label] + cells) + " |")
+        cells += [cell(r["em"], 3), *[cell(r["f1"], 3) for _ in f1], cell(r["format_error"]), cell(r["actions"])]
+        # no tool and workflow: a loop decides their searches (none, one), so they make no when-to-act choice
+        cells += [cell(r[key]) if mode == "agent" else "-" for key in ev.WHEN_TO_ACT]
+        lines.append("| " + " | ".join([label] + cells + [cell(r["real_calls_rl"], 0)]) + " |")
     return "\n".join(lines)
+
+
+def f1_differs(rows):
+    """Whether an F1 column would say anything EM does not: in the tiny world the gold answers are one word, so F1
+    differs from EM only when some model answers in several words; then the table shows it."""
+    return any(r["f1"] != r["em"] for r in rows.values())
 
 
 def smooth(xs, window=5):
@@ -445,7 +453,16 @@ NOTE = ("no tool: the CoT-only model, searching switched off (env.max_actions=0)
         "its simulated ones; the gold-shown world model is worldmodel.py's LM with the question's gold answers in its "
         "prompt (ZeroSearch's simulator), so its observations can carry the answer whatever it knows. Test "
         "questions are about people no training question mentions; well_known = famous people's facts, answerable "
-        "without a search.")
+        "without a search. needed search skipped: the share of the questions that need a search answered without "
+        "any; needless search: the share of the well_known ones answered after a search (eval.when_to_act); '-' for "
+        "no tool and workflow, whose searches a loop decides.")
+F1_NOTE = ("F1 is left out: it equals EM in every cell (the gold answers are one word, and no answer was partly "
+           "right); results.json has it.")
+
+
+def table_note(rows):
+    """NOTE, and why the F1 column is missing when it is."""
+    return NOTE + ("" if f1_differs(rows) else " " + F1_NOTE)
 
 
 def run_seed(config_path, overrides, quick, seed, jobs, pretrain=False):
@@ -549,7 +566,7 @@ def main(argv=None):
               "grouped by how often pre-training repeated their document (0: dev/test people, after the cut-off)."
               "\n\n" + knowledge_table(knowledge) if knowledge else "")
     times = {f"seed{seed}": {k: round(v, 1) for k, v in p.times.items()} for seed, (p, _) in zip(seeds, runs)}
-    print("\n" + table + "\n\n" + NOTE + ("\n\n" + QUICK_NOTE if quick else ""))
+    print("\n" + table + "\n\n" + table_note(rows) + ("\n\n" + QUICK_NOTE if quick else ""))
     print("stage times (s):", json.dumps(times))
     os.makedirs(cfg.run.dir, exist_ok=True)
     with open(os.path.join(cfg.run.dir, "results.json.tmp"), "w") as f:  # no times: the same seeds, the same file
@@ -559,9 +576,10 @@ def main(argv=None):
     command = "python demo.py " + shlex.join(argv)  # as given: --readme only when it was
     over = (f"mean ± standard deviation over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else
             f"one seed ({seeds[0]}): no spread")
-    section = (f"Held-out test EM by question kind, EM, F1, format-error rate, actions per question and real tool "
-               f"calls spent in RL; {over} (greedy, real tool). Written by `{command}` on commit {sha}.\n\n"
-               + (QUICK_NOTE + "\n\n" if quick else "") + f"{table}\n\n{NOTE}\n")
+    section = (f"Held-out test EM by question kind, EM{', F1' if f1_differs(rows) else ''}, format-error rate, "
+               f"actions per question, the when-to-act errors and real tool calls spent in RL; {over} (greedy, real "
+               f"tool). Written by `{command}` on commit {sha}.\n\n"
+               + (QUICK_NOTE + "\n\n" if quick else "") + f"{table}\n\n{table_note(rows)}\n")
     with open(os.path.join(cfg.run.dir, "results.md"), "w") as f:
         f.write(f"# AutoCoA on the tiny world ({'quick' if quick else 'full'} demo)\n\n{section}\n"
                 f"Stage times (s): {json.dumps(times)}\n")

@@ -6,10 +6,12 @@ What it measures (AutoCoA, arXiv 2503.06580, Sec. 4 / Table 1), per question and
     answer's tokens in the prediction), format-error rate (tools.parse), actions per question, real and simulated
     tool calls, generated tokens per question (tokens the model wrote; observations excluded), wall time, all of
     them also by question kind (the tiny world's city/employer/country/comparison/yesno, and well_known: the rows
-    with needs_search false). Greedy by default; with eval.samples=n and eval.temperature>0, n samples per question
-    and the mean and spread (std over the n samples) of each accuracy. An optional LLM judge (an OpenAI-compatible
-    /chat/completions endpoint through `requests`) adds a judged accuracy; it is off by default and its key is read
-    from an environment variable, never a file.
+    with needs_search false), and where a set marks which questions need a search, the two when-to-act errors:
+    needed searches skipped (a question that needs one answered without searching) and needless searches (a
+    well-known fact answered after one). Greedy by default; with eval.samples=n and eval.temperature>0, n samples
+    per question and the mean and spread (std over the n samples) of each accuracy. An optional LLM judge (an
+    OpenAI-compatible /chat/completions endpoint through `requests`) adds a judged accuracy; it is off by default
+    and its key is read from an environment variable, never a file.
 
 The answer scored is the last \\boxed{} after </think> (tools.parse); when the format is broken the last \\boxed{}
 anywhere is still scored (none at all: the last line after </think>), so EM measures what the model answered and
@@ -32,7 +34,7 @@ Three modes, all through rollout.py so the rows compare fairly:
 Outputs: <run.dir>/<eval.out>/<tag>.jsonl (one row per question and sample) and <tag>.summary.json; with several
 sets (eval.data=nq,triviaqa,...) one pair per set and the paper's Table 1: <tag>.table.md and <tag>.table.json,
 a column per set plus their average, rows EM, F1, lenient accuracy, format-error rate, actions per question (and
-the judge's).
+the judge's; and the two when-to-act errors where every set marks which questions need a search).
 
     python eval.py --config configs/tiny.yaml init=sft2                     # the agent, greedy, real tool
     python eval.py --config configs/tiny.yaml init=sft2 mode=notool
@@ -453,6 +455,25 @@ def std(xs):
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
+def well_known(row):
+    """The tiny world's well-known facts (needs_search false): answerable closed-book, so a good agent does not
+    search. A row without the mark (real QA sets) is neither well-known nor known to need a search."""
+    return row.get("needs_search") is False
+
+
+WHEN_TO_ACT = {"needed_search_skipped": "needed search skipped", "needless_search": "needless search"}  # labels
+
+
+def when_to_act(records):
+    """The two ways to get when-to-act wrong (what SFT-1 teaches), each a share of the records (question x sample):
+    needed_search_skipped of those that need a search (needs_search true), answered without any; needless_search
+    of the well-known ones, answered after a search. None where the set marks no such question."""
+    needed = [r["actions"] == 0 for r in records if r.get("needs_search") is True]
+    known = [r["actions"] > 0 for r in records if well_known(r)]
+    return {"needed_search_skipped": mean(needed) if needed else None,
+            "needless_search": mean(known) if known else None}
+
+
 def summarize(records, samples=1):
     """Means over all records; per accuracy also the spread: std over the per-sample means (0 when greedy)."""
     out = {"questions": len(records) // max(samples, 1), "samples": samples}
@@ -462,10 +483,11 @@ def summarize(records, samples=1):
         if key in ("em", "f1", "lenient", "judge") and samples > 1:
             out[key + "_std"] = std(mean(r[key] for r in records if r["sample"] == s and r.get(key) is not None)
                                     for s in range(samples))
+    out.update(when_to_act(records))
     groups = {}
     for r in records:
         groups.setdefault(r["kind"], []).append(r)
-        if r.get("needs_search") is False:  # the tiny world's well-known facts: a good agent does not search
+        if well_known(r):
             groups.setdefault("well_known", []).append(r)
     out["by_kind"] = {k: {"n": len(rs), **{m: mean(r[m] for r in rs) for m in ("em", "f1", "actions")}}
                       for k, rs in sorted(groups.items())}
@@ -596,11 +618,13 @@ def write_results(records, summary, out_dir, tag):
 def summary_line(summary):
     spread = f" ± {summary['em_std']:.3f}" if "em_std" in summary else ""
     kinds = "  ".join(f"{k} {v['em']:.2f}" for k, v in summary["by_kind"].items())
+    when = "".join(f"  {label} {summary[key]:.3f}" for key, label in WHEN_TO_ACT.items()
+                   if summary.get(key) is not None)
     return (f"EM {summary['em']:.3f}{spread}  F1 {summary['f1']:.3f}  lenient {summary['lenient']:.3f}  "
             f"format errors {summary['format_error']:.3f}  actions/q {summary['actions']:.2f}  "
             f"real calls/q {summary['real_calls']:.2f}  tool failures {summary.get('tool_failures', 0)}  "
             f"gen tokens/q {summary['gen_tokens']:.0f}  "
-            f"{summary['wall_s']:.1f}s\n  by kind: {kinds}")
+            f"{summary['wall_s']:.1f}s\n  by kind: {kinds}" + (f"\n  when to act:{when}" if when else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -637,6 +661,8 @@ def merge_shards(parts, samples):
 def table(summaries, judged=False):
     """{metric: {set: value, ..., "average": mean over sets}}: the paper's rows, one column per set."""
     rows = TABLE_ROWS + ((("judge", "judge acc."),) if judged else ())
+    rows += tuple((key, label) for key, label in WHEN_TO_ACT.items()  # sets that mark which questions need a search
+                  if all(s.get(key) is not None for s in summaries.values()))
     return {label: {**{name: s.get(key, 0.0) for name, s in summaries.items()},
                     "average": mean(s.get(key, 0.0) for s in summaries.values())} for key, label in rows}
 

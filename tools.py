@@ -612,6 +612,12 @@ def import_bm25s():
     return bm25s
 
 
+def index_is(index_dir, stamp):
+    """Whether index_dir holds the index of the corpus whose size and mtime make stamp."""
+    stamp_file = os.path.join(index_dir, "stamp.txt")
+    return os.path.exists(stamp_file) and open(stamp_file).read() == stamp
+
+
 class BM25Search:
     """BM25 (bm25s, numpy backend, never JAX) over a corpus JSONL; the index is built once and cached next to the
     corpus."""
@@ -621,21 +627,29 @@ class BM25Search:
         self.docs = read_corpus(corpus_path)
         index_dir = index_dir or corpus_path + ".bm25"
         stamp = f"{os.path.getsize(corpus_path)}-{os.path.getmtime(corpus_path)}"
-        stamp_file = os.path.join(index_dir, "stamp.txt")
-        if os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
+        if index_is(index_dir, stamp):
             self.index = bm25s.BM25.load(index_dir, mmap=mmap)  # mmap: the OS pages a wiki-sized index in
         else:
             self.index = bm25s.BM25()
             self.index.index(bm25s.tokenize([d["contents"] for d in self.docs], stopwords="en", show_progress=False),
                              show_progress=False)
-            tmp = index_dir + ".tmp"
-            self.index.save(tmp)
-            with open(os.path.join(tmp, "stamp.txt"), "w") as f:
-                f.write(stamp)
-            if os.path.exists(index_dir):
-                import shutil
-                shutil.rmtree(index_dir)
-            os.replace(tmp, index_dir)  # atomic: a killed build never leaves a half index
+            self.save(index_dir, stamp)
+
+    def save(self, index_dir, stamp):
+        """Put the index in place atomically, so a killed build never leaves a half index. Each build writes its own
+        temporary folder: torchrun's ranks build the same missing index at once, and with one shared folder one
+        rank's rename pulled the files from under another's save. The first to finish puts its index in place; the
+        others drop theirs (the same corpus, the same index) and keep theirs in memory."""
+        tmp = f"{index_dir}.tmp-{os.getpid()}-{id(self)}"
+        self.index.save(tmp)
+        with open(os.path.join(tmp, "stamp.txt"), "w") as f:
+            f.write(stamp)
+        if os.path.exists(index_dir) and not index_is(index_dir, stamp):  # an older corpus's index
+            shutil.rmtree(index_dir, ignore_errors=True)  # another rank may be removing it too
+        try:
+            os.replace(tmp, index_dir)
+        except OSError:  # another build's index is there already
+            shutil.rmtree(tmp)
 
     def search(self, queries, k=2):
         """(document indices, scores) per query, best first, at most k; numpy top-k, never jax. Documents that share

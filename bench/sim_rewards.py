@@ -5,8 +5,9 @@ RL-1 rewards a trajectory when its final answer is right, whoever wrote the obse
 RL-1's rollouts from the RL start (<run>/sft123: training prompts, temperature 1, group 4, as rl.py does) in each
 environment, the policy's own simulation, worldmodel.py's LM, its gold-shown one (ZeroSearch's kind) and the real
 tool, and gives the mean reward of the trajectories that search and of those that do not, on questions that need a
-search and on well-known facts. Then, from the demo's test evals (<run>/eval/*.jsonl), the share of questions
-that need a search each model answered without searching.
+search and on well-known facts. Then, from the demo's test evals (<run>/eval/*.jsonl), each model's when-to-act
+errors (eval.when_to_act): the share of the questions that need a search it answered without one, and of the
+well-known facts it searched for.
 
     python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0      # after the demo (seed 0)
     python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0 prompts=200
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import data  # noqa: E402
+from eval import WHEN_TO_ACT, well_known, when_to_act  # noqa: E402
 from rollout import rollout  # noqa: E402
 from tools import EnvConfig, RunConfig, cli, load_config, load_model, model_path, read_key_values, reward  # noqa: E402
 from rl import popular_rows  # noqa: E402
@@ -50,7 +52,7 @@ def reward_table(episodes, env):
     """{"needs search" | "well-known": {"searched" | "no search": [n, mean reward]}} over the episodes."""
     out = {q: {a: [0, 0.0] for a in ("searched", "no search")} for q in ("needs search", "well-known")}
     for ep in episodes:
-        cell = out["needs search" if ep.row.get("needs_search", True) else "well-known"][
+        cell = out["well-known" if well_known(ep.row) else "needs search"][
             "searched" if ep.actions else "no search"]
         cell[0] += 1
         cell[1] += reward(ep.text, ep.golds, env)
@@ -60,15 +62,15 @@ def reward_table(episodes, env):
     return out
 
 
-def no_search_share(eval_dir):
-    """{eval tag: share of the questions that need a search answered without one} from the demo's test evals."""
+def when_to_act_on_test(eval_dir):
+    """{eval tag: {needed_search_skipped, needless_search}} from the demo's test evals (eval.when_to_act)."""
     out = {}
     for name in sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []:
         if name.endswith(".jsonl"):
             with open(os.path.join(eval_dir, name)) as f:
-                rows = [r for r in map(json.loads, f) if r.get("needs_search", True)]
-            if rows:
-                out[name[:-len(".jsonl")]] = round(sum(r["actions"] == 0 for r in rows) / len(rows), 3)
+                shares = when_to_act(list(map(json.loads, f)))
+            if any(v is not None for v in shares.values()):
+                out[name[:-len(".jsonl")]] = {k: None if v is None else round(v, 3) for k, v in shares.items()}
     return out
 
 
@@ -88,7 +90,7 @@ def main(argv=None):
         if os.path.isdir(os.path.join(args["run"], name)):
             envs[name] = dataclasses.replace(env, env="worldmodel", worldmodel=os.path.join(args["run"], name))
     envs = {name: (env_cfg, make_environment(env_cfg, cfg.run, tok)) for name, env_cfg in envs.items()}
-    result = {"reward": {}, "no_search_on_test": no_search_share(os.path.join(args["run"], "eval"))}
+    result = {"reward": {}, "when_to_act_on_test": when_to_act_on_test(os.path.join(args["run"], "eval"))}
     print("mean reward (trajectories) at the RL start, by environment:")
     for name, (env_cfg, environment) in envs.items():
         episodes = rollout(model, tok, rows, env_cfg, environment, group_size=args["group"], temperature=1.0,
@@ -96,9 +98,9 @@ def main(argv=None):
         table = result["reward"][name] = reward_table(episodes, env)
         print(f"  {name:15s} " + "  ".join(f"{q}, {a}: {cell[1]} ({cell[0]})" for q, row in table.items()
                                            for a, cell in row.items()))
-    print("test questions that need a search, answered without one:")
-    for tag, share in result["no_search_on_test"].items():
-        print(f"  {tag:32s} {share:.3f}")
+    print("when to act on the test questions (eval.when_to_act):")
+    for tag, shares in result["when_to_act_on_test"].items():
+        print(f"  {tag:32s} " + "  ".join(f"{label} {shares[key]}" for key, label in WHEN_TO_ACT.items()))
     print(json.dumps(result))
     return result
 

@@ -109,6 +109,26 @@ def test_bm25_index_is_cached_and_rebuilt_when_the_corpus_changes(tmp_path):
     assert tools.BM25Search(str(corpus))(["Cy born"], k=1) == [["Cy\nCy was born in Vess."]]
 
 
+def test_two_builds_of_one_missing_bm25_index_at_once_both_work_and_leave_one_index(tmp_path, monkeypatch):
+    """torchrun's ranks build a missing index at the same time: here a second build runs to its end while the
+    first is about to put its index in place (each used to save into the same temporary folder)."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": 1, "contents": "Ada\\nAda was born in Lorn."}\n{"id": 2, "contents": "Bo\\nBo works."}\n')
+    replace, others = os.replace, []
+
+    def replace_after_another_build(src, dst):
+        if dst.endswith(".bm25"):
+            monkeypatch.setattr(os, "replace", replace)  # the other build runs unhindered
+            others.append(tools.BM25Search(str(corpus)))  # the other rank, finishing first
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace_after_another_build)
+    first = tools.BM25Search(str(corpus))
+    assert len(others) == 1
+    for search in (first, *others, tools.BM25Search(str(corpus))):  # the last one loads what the two left
+        assert search(["Ada born"], k=1) == [["Ada\nAda was born in Lorn."]]
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "c.jsonl.bm25"]  # no temporary folder left behind
+
+
 def test_bad_corpus_row_names_file_and_line(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"id": 1, "contents": "ok"}\n{"id": 2}\n')

@@ -82,6 +82,24 @@ def test_well_known_questions_get_their_own_group():
     assert s["by_kind"]["city"]["n"] == 2 and s["by_kind"]["city"]["actions"] == 0.5
 
 
+def test_when_to_act_counts_skipped_and_needless_searches_by_whether_the_question_needs_one():
+    marks = [True, True, True, True, False, False, False, None]  # None: a row no tiny world marks (real QA sets)
+    rows = [{"question": f"q{i}", "golden_answers": ["x"], "kind": "city", "needs_search": m}
+            for i, m in enumerate(marks)]
+    searched = [[], ["a"], ["a", "b"], [], ["a"], [], [], []]  # needs one: skip, 1, 2, skip; well-known: 1, 0, 0
+    records = ev.score([FakeEpisode(coa("x", q), actions=list(q)) for q in searched], rows, ENV, 1)
+    s = ev.summarize(records)
+    assert s["needed_search_skipped"] == 0.5 and s["needless_search"] == pytest.approx(1 / 3)  # unmarked: in neither
+    assert "when to act:  needed search skipped 0.500  needless search 0.333" in ev.summary_line(dict(s, wall_s=1))
+    unmarked = ev.summarize(records[-1:])  # no question marked: no number, and nothing printed
+    assert unmarked["needed_search_skipped"] is None and unmarked["needless_search"] is None
+    assert "when to act" not in ev.summary_line(dict(unmarked, wall_s=1))
+    tab = ev.table({"dev": s, "test": ev.summarize(records[:5])})  # a table row when every set has the number
+    assert tab["needed search skipped"] == {"dev": 0.5, "test": 0.5, "average": 0.5}
+    assert tab["needless search"]["test"] == 1.0
+    assert "needless search" not in ev.table({"dev": s, "nq": unmarked})
+
+
 @pytest.mark.parametrize("text, expected", [
     (" I need the author.\nAction: Search[Dracula author]\nObservation:", ("search", "Dracula author")),
     (" done.\nAction: Finish[Bram Stoker]", ("finish", "Bram Stoker")),
@@ -275,7 +293,13 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
     assert [r["env"] for r in zs if "env" in r] == ["worldmodel", "real"]
     with open(os.path.join(run_dir, "seed0", "worldmodel_gold", "config.json")) as f:
         assert json.load(f)["worldmodel_gold"] is True
-    assert "| F1 | format errors |" in table
+    head = next(line for line in table.splitlines() if line.startswith("| method |")).split(" | ")
+    assert ("F1" in head) == demo.f1_differs(rows) and (demo.F1_NOTE in table) != demo.f1_differs(rows)
+    when = [head.index(name) for name in ("needed search skipped", "needless search")]  # the when-to-act columns
+    cells = {label: line.split(" | ") for line in table.splitlines() for label, _, _ in demo.ROWS
+             if line.startswith(f"| {label} |")}
+    assert [cells["no tool"][i] for i in when] == ["-", "-"] and [cells["workflow"][i] for i in when] == ["-", "-"]
+    assert cells["SFT-2"][when[0]] == demo.cell(rows["SFT-2"]["needed_search_skipped"]) != "-"  # its own choice
     assert demo.QUICK_NOTE in table and demo.QUICK_NOTE in printed  # quick numbers say they are not results
     assert "Written by `python demo.py --config configs/tiny.yaml --quick run.data_dir=" in table
     assert "--readme" not in table and "one seed (0): no spread" in table and "seeds 0 " not in table
@@ -309,6 +333,20 @@ def test_demo_aggregates_seeds_into_mean_and_spread():
     assert rows == {"SFT-2": {"em": [0.5, 0.7, 0.6], "real_calls_rl": [None, None, None]}}  # no tool: one seed only
     assert demo.cell(rows["SFT-2"]["em"], 3) == "0.600 ± 0.100" and demo.cell([0.25]) == "0.25"
     assert demo.cell(rows["SFT-2"]["real_calls_rl"]) == "-"
+
+
+def test_demo_table_shows_f1_only_where_it_differs_from_em_and_when_to_act_only_for_the_agents():
+    import demo
+    row = {"em": [0.5, 0.7], "f1": [0.5, 0.7], "format_error": [0.0, 0.0], "actions": [1.0, 1.2],
+           "needed_search_skipped": [0.1, 0.3], "needless_search": [0.0, 0.5], "real_calls_rl": [None, None]}
+    rows = {"workflow": row, "SFT-2": row}
+    table = demo.results_table(rows)
+    assert "| method | EM | format errors | actions/q | needed search skipped | needless search |" in table
+    assert "| SFT-2 | 0.600 ± 0.141 | 0.00 ± 0.00 | 1.10 ± 0.14 | 0.20 ± 0.14 | 0.25 ± 0.35 | - |" in table
+    assert "| workflow | 0.600 ± 0.141 | 0.00 ± 0.00 | 1.10 ± 0.14 | - | - | - |" in table  # a loop decides
+    assert demo.F1_NOTE in demo.table_note(rows)
+    rows["SFT-2"] = dict(row, f1=[0.5, 0.8])  # one answer partly right: F1 says something EM does not
+    assert "| EM | F1 | format errors |" in demo.results_table(rows) and demo.F1_NOTE not in demo.table_note(rows)
 
 
 def test_demo_rewrites_only_the_readme_sections_it_owns(tmp_path):

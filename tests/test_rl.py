@@ -492,8 +492,9 @@ def test_sim_rewards_splits_reward_by_whether_the_question_needs_a_search_and_th
             {"needs_search": False, "actions": 0}, {"needs_search": True, "actions": 1}]
     (tmp_path / "eval" / "sft_2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "eval" / "sft_2.summary.json").write_text("{}")
-    assert bench.no_search_share(str(tmp_path / "eval")) == {"sft_2": 0.333}
-    assert bench.no_search_share(str(tmp_path / "missing")) == {}
+    assert bench.when_to_act_on_test(str(tmp_path / "eval")) == {  # eval.when_to_act's shares, per eval
+        "sft_2": {"needed_search_skipped": 0.333, "needless_search": 0.0}}
+    assert bench.when_to_act_on_test(str(tmp_path / "missing")) == {}
 
 
 def test_a_schedule_with_sim_share_below_1_keeps_a_real_step():
