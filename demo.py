@@ -93,7 +93,8 @@ REPLAY = "sft.pretrain_share=0.25"  # CoT and SFT-2: a quarter of the stream rep
 # SFT-3: half the stream replayed, 4x the default steps. Chosen on training prompts and dev (bench/sim_rewards.py:
 # a search on a needs-search question ends right, simulation vs real; dev EM), seeds 0/1/2: 800 steps at 0.5
 # 0.56/0.80, 0.36/0.67, 0.48/0.64, dev 0.935/0.665/0.780; 800 at 0.75 0.45/0.64, 0.38/0.64, 0.29/0.55, dev
-# 0.845/0.595/0.660; 400 at 0.5 (seeds 0/1/2, last version) 0.38/0.72, 0.22/0.47, 0.25/0.56
+# 0.845/0.595/0.660; 800 at 0.25 0.78/0.89, 0.48/0.79, 0.52/0.75, dev 0.820/0.680/0.850; 800 at 0.5 with lr 1e-3
+# 0.48/0.80, 0.32/0.66, 0.35/0.65, dev 0.860/0.635/0.785; 400 at 0.5 (last version) 0.38/0.72, 0.22/0.47, 0.25/0.56
 SFT3_REPLAY = ["sft.pretrain_share=0.5", "sft.sft3_steps=800"]
 SIM_PROMPTS = "rl.sim_popular=30"  # RL-1 prompts: questions about people pre-training repeated 30+ times
 RL_STEPS = {"rl_rl2": 1 / 6}  # share of rl.steps the run takes (others: all): RL-2 alone = rl_simreal's real steps
