@@ -30,9 +30,10 @@ and so the world model stays the same whatever style of reasoning the policy wri
 With `gold=true` it is ZeroSearch's kind of simulator (arXiv 2505.04588): the prompt also holds the question's
 gold answers right after the question line (`Question: q\\nAnswer: Kesh\\n`, then history and query), so it can
 learn to write the answer-bearing document whatever it remembers of the entity; the target, the real
-observation, is unchanged. The golds come from <run.data_dir>'s QA files (logged calls carry none), in training
-and when served; the folder's config.json records `worldmodel_gold`, so `env.worldmodel=<folder>` serves it as
-trained, and a question with no gold answer there is an error, never a prompt without one.
+observation, is unchanged. The golds come from <run.data_dir>'s QA files (logged calls carry none); served, from
+its training questions only (RL-1's prompts: an eval on dev or test questions with it stops at the first call).
+The folder's config.json records `worldmodel_gold`, so `env.worldmodel=<folder>` serves it as trained, and a
+question with no gold answer is an error, never a prompt without one.
 
 Data: real calls as JSONL rows {"question", "history" (the trajectory's text so far, ending with the action),
 "query", "observation"}. tools.SearchEnv(log_path=...) writes them wherever the real tool is used; synthesis
@@ -110,7 +111,7 @@ class WorldModelConfig:
     unseen: str = ""  # questions whose oracle calls make the unseen held-out set; empty = <run.data_dir>/test.jsonl
     history_max_tokens: int = 256  # earlier calls kept in the prompt, cut from the left
     gold: bool = False  # ZeroSearch (arXiv 2505.04588): the prompt also holds the question's gold answers, read from
-                        # <run.data_dir>'s QA files when training and when served (saved in the folder's config.json)
+                        # <run.data_dir>'s QA files (served: train.jsonl only); saved in the folder's config.json
     # optimisation
     steps: int = 300  # optimizer steps
     batch_size: int = 32  # calls per step, all ranks together
@@ -133,7 +134,8 @@ class WorldModelConfig:
     log_every: int = 50  # steps between the losses kept in the report's train_loss (the metrics JSONL: every step)
 
     RANGES = {"heldout_share": "[0, 1)", "history_max_tokens": "[0, inf)", "steps": "[0, inf)",
-              "batch_size": "[1, inf)", "lr": "[0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)",
+              "batch_size": "[1, inf)", "lr": "[0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)",
+              "weight_decay": "[0, inf)",
               "grad_clip": "[0, inf)", "eval_calls": "[0, inf)", "eval_questions": "[0, inf)", "eval_batch": "[1, inf)",
               "save_every": "[0, inf)", "keep_ckpts": "[0, inf)", "log_every": "[1, inf)"}
 
@@ -281,7 +283,8 @@ class WorldModelEnv:
         then the golds come from run.data_dir's training questions only: RL-1 asks those, and an eval run on dev or
         test questions with this environment stops at its first call instead of showing the simulator the answers."""
         model, wm_tokenizer = load_model(path, run)
-        golds = golds_by_question(run.data_dir, ("train",)) if getattr(model.config, "worldmodel_gold", False) else None
+        gold_shown = getattr(model.config, "worldmodel_gold", False)
+        golds = golds_by_question(run.data_dir, ("train",)) if gold_shown else None
         return cls(model, wm_tokenizer, env, tokenizer, golds=golds, **kwargs)
 
     def prompt(self, question, history, query):

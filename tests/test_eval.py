@@ -253,7 +253,8 @@ def test_main_writes_per_question_jsonl_and_summary(tiny_root, tiny_base):
 
 def test_bad_mode_and_missing_model_are_clear_errors(tiny_root):
     from tools import ConfigError
-    with pytest.raises(ConfigError, match=f"eval.init='nothing_here': no model folder '{tiny_root}/runs/tiny/nothing_here'"):
+    missing = f"eval.init='nothing_here': no model folder '{tiny_root}/runs/tiny/nothing_here'"
+    with pytest.raises(ConfigError, match=missing):
         ev.main(["--config", "configs/tiny.yaml", f"run.runs_dir={tiny_root}/runs", "init=nothing_here"])
     with pytest.raises(ValueError, match="eval.mode"):
         ev.evaluate(None, None, [], tiny_eval_cfg(tiny_root, ["mode=oracle"]))
