@@ -222,8 +222,11 @@ def log_line(path, row):
 
 
 def truncate_log(path, step):
-    """Keep metric lines up to `step` (a resumed run rewrites what came after its checkpoint)."""
-    if os.path.exists(path):
+    """Keep metric lines up to `step` (a resumed run rewrites what came after its checkpoint); step 0, a run that
+    starts afresh: none, the file goes (rows without a step, such as a report, too)."""
+    if step == 0 and os.path.exists(path):
+        os.remove(path)
+    elif os.path.exists(path):
         with open(path) as f:
             lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
         with open(path, "w") as f:

@@ -570,10 +570,8 @@ def main(argv=None):
         print0(f"resumed from {ckpt} at step {start}")
     elif rank == 0:  # --resume before any whole checkpoint (claim_run dealt with the rest): start afresh
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
     if rank == 0:
-        truncate_log(metrics_path, start)
+        truncate_log(metrics_path, start)  # from the start: a fresh log
     barrier()
 
     envs, eval_env = {}, None

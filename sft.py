@@ -463,11 +463,9 @@ def main(argv=None):
         print0(f"sft: resumed from {ckpt} at step {start}")
     elif rank == 0:  # --resume before any whole checkpoint (claim_run dealt with the rest): start afresh
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
     if rank == 0:
         os.makedirs(run.dir, exist_ok=True)
-        truncate_log(metrics_path, start)
+        truncate_log(metrics_path, start)  # from the start: a fresh log
 
     # 3) the loop
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc=f"sft {sc.stage}")

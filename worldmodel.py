@@ -454,10 +454,8 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metri
         meta = load_checkpoint(ckpt, ddp_model, optimizer)
         start = meta["step"]
         print0(f"resumed from {ckpt} at step {start}")
-    elif rank == 0 and os.path.exists(metrics_path):  # --resume before any checkpoint: start the log afresh
-        os.remove(metrics_path)
     if rank == 0:
-        truncate_log(metrics_path, start)  # a resumed run rewrites the rows after its checkpoint
+        truncate_log(metrics_path, start)  # a resumed run rewrites the rows after its checkpoint; from 0, a fresh log
     log, t_last = [], time.time()
     bar = tqdm(range(start, wm.steps), initial=start, total=wm.steps, disable=rank != 0, desc="worldmodel")
     for step in bar:
