@@ -180,6 +180,12 @@ def read_pretrain(path):
     return rows
 
 
+def pretrain_repeats(path):
+    """{person's name: how often the pre-training corpus repeats their document} (read_pretrain's rows): what
+    rl.py's sim_popular and worldmodel.py's knowledge curve group questions by."""
+    return {r["name"]: r["repeats"] for r in read_pretrain(path) if r.get("name")}
+
+
 def make_pretrain(world, corpus, cfg, seed):
     """The pre-training corpus rows {"id", "contents", "repeats", "name"} (name: the person, or None), repeats > 0:
     what the tiny model reads before any CoT, the stand-in for a pre-trained LM's web text (sft.py stage=pretrain)."""

@@ -94,7 +94,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import load_qa, read_pretrain, save_atomic
+from data import load_qa, pretrain_repeats, save_atomic
 from rollout import rollout
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
                       latest_checkpoint, load_checkpoint, log_line, print0, release_run, resume_checkpoint,
@@ -297,7 +297,7 @@ def popular_rows(rows, data_dir, min_repeats):
     path = os.path.join(data_dir, "pretrain.jsonl")
     if not os.path.exists(path):
         raise ConfigError(f"config: rl.sim_popular needs the pre-training corpus {path} (the tiny world's data.py)")
-    repeats = {r["name"]: r["repeats"] for r in read_pretrain(path) if r.get("name")}
+    repeats = pretrain_repeats(path)
     out = [r for r in rows if repeats.get((r.get("queries") or [""])[0], 0) >= min_repeats]
     if not out:
         raise ConfigError(f"config: no training question is about a person repeated {min_repeats}+ times")

@@ -571,8 +571,7 @@ def popularity_buckets(data_dir, n, seed):
         return {}
     with open(os.path.join(data_dir, "world.json")) as f:
         people = json.load(f)["people"]
-    with open(path) as f:
-        repeats = {r["name"]: r["repeats"] for r in map(json.loads, f) if r.get("name")}
+    repeats = data.pretrain_repeats(path)
     rng, out = random.Random(seed), {}
     for lo, hi in BUCKETS:
         group = [(p, repeats.get(p["name"], 0)) for p in people if lo <= repeats.get(p["name"], 0) <= hi]
