@@ -68,7 +68,7 @@ class WorldConfig:
     RANGES = {"n_people": "[1, inf)", "n_famous": "[0, inf)", "n_cities": "[1, inf)", "n_countries": "[1, inf)",
               "n_companies": "[1, inf)", "n_first": "[1, inf)", "n_last": "[1, inf)", "test_share": "[0, 1]",
               "dev_share": "[0, 1]", "n_dev": "[0, inf)", "n_test": "[0, inf)", "famous_share": "[0, 1]",
-              "famous_repeats": "[0, inf)", "distractors_per_person": "[0, inf)"}
+              "famous_repeats": "[0, inf)", "distractors_per_person": "[0, inf)", "pretrain_max": "[1, inf)"}
 
 
 @dataclass

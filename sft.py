@@ -120,7 +120,7 @@ class SFTConfig:
               "device_batch_size": "[1, inf)", "lr": "(0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)",
               "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "bucket_batches": "[1, inf)", "max_len": "[2, inf)",
               "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
-              "pretrain_share": "[0, 1)"}
+              "pretrain_share": "[0, 1)", "pretrain_steps": "[0, inf)"}
 
 
 STAGES = ("pretrain", "cot", "sft1", "sft2", "sft3")

@@ -96,7 +96,8 @@ def test_every_entry_point_refuses_unknown_flags_and_keys_with_exit_2(module, ba
                                          ("rl", "rl.max_tool_failures=1.5"), ("rl", "env.timeout_s=0"),
                                          ("sft", "sft.batch_size=0"), ("sft", "sft.lr=-0.001"),
                                          ("worldmodel", "worldmodel.heldout_share=1"), ("eval", "eval.samples=0"),
-                                         ("eval", "eval.max_tool_failures=-0.1"), ("data", "world.n_people=0")])
+                                         ("eval", "eval.max_tool_failures=-0.1"), ("data", "world.n_people=0"),
+                                         ("data", "world.pretrain_max=0")])
 def test_a_value_out_of_range_is_one_line_and_exit_2_before_any_work(module, bad, capsys, tmp_path):
     argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}",
             f"run.data_dir={tmp_path}/data", bad]
