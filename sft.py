@@ -32,7 +32,10 @@ matching strings. Stages (sft.stage):
 Training: AdamW, cosine schedule with linear warm-up, gradient clipping, gradient accumulation
 (batch_size sequences per step over all ranks, device_batch_size per forward), length bucketing (batches are cut
 from windows of similar-length trajectories). Losses are normalised over the whole global batch (token or pair
-counts known to every rank), so 1 process and N processes take the same step.
+counts known to every rank), so 1 process and N processes take the same step. How long: `steps`, or `epochs`
+passes over the stage's examples (the paper's unit: 2), or the stage's default; steps=0 is nothing to do. A
+trajectory longer than `max_len` is dropped, never cut (its answer comes last), and the count is printed (a
+warning past 5% of the data). grad_checkpointing recomputes activations in backward (long trajectories).
 Precision, one path for sft.py, rl.py and worldmodel.py: bf16=true wraps the model in FSDP2 (fully_shard per
 decoder layer, then the root) with a bf16 MixedPrecisionPolicy: forward and backward in bf16, fp32 master weights,
 gradients reduced in fp32. It needs parallel=fsdp, and means the same on one process (a 1-rank process group is
@@ -61,7 +64,7 @@ somewhere between 400 and 700 steps, seed by seed (at 32 a step, seed 1 after 60
 Departures from the paper: the tiny world's CoT data comes from a scripted teacher, not a reasoning model;
 sft1's pairs may have an empty prefix with real teachers (data.py); the DPO-style term has no beta and no
 reference model (the formula above, as in the paper's stage-1 loss).
-Not here: sequence packing (length bucketing instead), LoRA, evaluation by generation (eval.py).
+Not here: sequence packing (length bucketing instead), evaluation by generation (eval.py).
 """
 import contextlib
 import json
@@ -79,7 +82,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
                       load_checkpoint, log_line, plain_copy, print0, release_run, resume_checkpoint, save_checkpoint,
-                      setup_dist, start_logging, truncate_log, wrap_model)
+                      setup_dist, start_logging, truncate_log, unwrap, wrap_model)
 from tools import ConfigError, build_prompt, cli, master_dtype, model_path, read_jsonl
 
 
@@ -95,7 +98,9 @@ class SFTConfig:
                                  # popularity), so what pre-training taught is not overwritten (0 = none; sft1's
                                  # pairs never mix)
     alpha: float = 0.2  # sft1: weight of the chosen continuation's log-likelihood
-    steps: int = 0  # optimizer steps; 0 = the stage's own default below
+    steps: int = -1  # optimizer steps; 0 = nothing to do; -1 = `epochs` passes if set, else the stage's default below
+    epochs: float = 0.0  # passes over the stage's examples, the paper's unit (2 for every stage); used when steps=-1;
+                         # 0 = the stage's default step count
     pretrain_steps: int = 1000  # default steps of stage pretrain
     cot_steps: int = 300  # default steps of stage cot
     sft1_steps: int = 100  # default steps of stage sft1
@@ -109,13 +114,16 @@ class SFTConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     bucket_batches: int = 16  # length bucketing: batches are cut from windows of this many batches sorted by length
-    max_len: int = 512  # trajectories longer than this (prompt included) are cut
+    max_len: int = 512  # longest trajectory (prompt included) trained on; a longer one is dropped and counted, never
+                        # cut (its answer comes last: a cut one would teach a trajectory that never answers)
     parallel: str = "ddp"  # ddp | fsdp (FSDP2) | none, under torchrun
     bf16: bool = False  # bf16 compute, fp32 master weights (FSDP2 MixedPrecisionPolicy; needs parallel=fsdp)
+    grad_checkpointing: bool = False  # recompute activations in backward: long trajectories of large models
     save_every: int = 100  # checkpoint every this many steps (0 = none before the end; the last step's is kept)
     keep_ckpts: int = 2  # newest checkpoints kept
 
-    RANGES = {"cot_share": "[0, 1)", "alpha": "[0, inf)", "steps": "[0, inf)", "cot_steps": "[0, inf)",
+    RANGES = {"cot_share": "[0, 1)", "alpha": "[0, inf)", "steps": "[-1, inf)", "epochs": "[0, inf)",
+              "cot_steps": "[0, inf)",
               "sft1_steps": "[0, inf)", "sft2_steps": "[0, inf)", "sft3_steps": "[0, inf)", "batch_size": "[1, inf)",
               "device_batch_size": "[1, inf)", "lr": "(0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)",
               "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "bucket_batches": "[1, inf)", "max_len": "[2, inf)",
@@ -156,12 +164,12 @@ def encode_segments(tokenizer, segments, observation_mask=True, cache=None):
     return ids, mask
 
 
-def encode_trajectory(tokenizer, env, question, segments, observation_mask=True, context=(), max_len=512,
-                      cache=None):
+def encode_trajectory(tokenizer, env, question, segments, observation_mask=True, context=(), cache=None):
     """{"ids", "mask"} of prompt + context + segments + EOS; mask 1 on the tokens the loss is taken on.
 
     The prompt is tokenized as rollout.encode_prompt does it. context: segments that are read but never trained
-    on (a pair's shared prefix). mask[t] says whether ids[t] is a target (predicted from ids[:t]).
+    on (a pair's shared prefix). mask[t] says whether ids[t] is a target (predicted from ids[:t]). Never cut: a
+    trajectory longer than sft.max_len is dropped whole (drop_long).
     cache: {text: ids}, shared across calls so a data set is tokenized in a few batched calls.
     """
     ids = list(encode_texts(tokenizer, [build_prompt(tokenizer, question, env)], cache)[0])
@@ -170,11 +178,12 @@ def encode_trajectory(tokenizer, env, question, segments, observation_mask=True,
     ids, mask = ids + ctx_ids, mask + [0] * len(ctx_ids)
     seg_ids, seg_mask = encode_segments(tokenizer, segments, observation_mask, cache)
     ids, mask = ids + seg_ids + [tokenizer.eos_token_id], mask + seg_mask + [1]
-    return {"ids": ids[:max_len], "mask": mask[:max_len]}
+    return {"ids": ids, "mask": mask}
 
 
 def build_examples(rows, stage, tokenizer, env, max_len):
-    """The stage's examples: {"ids", "mask"} (cot, sft2, sft3) or {"chosen", "rejected"} (sft1), plus "cot"."""
+    """The stage's examples: {"ids", "mask"} (cot, sft2, sft3) or {"chosen", "rejected"} (sft1), plus "cot";
+    those longer than max_len are dropped and counted (drop_long)."""
     out, cache = [], {}
     texts = [build_prompt(tokenizer, r["question"], env) for r in rows]
     texts += [s["text"] for r in rows for part in ("segments", "prefix", "chosen", "rejected") for s in r.get(part, [])]
@@ -183,28 +192,54 @@ def build_examples(rows, stage, tokenizer, env, max_len):
         if stage == "sft1":
             if row["type"] == "pair":
                 enc = lambda part: encode_trajectory(tokenizer, env, row["question"], row[part], True, row["prefix"],
-                                                     max_len, cache)
+                                                     cache)
                 out.append({"chosen": enc("chosen"), "rejected": enc("rejected"), "cot": False})
         elif row["type"] == "cot" and (stage == "cot" or not row.get("needs_search", True)):
             # sft2/3 mix in CoT of well-known facts only: closed-book CoT on questions that need a search would
             # teach the model to skip the search there
-            out.append({**encode_trajectory(tokenizer, env, row["question"], row["segments"], True, (), max_len,
-                                            cache), "cot": True})
+            out.append({**encode_trajectory(tokenizer, env, row["question"], row["segments"], True, (), cache),
+                        "cot": True})
         elif row["type"] == "coa" and stage in ("sft2", "sft3"):
             out.append({**encode_trajectory(tokenizer, env, row["question"], row["segments"], stage == "sft2", (),
-                                            max_len, cache), "cot": False})
+                                            cache), "cot": False})
     if not out:
         raise ConfigError(f"no training rows for stage {stage} (synthesise with: python data.py ... --synth)")
-    return out
+    return drop_long(out, max_len, f"stage {stage}")
 
 
-def pretrain_examples(rows, tokenizer, env):
+HIGH_DROP_SHARE = 0.05  # a data set losing more than this to max_len gets a warning: the stage trains on a biased part
+
+
+def longest(example):
+    """The longest sequence an example feeds the model (a pair feeds its two continuations separately)."""
+    return len(example["ids"]) if "ids" in example else max(len(example["chosen"]["ids"]),
+                                                            len(example["rejected"]["ids"]))
+
+
+def drop_long(examples, max_len, what):
+    """The examples that fit max_len tokens. The others are dropped, never cut: a trajectory's answer comes last,
+    so a cut one would teach the model to stop before answering. How many is printed in one line, as a warning
+    when it is more than HIGH_DROP_SHARE of them (long trajectories are the multi-search ones: the rest is biased)."""
+    kept = [e for e in examples if longest(e) <= max_len]
+    dropped = len(examples) - len(kept)
+    if dropped:
+        share = dropped / len(examples)
+        print0(f"{'warning: ' if share > HIGH_DROP_SHARE else ''}sft: {what}: {dropped} of {len(examples)} "
+               f"trajectories ({share:.1%}) are longer than sft.max_len={max_len} tokens and were dropped"
+               f"{' (raise sft.max_len)' if share > HIGH_DROP_SHARE else ''}")
+    if examples and not kept:
+        raise ConfigError(f"sft: {what}: every trajectory is longer than sft.max_len={max_len}")
+    return kept
+
+
+def pretrain_examples(rows, tokenizer, env, max_len):
     """One example per document, written exactly as the real tool writes a one-document observation (the whole
     sequence learnt), with its repeats: epoch_order puts it that many times in an epoch."""
     from tools import format_observation
     texts = [format_observation([r["contents"]], tokenizer, env) for r in rows]
-    return [{"ids": ids + [tokenizer.eos_token_id], "mask": [1] * (len(ids) + 1), "cot": False, "repeats": r["repeats"]}
-            for r, ids in zip(rows, encode_texts(tokenizer, texts))]
+    return drop_long([{"ids": ids + [tokenizer.eos_token_id], "mask": [1] * (len(ids) + 1), "cot": False,
+                       "repeats": r["repeats"]} for r, ids in zip(rows, encode_texts(tokenizer, texts))], max_len,
+                     "pre-training documents")
 
 
 def length_of(example):
@@ -354,31 +389,38 @@ def lr_factor(step, sc, steps):
 # Held-out metrics: teacher-forced, on dev trajectories the model never trained on
 
 @torch.no_grad()
-def heldout_metrics(model, tokenizer, env, rows, device, batch_size=32, max_len=512):
+def heldout_metrics(model, tokenizer, env, rows, device, batch_size, max_len, rank=0, world_size=1):
     """Mean next-token loss on the model's tokens of dev CoA rows and CoT rows of well-known facts (what sft2
     trains on), and the perplexity of the real observations in dev CoA rows (what sft3 should lower: the
-    internal world model)."""
-    model.eval()
-    sums = {"model": [0.0, 0], "obs": [0.0, 0]}
+    internal world model). Every rank scores its share of the rows on the model as it trains (FSDP2 shards
+    included: no gathered copy) and the sums are added over ranks; rows longer than max_len are left out."""
     seqs, cache = [], {}
     for row in rows:
         if row["type"] == "coa" or (row["type"] == "cot" and not row.get("needs_search", True)):
-            plain = encode_trajectory(tokenizer, env, row["question"], row["segments"], True, (), max_len, cache)
-            full = encode_trajectory(tokenizer, env, row["question"], row["segments"], False, (), max_len, cache)
+            plain = encode_trajectory(tokenizer, env, row["question"], row["segments"], True, (), cache)
+            full = encode_trajectory(tokenizer, env, row["question"], row["segments"], False, (), cache)
             obs = [int(f and not p) for f, p in zip(full["mask"], plain["mask"])]  # the env segments' tokens
             seqs.append({"ids": plain["ids"], "mask": plain["mask"], "obs": obs})
-    for i in range(0, len(seqs), batch_size):
-        part = seqs[i:i + batch_size]
+    seqs = drop_long(seqs, max_len, "held-out rows")[rank::world_size]
+    # FSDP2 gathers each layer inside forward: every rank runs the same number of forwards (filler: no targets)
+    n_batches = int(all_reduce([math.ceil(len(seqs) / batch_size)], dist.ReduceOp.MAX if is_dist() else None)[0])
+    was_training = model.training
+    model.eval()
+    sums = [0.0, 0, 0.0, 0]  # model-token loss, model tokens, observation loss, observation tokens
+    for b in range(n_batches):
+        part = seqs[b * batch_size:(b + 1) * batch_size] or [{"ids": [tokenizer.pad_token_id] * 2, "mask": [0, 0],
+                                                               "obs": [0, 0]}]
         ids, attn, target = collate(part, tokenizer.pad_token_id, device)
         _, _, obs = collate([{"ids": s["ids"], "mask": s["obs"]} for s in part], tokenizer.pad_token_id, device)
         logps = token_logps(model, ids, attn)
-        for key, m in (("model", target[:, 1:]), ("obs", obs[:, 1:])):
-            sums[key][0] += -(logps * m).sum().item()
-            sums[key][1] += int(m.sum().item())
-    model.train()
-    out = {"heldout_loss": sums["model"][0] / max(1, sums["model"][1])}
-    if sums["obs"][1]:
-        out["heldout_obs_ppl"] = math.exp(sums["obs"][0] / sums["obs"][1])
+        for k, m in enumerate((target[:, 1:], obs[:, 1:])):
+            sums[2 * k] += -(logps * m).sum().item()
+            sums[2 * k + 1] += int(m.sum().item())
+    model.train(was_training)
+    loss, n_model, obs_loss, n_obs = all_reduce(sums)
+    out = {"heldout_loss": loss / max(1, n_model)}
+    if n_obs:
+        out["heldout_obs_ppl"] = math.exp(obs_loss / n_obs)
     return out
 
 
@@ -393,10 +435,32 @@ def resolve_init(init, cfg):
     return model_path(init, cfg.run.dir, f"sft.init={init!r}")
 
 
+def stage_examples(sc, run, env, tokenizer):
+    """The stage's examples: pre-training documents, or synthesised trajectories (plus replayed documents)."""
+    from data import read_pretrain
+    pretrain = os.path.join(run.data_dir, "pretrain.jsonl")
+    if sc.stage == "pretrain":
+        return pretrain_examples(read_pretrain(sc.data or pretrain), tokenizer, env, sc.max_len)
+    examples = build_examples(read_synth(sc.data or os.path.join(run.data_dir, "synth", "train.jsonl")), sc.stage,
+                              tokenizer, env, sc.max_len)
+    if sc.pretrain_share > 0 and sc.stage != "sft1":  # replay: pre-training documents join, drawn by popularity
+        examples += [{**e, "doc": True} for e in pretrain_examples(read_pretrain(pretrain), tokenizer, env,
+                                                                    sc.max_len)]
+    return examples
+
+
+def planned_steps(sc):
+    """sft.steps when given (0: nothing to do); None when sft.epochs decides (known once the data is read); else
+    the stage's default."""
+    if sc.steps >= 0:
+        return sc.steps
+    return None if sc.epochs else getattr(sc, f"{sc.stage}_steps")
+
+
 def main(argv=None):
     from tqdm import tqdm
-    from data import ModelConfig, read_pretrain, save_atomic
-    from tools import EnvConfig, RunConfig, load_config, load_model
+    from data import ModelConfig, save_atomic
+    from tools import EnvConfig, RunConfig, load_config, load_model, load_tokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per run: ours
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": ModelConfig, "sft": SFTConfig}, argv, own="sft",
@@ -406,7 +470,7 @@ def main(argv=None):
         raise ConfigError(f"config: sft.stage {sc.stage!r} (one of {STAGES}) or sft.parallel {sc.parallel!r} "
                           f"(ddp, fsdp, none)")
     check_bf16(sc.bf16, sc.parallel, "sft")
-    steps = sc.steps or getattr(sc, f"{sc.stage}_steps")
+    steps = planned_steps(sc)
     if steps == 0:
         print0(f"sft: 0 steps for stage {sc.stage}: nothing to do")
         return
@@ -420,6 +484,18 @@ def main(argv=None):
         claim_run(run.dir, out, cfg.flags)  # before anything is loaded or written
     barrier()
     ckpt = resume_checkpoint(ckpt_dir) if "resume" in cfg.flags else None
+
+    # 1) data: the tokenizer alone reads it, so the step count (sft.epochs) is known before the model loads
+    init = resolve_init(sc.init, cfg) if rank == 0 else None
+    if is_dist():  # rank 0 may have built the base model: everyone reads its path after it exists
+        holder = [init]
+        dist.broadcast_object_list(holder)
+        init = holder[0]
+    tokenizer = load_tokenizer(init)
+    examples = stage_examples(sc, run, env, tokenizer)
+    stream = Stream(examples, sc, run.seed)
+    if steps is None:  # the paper's unit: passes over this stage's examples
+        steps = math.ceil(sc.epochs * len(stream.epoch(0)))
     if finished_run(out_dir, ckpt, steps):
         print0(f"sft: {out_dir} is finished ({steps} steps): nothing to do (--overwrite starts over)")
         if rank == 0:
@@ -429,33 +505,19 @@ def main(argv=None):
     random.seed(run.seed)
     torch.manual_seed(run.seed)
 
-    # 1) model, data, optimizer
-    init = resolve_init(sc.init, cfg) if rank == 0 else None
-    if is_dist():  # rank 0 may have built the base model: everyone reads its path after it exists
-        holder = [init]
-        dist.broadcast_object_list(holder)
-        init = holder[0]
-    model, tokenizer = load_model(init, run, device=device, dtype=master_dtype(run))
+    # 2) model and optimizer
+    model, _ = load_model(init, run, device=device, dtype=master_dtype(run))
     model.config.use_cache = False
-    synth = os.path.join(run.data_dir, "synth")
-    if sc.stage == "pretrain":
-        examples = pretrain_examples(read_pretrain(sc.data or os.path.join(run.data_dir, "pretrain.jsonl")),
-                                     tokenizer, env)
-    else:
-        examples = build_examples(read_synth(sc.data or os.path.join(synth, "train.jsonl")), sc.stage, tokenizer,
-                                  env, sc.max_len)
-        if sc.pretrain_share > 0 and sc.stage != "sft1":  # replay: pre-training documents join, drawn by popularity
-            examples += [{**e, "doc": True} for e in pretrain_examples(
-                read_pretrain(os.path.join(run.data_dir, "pretrain.jsonl")), tokenizer, env)]
-    stream = Stream(examples, sc, run.seed)
+    if sc.grad_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ddp_model = wrap_model(model, device, sc.parallel, sc.bf16)
     optimizer = torch.optim.AdamW(ddp_model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, sc, steps))
     print0(f"sft: stage {sc.stage}, init {init}, {len(examples)} examples "
-           f"({sum(e['cot'] for e in examples)} cot), {len(stream.epoch(0))} batches/epoch, {steps} steps, "
-           f"{world_size} rank(s) on {device}")
+           f"({sum(e['cot'] for e in examples)} cot), {len(stream.epoch(0))} batches/epoch, {steps} steps "
+           f"({steps / len(stream.epoch(0)):.2f} epochs), {world_size} rank(s) on {device}")
 
-    # 2) resume: weights, optimizer, scheduler, RNG; the data position follows from the step
+    # 3) resume: weights, optimizer, scheduler, RNG; the data position follows from the step
     start = 0
     if ckpt:
         meta = load_checkpoint(ckpt, ddp_model, optimizer, scheduler)
@@ -467,7 +529,7 @@ def main(argv=None):
         os.makedirs(run.dir, exist_ok=True)
         truncate_log(metrics_path, start)  # from the start: a fresh log
 
-    # 3) the loop
+    # 4) the loop
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc=f"sft {sc.stage}")
     t_last = time.time()
     for step in bar:
@@ -491,16 +553,17 @@ def main(argv=None):
             save_checkpoint(ckpt_dir, step + 1, ddp_model, optimizer, scheduler, keep=sc.keep_ckpts,
                             meta={"config": cfg.to_dict(), "init": init, "data_position": [epoch, index + 1]})
 
-    # 4) the output folder, then held-out metrics
+    # 5) held-out metrics on the model as it trained (every rank its share), then the output folder
+    heldout = sc.heldout or os.path.join(run.data_dir, "synth", "dev.jsonl")
+    if heldout != "none" and os.path.exists(heldout):
+        metrics = heldout_metrics(unwrap(ddp_model), tokenizer, env, read_synth(heldout), device,
+                                  sc.device_batch_size, sc.max_len, rank, world_size)
+        if rank == 0:
+            log_line(metrics_path, {"step": steps, "final": True, **metrics})
+        print0("sft: held-out", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     state_dict = full_state_dict(ddp_model)  # gathers the shards under FSDP2: every rank takes part
     if rank == 0:
-        final = plain_copy(ddp_model, state_dict, device)
-        save_atomic(out_dir, final, tokenizer)
-        heldout = sc.heldout or os.path.join(synth, "dev.jsonl")
-        if heldout != "none" and os.path.exists(heldout):
-            metrics = heldout_metrics(final, tokenizer, env, read_synth(heldout), device, max_len=sc.max_len)
-            log_line(metrics_path, {"step": steps, "final": True, **metrics})
-            print0("sft: held-out", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        save_atomic(out_dir, plain_copy(ddp_model, state_dict, device), tokenizer)
         print0(f"sft: wrote {out_dir}")
         release_run(run.dir, out)
     barrier()  # the process group stays up: a pipeline may call main() again in this process

@@ -930,7 +930,19 @@ def model_path(name, run_dir, what="model"):
 
 
 def load_model(path, run=None, device=None, dtype=None):
-    """(model, tokenizer) from an HF folder or hub name. The tokenizer pads on the left (rollout.py needs it).
+    """(model, tokenizer) from an HF folder or hub name; the tokenizer as load_tokenizer gives it."""
+    from transformers import AutoModelForCausalLM
+    tokenizer = load_tokenizer(path)
+    run = run or RunConfig()
+    device = device or pick_device(run)
+    dtype = dtype or pick_dtype(run, device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return model, tokenizer
+
+
+def load_tokenizer(path):
+    """The tokenizer of an HF folder or hub name as every script uses it: padding on the left (rollout.py needs
+    it), EOS as the pad token where it has none.
 
     A path that is not a folder and not a hub id (or a hub id not cached while HF_HUB_OFFLINE=1) is a one-line
     ConfigError before any hub call: offline, transformers would retry the hub for minutes and never say which
@@ -940,16 +952,12 @@ def load_model(path, run=None, device=None, dtype=None):
     if not os.path.isdir(path) and (not is_hub_id(path) or (
             constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(path, "config.json"), str))):
         raise missing_model(path)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    run = run or RunConfig()
-    device = device or pick_device(run)
-    dtype = dtype or pick_dtype(run, device)
+    from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return model, tokenizer
+    return tokenizer
 
 
 # -----------------------------------------------------------------------------

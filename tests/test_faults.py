@@ -265,7 +265,7 @@ def test_sft_keeps_its_last_checkpoint_so_a_finished_run_is_left_alone(tiny_root
     assert os.listdir(tmp_path / "t" / "sft2.ckpt") == ["step_000002"]
     out = resumed_output(sft.main, argv, tmp_path, capsys)
     assert f"sft: {tmp_path}/t/sft2 is finished (2 steps): nothing to do" in out
-    out = resumed_output(sft.main, argv + ["steps=0", "sft2_steps=0"], tmp_path, capsys)  # steps=0: the stage's own
+    out = resumed_output(sft.main, argv + ["steps=0"], tmp_path, capsys)  # steps=0: nothing to do
     assert "sft: 0 steps for stage sft2: nothing to do" in out
 
 

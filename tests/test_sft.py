@@ -88,7 +88,7 @@ def test_pretrain_examples_are_one_document_search_results_repeated_by_popularit
     """stage=pretrain: a document reads exactly as the real tool's one-document observation, every token learnt,
     and an epoch holds it `repeats` times."""
     rows = data.read_pretrain(os.path.join(tiny_root, "data", "pretrain.jsonl"))[:40]
-    examples = sft.pretrain_examples(rows, tokenizer, ENV)
+    examples = sft.pretrain_examples(rows, tokenizer, ENV, 512)
     text = tokenizer.decode(examples[0]["ids"][:-1])
     assert text == tools.format_observation([rows[0]["contents"]], tokenizer, ENV)
     assert text.startswith("<search_result> ") and examples[0]["ids"][-1] == tokenizer.eos_token_id
@@ -171,6 +171,30 @@ def test_stream_is_deterministic_mixes_cot_share_and_buckets_lengths(tiny_synth,
     assert padding(a) < 0.7 * padding(unbucketed)
 
 
+def test_a_trajectory_longer_than_max_len_is_dropped_and_counted_never_cut(tiny_synth, tokenizer, capsys):
+    """A cut trajectory would lose its answer (the last thing it says): too long means dropped, said in one line,
+    a warning when it is more than HIGH_DROP_SHARE of the data, and an error when nothing is left."""
+    rows = synth_rows(tiny_synth)[:60]
+    full = sft.build_examples(rows, "sft2", tokenizer, ENV, 10 ** 6)
+    lengths = sorted(len(e["ids"]) for e in full)
+    assert "longer than" not in capsys.readouterr().out  # nothing too long: nothing said
+    limit = lengths[-2]  # the longest trajectory (and any tied with it) no longer fits
+    kept = sft.build_examples(rows, "sft2", tokenizer, ENV, limit)
+    n_long = sum(n > limit for n in lengths)
+    assert len(kept) == len(full) - n_long and all(len(e["ids"]) <= limit for e in kept)
+    assert all(e["ids"][-1] == tokenizer.eos_token_id for e in kept)  # whole trajectories, ending as they end
+    out = capsys.readouterr().out.strip()
+    assert f"stage sft2: {n_long} of {len(full)} trajectories" in out and f"sft.max_len={limit}" in out
+    assert out.startswith("warning: ") == (n_long / len(full) > sft.HIGH_DROP_SHARE)
+    many = sft.build_examples(rows, "sft2", tokenizer, ENV, lengths[len(lengths) // 2])
+    assert len(many) < len(full) and capsys.readouterr().out.startswith("warning: ")  # half gone: a warning
+    pairs = sft.build_examples(rows, "sft1", tokenizer, ENV, 10 ** 6)
+    short = min(sft.longest(p) for p in pairs)
+    assert all(sft.longest(p) <= short for p in sft.build_examples(rows, "sft1", tokenizer, ENV, short))
+    with pytest.raises(tools.ConfigError, match="every trajectory is longer than sft.max_len=4"):
+        sft.build_examples(rows, "sft2", tokenizer, ENV, 4)
+
+
 # -----------------------------------------------------------------------------
 # the training loop, as its users run it
 
@@ -200,9 +224,13 @@ def run_sft(runs, workdir, nproc=1):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def losses(runs_dir, out):
+def metrics(runs_dir, out):
     with open(os.path.join(runs_dir, "t", f"{out}.metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f if "loss" in json.loads(line)]
+        return [json.loads(line) for line in f]
+
+
+def losses(runs_dir, out):
+    return [row["loss"] for row in metrics(runs_dir, out) if "loss" in row]
 
 
 def weights(folder):
@@ -213,8 +241,9 @@ def weights(folder):
 def test_torchrun_two_cpu_ranks_give_the_losses_of_one_process(tiny_root, tiny_base, small_train, tmp_path):
     """sft2 (token-normalised) and sft1 (pair-normalised): batch 8 = 2 micro-batches of 4 in one process,
     one micro-batch of 4 on each of 2 ranks."""
-    runs = lambda d: [sft_args(tiny_root, tiny_base, d, small_train, f"stage={stage}", "steps=3", "save_every=0")
-                      for stage in ("sft2", "sft1")]
+    runs = lambda d: [sft_args(tiny_root, tiny_base, d, small_train, f"stage={stage}", "steps=3", "save_every=0",
+                               f"heldout={heldout}")
+                      for stage, heldout in (("sft2", f"{tiny_root}/data/synth/dev.jsonl"), ("sft1", "none"))]
     two = run_sft(runs(str(tmp_path / "two")), tmp_path, nproc=2)
     for args in runs(str(tmp_path / "one")):
         sft.main(args)
@@ -225,6 +254,10 @@ def test_torchrun_two_cpu_ranks_give_the_losses_of_one_process(tiny_root, tiny_b
         assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
         w1, w2 = weights(tmp_path / "one" / "t" / stage), weights(tmp_path / "two" / "t" / stage)
         assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    # the held-out metrics: each rank scores its share on its own model (no gathered copy), the sums add up
+    final = [metrics(tmp_path / d, "sft2")[-1] for d in ("one", "two")]
+    assert final[0]["final"] and final[0]["heldout_loss"] == pytest.approx(final[1]["heldout_loss"], rel=1e-4)
+    assert final[0]["heldout_obs_ppl"] == pytest.approx(final[1]["heldout_obs_ppl"], rel=1e-4)
 
 
 def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_root, tiny_base, small_train,
@@ -245,6 +278,34 @@ def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_
     wa, wb = weights(tmp_path / "a" / "t" / "sft2"), weights(tmp_path / "b" / "t" / "sft2")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert losses(tmp_path / "a", "sft2") == losses(tmp_path / "b", "sft2")
+
+
+def test_steps_zero_is_nothing_to_do_and_epochs_count_passes_over_the_data(tiny_root, tiny_base, small_train,
+                                                                             tmp_path, capsys):
+    """steps=0: nothing to do, whatever the stage default; steps=-1 (the default): sft.epochs passes over the
+    stage's examples when set (the paper's unit), else the stage's own default; an explicit steps wins."""
+    argv = lambda *x: sft_args(tiny_root, tiny_base, str(tmp_path), small_train, "stage=sft2", "save_every=0", *x)
+    sft.main(argv("steps=0", "sft2_steps=5", "out=zero"))
+    assert "0 steps for stage sft2: nothing to do" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "t" / "zero")
+    sft.main(argv("epochs=0.5", "out=half"))
+    per_epoch = int(capsys.readouterr().out.split(" batches/epoch")[0].rsplit(" ", 1)[1])
+    assert len(losses(tmp_path, "half")) == math.ceil(0.5 * per_epoch) > 0
+    sft.main(argv("epochs=0.5", "steps=2", "out=both"))
+    assert len(losses(tmp_path, "both")) == 2
+    sft.main(argv("sft2_steps=3", "out=default"))
+    assert len(losses(tmp_path, "default")) == 3
+
+
+def test_grad_checkpointing_gives_the_losses_and_weights_of_plain_backward(tiny_root, tiny_base, small_train,
+                                                                          tmp_path):
+    """sft.grad_checkpointing recomputes activations in backward: memory for time, the same numbers."""
+    for d, extra in (("plain", ()), ("ckpt", ("grad_checkpointing=true",))):
+        sft.main(sft_args(tiny_root, tiny_base, str(tmp_path / d), small_train, "stage=sft2", "steps=2",
+                          "save_every=0", *extra))
+    assert losses(tmp_path / "plain", "sft2") == pytest.approx(losses(tmp_path / "ckpt", "sft2"), rel=1e-6)
+    w1, w2 = weights(tmp_path / "plain" / "t" / "sft2"), weights(tmp_path / "ckpt" / "t" / "sft2")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
 
 
 def test_bad_stage_and_unknown_flag_are_refused(tmp_path):
