@@ -424,17 +424,6 @@ def test_tool_failures_below_the_limit_are_counted_and_training_goes_on(tiny_roo
     assert os.path.exists(os.path.join(tmp_path, "t", "rl", "model.safetensors"))
 
 
-def test_qwen7b_config_holds_the_papers_settings():
-    from tools import EnvConfig, RunConfig, load_config
-    cfg = load_config({"run": RunConfig, "env": EnvConfig, "rl": rl.RLConfig},
-                      ["--config", os.path.join(ROOT, "configs", "qwen7b.yaml")], own="rl")
-    r = cfg.rl
-    assert (r.group_size, r.prompts_per_step, r.lr, r.kl_coef, r.eps_low, r.temperature) == (5, 48, 7e-7, 1e-3, 0.2, 0.6)
-    assert cfg.env.max_actions == 10 and cfg.env.tool == "http"
-    assert r.prompts_per_step % 8 == 0 and r.parallel == "fsdp" and r.bf16  # 8 ranks share the prompts
-    assert [rl.step_env(s, r, cfg.env) for s in (0, 199, 200, 239)] == ["policy", "policy", "real", "real"]
-
-
 # -----------------------------------------------------------------------------
 # bf16 on one process: FSDP2's MixedPrecisionPolicy with a 1-rank group, the same path as on N GPUs
 
