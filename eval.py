@@ -86,12 +86,13 @@ class EvalConfig:
     judge_model: str = "gpt-4o-mini"  # the request's "model"
     judge_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (empty: no auth header)
     judge_timeout_s: float = 30.0  # per judge request
+    judge_workers: int = 16  # judge requests in flight
     seed: int = 0  # sampling seed (a torch.Generator), so sampled evals repeat exactly
     max_tool_failures: float = 0.05  # share of a set's real tool calls that may fail: the call that takes it past
     # this stops the eval, naming the server and the cause (exit 1); its numbers would measure the failures
 
     RANGES = {"limit": "[0, inf)", "samples": "[1, inf)", "temperature": "[0, inf)", "top_p": "(0, 1]",
-              "batch_size": "[1, inf)", "show": "[0, inf)", "judge_timeout_s": "(0, inf)",
+              "batch_size": "[1, inf)", "show": "[0, inf)", "judge_timeout_s": "(0, inf)", "judge_workers": "[1, inf)",
               "max_tool_failures": "[0, 1]"}
 
 
@@ -521,13 +522,17 @@ def judge_one(record, ecfg, key=None):
 
 
 def judge(records, ecfg):
-    """Add record['judge'] to every record; returns how many calls failed."""
+    """Add record['judge'] to every record, judge_workers requests in flight (a judge served by vLLM batches
+    them; one at a time, 3 samples x 6 test sets would take hours); returns how many calls failed."""
+    from concurrent.futures import ThreadPoolExecutor
     key = os.environ.get(ecfg.judge_key_env) if ecfg.judge_key_env else None
-    failures = 0
+    asked = [r for r in records if r["answer"]]  # no answer: wrong, no call spent
     for r in records:
-        r["judge"] = judge_one(r, ecfg, key) if r["answer"] else 0.0  # no answer: wrong, no call spent
-        failures += r["judge"] is None
-    return failures
+        r["judge"] = 0.0
+    with ThreadPoolExecutor(ecfg.judge_workers) as pool:
+        for r, verdict in zip(asked, pool.map(lambda r: judge_one(r, ecfg, key), asked)):
+            r["judge"] = verdict
+    return sum(r["judge"] is None for r in records)
 
 
 # -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ server, the ReAct workflow's parsing, the trajectory printout, and the modes on 
 """
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -164,6 +165,30 @@ def test_llm_judge_against_a_local_server(monkeypatch):
     assert ev.summarize([dict(r, kind="all", sample=0, em=0.0, f1=0.0, lenient=0.0, reward=0.0, format_error=0.0,
                               actions=0, real_calls=0, sim_calls=0, gen_tokens=0) for r in records])["judge"] == \
         pytest.approx(1 / 3)  # failed judgements are left out of the mean
+
+
+class SlowJudge(Judge):
+    def do_POST(self):
+        time.sleep(0.4)  # a judge model's latency
+        super().do_POST()
+
+
+def test_judge_requests_run_side_by_side_and_each_verdict_stays_with_its_answer():
+    from http.server import ThreadingHTTPServer
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    records = [{"question": "q", "golden_answers": [f"a{i}"], "answer": f"a{i}" if i % 3 else "wrong"}
+               for i in range(8)]
+    try:
+        cfg = ev.EvalConfig(judge=True, judge_url=f"http://127.0.0.1:{server.server_port}/v1/chat/completions",
+                            judge_key_env="", judge_workers=8)
+        start = time.time()
+        assert ev.judge(records, cfg) == 0
+        wall = time.time() - start
+    finally:
+        server.shutdown()
+    assert [r["judge"] for r in records] == [0.0 if i % 3 == 0 else 1.0 for i in range(8)]
+    assert wall < 8 * 0.4 / 2  # one at a time would take 3.2 s
 
 
 class FakeTokenizer:
