@@ -29,10 +29,11 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
          dapo     mean over all tokens of the batch (DAPO)
          dr_grpo  sum over tokens / (trajectories x max_new_tokens), a constant normaliser (Dr. GRPO)
        Normalisers are counted over the whole mini-batch on all ranks, so 1 process and N processes give the
-       same update for the same global batch. logp_old is rollout.py's record, the model's log-prob at
-       temperature 1 when the token was sampled; the loss scores at temperature 1 too, so the first ratio of a
-       step is 1. With temperature < 1 the samples come from a sharper policy than the one scored, and nothing
-       corrects for it (temperature=1, the default here, keeps the estimator exact).
+       same update for the same global batch. Every log-prob is taken at the sampling temperature tau:
+       logp_t = log softmax(z_t / tau) at the token, for the policy, the reference and the entropy alike (as verl
+       does; TRL's PR 3029 fixed the same bias), and logp_old is rollout.py's record of the same quantity when
+       the token was sampled (before top-p), so the first ratio of a step is 1 and the samples come from the
+       distribution the loss scores. tau = 1 (and greedy) divides by nothing: the arithmetic of an untempered run.
 
 Scale. Each rank rolls out its shard of the prompts (prompt i goes to rank i % world_size). parallel=ddp keeps a
 whole model per rank (small models); parallel=fsdp shards it with FSDP2 (fully_shard per decoder layer, then the
@@ -124,7 +125,8 @@ class RLConfig:
     # rollout
     prompts_per_step: int = 16  # prompts per step, all ranks together (the paper: 48)
     group_size: int = 4  # trajectories per prompt (the paper: 5)
-    temperature: float = 1.0  # sampling temperature (the paper: 0.6); the loss scores tokens at temperature 1
+    temperature: float = 1.0  # sampling temperature (the paper: 0.6); the recorded log-probs, ratio, KL, reference
+                              # and entropy are scored at the same temperature
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
     # loss
     loss_type: str = "grpo"  # grpo | dapo | dr_grpo (see the docstring)
@@ -241,17 +243,21 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, eps_low=0.2, eps_hi
     return loss, stats
 
 
-def token_logps(model, input_ids, attention_mask, n_completion, with_entropy=False):
-    """Log-probs (B, T) of the last T = n_completion tokens of each row under the model (temperature 1).
+def token_logps(model, input_ids, attention_mask, n_completion, with_entropy=False, temperature=1.0):
+    """Log-probs (B, T) of the last T = n_completion tokens of each row under the model at `temperature`.
 
     Rows are [left padding | prompt | completion | right padding]; position ids count real tokens only, as in
     rollout.py's generation. Only the last T+1 logits are computed (logits_to_keep): a 150k vocabulary times the
     prompt length would not fit. Entropy (B, T) of the same distributions when with_entropy, else None.
+    temperature: the rollout's, so these are the distributions the tokens were sampled from (rollout.sample records
+    the same); 1 and 0 (greedy) score the logits as they are, with no division.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=n_completion + 1, use_cache=False)
     logits = out.logits[:, :-1].float()  # (B, T, V): the logit at position t predicts token t+1
+    if temperature > 0 and temperature != 1:
+        logits = logits / temperature
     targets = input_ids[:, -n_completion:]
     log_z = torch.logsumexp(logits, dim=-1)
     logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - log_z
@@ -411,12 +417,12 @@ def update(model, ref_model, optimizer, scheduler, micro_batches, rcfg, max_toke
         input_ids, attention, mask, old_logps, T = collate(eps, pad_id, device)
         if dummy:
             mask = torch.zeros_like(mask)
-        # temperature 1, as rollout.py records the old log-probs: on-policy, the first ratio is exactly 1
-        logps, entropy = token_logps(model, input_ids, attention, T, with_entropy=rcfg.entropy_coef > 0)
+        # at the sampling temperature, as rollout.py records the old log-probs: the first ratio of a step is 1
+        logps, entropy = token_logps(model, input_ids, attention, T, rcfg.entropy_coef > 0, rcfg.temperature)
         ref_logps = None
         if rcfg.kl_coef:
             with torch.no_grad():
-                ref_logps, _ = token_logps(ref_model, input_ids, attention, T)
+                ref_logps, _ = token_logps(ref_model, input_ids, attention, T, temperature=rcfg.temperature)
         loss, s = grpo_loss(logps, old_logps, ref_logps, adv.to(device), mask, rcfg.eps_low, rcfg.eps_high,
                             rcfg.kl_coef, rcfg.loss_type, entropy, rcfg.entropy_coef, max_tokens, denominator)
         # DDP and FSDP2 average gradients over ranks; the loss is already normalised globally, so undo the mean
