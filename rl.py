@@ -11,7 +11,8 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
                  RL-1's prompts can be drawn where the simulator knows the world (`sim_popular`: questions about
                  people the pre-training corpus repeated often; tiny world only).
     2. reward    r = 1 if the trajectory is well formed and its \\boxed{} answer matches a gold answer, else 0
-                 (tools.reward; `reward: f1` gives the answer's F1 instead).
+                 (tools.reward; `reward: lenient` is the paper's match: EM, or >= 70% of the gold answer's words in
+                 the answer, number words as digits and filler words dropped; `reward: f1` gives the answer's F1).
     3. advantage A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6), std off with scale_std=false (Dr. GRPO);
                  one number per trajectory, broadcast over the tokens the model wrote. std is the sample std
                  (Bessel's correction, as in TRL and verl): a group {0, 1} gets -0.71 and +0.71.
@@ -62,8 +63,8 @@ real_calls / sim_calls / tool_failures (this step and running totals), zero_var 
 reward), kl, clip_frac, ratio, entropy (when used), loss, grad_norm, tokens_per_s (model tokens), rollout_s,
 step_s; eval_em, eval_format, eval_actions (greedy, held-out, real tool) before the first and after the last step.
 
-Departures from the paper: the reward is binary EM (the paper's correctness uses a lenient match, available in
-tools.lenient_match); groups whose rewards are all equal can be dropped (`drop_zero_var`); the KL coefficient may
+Departures from the paper: the reward is binary EM by default (reward=lenient is the paper's lenient match);
+groups whose rewards are all equal can be dropped (`drop_zero_var`); the KL coefficient may
 be 0, and then no reference model is loaded.
 
 Inputs: a model folder (`init`: a path or a stage name under <run.dir>, default sft123, the SFT-1&2&3 model of
@@ -136,7 +137,7 @@ class RLConfig:
     eps_high: float = 0.2  # clip range above 1 (DAPO's clip-higher: 0.28)
     kl_coef: float = 0.0  # weight of the k3 KL to the frozen start model (the papers' beta); 0 = no reference model
     entropy_coef: float = 0.0  # weight of the entropy bonus
-    reward: str = "em"  # em | f1
+    reward: str = "em"  # em | lenient (the paper's: EM or >= 70% of the gold words) | f1
     # optimisation
     lr: float = 1e-4  # learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay

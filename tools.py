@@ -504,24 +504,45 @@ def f1_score(pred, golds):
     return max((f1(pred, g) for g in golds), default=0.0)
 
 
+# AutoCoA's reward reads answers more leniently than SQuAD: number words as digits ("two" is "2"), filler words
+# dropped, typographic quotes and CJK brackets dropped (string.punctuation has only ASCII)
+NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine".split())}
+FILLERS = {"well", "so", "basically", "actually", "literally", "simply", "just", "um", "uh"}
+QUOTES = str.maketrans("", "", "\u201c\u201d\u2018\u2019\u300c\u300d\u300e\u300f")
+
+
+def lenient_words(s):
+    """The words lenient_match compares: SQuAD normalisation, then number words as digits, no filler words."""
+    words = (NUMBER_WORDS.get(w, w) for w in normalize_answer(s.translate(QUOTES)).split())
+    return [w for w in words if w not in FILLERS]
+
+
 def lenient_match(pred, golds, share=0.7):
-    """The paper's accuracy: EM, or at least `share` of a gold answer's tokens appear in the prediction."""
+    """The paper's correctness: EM, or at least `share` of a gold answer's distinct words appear in the prediction,
+    both read by lenient_words. (AutoCoA's code also scores 0 when one answer is a substring of the other, before
+    the overlap test; the paper states EM or the overlap, which is what this is.)"""
     if exact_match(pred, golds):
         return 1.0
-    p = set(normalize_answer(pred).split())
+    p = set(lenient_words(pred))
     for g in golds:
-        g = normalize_answer(g).split()
-        if g and sum(t in p for t in g) / len(g) >= share:
+        g = set(lenient_words(g))
+        if g and p and len(g & p) >= share * len(g):
             return 1.0
     return 0.0
 
 
+REWARDS = {"em": exact_match, "f1": f1_score, "lenient": lenient_match}  # rl.reward: how an answer is scored
+
+
 def reward(text, golds, env, kind="em"):
-    """1 for a correct answer in a well-formed trajectory, else 0 (kind='f1': the answer's F1)."""
+    """1 for a correct answer in a well-formed trajectory, else 0: correct by REWARDS[kind] (em: exact match;
+    lenient: the paper's EM or 70% of the gold words; f1: the answer's F1, a number in [0, 1])."""
+    if kind not in REWARDS:
+        raise ConfigError(f"config: rl.reward must be {', '.join(REWARDS)}, got {kind!r}")
     parsed = parse(text, env)
     if not parsed.format_ok:
         return 0.0
-    return exact_match(parsed.answer, golds) if kind == "em" else f1_score(parsed.answer, golds)
+    return REWARDS[kind](parsed.answer, golds)
 
 
 # -----------------------------------------------------------------------------
