@@ -141,8 +141,9 @@ def run_agent(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
 
 
 def notool_env(env_cfg):
-    """The no-tool baseline's env for a CoA model: no action allowed (rollout forces the answer at the first one)."""
-    return dataclasses.replace(env_cfg, max_actions=0, env="real")  # "real" with a tool never called (NoTool)
+    """The no-tool baseline's env for a CoA model: no action allowed (rollout forces the answer at the first one,
+    whatever env.limit_observation says: closed-book means no observation at all)."""
+    return dataclasses.replace(env_cfg, max_actions=0, limit_observation="", env="real")  # NoTool: never called
 
 
 def generate_batch(model, tokenizer, prompts, max_new_tokens, stop_strings, ecfg, generator, desc="eval",

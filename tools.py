@@ -240,6 +240,10 @@ class EnvConfig:
     retries: int = 2  # HTTP retries after the first try, with exponential backoff, within timeout_s
     on_error: str = "observe"  # observe: the model sees "search failed: ..."; raise: stop the run
     max_actions: int = 4  # at most this many searches, then the answer is forced (paper's Algorithm 1)
+    limit_observation: str = ""  # a search past max_actions is not run and gets this text as its observation, and
+                                 # the model goes on (the paper's code: "Reach the limit of search times."); empty =
+                                 # the answer is forced
+    number_results: bool = False  # observations number their passages "result 1: ...\nresult 2: ..." (the paper's)
     max_new_tokens: int = 256  # per trajectory, observations included
     static_decode: bool = False  # rollout.py: preallocated cache, fixed-shape decode step (a CUDA graph on cuda)
     worldmodel: str = ""  # path of the world-model LM, for env=worldmodel
