@@ -816,8 +816,13 @@ def make_tool(env, run=None):
     raise ConfigError(f"config: env.tool must be bm25 or http, got {env.tool!r}")
 
 
-def format_observation(passages, tokenizer, env):
-    """Passages -> one observation string (tags included) whose body fits env.obs_max_tokens tokens."""
+def format_observation(passages, tokenizer, env, numbered=None):
+    """Passages -> one observation string (tags included) whose body fits env.obs_max_tokens tokens.
+
+    numbered (None = env.number_results): "result 1: ...\nresult 2: ..." as the paper's observations; False for a
+    body a world model wrote, already in the shape it learnt from the tool's observations."""
+    numbered = env.number_results if numbered is None else numbered
+    passages = [f"result {i}: {p}" for i, p in enumerate(passages, 1)] if numbered else passages
     body = "\n".join(passages) if passages else "no results"
     ids = tokenizer.encode(" " + body, add_special_tokens=False)
     if len(ids) > env.obs_max_tokens:

@@ -356,6 +356,20 @@ def test_observation_fits_the_token_budget():
     assert len(obs[len(ENV.obs_open):-len(ENV.obs_close)].split()) == 20
 
 
+def test_number_results_numbers_the_passages_as_the_papers_observations():
+    tool = lambda qs, k: [["Ada was born in Lorn.", "Lorn is in Vell."] for _ in qs]  # noqa: E731
+    plain = tools.SearchEnv(tool, WordTokenizer(), EnvConfig())(["q"])
+    numbered = tools.SearchEnv(tool, WordTokenizer(), EnvConfig(number_results=True))(["q"])
+    assert plain == ["<search_result> Ada was born in Lorn.\nLorn is in Vell. </search_result>"]
+    assert numbered == ["<search_result> result 1: Ada was born in Lorn.\nresult 2: Lorn is in Vell. </search_result>"]
+    # a world model's body is already in the observation's shape: never numbered twice
+    body = "result 1: Ada was born in Lorn."
+    assert tools.format_observation([body], WordTokenizer(), EnvConfig(number_results=True), numbered=False) == \
+        f"<search_result> {body} </search_result>"
+    assert tools.format_observation([], WordTokenizer(), EnvConfig(number_results=True)) == \
+        "<search_result> no results </search_result>"
+
+
 # -----------------------------------------------------------------------------
 # BM25 never touches JAX: on a GPU box, JAX's first use preallocates 75% of the card (bm25s imports it if it can)
 
