@@ -60,8 +60,10 @@ nothing to do: it says so and writes nothing.
 
 Metrics (<run.dir>/<out>.metrics.jsonl, one line per step): env, reward, em, actions (per trajectory),
 real_calls / sim_calls / tool_failures (this step and running totals), zero_var (share of groups with one
-reward), kl, clip_frac, ratio, entropy (when used), loss, grad_norm, tokens_per_s (model tokens), rollout_s,
-step_s; eval_em, eval_format, eval_actions (greedy, held-out, real tool) before the first and after the last step.
+reward), trajectories, truncated (share stopped at env.max_new_tokens: their answers were cut; above
+env.truncation_warn the step says so in one line), kl, clip_frac, ratio, entropy (when used), loss, grad_norm,
+tokens_per_s (model tokens), rollout_s, step_s; eval_em, eval_format, eval_actions, eval_truncated (greedy,
+held-out, real tool) before the first and after the last step.
 
 Departures from the paper: the reward is binary EM by default (reward=lenient is the paper's lenient match);
 groups whose rewards are all equal can be dropped (`drop_zero_var`); the KL coefficient may
@@ -102,7 +104,7 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, fin
                       latest_checkpoint, load_checkpoint, log_line, print0, release_run, resume_checkpoint,
                       save_checkpoint, setup_dist, start_logging, truncate_log, unwrap, wrap_model)
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, load_model, make_tool, master_dtype,
-                   model_path, parse, reward)
+                   model_path, parse, reward, truncation_warning)
 
 
 @dataclass
@@ -129,6 +131,9 @@ class RLConfig:
     temperature: float = 1.0  # sampling temperature (the paper: 0.6); the recorded log-probs, ratio, KL, reference
                               # and entropy are scored at the same temperature
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
+    rollout_batch: int = 0  # trajectories decoded together in one rollout call on a rank, in whole groups (at least
+                            # one); 0 = all of the rank's at once. Bounds the KV cache: 48 x 5 long trajectories do
+                            # not fit one GPU's
     # loss
     loss_type: str = "grpo"  # grpo | dapo | dr_grpo (see the docstring)
     scale_std: bool = True  # divide advantages by the group's std (false: Dr. GRPO)
@@ -161,6 +166,7 @@ class RLConfig:
 
     RANGES = {"eval_n": "[0, inf)", "eval_every": "[0, inf)", "steps": "[0, inf)", "sim_share": "[0, 1]",
               "prompts_per_step": "[1, inf)", "group_size": "[2, inf)", "temperature": "[0, inf)", "top_p": "(0, 1]",
+              "rollout_batch": "[0, inf)",
               "eps_low": "[0, 1]", "eps_high": "[0, inf)", "kl_coef": "[0, inf)", "entropy_coef": "[0, inf)",
               "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
               "updates_per_step": "[1, inf)", "micro_batch": "[1, inf)", "max_bad_steps": "[1, inf)",
@@ -321,6 +327,18 @@ def step_prompts(rows, step, n, seed):
             random.Random(seed * 100_003 + epoch).shuffle(order)
         out.append(rows[order[pos]])
     return out
+
+
+def rollout_chunks(policy, tokenizer, rows, env_cfg, environment, rollout_batch, group_size, **sampling):
+    """rollout() of group_size trajectories per row, rollout_batch // group_size rows (at least one) per call, so
+    one KV cache holds at most rollout_batch trajectories (0: all rows in one call); the episodes come back in row
+    order, groups whole. sampling: rollout()'s temperature, top_p, generator."""
+    per_call = max(rollout_batch // group_size, 1) if rollout_batch else max(len(rows), 1)
+    episodes = []
+    for i in range(0, len(rows), per_call):
+        episodes += rollout(policy, tokenizer, rows[i:i + per_call], env_cfg, environment, group_size=group_size,
+                            **sampling)
+    return episodes
 
 
 def score(episodes, rows, group_size, env_cfg, kind="em"):
@@ -504,20 +522,24 @@ def generation_mode(model):
 
 
 def evaluate(model, tokenizer, rows, cfg, environment, rank, world_size):
-    """Greedy held-out EM, format rate and actions per question, over all ranks (each rank its shard)."""
+    """Greedy held-out EM, format rate, actions per question and the share stopped at the length budget, over all
+    ranks (each rank its shard)."""
     mine = rows[rank::world_size]
     env_cfg = dataclasses.replace(cfg.env, env="real")
-    em = fmt = acts = 0.0
+    em = fmt = acts = cut = 0.0
     if mine:
         with generation_mode(model) as policy:
-            episodes = rollout(policy, tokenizer, mine, env_cfg, environment, group_size=1, temperature=0.0)
+            episodes = rollout_chunks(policy, tokenizer, mine, env_cfg, environment, cfg.rl.rollout_batch, 1,
+                                      temperature=0.0)
         for ep, row in zip(episodes, mine):
             parsed = parse(ep.text, cfg.env)
             em += reward(ep.text, row["golden_answers"], cfg.env, "em")
             fmt += parsed.format_ok
             acts += len(ep.actions)
-    em, fmt, acts, n = all_reduce([em, fmt, acts, len(mine)])
-    return {"eval_em": em / max(n, 1), "eval_format": fmt / max(n, 1), "eval_actions": acts / max(n, 1)}
+            cut += ep.finish == "length"
+    em, fmt, acts, cut, n = all_reduce([em, fmt, acts, cut, len(mine)])
+    return {"eval_em": em / max(n, 1), "eval_format": fmt / max(n, 1), "eval_actions": acts / max(n, 1),
+            "eval_truncated": cut / max(n, 1)}
 
 
 def save_final(model, tokenizer, out_dir, rank):
@@ -604,9 +626,9 @@ def main(argv=None):
         if isinstance(environment, SearchEnv):  # a retriever that is down stops the run at the call that shows it
             environment.limit_failures(rcfg.max_tool_failures, "rl.max_tool_failures", f"rl: step {step + 1}: ")
         with generation_mode(model) as policy:
-            episodes = rollout(policy, tokenizer, rows, dataclasses.replace(env_cfg, env=kind), environment,
-                               group_size=rcfg.group_size, temperature=rcfg.temperature, top_p=rcfg.top_p,
-                               max_new_tokens=max_tokens, generator=generator)
+            episodes = rollout_chunks(policy, tokenizer, rows, dataclasses.replace(env_cfg, env=kind), environment,
+                                      rcfg.rollout_batch, rcfg.group_size, temperature=rcfg.temperature,
+                                      top_p=rcfg.top_p, generator=generator)
         t_rollout = time.time() - t0
         real, failed = all_reduce([sum(ep.real_calls for ep in episodes),
                                    getattr(environment, "failures", 0) - failures_before])
@@ -623,8 +645,11 @@ def main(argv=None):
         # 4) metrics over all ranks
         n_model_tokens = sum(sum(ep.mask) for ep in episodes)
         sums = all_reduce([rewards.sum().item(), em.sum().item(), actions.sum().item(), len(episodes),
-                           sum(ep.sim_calls for ep in episodes), n_model_tokens, flat.float().sum().item()])
-        r_sum, em_sum, act_sum, n, sim, n_tokens, n_flat = sums
+                           sum(ep.sim_calls for ep in episodes), n_model_tokens, flat.float().sum().item(),
+                           sum(ep.finish == "length" for ep in episodes)])
+        r_sum, em_sum, act_sum, n, sim, n_tokens, n_flat, n_cut = sums
+        if warning := truncation_warning(n_cut / n, env_cfg, f"rl: step {step + 1}"):
+            print0(warning)
         totals["real_calls"] += int(real)
         totals["sim_calls"] += int(sim)
         totals["tool_failures"] += int(failed)
@@ -632,7 +657,8 @@ def main(argv=None):
         row = {"step": step + 1, "env": kind, "reward": r_sum / n, "em": em_sum / n, "actions": act_sum / n,
                "real_calls": int(real), "sim_calls": int(sim), "real_calls_total": totals["real_calls"],
                "sim_calls_total": totals["sim_calls"], "tool_failures": int(failed),
-               "tool_failures_total": totals["tool_failures"], "zero_var": n_flat / n, "skipped": totals["skipped"],
+               "tool_failures_total": totals["tool_failures"], "zero_var": n_flat / n, "truncated": n_cut / n,
+               "trajectories": int(n), "skipped": totals["skipped"],
                "tokens_per_s": n_tokens / dt, "rollout_s": t_rollout, "step_s": dt,
                "lr": scheduler.get_last_lr()[0], **stats}
         if eval_rows and (step + 1 == rcfg.steps or (rcfg.eval_every and (step + 1) % rcfg.eval_every == 0)):

@@ -245,11 +245,14 @@ class EnvConfig:
                                  # the answer is forced
     number_results: bool = False  # observations number their passages "result 1: ...\nresult 2: ..." (the paper's)
     max_new_tokens: int = 256  # per trajectory, observations included
+    truncation_warn: float = 0.2  # an RL step or an eval whose share of trajectories stopped at max_new_tokens is
+                                  # above this says so in one line (their answers were cut, not wrong)
     static_decode: bool = False  # rollout.py: preallocated cache, fixed-shape decode step (a CUDA graph on cuda)
     worldmodel: str = ""  # path of the world-model LM, for env=worldmodel
 
     RANGES = {"topk": "[1, inf)", "obs_max_tokens": "[1, inf)", "max_query_chars": "[1, inf)",
-              "timeout_s": "(0, inf)", "retries": "[0, 100]", "max_actions": "[0, inf)", "max_new_tokens": "[1, inf)"}
+              "timeout_s": "(0, inf)", "retries": "[0, 100]", "max_actions": "[0, inf)", "max_new_tokens": "[1, inf)",
+              "truncation_warn": "[0, 1]"}
 
 
 def parse_value(text, typ, name):
@@ -814,6 +817,14 @@ def make_tool(env, run=None):
     if env.tool == "http":
         return HTTPSearch(env.url, env.timeout_s, env.retries)
     raise ConfigError(f"config: env.tool must be bm25 or http, got {env.tool!r}")
+
+
+def truncation_warning(share, env, where):
+    """One line when more than env.truncation_warn of the trajectories stopped at the length budget, else ""."""
+    if share <= env.truncation_warn:
+        return ""
+    return (f"{where}: warning: {share:.0%} of trajectories stopped at env.max_new_tokens={env.max_new_tokens} "
+            f"(observations included), more than env.truncation_warn={env.truncation_warn:g}: raise max_new_tokens")
 
 
 def format_observation(passages, tokenizer, env, numbered=None):

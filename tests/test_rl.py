@@ -375,6 +375,35 @@ def test_schedule_runs_simulated_steps_first_and_counts_calls(tiny_root, tiny_ba
     assert os.path.exists(os.path.join(tmp_path, "t", "rl", "model.safetensors"))
 
 
+def test_rollout_batch_decodes_whole_groups_per_call_and_keeps_row_order(monkeypatch):
+    calls = []
+
+    def rollout(policy, tokenizer, rows, env_cfg, environment, group_size=1, **sampling):
+        calls.append([r["question"] for r in rows])
+        return [SimpleNamespace(question=r["question"], member=j) for r in rows for j in range(group_size)]
+    monkeypatch.setattr(rl, "rollout", rollout)
+    rows = [{"question": f"q{i}"} for i in range(5)]
+    for rollout_batch, per_call in ((0, 5), (3, 1), (6, 2), (7, 2), (100, 5)):
+        calls.clear()
+        episodes = rl.rollout_chunks(None, None, rows, None, None, rollout_batch, 3, temperature=1.0)
+        assert [len(c) for c in calls] == [per_call] * (5 // per_call) + ([5 % per_call] if 5 % per_call else [])
+        # score() reads rows[i // group_size]: episode i must belong to that row
+        assert [(ep.question, ep.member) for ep in episodes] == [(f"q{i}", j) for i in range(5) for j in range(3)]
+
+
+def test_rollout_batch_of_one_group_trains_and_logs_every_trajectory_and_the_truncated_share(tiny_root, tiny_base,
+                                                                                             tmp_path, capsys):
+    """rollout_batch=group_size: one prompt per rollout call; the step logs all 4 x 2 trajectories. A budget of 6
+    tokens cuts nearly all of them: the step logs the share and says so in one line."""
+    rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=1", "eval_n=0", "rollout_batch=2",
+                    "env.max_new_tokens=6"))
+    (row,) = read_metrics(tmp_path)
+    assert row["trajectories"] == 8 and row["truncated"] > 0.2 and "loss" in row
+    assert os.path.exists(os.path.join(tmp_path, "t", "rl", "model.safetensors"))
+    warning = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "rl: step 1: warning:" in warning[0] and "env.max_new_tokens=6" in warning[0]
+
+
 def test_too_many_non_finite_losses_stop_the_run_with_a_clear_message(tiny_root, tiny_base, tmp_path, monkeypatch):
     real_loss = rl.grpo_loss
     monkeypatch.setattr(rl, "grpo_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), real_loss(*a, **k)[1]))
