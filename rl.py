@@ -36,7 +36,8 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
        the token was sampled (before top-p), so the first ratio of a step is 1 and the samples come from the
        distribution the loss scores. tau = 1 (and greedy) divides by nothing: the arithmetic of an untempered run.
 
-Scale. Each rank rolls out its shard of the prompts (prompt i goes to rank i % world_size). parallel=ddp keeps a
+Scale. Each rank rolls out its shard of the prompts (prompt i goes to rank i % world_size), rollout_batch
+trajectories (whole groups) per rollout call when set, so the KV cache of long trajectories fits. parallel=ddp keeps a
 whole model per rank (small models); parallel=fsdp shards it with FSDP2 (fully_shard per decoder layer, then the
 root; bf16=true adds a bf16 MixedPrecisionPolicy with fp32 master weights and reductions; grad_checkpointing
 recomputes activations). Under FSDP2 the rollout gathers the whole policy once and frees it afterwards: ranks
@@ -65,8 +66,10 @@ env.truncation_warn the step says so in one line), kl, clip_frac, ratio, entropy
 tokens_per_s (model tokens), rollout_s, step_s; eval_em, eval_format, eval_actions, eval_truncated (greedy,
 held-out, real tool) before the first and after the last step.
 
-Departures from the paper: the reward is binary EM by default (reward=lenient is the paper's lenient match);
-groups whose rewards are all equal can be dropped (`drop_zero_var`); the KL coefficient may
+Departures from the paper, by default (configs/qwen7b.yaml sets the paper's): the reward is binary EM
+(reward=lenient is the paper's lenient match); a search past env.max_actions forces the answer
+(env.limit_observation="Reach the limit of search times." is the paper's); observations are not numbered
+(env.number_results); groups whose rewards are all equal can be dropped (`drop_zero_var`); the KL coefficient may
 be 0, and then no reference model is loaded.
 
 Inputs: a model folder (`init`: a path or a stage name under <run.dir>, default sft123, the SFT-1&2&3 model of
