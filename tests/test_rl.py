@@ -340,6 +340,15 @@ def test_at_temperature_0_6_recorded_logps_are_the_tempered_ones_the_update_scor
     assert ((untempered - old) * mask).abs().max() > 1e-2
 
 
+def test_a_step_at_temperature_0_6_scores_policy_and_reference_at_it_ratio_1_kl_0(tiny_root, tiny_base, tmp_path):
+    """One update right after the rollout: policy, recorded log-probs and the reference (the same start weights) are
+    all at 0.6, so the ratio is 1 and the KL 0; a reference scored at temperature 1 would show a KL."""
+    rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=1", "eval_n=0", "temperature=0.6", "updates_per_step=1",
+                    "kl_coef=0.1"))
+    (row,) = read_metrics(tmp_path)
+    assert abs(row["ratio"] - 1) < 1e-4 and row["clip_frac"] == 0 and row["kl"] < 1e-4  # the reference is the start
+
+
 def test_temperature_1_scores_the_untempered_logits_bit_for_bit(tiny_base):
     """At temperature 1 (configs/tiny.yaml) the log-probs are those of the plain log-softmax, exactly: the demo's
     numbers do not move. Greedy (0) records temperature 1's too."""
