@@ -11,7 +11,9 @@ What it measures (AutoCoA, arXiv 2503.06580, Sec. 4 / Table 1), per question and
     well-known fact answered after one). Greedy by default; with eval.samples=n and eval.temperature>0, n samples
     per question and the mean and spread (std over the n samples) of each accuracy. An optional LLM judge (an
     OpenAI-compatible /chat/completions endpoint through `requests`) adds a judged accuracy; it is off by default
-    and its key is read from an environment variable, never a file.
+    and its key is read from an environment variable, never a file. Nothing is cut silently: `truncated` is the
+    share of trajectories stopped at env.max_new_tokens (observations included), with a warning line above
+    env.truncation_warn.
 
 The answer scored is the last \\boxed{} after </think> (tools.parse); when the format is broken the last \\boxed{}
 anywhere is still scored (none at all: the last line after </think>), so EM measures what the model answered and
@@ -61,7 +63,7 @@ import torch
 import data
 from plumbing import barrier, print0, progress, setup_dist
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, exact_match, extract_boxed,
-                   f1_score, lenient_match, load_config, load_model, make_tool, model_path, parse)
+                   f1_score, lenient_match, load_config, load_model, make_tool, model_path, parse, truncation_warning)
 
 
 @dataclass
@@ -142,8 +144,9 @@ def run_agent(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
 
 
 def notool_env(env_cfg):
-    """The no-tool baseline's env for a CoA model: no action allowed (rollout forces the answer at the first one)."""
-    return dataclasses.replace(env_cfg, max_actions=0, env="real")  # "real" with a tool never called (NoTool)
+    """The no-tool baseline's env for a CoA model: no action allowed (rollout forces the answer at the first one,
+    whatever env.limit_observation says: closed-book means no observation at all)."""
+    return dataclasses.replace(env_cfg, max_actions=0, limit_observation="", env="real")  # NoTool: never called
 
 
 def generate_batch(model, tokenizer, prompts, max_new_tokens, stop_strings, ecfg, generator, desc="eval",
@@ -436,11 +439,12 @@ def score(episodes, rows, env_cfg, samples):
             "format_error": float(not format_ok), "reason": reason,
             "actions": len(ep.actions), "queries": list(ep.actions), "real_calls": ep.real_calls,
             "sim_calls": ep.sim_calls, "gen_tokens": int(sum(ep.mask)), "tokens": len(ep.ids),
-            "finish": ep.finish, "text": ep.text})
+            "truncated": float(ep.finish == "length"), "finish": ep.finish, "text": ep.text})
     return records
 
 
-METRICS = ("em", "f1", "lenient", "reward", "format_error", "actions", "real_calls", "sim_calls", "gen_tokens")
+METRICS = ("em", "f1", "lenient", "reward", "format_error", "actions", "real_calls", "sim_calls", "gen_tokens",
+           "truncated")  # truncated: stopped at env.max_new_tokens (observations included), the answer cut
 
 
 def mean(xs):
@@ -628,7 +632,7 @@ def summary_line(summary):
     return (f"EM {summary['em']:.3f}{spread}  F1 {summary['f1']:.3f}  lenient {summary['lenient']:.3f}  "
             f"format errors {summary['format_error']:.3f}  actions/q {summary['actions']:.2f}  "
             f"real calls/q {summary['real_calls']:.2f}  tool failures {summary.get('tool_failures', 0)}  "
-            f"gen tokens/q {summary['gen_tokens']:.0f}  "
+            f"gen tokens/q {summary['gen_tokens']:.0f}  truncated {summary['truncated']:.3f}  "
             f"{summary['wall_s']:.1f}s\n  by kind: {kinds}" + (f"\n  when to act:{when}" if when else ""))
 
 
@@ -746,6 +750,8 @@ def main(argv=None):
         summary.update(model=path, mode=ecfg.mode, data=source, env=cfg.env.env, config=cfg.to_dict())
         out = write_results(records, summary, os.path.join(cfg.run.dir, ecfg.out), tag)
         print(f"eval {tag}: {summary['questions']} questions -> {out}\n  {summary_line(summary)}")
+        if warning := truncation_warning(summary["truncated"], cfg.env, f"eval {tag}"):
+            print(warning)
         summary["tag"] = tag
         summaries[set_name(source)] = summary
     if len(sources) == 1:

@@ -11,7 +11,8 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
                  RL-1's prompts can be drawn where the simulator knows the world (`sim_popular`: questions about
                  people the pre-training corpus repeated often; tiny world only).
     2. reward    r = 1 if the trajectory is well formed and its \\boxed{} answer matches a gold answer, else 0
-                 (tools.reward; `reward: f1` gives the answer's F1 instead).
+                 (tools.reward; `reward: lenient` is the paper's match: EM, or >= 70% of the gold answer's words in
+                 the answer, number words as digits and filler words dropped; `reward: f1` gives the answer's F1).
     3. advantage A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6), std off with scale_std=false (Dr. GRPO);
                  one number per trajectory, broadcast over the tokens the model wrote. std is the sample std
                  (Bessel's correction, as in TRL and verl): a group {0, 1} gets -0.71 and +0.71.
@@ -29,12 +30,14 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
          dapo     mean over all tokens of the batch (DAPO)
          dr_grpo  sum over tokens / (trajectories x max_new_tokens), a constant normaliser (Dr. GRPO)
        Normalisers are counted over the whole mini-batch on all ranks, so 1 process and N processes give the
-       same update for the same global batch. logp_old is rollout.py's record, the model's log-prob at
-       temperature 1 when the token was sampled; the loss scores at temperature 1 too, so the first ratio of a
-       step is 1. With temperature < 1 the samples come from a sharper policy than the one scored, and nothing
-       corrects for it (temperature=1, the default here, keeps the estimator exact).
+       same update for the same global batch. Every log-prob is taken at the sampling temperature tau:
+       logp_t = log softmax(z_t / tau) at the token, for the policy, the reference and the entropy alike (as verl
+       does; TRL's PR 3029 fixed the same bias), and logp_old is rollout.py's record of the same quantity when
+       the token was sampled (before top-p), so the first ratio of a step is 1 and the samples come from the
+       distribution the loss scores. tau = 1 (and greedy) divides by nothing: the arithmetic of an untempered run.
 
-Scale. Each rank rolls out its shard of the prompts (prompt i goes to rank i % world_size). parallel=ddp keeps a
+Scale. Each rank rolls out its shard of the prompts (prompt i goes to rank i % world_size), rollout_batch
+trajectories (whole groups) per rollout call when set, so the KV cache of long trajectories fits. parallel=ddp keeps a
 whole model per rank (small models); parallel=fsdp shards it with FSDP2 (fully_shard per decoder layer, then the
 root; bf16=true adds a bf16 MixedPrecisionPolicy with fp32 master weights and reductions; grad_checkpointing
 recomputes activations). Under FSDP2 the rollout gathers the whole policy once and frees it afterwards: ranks
@@ -58,11 +61,15 @@ nothing to do: it says so and writes nothing.
 
 Metrics (<run.dir>/<out>.metrics.jsonl, one line per step): env, reward, em, actions (per trajectory),
 real_calls / sim_calls / tool_failures (this step and running totals), zero_var (share of groups with one
-reward), kl, clip_frac, ratio, entropy (when used), loss, grad_norm, tokens_per_s (model tokens), rollout_s,
-step_s; eval_em, eval_format, eval_actions (greedy, held-out, real tool) before the first and after the last step.
+reward), trajectories, truncated (share stopped at env.max_new_tokens: their answers were cut; above
+env.truncation_warn the step says so in one line), kl, clip_frac, ratio, entropy (when used), loss, grad_norm,
+tokens_per_s (model tokens), rollout_s, step_s; eval_em, eval_format, eval_actions, eval_truncated (greedy,
+held-out, real tool) before the first and after the last step.
 
-Departures from the paper: the reward is binary EM (the paper's correctness uses a lenient match, available in
-tools.lenient_match); groups whose rewards are all equal can be dropped (`drop_zero_var`); the KL coefficient may
+Departures from the paper, by default (configs/qwen7b.yaml sets the paper's): the reward is binary EM
+(reward=lenient is the paper's lenient match); a search past env.max_actions forces the answer
+(env.limit_observation="Reach the limit of search times." is the paper's); observations are not numbered
+(env.number_results); groups whose rewards are all equal can be dropped (`drop_zero_var`); the KL coefficient may
 be 0, and then no reference model is loaded.
 
 Inputs: a model folder (`init`: a path or a stage name under <run.dir>, default sft123, the SFT-1&2&3 model of
@@ -100,7 +107,7 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, fin
                       latest_checkpoint, load_checkpoint, log_line, print0, release_run, resume_checkpoint,
                       save_checkpoint, setup_dist, start_logging, truncate_log, unwrap, wrap_model)
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, load_model, make_tool, master_dtype,
-                   model_path, parse, reward)
+                   model_path, parse, reward, truncation_warning)
 
 
 @dataclass
@@ -124,8 +131,12 @@ class RLConfig:
     # rollout
     prompts_per_step: int = 16  # prompts per step, all ranks together (the paper: 48)
     group_size: int = 4  # trajectories per prompt (the paper: 5)
-    temperature: float = 1.0  # sampling temperature (the paper: 0.6); the loss scores tokens at temperature 1
+    temperature: float = 1.0  # sampling temperature (the paper: 0.6); the recorded log-probs, ratio, KL, reference
+                              # and entropy are scored at the same temperature
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
+    rollout_batch: int = 0  # trajectories decoded together in one rollout call on a rank, in whole groups (at least
+                            # one); 0 = all of the rank's at once. Bounds the KV cache: 48 x 5 long trajectories do
+                            # not fit one GPU's
     # loss
     loss_type: str = "grpo"  # grpo | dapo | dr_grpo (see the docstring)
     scale_std: bool = True  # divide advantages by the group's std (false: Dr. GRPO)
@@ -134,7 +145,7 @@ class RLConfig:
     eps_high: float = 0.2  # clip range above 1 (DAPO's clip-higher: 0.28)
     kl_coef: float = 0.0  # weight of the k3 KL to the frozen start model (the papers' beta); 0 = no reference model
     entropy_coef: float = 0.0  # weight of the entropy bonus
-    reward: str = "em"  # em | f1
+    reward: str = "em"  # em | lenient (the paper's: EM or >= 70% of the gold words) | f1
     # optimisation
     lr: float = 1e-4  # learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -158,6 +169,7 @@ class RLConfig:
 
     RANGES = {"eval_n": "[0, inf)", "eval_every": "[0, inf)", "steps": "[0, inf)", "sim_share": "[0, 1]",
               "prompts_per_step": "[1, inf)", "group_size": "[2, inf)", "temperature": "[0, inf)", "top_p": "(0, 1]",
+              "rollout_batch": "[0, inf)",
               "eps_low": "[0, 1]", "eps_high": "[0, inf)", "kl_coef": "[0, inf)", "entropy_coef": "[0, inf)",
               "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
               "updates_per_step": "[1, inf)", "micro_batch": "[1, inf)", "max_bad_steps": "[1, inf)",
@@ -241,17 +253,21 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, eps_low=0.2, eps_hi
     return loss, stats
 
 
-def token_logps(model, input_ids, attention_mask, n_completion, with_entropy=False):
-    """Log-probs (B, T) of the last T = n_completion tokens of each row under the model (temperature 1).
+def token_logps(model, input_ids, attention_mask, n_completion, with_entropy=False, temperature=1.0):
+    """Log-probs (B, T) of the last T = n_completion tokens of each row under the model at `temperature`.
 
     Rows are [left padding | prompt | completion | right padding]; position ids count real tokens only, as in
     rollout.py's generation. Only the last T+1 logits are computed (logits_to_keep): a 150k vocabulary times the
     prompt length would not fit. Entropy (B, T) of the same distributions when with_entropy, else None.
+    temperature: the rollout's, so these are the distributions the tokens were sampled from (rollout.sample records
+    the same); 1 and 0 (greedy) score the logits as they are, with no division.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=n_completion + 1, use_cache=False)
     logits = out.logits[:, :-1].float()  # (B, T, V): the logit at position t predicts token t+1
+    if temperature > 0 and temperature != 1:
+        logits = logits / temperature
     targets = input_ids[:, -n_completion:]
     log_z = torch.logsumexp(logits, dim=-1)
     logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - log_z
@@ -314,6 +330,18 @@ def step_prompts(rows, step, n, seed):
             random.Random(seed * 100_003 + epoch).shuffle(order)
         out.append(rows[order[pos]])
     return out
+
+
+def rollout_chunks(policy, tokenizer, rows, env_cfg, environment, rollout_batch, group_size, **sampling):
+    """rollout() of group_size trajectories per row, rollout_batch // group_size rows (at least one) per call, so
+    one KV cache holds at most rollout_batch trajectories (0: all rows in one call); the episodes come back in row
+    order, groups whole. sampling: rollout()'s temperature, top_p, generator."""
+    per_call = max(rollout_batch // group_size, 1) if rollout_batch else max(len(rows), 1)
+    episodes = []
+    for i in range(0, len(rows), per_call):
+        episodes += rollout(policy, tokenizer, rows[i:i + per_call], env_cfg, environment, group_size=group_size,
+                            **sampling)
+    return episodes
 
 
 def score(episodes, rows, group_size, env_cfg, kind="em"):
@@ -411,12 +439,12 @@ def update(model, ref_model, optimizer, scheduler, micro_batches, rcfg, max_toke
         input_ids, attention, mask, old_logps, T = collate(eps, pad_id, device)
         if dummy:
             mask = torch.zeros_like(mask)
-        # temperature 1, as rollout.py records the old log-probs: on-policy, the first ratio is exactly 1
-        logps, entropy = token_logps(model, input_ids, attention, T, with_entropy=rcfg.entropy_coef > 0)
+        # at the sampling temperature, as rollout.py records the old log-probs: the first ratio of a step is 1
+        logps, entropy = token_logps(model, input_ids, attention, T, rcfg.entropy_coef > 0, rcfg.temperature)
         ref_logps = None
         if rcfg.kl_coef:
             with torch.no_grad():
-                ref_logps, _ = token_logps(ref_model, input_ids, attention, T)
+                ref_logps, _ = token_logps(ref_model, input_ids, attention, T, temperature=rcfg.temperature)
         loss, s = grpo_loss(logps, old_logps, ref_logps, adv.to(device), mask, rcfg.eps_low, rcfg.eps_high,
                             rcfg.kl_coef, rcfg.loss_type, entropy, rcfg.entropy_coef, max_tokens, denominator)
         # DDP and FSDP2 average gradients over ranks; the loss is already normalised globally, so undo the mean
@@ -497,20 +525,24 @@ def generation_mode(model):
 
 
 def evaluate(model, tokenizer, rows, cfg, environment, rank, world_size):
-    """Greedy held-out EM, format rate and actions per question, over all ranks (each rank its shard)."""
+    """Greedy held-out EM, format rate, actions per question and the share stopped at the length budget, over all
+    ranks (each rank its shard)."""
     mine = rows[rank::world_size]
     env_cfg = dataclasses.replace(cfg.env, env="real")
-    em = fmt = acts = 0.0
+    em = fmt = acts = cut = 0.0
     if mine:
         with generation_mode(model) as policy:
-            episodes = rollout(policy, tokenizer, mine, env_cfg, environment, group_size=1, temperature=0.0)
+            episodes = rollout_chunks(policy, tokenizer, mine, env_cfg, environment, cfg.rl.rollout_batch, 1,
+                                      temperature=0.0)
         for ep, row in zip(episodes, mine):
             parsed = parse(ep.text, cfg.env)
             em += reward(ep.text, row["golden_answers"], cfg.env, "em")
             fmt += parsed.format_ok
             acts += len(ep.actions)
-    em, fmt, acts, n = all_reduce([em, fmt, acts, len(mine)])
-    return {"eval_em": em / max(n, 1), "eval_format": fmt / max(n, 1), "eval_actions": acts / max(n, 1)}
+            cut += ep.finish == "length"
+    em, fmt, acts, cut, n = all_reduce([em, fmt, acts, cut, len(mine)])
+    return {"eval_em": em / max(n, 1), "eval_format": fmt / max(n, 1), "eval_actions": acts / max(n, 1),
+            "eval_truncated": cut / max(n, 1)}
 
 
 def save_final(model, tokenizer, out_dir, rank):
@@ -597,9 +629,9 @@ def main(argv=None):
         if isinstance(environment, SearchEnv):  # a retriever that is down stops the run at the call that shows it
             environment.limit_failures(rcfg.max_tool_failures, "rl.max_tool_failures", f"rl: step {step + 1}: ")
         with generation_mode(model) as policy:
-            episodes = rollout(policy, tokenizer, rows, dataclasses.replace(env_cfg, env=kind), environment,
-                               group_size=rcfg.group_size, temperature=rcfg.temperature, top_p=rcfg.top_p,
-                               max_new_tokens=max_tokens, generator=generator)
+            episodes = rollout_chunks(policy, tokenizer, rows, dataclasses.replace(env_cfg, env=kind), environment,
+                                      rcfg.rollout_batch, rcfg.group_size, temperature=rcfg.temperature,
+                                      top_p=rcfg.top_p, generator=generator)
         t_rollout = time.time() - t0
         real, failed = all_reduce([sum(ep.real_calls for ep in episodes),
                                    getattr(environment, "failures", 0) - failures_before])
@@ -616,8 +648,11 @@ def main(argv=None):
         # 4) metrics over all ranks
         n_model_tokens = sum(sum(ep.mask) for ep in episodes)
         sums = all_reduce([rewards.sum().item(), em.sum().item(), actions.sum().item(), len(episodes),
-                           sum(ep.sim_calls for ep in episodes), n_model_tokens, flat.float().sum().item()])
-        r_sum, em_sum, act_sum, n, sim, n_tokens, n_flat = sums
+                           sum(ep.sim_calls for ep in episodes), n_model_tokens, flat.float().sum().item(),
+                           sum(ep.finish == "length" for ep in episodes)])
+        r_sum, em_sum, act_sum, n, sim, n_tokens, n_flat, n_cut = sums
+        if warning := truncation_warning(n_cut / n, env_cfg, f"rl: step {step + 1}"):
+            print0(warning)
         totals["real_calls"] += int(real)
         totals["sim_calls"] += int(sim)
         totals["tool_failures"] += int(failed)
@@ -625,7 +660,8 @@ def main(argv=None):
         row = {"step": step + 1, "env": kind, "reward": r_sum / n, "em": em_sum / n, "actions": act_sum / n,
                "real_calls": int(real), "sim_calls": int(sim), "real_calls_total": totals["real_calls"],
                "sim_calls_total": totals["sim_calls"], "tool_failures": int(failed),
-               "tool_failures_total": totals["tool_failures"], "zero_var": n_flat / n, "skipped": totals["skipped"],
+               "tool_failures_total": totals["tool_failures"], "zero_var": n_flat / n, "truncated": n_cut / n,
+               "trajectories": int(n), "skipped": totals["skipped"],
                "tokens_per_s": n_tokens / dt, "rollout_s": t_rollout, "step_s": dt,
                "lr": scheduler.get_last_lr()[0], **stats}
         if eval_rows and (step + 1 == rcfg.steps or (rcfg.eval_every and (step + 1) % rcfg.eval_every == 0)):

@@ -25,6 +25,9 @@ A sequence ends at EOS ("eos"), at the closing brace of its \\boxed{} answer aft
 env_cfg.max_new_tokens completion tokens, observations included ("length"), or when it writes one action more
 than env_cfg.max_actions: that action is not run, the loop appends NOTE (" I have searched enough. </think>
 \\boxed{") and the model writes the answer ("max_actions"; the paper's Algorithm 1 forces an answer the same way).
+With env_cfg.limit_observation set, such an action is not run either, but it gets that text as its observation
+(tags included, mask 0; the paper's code: "Reach the limit of search times.") and the model goes on: it must answer,
+and the length budget still ends it.
 
 The KV cache (RowCache). One buffer per layer, keys and values of shape (B, H_kv, T, D). Row b's tokens sit
 contiguously at columns 0 .. length[b]-1: prompts are *right*-padded at prefill, and every later chunk is
@@ -50,9 +53,10 @@ and chunk rows as two forwards; 2) sample one token per row from the logits afte
 Observations are tokenized once with tokenizer.encode(obs, add_special_tokens=False); earlier ids are never
 decoded and re-encoded, so the mask comes from who wrote each token, never from matching strings.
 
-logps: log-softmax of the model's logits at the chosen token (temperature 1, before top-p), 0.0 where mask==0;
-exactly what a training forward over (prompt + ids) recomputes, and the sampling log-prob when rl samples at
-temperature 1, top_p 1. Sampling is reproducible given a torch.Generator (same rows, same settings).
+logps: log-softmax of the model's logits divided by the sampling temperature, at the chosen token (before top-p;
+greedy: temperature 1), 0.0 where mask==0; exactly what a training forward over (prompt + ids) recomputes at that
+temperature (rl.token_logps), and the sampling log-prob itself when top_p is 1. Sampling is reproducible given a
+torch.Generator (same rows, same settings).
 
 Not here: the tool itself and observation formatting (tools.py), the world model (worldmodel.py), rewards (the
 caller fills Episode.reward). Supported models: HF causal LMs whose decoder takes a 4D float mask and explicit
@@ -101,14 +105,17 @@ def encode_prompt(tokenizer, question, env_cfg):
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     """One token per row from logits (n, V): greedy at temperature 0, else temperature + top-p (nucleus).
 
-    Returns (tokens (n,), logps (n,)), logps from the untempered log-softmax (what training recomputes).
+    Returns (tokens (n,), logps (n,)), logps from log_softmax(logits / temperature), before top-p, as verl records
+    them (greedy: temperature 1's): what rl.token_logps recomputes at the same temperature. At temperature 1 the
+    division is skipped, so the numbers stay bit for bit those of an untempered log-softmax.
     """
     logits = logits.float()
-    logp_all = torch.log_softmax(logits, dim=-1)
+    tempered = logits / temperature if temperature > 0 and temperature != 1 else logits
+    logp_all = torch.log_softmax(tempered, dim=-1)
     if temperature <= 0:
         tokens = logits.argmax(dim=-1)
     else:
-        probs = torch.softmax(logits / temperature, dim=-1)
+        probs = torch.softmax(tempered, dim=-1)
         if top_p < 1.0:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest head with mass >= top_p
@@ -479,6 +486,8 @@ class CoARules:
         encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
         self.note_ids = encode(NOTE.format(think_close=env_cfg.think_close, answer_open=env_cfg.answer_open))
         self.obs_open_ids, self.obs_close_ids = encode(env_cfg.obs_open), encode(env_cfg.obs_close)
+        limit = env_cfg.limit_observation.strip()
+        self.limit_ids = encode(f"{env_cfg.obs_open} {limit} {env_cfg.obs_close}") if limit else []
 
     def after_token(self, row, token):
         """Stops, and True when the row just closed an action."""
@@ -513,6 +522,10 @@ class CoARules:
             ep = row.episode
             query = query_of(self.tok, ep, row.start, self.env)
             if query is None:  # a closer with no opener: no search (tools.parse calls it unbalanced action tags)
+                continue
+            if len(ep.actions) >= self.env.max_actions and self.limit_ids:  # not run: the limit is its observation
+                self.add_env(row, self.limit_ids)
+                row.start = len(ep.ids)
                 continue
             if len(ep.actions) >= self.env.max_actions:  # one action too many: not run, the answer is forced
                 row.forced, row.answer_from = True, len(ep.ids)
@@ -616,7 +629,8 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, stop_strings=(), temp
 
     prompt_ids: list of id lists (ragged is fine). Each sequence stops at EOS (kept), after the token that
     completes one of stop_strings (kept), or at max_new_tokens. Returns (ids, logps): two lists with one list
-    per sequence, logps the untempered log-probs of the chosen tokens. static_decode: as env.static_decode.
+    per sequence, logps the chosen tokens' log-probs at the sampling temperature (sample()). static_decode: as
+    env.static_decode.
     """
     episodes = [Episode(question="", golds=[], prompt_ids=list(p)) for p in prompt_ids]
     if max_new_tokens <= 0 or not episodes:

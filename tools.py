@@ -240,12 +240,19 @@ class EnvConfig:
     retries: int = 2  # HTTP retries after the first try, with exponential backoff, within timeout_s
     on_error: str = "observe"  # observe: the model sees "search failed: ..."; raise: stop the run
     max_actions: int = 4  # at most this many searches, then the answer is forced (paper's Algorithm 1)
+    limit_observation: str = ""  # a search past max_actions is not run and gets this text as its observation, and
+                                 # the model goes on (the paper's code: "Reach the limit of search times."); empty =
+                                 # the answer is forced
+    number_results: bool = False  # observations number their passages "result 1: ...\nresult 2: ..." (the paper's)
     max_new_tokens: int = 256  # per trajectory, observations included
+    truncation_warn: float = 0.2  # an RL step or an eval whose share of trajectories stopped at max_new_tokens is
+                                  # above this says so in one line (their answers were cut, not wrong)
     static_decode: bool = False  # rollout.py: preallocated cache, fixed-shape decode step (a CUDA graph on cuda)
     worldmodel: str = ""  # path of the world-model LM, for env=worldmodel
 
     RANGES = {"topk": "[1, inf)", "obs_max_tokens": "[1, inf)", "max_query_chars": "[1, inf)",
-              "timeout_s": "(0, inf)", "retries": "[0, 100]", "max_actions": "[0, inf)", "max_new_tokens": "[1, inf)"}
+              "timeout_s": "(0, inf)", "retries": "[0, 100]", "max_actions": "[0, inf)", "max_new_tokens": "[1, inf)",
+              "truncation_warn": "[0, 1]"}
 
 
 def parse_value(text, typ, name):
@@ -504,24 +511,45 @@ def f1_score(pred, golds):
     return max((f1(pred, g) for g in golds), default=0.0)
 
 
+# AutoCoA's reward reads answers more leniently than SQuAD: number words as digits ("two" is "2"), filler words
+# dropped, typographic quotes and CJK brackets dropped (string.punctuation has only ASCII)
+NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine".split())}
+FILLERS = {"well", "so", "basically", "actually", "literally", "simply", "just", "um", "uh"}
+QUOTES = str.maketrans("", "", "\u201c\u201d\u2018\u2019\u300c\u300d\u300e\u300f")
+
+
+def lenient_words(s):
+    """The words lenient_match compares: SQuAD normalisation, then number words as digits, no filler words."""
+    words = (NUMBER_WORDS.get(w, w) for w in normalize_answer(s.translate(QUOTES)).split())
+    return [w for w in words if w not in FILLERS]
+
+
 def lenient_match(pred, golds, share=0.7):
-    """The paper's accuracy: EM, or at least `share` of a gold answer's tokens appear in the prediction."""
+    """The paper's correctness: EM, or at least `share` of a gold answer's distinct words appear in the prediction,
+    both read by lenient_words. (AutoCoA's code also scores 0 when one answer is a substring of the other, before
+    the overlap test; the paper states EM or the overlap, which is what this is.)"""
     if exact_match(pred, golds):
         return 1.0
-    p = set(normalize_answer(pred).split())
+    p = set(lenient_words(pred))
     for g in golds:
-        g = normalize_answer(g).split()
-        if g and sum(t in p for t in g) / len(g) >= share:
+        g = set(lenient_words(g))
+        if g and p and len(g & p) >= share * len(g):
             return 1.0
     return 0.0
 
 
+REWARDS = {"em": exact_match, "f1": f1_score, "lenient": lenient_match}  # rl.reward: how an answer is scored
+
+
 def reward(text, golds, env, kind="em"):
-    """1 for a correct answer in a well-formed trajectory, else 0 (kind='f1': the answer's F1)."""
+    """1 for a correct answer in a well-formed trajectory, else 0: correct by REWARDS[kind] (em: exact match;
+    lenient: the paper's EM or 70% of the gold words; f1: the answer's F1, a number in [0, 1])."""
+    if kind not in REWARDS:
+        raise ConfigError(f"config: rl.reward must be {', '.join(REWARDS)}, got {kind!r}")
     parsed = parse(text, env)
     if not parsed.format_ok:
         return 0.0
-    return exact_match(parsed.answer, golds) if kind == "em" else f1_score(parsed.answer, golds)
+    return REWARDS[kind](parsed.answer, golds)
 
 
 # -----------------------------------------------------------------------------
@@ -791,8 +819,21 @@ def make_tool(env, run=None):
     raise ConfigError(f"config: env.tool must be bm25 or http, got {env.tool!r}")
 
 
-def format_observation(passages, tokenizer, env):
-    """Passages -> one observation string (tags included) whose body fits env.obs_max_tokens tokens."""
+def truncation_warning(share, env, where):
+    """One line when more than env.truncation_warn of the trajectories stopped at the length budget, else ""."""
+    if share <= env.truncation_warn:
+        return ""
+    return (f"{where}: warning: {share:.0%} of trajectories stopped at env.max_new_tokens={env.max_new_tokens} "
+            f"(observations included), more than env.truncation_warn={env.truncation_warn:g}: raise max_new_tokens")
+
+
+def format_observation(passages, tokenizer, env, numbered=None):
+    """Passages -> one observation string (tags included) whose body fits env.obs_max_tokens tokens.
+
+    numbered (None = env.number_results): "result 1: ...\nresult 2: ..." as the paper's observations; False for a
+    body a world model wrote, already in the shape it learnt from the tool's observations."""
+    numbered = env.number_results if numbered is None else numbered
+    passages = [f"result {i}: {p}" for i, p in enumerate(passages, 1)] if numbered else passages
     body = "\n".join(passages) if passages else "no results"
     ids = tokenizer.encode(" " + body, add_special_tokens=False)
     if len(ids) > env.obs_max_tokens:

@@ -311,7 +311,7 @@ class WorldModelEnv:
     def finish(self, text):
         """A well-formed observation within the real tool's token budget, whatever the model wrote."""
         text = text.replace(self.wm_tokenizer.eos_token, "")
-        return format_observation([observation_body(text, self.env)], self.tokenizer, self.env)
+        return format_observation([observation_body(text, self.env)], self.tokenizer, self.env, numbered=False)
 
 
 def make_environment(env, run, tokenizer):
@@ -399,7 +399,7 @@ def policy_observations(model, tokenizer, calls, env, batch_size=32):
     for batch in progress(prompts, batch_size, "fidelity: policy", unit="call"):
         outs, _ = generate(model, tokenizer, batch, env.obs_max_tokens + 8, [env.obs_close])
         texts += [tokenizer.decode(o).replace(tokenizer.eos_token, "") for o in outs]
-    return [format_observation([observation_body(t, env)], tokenizer, env) for t in texts]
+    return [format_observation([observation_body(t, env)], tokenizer, env, numbered=False) for t in texts]
 
 
 @torch.no_grad()
@@ -590,7 +590,8 @@ def knowledge_curve(policy, tokenizer, buckets, env, search, world_env=None):
     for name, group in buckets.items():
         calls = [{"question": f"Where was {p['name']} born?", "history": "", "query": p["name"]} for p, _ in group]
         rows = [{"question": c["question"], "golden_answers": [p["city"]]} for c, (p, _) in zip(calls, group)]
-        episodes = rollout(policy, tokenizer, rows, dataclasses.replace(env, max_actions=0, env="real"), search)
+        closed = dataclasses.replace(env, max_actions=0, limit_observation="", env="real")  # the answer forced
+        episodes = rollout(policy, tokenizer, rows, closed, search)
         kept = lambda obs: sum(contains(observation_body(o, env), p["city"]) for o, (p, _) in zip(obs, group))
         m = {"people": len(group), "closed_book": sum(reward(e.text, e.golds, env) for e in episodes) / len(group),
              "kept_policy": kept(policy_observations(policy, tokenizer, calls, env)) / len(group)}

@@ -63,6 +63,17 @@ def test_metrics_on_fixed_predictions():
     assert "em_std" not in s  # greedy: no spread
 
 
+def test_summary_counts_trajectories_cut_at_the_length_budget_and_warns_above_the_share():
+    rows = [{"question": f"q{i}", "golden_answers": ["x"]} for i in range(4)]
+    finishes = ["answer", "length", "eos", "length"]
+    records = ev.score([FakeEpisode(coa("x"), finish=f) for f in finishes], rows, ENV, samples=1)
+    s = dict(ev.summarize(records), wall_s=1)
+    assert [r["truncated"] for r in records] == [0.0, 1.0, 0.0, 1.0] and s["truncated"] == 0.5
+    assert "truncated 0.500" in ev.summary_line(s)
+    assert ev.truncation_warning(s["truncated"], ENV, "eval t").startswith("eval t: warning: 50% of trajectories")
+    assert ev.truncation_warning(0.5, EnvConfig(truncation_warn=0.5), "eval t") == ""
+
+
 def test_samples_give_mean_and_spread_over_samples():
     rows = [{"question": "q1", "golden_answers": ["x"]}, {"question": "q2", "golden_answers": ["y"]}]
     # question-major, samples adjacent: q1 s0, q1 s1, q2 s0, q2 s1; sample 0 gets both right, sample 1 none
@@ -274,6 +285,16 @@ def test_main_writes_per_question_jsonl_and_summary(tiny_root, tiny_base):
     assert len(records) == 5 and {"id", "answer", "em", "f1", "actions", "gen_tokens", "text"} <= set(records[0])
     assert saved["questions"] == 5 and saved["em"] == summary["em"] and saved["mode"] == "agent"
     assert saved["config"]["eval"]["limit"] == 5  # the resolved config travels with the results
+
+
+def test_main_prints_one_warning_line_when_most_trajectories_hit_the_length_budget(tiny_root, tiny_base, capsys):
+    summary = ev.main(["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data",
+                       f"run.runs_dir={tiny_root}/runs", "run.name=evaltest", f"init={tiny_base}", "limit=4",
+                       "env.max_new_tokens=6", "tag=cut", "run.device=cpu"])
+    assert summary["truncated"] > 0.2
+    warning = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warning == [f"eval cut: warning: {summary['truncated']:.0%} of trajectories stopped at env.max_new_tokens=6 "
+                       "(observations included), more than env.truncation_warn=0.2: raise max_new_tokens"]
 
 
 def test_bad_mode_and_missing_model_are_clear_errors(tiny_root):

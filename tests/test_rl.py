@@ -313,6 +313,63 @@ def test_rollout_logps_are_what_the_training_forward_recomputes(tiny_cfg, tiny_b
     assert torch.allclose(logps * mask, old, atol=1e-4)
 
 
+def test_at_temperature_0_6_recorded_logps_are_the_tempered_ones_the_update_scores(tiny_cfg, tiny_base):
+    """Sampling at 0.6: each recorded log-prob is log_softmax(logits / 0.6) at the sampled token (a plain forward
+    recomputes it), rl.token_logps at 0.6 scores the same on the collated ids (the first ratio of a step is 1),
+    and both differ from temperature 1's (the samples come from the tempered distribution, not the raw one)."""
+    from rollout import rollout
+    from tools import SearchEnv, make_tool, load_model
+    model, tokenizer = load_model(tiny_base, tiny_cfg.run)
+    env = SearchEnv(make_tool(tiny_cfg.env, tiny_cfg.run), tokenizer, tiny_cfg.env)
+    rows = [json.loads(line) for line in open(os.path.join(tiny_cfg.run.data_dir, "train.jsonl"))][:3]
+    episodes = rollout(model, tokenizer, rows, tiny_cfg.env, env, group_size=2, temperature=0.6, max_new_tokens=40,
+                       generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for ep in episodes:
+            logits = model(torch.tensor([ep.prompt_ids + ep.ids])).logits[0, len(ep.prompt_ids) - 1:-1].float()
+            ids, m = torch.tensor(ep.ids)[:, None], torch.tensor(ep.mask, dtype=torch.bool)
+            tempered = torch.log_softmax(logits / 0.6, -1).gather(-1, ids).squeeze(-1)
+            raw = torch.log_softmax(logits, -1).gather(-1, ids).squeeze(-1)
+            assert torch.allclose(torch.tensor(ep.logps)[m], tempered[m], atol=1e-4)
+            assert (tempered[m] - raw[m]).abs().max() > 1e-2
+        inp, att, mask, old, T = rl.collate(episodes, tokenizer.pad_token_id, torch.device("cpu"))
+        scored, _ = rl.token_logps(model, inp, att, T, temperature=0.6)
+        untempered, _ = rl.token_logps(model, inp, att, T)
+    assert torch.allclose(scored * mask, old, atol=1e-4)
+    assert torch.exp((scored - old) * mask).sub(1).abs().max() < 1e-3  # the first ratio of a step
+    assert ((untempered - old) * mask).abs().max() > 1e-2
+
+
+def test_a_step_at_temperature_0_6_scores_policy_and_reference_at_it_ratio_1_kl_0(tiny_root, tiny_base, tmp_path):
+    """One update right after the rollout: policy, recorded log-probs and the reference (the same start weights) are
+    all at 0.6, so the ratio is 1 and the KL 0; a reference scored at temperature 1 would show a KL."""
+    rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=1", "eval_n=0", "temperature=0.6", "updates_per_step=1",
+                    "kl_coef=0.1"))
+    (row,) = read_metrics(tmp_path)
+    assert abs(row["ratio"] - 1) < 1e-4 and row["clip_frac"] == 0 and row["kl"] < 1e-4  # the reference is the start
+
+
+def test_temperature_1_scores_the_untempered_logits_bit_for_bit(tiny_base):
+    """At temperature 1 (configs/tiny.yaml) the log-probs are those of the plain log-softmax, exactly: the demo's
+    numbers do not move. Greedy (0) records temperature 1's too."""
+    from rollout import sample
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature in (1.0, 0.0):
+        tokens, logps = sample(logits, temperature, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(logps, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1))
+    tokens, logps = sample(logits, 0.6, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(logps, torch.log_softmax(logits / 0.6, -1).gather(-1, tokens[:, None]).squeeze(-1))
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    inp, att, _, _, T = rl.collate(fake_episodes(model, 3, 0, model.config.vocab_size), 0, torch.device("cpu"))
+    with torch.no_grad():
+        got, entropy = rl.token_logps(model, inp, att, T, with_entropy=True, temperature=1.0)
+        z = model(input_ids=inp, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
+        z = z[:, -T - 1:-1].float()
+        log_z = torch.logsumexp(z, -1)
+    assert torch.equal(got, z.gather(-1, inp[:, -T:, None]).squeeze(-1) - log_z)
+    assert torch.equal(entropy, log_z - (torch.softmax(z, -1) * z).sum(-1))
+
+
 def test_schedule_runs_simulated_steps_first_and_counts_calls(tiny_root, tiny_base, tmp_path):
     rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=3", "sim_share=0.67", "eval_n=4", "save_every=0",
                     "env.max_actions=2"))
@@ -325,6 +382,35 @@ def test_schedule_runs_simulated_steps_first_and_counts_calls(tiny_root, tiny_ba
     for key in ("reward", "em", "actions", "sim_calls", "kl", "clip_frac", "tokens_per_s"):
         assert key in steps[-1]
     assert os.path.exists(os.path.join(tmp_path, "t", "rl", "model.safetensors"))
+
+
+def test_rollout_batch_decodes_whole_groups_per_call_and_keeps_row_order(monkeypatch):
+    calls = []
+
+    def rollout(policy, tokenizer, rows, env_cfg, environment, group_size=1, **sampling):
+        calls.append([r["question"] for r in rows])
+        return [SimpleNamespace(question=r["question"], member=j) for r in rows for j in range(group_size)]
+    monkeypatch.setattr(rl, "rollout", rollout)
+    rows = [{"question": f"q{i}"} for i in range(5)]
+    for rollout_batch, per_call in ((0, 5), (3, 1), (6, 2), (7, 2), (100, 5)):
+        calls.clear()
+        episodes = rl.rollout_chunks(None, None, rows, None, None, rollout_batch, 3, temperature=1.0)
+        assert [len(c) for c in calls] == [per_call] * (5 // per_call) + ([5 % per_call] if 5 % per_call else [])
+        # score() reads rows[i // group_size]: episode i must belong to that row
+        assert [(ep.question, ep.member) for ep in episodes] == [(f"q{i}", j) for i in range(5) for j in range(3)]
+
+
+def test_rollout_batch_of_one_group_trains_and_logs_every_trajectory_and_the_truncated_share(tiny_root, tiny_base,
+                                                                                             tmp_path, capsys):
+    """rollout_batch=group_size: one prompt per rollout call; the step logs all 4 x 2 trajectories. A budget of 6
+    tokens cuts nearly all of them: the step logs the share and says so in one line."""
+    rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=1", "eval_n=0", "rollout_batch=2",
+                    "env.max_new_tokens=6"))
+    (row,) = read_metrics(tmp_path)
+    assert row["trajectories"] == 8 and row["truncated"] > 0.2 and "loss" in row
+    assert os.path.exists(os.path.join(tmp_path, "t", "rl", "model.safetensors"))
+    warning = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "rl: step 1: warning:" in warning[0] and "env.max_new_tokens=6" in warning[0]
 
 
 def test_too_many_non_finite_losses_stop_the_run_with_a_clear_message(tiny_root, tiny_base, tmp_path, monkeypatch):

@@ -237,6 +237,31 @@ def test_action_limit_forces_an_answer(agent, questions, search):
         assert tok.decode(ep.ids[:first]).endswith(env.action_close) and ep.mask[first - 1] == 1
 
 
+LIMIT = "Reach the limit of search times."
+
+
+def test_limit_observation_answers_a_search_past_the_limit_and_the_model_goes_on(agent, questions, search):
+    """env.limit_observation (the paper's code): a search past max_actions is not run, gets the limit text as its
+    observation (mask 0) and the model writes on; the default forces the answer instead."""
+    model, tok = agent
+    env, environment = search
+    env = dataclasses.replace(env, max_actions=1, max_new_tokens=120, limit_observation=LIMIT)
+    episodes = rollout(model, tok, questions[:12], env, environment)
+    limit_obs = f"{env.obs_open} {LIMIT} {env.obs_close}"
+    limited = [ep for ep in episodes if limit_obs in ep.text]
+    assert limited and all(ep.finish != "max_actions" for ep in episodes)
+    for ep in limited:
+        assert len(ep.actions) == ep.real_calls == 1  # the search past the limit reached no tool
+        start = ep.text.index(limit_obs)
+        assert tok.decode(ep.ids).count(env.obs_open) == 1 + ep.text.count(limit_obs)
+        at = next(i for i in range(len(ep.ids)) if len(tok.decode(ep.ids[:i + 1])) > start)  # its first token
+        end = at + len(tok.encode(limit_obs, add_special_tokens=False))
+        assert set(ep.mask[at:end]) == {0} and tok.decode(ep.ids[at:end]) == limit_obs
+        assert ep.finish == "length" or ep.mask[end] == 1  # the model goes on after it (or the budget is spent)
+    forced = rollout(model, tok, questions[:12], dataclasses.replace(env, limit_observation=""), environment)
+    assert any(ep.finish == "max_actions" for ep in forced) and not any(LIMIT in ep.text for ep in forced)
+
+
 class Broken:
     simulated = False
 

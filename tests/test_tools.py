@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import tools
-from tools import EnvConfig, RunConfig, exact_match, extract_boxed, f1_score, lenient_match, parse, reward
+from tools import ConfigError, EnvConfig, RunConfig, exact_match, extract_boxed, f1_score, lenient_match, parse, reward
 
 ENV = EnvConfig()
 TAGS = [ENV.think_open, ENV.think_close, ENV.action_open, ENV.action_close, ENV.obs_open, ENV.obs_close,
@@ -140,6 +140,23 @@ def test_lenient_match_is_em_or_seventy_percent_of_gold_tokens():
     assert lenient_match("Joanne Harris", ["Joanne Michele Sylvie Harris"]) == 0.0  # 2/4 < 0.7
     assert lenient_match("Joanne Sylvie Harris", ["Joanne Michele Sylvie Harris"]) == 1.0  # 3/4 >= 0.7
     assert lenient_match("no", ["yes"]) == 0.0
+
+
+def test_lenient_match_reads_number_words_fillers_and_quotes_as_the_paper_does():
+    assert exact_match("two", ["2"]) == 0.0 and lenient_match("two", ["2"]) == 1.0
+    assert lenient_match("Chapter 3", ["chapter three"]) == 1.0
+    assert lenient_match("far away", ["So Far Away"]) == 1.0  # "so" is a filler: 2 of 2 gold words
+    assert lenient_match("\u201cParis\u201d", ["Paris"]) == 1.0 and exact_match("\u201cParis\u201d", ["Paris"]) == 0.0
+    assert lenient_match("just", ["so"]) == 0.0  # nothing but fillers is no answer
+    assert lenient_match("Joanne Harris", ["Joanne Michele Sylvie Harris"]) == 0.0
+
+
+def test_reward_lenient_is_the_papers_correctness_under_the_format_rules():
+    good, broken = " x </think> \\boxed{Chapter three}", " x \\boxed{Chapter three}"
+    assert reward(good, ["chapter 3"], ENV, "lenient") == 1.0 and reward(good, ["chapter 3"], ENV, "em") == 0.0
+    assert reward(broken, ["chapter 3"], ENV, "lenient") == 0.0  # no </think>: 0 as for em
+    with pytest.raises(ConfigError, match="rl.reward"):
+        reward(good, ["chapter 3"], ENV, "bleu")
 
 
 def test_reward_is_zero_for_broken_format_even_with_right_answer():
@@ -337,6 +354,20 @@ def test_observation_fits_the_token_budget():
     (obs,) = env(["q"])
     assert obs.startswith(ENV.obs_open) and obs.endswith(ENV.obs_close)
     assert len(obs[len(ENV.obs_open):-len(ENV.obs_close)].split()) == 20
+
+
+def test_number_results_numbers_the_passages_as_the_papers_observations():
+    tool = lambda qs, k: [["Ada was born in Lorn.", "Lorn is in Vell."] for _ in qs]  # noqa: E731
+    plain = tools.SearchEnv(tool, WordTokenizer(), EnvConfig())(["q"])
+    numbered = tools.SearchEnv(tool, WordTokenizer(), EnvConfig(number_results=True))(["q"])
+    assert plain == ["<search_result> Ada was born in Lorn.\nLorn is in Vell. </search_result>"]
+    assert numbered == ["<search_result> result 1: Ada was born in Lorn.\nresult 2: Lorn is in Vell. </search_result>"]
+    # a world model's body is already in the observation's shape: never numbered twice
+    body = "result 1: Ada was born in Lorn."
+    assert tools.format_observation([body], WordTokenizer(), EnvConfig(number_results=True), numbered=False) == \
+        f"<search_result> {body} </search_result>"
+    assert tools.format_observation([], WordTokenizer(), EnvConfig(number_results=True)) == \
+        "<search_result> no results </search_result>"
 
 
 # -----------------------------------------------------------------------------
