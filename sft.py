@@ -61,7 +61,8 @@ somewhere between 400 and 700 steps, seed by seed (at 32 a step, seed 1 after 60
 Departures from the paper: the tiny world's CoT data comes from a scripted teacher, not a reasoning model;
 sft1's pairs may have an empty prefix with real teachers (data.py); the DPO-style term has no beta and no
 reference model (the formula above, as in the paper's stage-1 loss).
-Not here: sequence packing (length bucketing instead), LoRA, evaluation by generation (eval.py).
+lora_rank > 0 trains LoRA adapters (peft, plumbing.add_lora) in fp32 on a frozen base in its compute dtype (bf16
+on GPU): one GPU at 7B. Not here: sequence packing (length bucketing instead), evaluation by generation (eval.py).
 """
 import contextlib
 import json
@@ -80,7 +81,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
                       load_checkpoint, log_line, plain_copy, print0, release_run, resume_checkpoint, save_checkpoint,
                       setup_dist, start_logging, truncate_log, wrap_model)
-from tools import ConfigError, build_prompt, cli, master_dtype, model_path, read_jsonl
+from plumbing import add_lora, base_dtype
+from tools import ConfigError, build_prompt, cli, model_path, read_jsonl
 
 
 @dataclass
@@ -114,13 +116,17 @@ class SFTConfig:
     bf16: bool = False  # bf16 compute, fp32 master weights (FSDP2 MixedPrecisionPolicy; needs parallel=fsdp)
     save_every: int = 100  # checkpoint every this many steps (0 = none before the end; the last step's is kept)
     keep_ckpts: int = 2  # newest checkpoints kept
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen base (plumbing.add_lora; one GPU at 7B);
+                        # the output folder holds them merged into the weights; 0 = every weight trains
+    lora_alpha: float = 32.0  # LoRA: the adapters' output is scaled by lora_alpha / lora_rank
 
     RANGES = {"cot_share": "[0, 1)", "alpha": "[0, inf)", "steps": "[0, inf)", "cot_steps": "[0, inf)",
               "sft1_steps": "[0, inf)", "sft2_steps": "[0, inf)", "sft3_steps": "[0, inf)", "batch_size": "[1, inf)",
               "device_batch_size": "[1, inf)", "lr": "(0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)",
               "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "bucket_batches": "[1, inf)", "max_len": "[2, inf)",
               "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
-              "pretrain_share": "[0, 1)", "pretrain_steps": "[0, inf)"}
+              "pretrain_share": "[0, 1)", "pretrain_steps": "[0, inf)",
+              "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
 
 
 STAGES = ("pretrain", "cot", "sft1", "sft2", "sft3")
@@ -435,8 +441,10 @@ def main(argv=None):
         holder = [init]
         dist.broadcast_object_list(holder)
         init = holder[0]
-    model, tokenizer = load_model(init, run, device=device, dtype=master_dtype(run))
+    model, tokenizer = load_model(init, run, device=device, dtype=base_dtype(run, device, sc.lora_rank))
     model.config.use_cache = False
+    if sc.lora_rank:  # fp32 adapters on the frozen base; plain_copy (step 4) merges them into the output folder
+        model = add_lora(model, sc.lora_rank, sc.lora_alpha)
     synth = os.path.join(run.data_dir, "synth")
     if sc.stage == "pretrain":
         examples = pretrain_examples(read_pretrain(sc.data or os.path.join(run.data_dir, "pretrain.jsonl")),
