@@ -157,7 +157,9 @@ class RLConfig:
     grad_checkpointing: bool = False  # recompute activations in backward (large models)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen base (plumbing.add_lora; one GPU at 7B);
                         # the KL's reference is the base with the adapters off; 0 = every weight trains
-    lora_alpha: float = 32.0  # LoRA: the adapters' output is scaled by lora_alpha / lora_rank
+    lora_alpha: float = 32.0  # LoRA: the adapters' output is scaled by lora_alpha / lora_rank; one alpha for every
+                              # rank keeps the best lr about the same across ranks ("LoRA Without Regret", which
+                              # also finds it ~10x full fine-tuning's lr)
     # bookkeeping
     save_every: int = 20  # steps between resumable checkpoints; 0 = only at the end
     keep_ckpts: int = 2  # newest checkpoints kept

@@ -118,7 +118,9 @@ class SFTConfig:
     keep_ckpts: int = 2  # newest checkpoints kept
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen base (plumbing.add_lora; one GPU at 7B);
                         # the output folder holds them merged into the weights; 0 = every weight trains
-    lora_alpha: float = 32.0  # LoRA: the adapters' output is scaled by lora_alpha / lora_rank
+    lora_alpha: float = 32.0  # LoRA: the adapters' output is scaled by lora_alpha / lora_rank; one alpha for every
+                              # rank keeps the best lr about the same across ranks ("LoRA Without Regret", which
+                              # also finds it ~10x full fine-tuning's lr)
 
     RANGES = {"cot_share": "[0, 1)", "alpha": "[0, inf)", "steps": "[0, inf)", "cot_steps": "[0, inf)",
               "sft1_steps": "[0, inf)", "sft2_steps": "[0, inf)", "sft3_steps": "[0, inf)", "batch_size": "[1, inf)",
