@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -173,7 +174,9 @@ def add_lora(model, rank, alpha):
     from peft import LoraConfig, get_peft_model
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0, bias="none",
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: a line per rank
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def base_dtype(run, device, lora_rank):
