@@ -3,6 +3,8 @@ plumbing.py -- what every trainer (sft.py, rl.py, worldmodel.py) and eval.py sha
 
   distributed setup   setup_dist (torchrun ranks, gloo on CPU / nccl on GPU), wrap_model (DDP, or FSDP2 with a
                       bf16 MixedPrecisionPolicy, on one process too), all_reduce / all_mean, print0, barrier
+  LoRA                add_lora (peft adapters on the decoder's linear projections), base_dtype, is_lora, hf_model,
+                      merge_lora (the output folder holds the merged weights)
   metric logs         log_line (one JSON line per step in <out>.metrics.jsonl, also to wandb or TensorBoard when
                       run.log asks), truncate_log (a resumed run rewrites what came after its checkpoint)
   checkpoints         save_checkpoint / load_checkpoint: <out>.ckpt/step_XXXXXX/ = HF weights + meta.json +
@@ -23,12 +25,14 @@ import json
 import os
 import random
 import shutil
+import sys
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tools import ConfigError, partial_write
+from tools import ConfigError, master_dtype, partial_write, pick_dtype
 
 
 # -----------------------------------------------------------------------------
@@ -90,7 +94,7 @@ def wrap_model(model, device, strategy="ddp", bf16=False):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         start_one_rank_group(device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for layer in unwrap(model).model.layers:
+        for layer in hf_model(model).model.layers:
             fully_shard(layer, mp_policy=mp)
         return fully_shard(model, mp_policy=mp)
     if not is_dist() or strategy == "none":
@@ -99,7 +103,7 @@ def wrap_model(model, device, strategy="ddp", bf16=False):
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
-        for layer in unwrap(model).model.layers:
+        for layer in hf_model(model).model.layers:
             fully_shard(layer)
         fully_shard(model)
         return model
@@ -135,18 +139,66 @@ def is_fsdp(model):
 
 def plain_copy(model, state_dict, device):
     """The HF model with whole, plain weights: the model itself, or under FSDP2 a copy holding state_dict (the
-    gathered weights of full_state_dict, in the master weights' dtype)."""
+    gathered weights of full_state_dict, in the master weights' dtype). A LoRA model comes back with its adapters
+    merged into the weights (peft's merge_and_unload, in place: call it when training is over), so its folder loads
+    with from_pretrained like any other."""
     if not is_fsdp(model):
-        return unwrap(model)
+        return merge_lora(unwrap(model))
     from transformers import AutoModelForCausalLM
-    copy = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(state_dict.values())).dtype)
+    copy = AutoModelForCausalLM.from_config(hf_model(model).config, dtype=next(iter(state_dict.values())).dtype)
+    if is_lora(model):  # the same adapters, so that the gathered state dict's names and shapes fit
+        from peft import get_peft_model
+        copy = get_peft_model(copy, unwrap(model).peft_config["default"])
     copy.load_state_dict(state_dict)
-    return copy.to(device)
+    return merge_lora(copy).to(device)
 
 
 def unwrap(model):
     """The HF model inside a DDP wrapper (FSDP2 shards in place: the model is itself)."""
     return model.module if isinstance(model, DDP) else model
+
+
+# -----------------------------------------------------------------------------
+# LoRA (peft, lora_rank > 0 in sft.py and rl.py): low-rank adapters on every linear projection of the decoder train,
+# the base stays frozen. So the base is held in its compute dtype (bf16 on GPU: half the bytes of fp32 masters) with
+# no gradients or AdamW state of its own, and rl.py's reference is the same model with the adapters off (no copy).
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def add_lora(model, rank, alpha):
+    """The HF model wrapped by peft with LoRA adapters of this rank on LORA_TARGETS; only they require grad.
+    Their output is scaled by alpha / rank; B starts at zero, so the model starts as the base exactly. No dropout:
+    it would make rl.py's ratio differ from 1 on policy. Adapters on a bf16 or fp16 base are kept in fp32 (peft's
+    autocast_adapter_dtype), as the fp32 masters of full fine-tuning are: small updates vanish in bf16 weights."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0, bias="none",
+                        task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: a line per rank
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
+
+
+def base_dtype(run, device, lora_rank):
+    """The dtype a trainer loads its model in: fp32 masters (tools.master_dtype) to fine-tune every weight; under
+    LoRA the frozen base's compute dtype (tools.pick_dtype: bf16 on GPU, fp32 on CPU), the adapters being fp32."""
+    return pick_dtype(run, device) if lora_rank else master_dtype(run)
+
+
+def is_lora(model):
+    """A peft model (add_lora). While peft is not imported, no model can be one: runs without LoRA never load it."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(unwrap(model), peft.PeftModel)
+
+
+def hf_model(model):
+    """The HF causal LM inside DDP and peft (peft puts its LoRA layers into it in place)."""
+    return unwrap(model).get_base_model() if is_lora(model) else unwrap(model)
+
+
+def merge_lora(model):
+    """A LoRA model's HF model with the adapters merged into its weights (in place); any other model as it is."""
+    return model.merge_and_unload() if is_lora(model) else model
 
 
 def all_reduce(values, op=None):

@@ -45,7 +45,9 @@ generate different lengths, so gathering per forward would leave them waiting on
 trains in fp32 weights (an RL learning rate like 7e-7 vanishes in bf16 weights); the reference is bf16 on GPU.
 bf16=true (with parallel=fsdp) is one path on 1 and N GPUs: FSDP2 wraps the model on one process too
 (plumbing.wrap_model starts a 1-rank group), so training computes in bf16 from fp32 masters and rollouts read the
-gathered bf16 weights.
+gathered bf16 weights. lora_rank > 0 (one GPU at 7B) trains LoRA adapters (peft, plumbing.add_lora) in fp32 on a
+frozen base held in its compute dtype (bf16 on GPU); the KL's reference is then the same model with its adapters
+off, not a second copy, and the output folder holds the adapters merged into the weights.
 
 Robustness. A NaN/inf loss or gradient skips that optimizer step (counted in `skipped`); max_bad_steps of them in
 a row stop the run with a message. A real search that fails (after env.retries, within env.timeout_s) gives the
@@ -83,6 +85,7 @@ Outputs: <run.dir>/<out>/ (HF folder), <run.dir>/<out>.ckpt/step_XXXXXX/ (resume
     torchrun --nproc_per_node 2 rl.py --config configs/tiny.yaml              # 2 CPU processes (gloo)
     torchrun --nproc_per_node 8 rl.py --config configs/qwen7b.yaml            # 8 GPUs, FSDP2 + bf16
     python rl.py --config configs/tiny.yaml run.device=cuda parallel=fsdp bf16=true   # 1 GPU, FSDP2 + bf16
+    python rl.py --config configs/tiny.yaml lora_rank=8 kl_coef=0.01                  # LoRA, reference = adapters off
 
 Not here: value functions (GRPO has none), vLLM or any separate inference engine (rollouts run on the training
 weights through rollout.py's KV cache), sequence packing, multi-node launch scripts.
@@ -106,6 +109,7 @@ from rollout import rollout
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
                       latest_checkpoint, load_checkpoint, log_line, print0, release_run, resume_checkpoint,
                       save_checkpoint, setup_dist, start_logging, truncate_log, unwrap, wrap_model)
+from plumbing import add_lora, base_dtype, is_lora, plain_copy
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, load_model, make_tool, master_dtype,
                    model_path, parse, reward, truncation_warning)
 
@@ -162,6 +166,11 @@ class RLConfig:
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per decoder layer)
     bf16: bool = False  # fsdp: bf16 parameters in forward/backward and rollouts; fp32 master weights, reductions
     grad_checkpointing: bool = False  # recompute activations in backward (large models)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen base (plumbing.add_lora; one GPU at 7B);
+                        # the KL's reference is the base with the adapters off; 0 = every weight trains
+    lora_alpha: float = 32.0  # LoRA: the adapters' output is scaled by lora_alpha / lora_rank; one alpha for every
+                              # rank keeps the best lr about the same across ranks ("LoRA Without Regret", which
+                              # also finds it ~10x full fine-tuning's lr)
     # bookkeeping
     save_every: int = 20  # steps between resumable checkpoints; 0 = only at the end
     keep_ckpts: int = 2  # newest checkpoints kept
@@ -175,7 +184,7 @@ class RLConfig:
               "updates_per_step": "[1, inf)", "micro_batch": "[1, inf)", "max_bad_steps": "[1, inf)",
               "sim_popular": "[0, inf)",
               "max_tool_failures": "[0, 1]", "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
-              "log_every": "[1, inf)"}
+              "log_every": "[1, inf)", "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
 
 
 # -----------------------------------------------------------------------------
@@ -439,12 +448,13 @@ def update(model, ref_model, optimizer, scheduler, micro_batches, rcfg, max_toke
         input_ids, attention, mask, old_logps, T = collate(eps, pad_id, device)
         if dummy:
             mask = torch.zeros_like(mask)
+        ref_logps = None
+        if rcfg.kl_coef:  # before the policy's forward: under LoRA the reference is the same model, adapters off
+            reference = unwrap(model) if ref_model is None else ref_model
+            with torch.no_grad(), reference.disable_adapter() if ref_model is None else contextlib.nullcontext():
+                ref_logps, _ = token_logps(reference, input_ids, attention, T, temperature=rcfg.temperature)
         # at the sampling temperature, as rollout.py records the old log-probs: the first ratio of a step is 1
         logps, entropy = token_logps(model, input_ids, attention, T, rcfg.entropy_coef > 0, rcfg.temperature)
-        ref_logps = None
-        if rcfg.kl_coef:
-            with torch.no_grad():
-                ref_logps, _ = token_logps(ref_model, input_ids, attention, T, temperature=rcfg.temperature)
         loss, s = grpo_loss(logps, old_logps, ref_logps, adv.to(device), mask, rcfg.eps_low, rcfg.eps_high,
                             rcfg.kl_coef, rcfg.loss_type, entropy, rcfg.entropy_coef, max_tokens, denominator)
         # DDP and FSDP2 average gradients over ranks; the loss is already normalised globally, so undo the mean
@@ -476,14 +486,18 @@ def update(model, ref_model, optimizer, scheduler, micro_batches, rcfg, max_toke
 
 def build_models(rcfg, run, device, init):
     """(policy, reference or None, tokenizer). The policy trains in float32 (an RL learning rate of 1e-6 vanishes
-    in bf16 weights); FSDP2 with rl.bf16 computes in bf16 with fp32 master weights and gradient reductions."""
+    in bf16 weights); FSDP2 with rl.bf16 computes in bf16 with fp32 master weights and gradient reductions.
+    LoRA (rl.lora_rank): fp32 adapters on a frozen base in its compute dtype, and no reference model: the KL's
+    reference is the policy with its adapters off (update), which is the start model exactly."""
     train_dtype = master_dtype(run)
-    model, tokenizer = load_model(init, run, device=device, dtype=train_dtype)
+    model, tokenizer = load_model(init, run, device=device, dtype=base_dtype(run, device, rcfg.lora_rank))
     if rcfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if rcfg.lora_rank:
+        model = add_lora(model, rcfg.lora_rank, rcfg.lora_alpha)
     ref = None
-    if rcfg.kl_coef:  # frozen copy of the start; with kl_coef 0 it is never loaded
+    if rcfg.kl_coef and not rcfg.lora_rank:  # frozen copy of the start; with kl_coef 0 it is never loaded
         ref_dtype = torch.bfloat16 if (rcfg.bf16 or device.type == "cuda") and run.dtype == "auto" else train_dtype
         ref, _ = load_model(init, run, device=device, dtype=ref_dtype)
         ref.eval().requires_grad_(False)
@@ -546,9 +560,12 @@ def evaluate(model, tokenizer, rows, cfg, environment, rank, world_size):
 
 
 def save_final(model, tokenizer, out_dir, rank):
-    """The trained policy as an HF folder (full weights gathered from FSDP2 shards), written atomically."""
+    """The trained policy as an HF folder (full weights gathered from FSDP2 shards), written atomically; under LoRA
+    the adapters merged into the weights, on the CPU (a second copy of a 7B model would not fit beside the first)."""
     state_dict = full_state_dict(model)
-    if rank == 0:
+    if rank == 0 and is_lora(model):
+        save_atomic(out_dir, plain_copy(model, state_dict, torch.device("cpu")), tokenizer)
+    elif rank == 0:
         class Weights:  # save_atomic calls save_pretrained on each object it is given
             def save_pretrained(self, path):
                 unwrap(model).save_pretrained(path, state_dict=state_dict)

@@ -64,7 +64,8 @@ somewhere between 400 and 700 steps, seed by seed (at 32 a step, seed 1 after 60
 Departures from the paper: the tiny world's CoT data comes from a scripted teacher, not a reasoning model;
 sft1's pairs may have an empty prefix with real teachers (data.py); the DPO-style term has no beta and no
 reference model (the formula above, as in the paper's stage-1 loss).
-Not here: sequence packing (length bucketing instead), evaluation by generation (eval.py).
+lora_rank > 0 trains LoRA adapters (peft, plumbing.add_lora) in fp32 on a frozen base in its compute dtype (bf16
+on GPU): one GPU at 7B. Not here: sequence packing (length bucketing instead), evaluation by generation (eval.py).
 """
 import contextlib
 import json
@@ -83,7 +84,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
                       load_checkpoint, log_line, plain_copy, print0, release_run, resume_checkpoint, save_checkpoint,
                       setup_dist, start_logging, truncate_log, unwrap, wrap_model)
-from tools import ConfigError, build_prompt, cli, master_dtype, model_path, read_jsonl
+from plumbing import add_lora, base_dtype
+from tools import ConfigError, build_prompt, cli, model_path, read_jsonl
 
 
 @dataclass
@@ -121,6 +123,11 @@ class SFTConfig:
     grad_checkpointing: bool = False  # recompute activations in backward: long trajectories of large models
     save_every: int = 100  # checkpoint every this many steps (0 = none before the end; the last step's is kept)
     keep_ckpts: int = 2  # newest checkpoints kept
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen base (plumbing.add_lora; one GPU at 7B);
+                        # the output folder holds them merged into the weights; 0 = every weight trains
+    lora_alpha: float = 32.0  # LoRA: the adapters' output is scaled by lora_alpha / lora_rank; one alpha for every
+                              # rank keeps the best lr about the same across ranks ("LoRA Without Regret", which
+                              # also finds it ~10x full fine-tuning's lr)
 
     RANGES = {"cot_share": "[0, 1)", "alpha": "[0, inf)", "steps": "[-1, inf)", "epochs": "[0, inf)",
               "cot_steps": "[0, inf)",
@@ -128,7 +135,8 @@ class SFTConfig:
               "device_batch_size": "[1, inf)", "lr": "(0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)",
               "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "bucket_batches": "[1, inf)", "max_len": "[2, inf)",
               "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
-              "pretrain_share": "[0, 1)", "pretrain_steps": "[0, inf)"}
+              "pretrain_share": "[0, 1)", "pretrain_steps": "[0, inf)",
+              "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
 
 
 STAGES = ("pretrain", "cot", "sft1", "sft2", "sft3")
@@ -506,10 +514,12 @@ def main(argv=None):
     torch.manual_seed(run.seed)
 
     # 2) model and optimizer
-    model, _ = load_model(init, run, device=device, dtype=master_dtype(run))
+    model, _ = load_model(init, run, device=device, dtype=base_dtype(run, device, sc.lora_rank))
     model.config.use_cache = False
     if sc.grad_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if sc.lora_rank:  # fp32 adapters on the frozen base; plain_copy (step 5) merges them into the output folder
+        model = add_lora(model, sc.lora_rank, sc.lora_alpha)
     ddp_model = wrap_model(model, device, sc.parallel, sc.bf16)
     optimizer = torch.optim.AdamW(ddp_model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, sc, steps))
