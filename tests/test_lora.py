@@ -122,11 +122,11 @@ def test_sft2_with_lora_lowers_the_loss_of_smollm2(smol_path, tiny_root, tiny_sy
     """3 steps on the same 2 CoA rows (one batch an epoch): SmolLM2-135M with rank-8 adapters fits them."""
     data = tmp_path / "two.jsonl"
     with open(os.path.join(tiny_synth[0], "train.jsonl")) as f:
-        rows = [line for line in f if json.loads(line)["type"] == "coa"][:2]
+        rows = sorted((line for line in f if json.loads(line)["type"] == "coa"), key=len)[:2]  # the shortest
     data.write_text("".join(rows))
     sft.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.data_dir={tiny_root}/data",
               f"run.runs_dir={tmp_path}", "run.name=t", "run.device=cpu", f"init={smol_path}", f"data={data}",
-              "stage=sft2", "steps=3", "batch_size=2", "device_batch_size=2", "max_len=160", "lr=1e-3",
+              "stage=sft2", "steps=3", "batch_size=2", "device_batch_size=2", "max_len=512", "lr=1e-3",
               "warmup_steps=0", "heldout=none", "save_every=0", "lora_rank=8", "lora_alpha=16"])
     with open(tmp_path / "t" / "sft2.metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
