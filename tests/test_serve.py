@@ -6,6 +6,7 @@ by rollout.py and by eval.py, next to the same BM25 index used in-process.
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +34,7 @@ def start_server(corpus, *extra, timeout_s=60):
         except queue.Empty:
             continue
         if "http://" in seen[-1]:
+            proc.lines = lines  # what the server prints later (its stderr too), for the tests that read it
             return proc, seen[-1].split()[-1]
     proc.kill()
     raise RuntimeError(f"server did not start within {timeout_s}s: {''.join(seen)}")
@@ -45,6 +47,33 @@ def stop_server(proc):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def port_of(url):
+    return int(url.split(":")[2].split("/")[0])
+
+
+def trickle(port, clients, every_s, stop):
+    """`clients` slow clients of 127.0.0.1:port, each sending one byte of an endless request head every `every_s`
+    until `stop` is set; a client the server closes connects again. Returns how many connections were made; every
+    socket is closed at the end."""
+    head = b"POST /retrieve HTTP/1.1\r\n" + b"X-Slow: 1\r\n" * 100000
+    conns = [[socket.create_connection(("127.0.0.1", port), timeout=5), 0] for _ in range(clients)]
+    made = clients
+    try:
+        while not stop.wait(every_s):
+            for conn in conns:
+                try:
+                    conn[0].send(head[conn[1]:conn[1] + 1])
+                    conn[1] += 1
+                except OSError:  # closed by the server: a slow client comes back
+                    conn[0].close()
+                    conn[0], conn[1] = socket.create_connection(("127.0.0.1", port), timeout=5), 0
+                    made += 1
+    finally:
+        for conn in conns:
+            conn[0].close()
+    return made
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +141,46 @@ def test_unknown_paths_are_404(server):
 
 
 def test_many_concurrent_clients_get_their_own_answers(server, corpus):
+    """Requests that arrive together are searched in one retriever call (Batcher): each gets its own rows, at its
+    own topk, the same as the query alone."""
     local = tools.BM25Search(corpus)
-    batches = [[f"{q} {i}" for q in QUERIES[:3]] for i in range(48)]
+    batches = [[f"{q} {i}" for q in QUERIES[:1 + i % 3]] for i in range(48)]
     with ThreadPoolExecutor(16) as pool:  # 16 clients, each with its own connection, 48 requests in flight
-        answers = list(pool.map(lambda qs: tools.HTTPSearch(server, timeout_s=10, retries=0)(qs, k=2), batches))
-    assert answers == [local(qs, k=2) for qs in batches]
+        answers = list(pool.map(lambda i: tools.HTTPSearch(server, timeout_s=10, retries=0)(batches[i], k=1 + i % 3),
+                                range(48)))
+    assert answers == [local(qs, k=1 + i % 3) for i, qs in enumerate(batches)]
+
+
+def test_requests_that_wait_are_searched_together_and_split_back():
+    release, calls = threading.Event(), []
+
+    def search(queries, k):
+        calls.append((list(queries), k))
+        release.wait(5)  # the first call holds the retriever while the others queue
+        return [[len(q)] for q in queries], [[float(k)] for _ in queries]
+    for max_batch, want_calls in ((512, 3), (1, 5)):  # 1: one request a call, as behind a lock
+        batcher, release, calls = tools.Batcher(search, max_batch), threading.Event(), []
+        with ThreadPoolExecutor(5) as pool:
+            first = pool.submit(batcher, ["a"], 2)
+            time.sleep(0.2)
+            rest = [pool.submit(batcher, ["b" * n, "c"], 2 if n < 4 else 3) for n in range(1, 5)]
+            time.sleep(0.2)
+            release.set()
+            assert first.result() == ([[1]], [[2.0]])
+            assert [r.result() for r in rest] == [([[n], [1]], [[k], [k]]) for n, k in ((1, 2.), (2, 2.), (3, 2.),
+                                                                                         (4, 3.))]
+        assert len(calls) == want_calls  # 512: the first, then the waiting ones in one call per topk
+
+
+def test_a_retrieval_failure_is_a_500_for_its_call_and_the_batcher_lives_on():
+    def search(queries, k):
+        if "boom" in queries:
+            raise RuntimeError("encoder failed")
+        return [[0] for _ in queries], [[1.0] for _ in queries]
+    batcher = tools.Batcher(search)
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        batcher(["boom"], 1)
+    assert batcher(["fine"], 1) == ([[0]], [[1.0]])
 
 
 def test_a_burst_of_clients_on_few_workers_gets_every_answer_and_no_reset(corpus):
@@ -143,19 +207,77 @@ def test_a_burst_of_clients_on_few_workers_gets_every_answer_and_no_reset(corpus
     assert len(answers) == 300 and all(got == local(queries, k=2)[0] for queries, got in answers)
 
 
-def test_a_client_that_stalls_mid_body_is_cut_off_and_frees_its_worker(corpus):
-    import socket
+def test_a_client_that_stalls_mid_body_holds_no_worker_and_is_cut_off_at_its_deadline(corpus):
     proc, url = start_server(corpus, "--workers", "1", "--timeout_s", "1")
-    port = int(url.split(":")[2].split("/")[0])
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
-            stalled.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"queries\": ")
+        with socket.create_connection(("127.0.0.1", port_of(url)), timeout=10) as stalled:
             t0 = time.time()
+            stalled.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"queries\": ")
             reply = requests.post(url, json={"queries": ["Ada Brun"], "topk": 1}, timeout=10)  # the one worker
-            assert reply.status_code == 200 and 0.8 < time.time() - t0 < 3  # waited for the stalled one's timeout
-            assert stalled.recv(100) == b""  # closed by the server, nothing sent
+            assert reply.status_code == 200 and time.time() - t0 < 0.8  # answered at once, not after the timeout
+            assert stalled.recv(100) == b"" and 0.8 < time.time() - t0 < 3  # closed at its deadline, nothing sent
+        assert requests.get(url.replace("/retrieve", "/health"), timeout=5).json()["cut"] == 1
     finally:
         stop_server(proc)
+
+
+def test_slow_clients_more_than_the_workers_do_not_starve_a_normal_client(corpus):
+    """40 clients each send one byte every 0.5 s to a server of 4 workers: each one's deadline (2 s) cuts it off,
+    it comes back, and meanwhile a normal client gets every answer, each within 2 s."""
+    proc, url = start_server(corpus, "--workers", "4", "--timeout_s", "2")
+    stop, made = threading.Event(), []
+    slow = threading.Thread(target=lambda: made.append(trickle(port_of(url), 40, 0.5, stop)))
+    slow.start()
+    try:
+        time.sleep(1.0)  # every slow client connected and sending
+        client, latencies = tools.HTTPSearch(url, timeout_s=2, retries=0), []
+        for i in range(8):
+            t0 = time.time()
+            assert client([f"{QUERIES[i % 3]} {i}"], k=1)
+            latencies.append(time.time() - t0)
+            time.sleep(0.4)
+    finally:
+        stop.set()
+        slow.join()
+        stop_server(proc)
+    assert max(latencies) < 2 and made[0] > 40  # answered throughout, and the slow clients were cut and came back
+
+
+def test_negative_content_length_is_a_400_that_says_so(server):
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
+        sock.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+        reply = sock.makefile("rb").read().decode()
+    assert reply.startswith("HTTP/1.1 400") and "a Content-Length from 0 to" in reply
+
+
+def test_a_busy_port_is_one_line_and_exit_status_1(server, corpus):
+    r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", corpus, "--port", str(port_of(server))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot listen on 127.0.0.1" in r.stderr and "address already in use" in r.stderr.lower()
+
+
+def test_clients_that_hang_up_before_their_reply_leave_no_traceback(corpus):
+    """Clients send a whole request and reset the connection at once (a killed rollout), while the one worker is
+    busy: no traceback on the server's console, and it answers the next client."""
+    proc, url = start_server(corpus, "--workers", "1", "--timeout_s", "1")
+    body = json.dumps({"queries": ["Ada Brun born"] * 200, "topk": 3}).encode()
+    request = b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    try:
+        with socket.create_connection(("127.0.0.1", port_of(url)), timeout=10) as stalled:
+            stalled.sendall(request[:30])  # on a pool that reads in its workers, this holds the one worker
+            for _ in range(20):
+                with socket.create_connection(("127.0.0.1", port_of(url)), timeout=10) as gone:
+                    gone.sendall(request)
+                    gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # close = reset
+            time.sleep(1.5)
+        assert requests.post(url, json={"queries": ["Ada Brun"], "topk": 1}, timeout=10).status_code == 200
+    finally:
+        stop_server(proc)
+    output = []
+    while not proc.lines.empty():
+        output.append(proc.lines.get())
+    assert not any("Traceback" in line or "Error" in line for line in output), "".join(output)
 
 
 def test_missing_corpus_and_dense_without_faiss_fail_in_one_line(tmp_path, corpus):
