@@ -993,21 +993,22 @@ class DenseSearch:
         from transformers import AutoModel, AutoTokenizer
         self.torch, self.device, self.batch_size = torch, device, batch_size
         self.docs = read_corpus(corpus_path)
+        path = index_path or f"{corpus_path}.{os.path.basename(model_name.rstrip('/'))}.faiss"
+        built = index_path or (os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(corpus_path))
+        if built:
+            self.index = faiss.read_index(path)
+            if self.index.ntotal != len(self.docs):  # vector i is row i: another corpus's index answers garbage
+                raise ConfigError(f"serve: index {path} holds {self.index.ntotal} vectors, corpus {corpus_path} "
+                                  f"{len(self.docs)} rows: they must come from the same corpus")
         self.tokenizer = AutoTokenizer.from_pretrained(model_name)
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
         self.model = AutoModel.from_pretrained(model_name, dtype=dtype).to(device).eval()
-        path = index_path or f"{corpus_path}.{os.path.basename(model_name.rstrip('/'))}.faiss"
-        if index_path or (os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(corpus_path)):
-            self.index = faiss.read_index(path)
-        else:
+        if not built:
             vectors = self.encode(["passage: " + d["contents"] for d in self.docs])
             self.index = faiss.IndexFlatIP(vectors.shape[1])
             self.index.add(vectors)
             faiss.write_index(self.index, path + ".tmp")
             os.replace(path + ".tmp", path)
-        if self.index.ntotal != len(self.docs):  # a row's index number is its document: a mismatch answers garbage
-            raise ConfigError(f"serve: index {path} holds {self.index.ntotal} vectors, corpus {corpus_path} "
-                              f"{len(self.docs)} rows: they must come from the same corpus")
         self.faiss_gpus = faiss.get_num_gpus() if str(device).startswith("cuda") else 0  # faiss-cpu: 0
         if self.faiss_gpus:
             options = faiss.GpuMultipleClonerOptions()

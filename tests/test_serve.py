@@ -359,3 +359,30 @@ def test_dense_server_answers_like_the_in_process_dense_index(encoder, corpus, t
                [[docs[i]["id"] for i in row] for row in idx]
     finally:
         stop_server(proc)
+
+
+def test_a_prebuilt_index_is_served_as_is_and_one_of_another_corpus_is_one_line(encoder, corpus, tmp_path):
+    """--index (Search-R1's e5_Flat.index for wiki-18.jsonl): the server searches that file and encodes no passage
+    (it writes no cache of its own); an index whose size is not the corpus's stops the server in one line."""
+    docs = tools.read_corpus(corpus)[:30]
+    small = str(tmp_path / "wiki-18.jsonl")
+    with open(small, "w") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    local = tools.DenseSearch(small, encoder)
+    prebuilt = str(tmp_path / "e5_Flat.index")
+    os.replace(f"{small}.{os.path.basename(encoder)}.faiss", prebuilt)
+    texts = [d["contents"] for d in docs[:5]]
+    proc, url = start_server(small, "--retriever", "e5", "--model", encoder, "--index", prebuilt)
+    try:
+        reply = requests.post(url, json={"queries": texts, "topk": 2}, timeout=30).json()
+        assert [[hit["id"] for hit in row] for row in reply["result"]] == \
+               [[docs[i]["id"] for i in row] for row in local.search(texts, 2)[0]]
+    finally:
+        stop_server(proc)
+    assert sorted(os.listdir(tmp_path)) == ["e5_Flat.index", "wiki-18.jsonl"]  # no cache encoded beside it
+    with open(small, "w") as f:  # the corpus changed under the index
+        f.writelines(json.dumps(d) + "\n" for d in docs[:20])
+    r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", small, "--retriever", "e5", "--model", encoder,
+                        "--index", prebuilt, "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "holds 30 vectors" in r.stderr and "20 rows" in r.stderr
