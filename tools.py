@@ -975,10 +975,12 @@ def load_model(path, run=None, device=None, dtype=None):
 # that send slowly or not at all hold no worker; one deadline, --timeout_s from a connection's opening or its
 # previous reply, closes a connection whose request is not complete by then ("cut"). --workers threads answer
 # complete requests; a client gone before its reply is counted ("dropped"), never a traceback.
-# Retrieval: one thread calls the retriever, and the requests that queue meanwhile are searched together in its next
-# call (--max_batch queries at most), so no request waits behind the others one at a time, and one call over many
-# queries costs less than as many calls (an encoder runs one forward over them: what a GPU wants). One caller also
-# means no retriever has to be safe across threads. --max_batch 1: one request a call, as a lock would do.
+# Retrieval, with no lock: bm25 is called from the workers at once (bm25s only reads its index: the same answers
+# from 8 threads as alone, and a batch of queries costs bm25s no less per query than one). e5 goes through a Batcher:
+# one thread calls the retriever, and the requests that queue meanwhile are searched together in its next call
+# (--max_batch queries at most): one encoder forward and one pass of faiss over the index for all of them, what a
+# GPU wants, and what an exact (Flat) index on the CPU needs (each search reads every vector). --max_batch 1: one
+# request a call, in order of arrival; 0: the workers call the retriever directly.
 # A body over --max_bytes is refused with 413, anything malformed with 400 and a JSON {"error"}; a failure inside
 # retrieval is a 500 with its message (for every request searched in that call), and the server keeps serving.
 # Not here: reranking, HNSW/IVF indexes, chunked request bodies, Expect: 100-continue (answered only once the body
@@ -1313,13 +1315,14 @@ def serve(argv=None):
     ap.add_argument("--device", default="cpu", help="encoder device for --retriever e5 (cuda: faiss-gpu too)")
     ap.add_argument("--max_bytes", type=int, default=1 << 20, help="largest request body (bigger: 413)")
     ap.add_argument("--workers", type=int, default=32, help="threads answering whole requests")
-    ap.add_argument("--max_batch", type=int, default=512, help="most queries searched in one retriever call")
+    ap.add_argument("--max_batch", type=int, default=None, help="most queries searched in one retriever call, "
+                    "for the requests that wait (0: each worker calls the retriever; default: 0 for bm25, 512 for e5)")
     ap.add_argument("--timeout_s", type=float, default=30.0,
                     help="a request not whole this long after its connection opened (or its previous reply) "
                          "is closed; also the bound on sending a reply")
     args = ap.parse_args(argv)
-    if min(args.workers, args.max_bytes, args.max_batch) < 1 or args.timeout_s <= 0:
-        raise ConfigError("serve: --workers, --max_bytes and --max_batch must be >= 1, --timeout_s > 0")
+    if min(args.workers, args.max_bytes) < 1 or (args.max_batch or 0) < 0 or args.timeout_s <= 0:
+        raise ConfigError("serve: --workers and --max_bytes must be >= 1, --max_batch >= 0, --timeout_s > 0")
     if not os.path.exists(args.corpus):
         raise ConfigError(f"serve: no corpus file {args.corpus!r}")
     if args.index and not os.path.isfile(args.index):
@@ -1336,7 +1339,9 @@ def serve(argv=None):
             raise ConfigError(f"serve: --retriever e5 needs faiss and transformers ({e}); pip install faiss-cpu")
         size = tool.index.ntotal * tool.index.d * 4
         where = f", faiss on {tool.faiss_gpus} GPU(s)" if tool.faiss_gpus else ", faiss on the CPU"
-    server.handler = make_handler(Batcher(tool.search, args.max_batch), tool.docs, args.retriever, args.max_bytes)
+    max_batch = args.max_batch if args.max_batch is not None else 512 if args.retriever == "e5" else 0
+    retriever = Batcher(tool.search, max_batch) if max_batch else tool.search
+    server.handler = make_handler(retriever, tool.docs, args.retriever, args.max_bytes)
     host, port = server.server_address[:2]
     print(f"serve: {args.retriever} over {len(tool.docs)} docs, index {size / 2**20:.1f} MiB{where}, "
           f"ready in {time.time() - t0:.1f}s", flush=True)

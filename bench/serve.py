@@ -18,10 +18,10 @@ What is timed:
             client sends one query every `normal_every_s` through tools.HTTPSearch (deadline 10 s, no retry): how
             many it got answered, how many within 2 s, its p50/max latency. The target: all, each within 2 s. Every
             slow socket is closed at the end.
-  lock      the `server` load again, on a second server started with --max_batch 1 (one request per retriever call:
-            what the global lock did), and both servers under RL's shape: `ranks` (8) clients each sending requests
-            of `rank_queries` (48 prompts x 5 samples / 8 ranks = 30) queries: queries/s and p99 of each, batched vs
-            one request a call.
+  lock      the `server` load, and RL's shape: `ranks` (8) clients each sending requests of `rank_queries` (48
+            prompts x 5 samples / 8 ranks = 30) queries, each on three servers: the default (no lock: the workers
+            call BM25 at once), --max_batch 512 (requests that wait are searched in one call, as e5 does) and
+            --max_batch 1 (one request a call, in order: serial, as behind the old lock): queries/s, p50 and p99.
 Queries are corpus titles with a word of their first sentence (every one has hits). Server and clients share the
 machine: pin both with taskset to compare runs.
 
@@ -67,7 +67,7 @@ class Args:
     slow_every_s: float = 5.0  # seconds between a slow client's bytes
     slow_s: float = 40.0  # length of the slow phase: past the server's 30 s deadline, so slow clients come back
     normal_every_s: float = 0.5  # seconds between the normal client's queries during the slow phase
-    lock: int = 1  # 1: compare against a server with --max_batch 1 (one request per retriever call, as a lock)
+    lock: int = 1  # 1: the lock phase (two more servers: --max_batch 512 and --max_batch 1)
     ranks: int = 8  # the lock phase's RL shape: clients, as the ranks of torchrun ...
     rank_queries: int = 30  # ... each sending this many queries a request (48 prompts x 5 samples / 8 ranks)
 
@@ -178,15 +178,15 @@ def slow_phase(url, args, queries):
     return latencies, made[0]
 
 
-def compare_lock(url, lock_url, args, docs):
-    """queries/s and p99 of the batching server and of one request per call (lock_url), under the `server` load and
-    under RL's shape (ranks x rank_queries, 10 requests a rank)."""
+def compare_lock(urls, args, docs):
+    """queries/s, p50 and p99 of each server in `urls` ({name: url}), under the `server` load and under RL's shape
+    (ranks x rank_queries, 10 requests a rank)."""
     out = {}
     for shape, clients, batch, n in (("server", args["clients"], args["batch"], args["requests"]),
                                      ("ranks", args["ranks"], args["rank_queries"], 10 * args["ranks"])):
         queries = make_queries(docs, n * batch, args["seed"] + 3)
         batches = [queries[i:i + batch] for i in range(0, len(queries), batch)]
-        for name, where in (("batched", url), ("lock", lock_url)):
+        for name, where in urls.items():
             latencies, wall_s, answered = load(where, batches, clients, args["topk"], args["time_limit_s"])
             out[f"{shape}_{name}"] = {"clients": clients, "batch": batch, "queries_per_s": answered / wall_s,
                                       "p50_ms": 1000 * percentile(latencies, 50),
@@ -218,18 +218,19 @@ def main(argv=None):
     n_burst = args["burst_clients"] * args["burst_requests"]
     burst_queries = make_queries(docs, n_burst, args["seed"] + 1)
     proc, url = start_server(args["corpus"])
-    lock_proc, lock_url = start_server(args["corpus"], "--max_batch", "1") if args["lock"] else (None, None)
+    modes = (("batched", "512"), ("serial", "1")) if args["lock"] else ()
+    others = {name: start_server(args["corpus"], "--max_batch", n) for name, n in modes}
     slow_queries = make_queries(docs, int(args["slow_s"] / args["normal_every_s"]) + 1, args["seed"] + 2)
     try:
         latencies, wall_s, answered = load(url, batches, args["clients"], args["topk"], args["time_limit_s"])
         b = burst(url, burst_queries, args["burst_clients"], args["burst_requests"], args["topk"],
                   args["time_limit_s"], bool(args["burst_keepalive"])) if n_burst else None
         slow, made = slow_phase(url, args, slow_queries) if args["slow_clients"] else (None, 0)
-        lock = compare_lock(url, lock_url, args, docs) if args["lock"] else None
+        lock = compare_lock({"direct": url, **{name: u for name, (_, u) in others.items()}}, args, docs) \
+            if args["lock"] else None
     finally:
-        stop_server(proc)
-        if lock_proc:
-            stop_server(lock_proc)
+        for p in [proc] + [p for p, _ in others.values()]:
+            stop_server(p)
     result = {"bench": "serve", "corpus": args["corpus"], "docs": len(docs), "index_build_s": build_s,
               "clients": args["clients"], "batch": args["batch"], "topk": args["topk"], "requests": len(latencies),
               "queries_per_s": answered / wall_s, "p50_ms": 1000 * percentile(latencies, 50),

@@ -140,14 +140,20 @@ def test_unknown_paths_are_404(server):
     assert requests.post(server.replace("/retrieve", "/search"), json={}, timeout=5).status_code == 404
 
 
-def test_many_concurrent_clients_get_their_own_answers(server, corpus):
-    """Requests that arrive together are searched in one retriever call (Batcher): each gets its own rows, at its
-    own topk, the same as the query alone."""
+@pytest.mark.parametrize("max_batch", [None, "64"])
+def test_many_concurrent_clients_get_their_own_answers(server, corpus, max_batch):
+    """The workers call BM25 at once (the default), or the requests that wait are searched in one call (--max_batch,
+    e5's default): either way each request gets its own rows, at its own topk, the same as its queries alone."""
     local = tools.BM25Search(corpus)
+    proc, url = start_server(corpus, "--max_batch", max_batch) if max_batch else (None, server)
     batches = [[f"{q} {i}" for q in QUERIES[:1 + i % 3]] for i in range(48)]
-    with ThreadPoolExecutor(16) as pool:  # 16 clients, each with its own connection, 48 requests in flight
-        answers = list(pool.map(lambda i: tools.HTTPSearch(server, timeout_s=10, retries=0)(batches[i], k=1 + i % 3),
-                                range(48)))
+    try:
+        with ThreadPoolExecutor(16) as pool:  # 16 clients, each with its own connection, 48 requests in flight
+            answers = list(pool.map(lambda i: tools.HTTPSearch(url, timeout_s=10, retries=0)(batches[i], k=1 + i % 3),
+                                    range(48)))
+    finally:
+        if proc:
+            stop_server(proc)
     assert answers == [local(qs, k=1 + i % 3) for i, qs in enumerate(batches)]
 
 
