@@ -1167,12 +1167,12 @@ def request_size(data, max_bytes, max_head=1 << 16):
     """Bytes of the first whole request in `data` (headers and body), or None while it is incomplete. A request
     whose headers outgrow max_head, or whose Content-Length is not one from 0 to max_bytes, is whole at the end of
     its headers: the handler refuses it without its body."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
+    blank = re.search(rb"\r?\n\r?\n", data)  # the blank line after the headers (http.server takes bare LFs too)
+    if not blank:
         return len(data) if len(data) > max_head else None
-    found = re.search(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*\r\n", data[:end + 2], re.IGNORECASE)
+    found = re.search(rb"\ncontent-length:[ \t]*([0-9]+)[ \t]*\r?\n", data[:blank.end()], re.IGNORECASE)
     size = int(found.group(1)) if found and int(found.group(1)) <= max_bytes else 0
-    return end + 4 + size if len(data) >= end + 4 + size else None
+    return blank.end() + size if len(data) >= blank.end() + size else None
 
 
 class PoolServer:

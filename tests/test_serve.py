@@ -249,6 +249,18 @@ def test_slow_clients_more_than_the_workers_do_not_starve_a_normal_client(corpus
     assert max(latencies) < 2 and made[0] > 40  # answered throughout, and the slow clients were cut and came back
 
 
+@pytest.mark.parametrize("data, size", [
+    (b"POST /retrieve HTTP/1.1\r\nContent-Length: 3\r\n\r\nab", None),  # the body is not all in: wait
+    (b"POST /retrieve HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET", 49),  # whole; the rest is the next request's
+    (b"POST /retrieve HTTP/1.1\ncontent-length: 3\n\nabc", 46),  # bare line feeds, as http.server reads them
+    (b"POST /retrieve HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 47),  # refused at the end of its headers ...
+    (b"POST /retrieve HTTP/1.1\r\nContent-Length: 99\r\n\r\n", 47),  # ... as is a body over max_bytes
+    (b"POST /retrieve HTTP/1.1\r\nHost: x", None),
+])
+def test_a_request_is_whole_when_its_headers_and_body_are_in(data, size):
+    assert tools.request_size(data, max_bytes=10) == size
+
+
 def test_negative_content_length_is_a_400_that_says_so(server):
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
         sock.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
