@@ -1361,7 +1361,8 @@ def listen(args):
     except OSError as e:
         import errno
         hint = " (another server? pick another --port, or 0 for any free one)" if e.errno == errno.EADDRINUSE else ""
-        raise RunError(f"serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}{hint}")
+        cause = os.strerror(e.errno) if (e.errno or 0) > 0 else "the host name does not resolve"  # < 0: getaddrinfo
+        raise RunError(f"serve: cannot listen on {args.host}:{args.port}: {cause}{hint}")
 
 
 def _dir_bytes(path):
