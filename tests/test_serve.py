@@ -375,6 +375,10 @@ def test_dense_server_answers_like_the_in_process_dense_index(encoder, corpus, t
         reply = requests.post(url, json={"queries": texts, "topk": 3, "return_scores": True}, timeout=30).json()
         assert [[hit["document"]["id"] for hit in row] for row in reply["result"]] == \
                [[docs[i]["id"] for i in row] for row in idx]
+        with ThreadPoolExecutor(10) as pool:  # one query a request, at once: batched by the server, split back
+            alone = list(pool.map(lambda t: requests.post(url, json={"queries": [t], "topk": 3}, timeout=30), texts))
+        assert [[hit["id"] for hit in r.json()["result"][0]] for r in alone] == [[docs[i]["id"] for i in row]
+                                                                                 for row in idx]
     finally:
         stop_server(proc)
 
