@@ -979,8 +979,9 @@ def load_model(path, run=None, device=None, dtype=None):
 # from 8 threads as alone, and a batch of queries costs bm25s no less per query than one). e5 goes through a Batcher:
 # one thread calls the retriever, and the requests that queue meanwhile are searched together in its next call
 # (--max_batch queries at most): one encoder forward and one pass of faiss over the index for all of them, what a
-# GPU wants, and what an exact (Flat) index on the CPU needs (each search reads every vector). --max_batch 1: one
-# request a call, in order of arrival; 0: the workers call the retriever directly.
+# GPU wants, and what an exact (Flat) index on the CPU needs (each search reads every vector); faiss's GPU indexes
+# also take one calling thread only (faiss's wiki, "Threads and asynchronous calls"), so e5 on cuda refuses 0.
+# --max_batch 1: one request a call, in order of arrival; 0: the workers call the retriever directly.
 # A body over --max_bytes is refused with 413, anything malformed with 400 and a JSON {"error"}; a failure inside
 # retrieval is a 500 with its message (for every request searched in that call), and the server keeps serving.
 # Not here: reranking, HNSW/IVF indexes, chunked request bodies, Expect: 100-continue (answered only once the body
@@ -1327,6 +1328,9 @@ def serve(argv=None):
         raise ConfigError(f"serve: no corpus file {args.corpus!r}")
     if args.index and not os.path.isfile(args.index):
         raise ConfigError(f"serve: no index file {args.index!r}")
+    max_batch = args.max_batch if args.max_batch is not None else 512 if args.retriever == "e5" else 0
+    if args.retriever == "e5" and args.device.startswith("cuda") and max_batch == 0:
+        raise ConfigError("serve: --retriever e5 on cuda needs --max_batch >= 1 (one thread calls the GPU)")
     t0 = time.time()
     server = listen(args)  # before the index loads: a busy port fails at once, not after minutes of loading
     if args.retriever == "bm25":
@@ -1339,7 +1343,6 @@ def serve(argv=None):
             raise ConfigError(f"serve: --retriever e5 needs faiss and transformers ({e}); pip install faiss-cpu")
         size = tool.index.ntotal * tool.index.d * 4
         where = f", faiss on {tool.faiss_gpus} GPU(s)" if tool.faiss_gpus else ", faiss on the CPU"
-    max_batch = args.max_batch if args.max_batch is not None else 512 if args.retriever == "e5" else 0
     retriever = Batcher(tool.search, max_batch) if max_batch else tool.search
     server.handler = make_handler(retriever, tool.docs, args.retriever, args.max_bytes)
     host, port = server.server_address[:2]
