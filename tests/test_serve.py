@@ -314,8 +314,8 @@ def test_missing_corpus_and_dense_without_faiss_fail_in_one_line(tmp_path, corpu
 
 def test_e5_on_cuda_keeps_one_thread_calling_the_gpu(corpus):
     """faiss's GPU indexes take one calling thread: --max_batch 0 (the workers call at once) is refused up front."""
-    r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", corpus, "--retriever", "e5", "--device", "cuda",
-                        "--max_batch", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", corpus, "--retriever", "e5",
+                        "--device", "cuda", "--max_batch", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().endswith("needs --max_batch >= 1 (one thread calls the GPU)")
 
 
