@@ -984,8 +984,9 @@ def load_model(path, run=None, device=None, dtype=None):
 # --max_batch 1: one request a call, in order of arrival; 0: the workers call the retriever directly.
 # A body over --max_bytes is refused with 413, anything malformed with 400 and a JSON {"error"}; a failure inside
 # retrieval is a 500 with its message (for every request searched in that call), and the server keeps serving.
-# Not here: reranking, HNSW/IVF indexes, chunked request bodies, Expect: 100-continue (answered only once the body
-# is in: a client that waits for it sends its body after its own wait); the corpus is held in memory.
+# Not here: reranking, building approximate (HNSW/IVF) indexes, chunked request bodies, Expect: 100-continue
+# (answered only once the body is in: a client that waits for it sends its body after its own wait); the corpus is
+# held in memory (wiki-18's 21M rows: tens of GB of RAM).
 
 class DenseSearch:
     """e5-style dense retrieval: mean-pooled unit embeddings, exact inner-product search with faiss."""
