@@ -13,6 +13,15 @@ What is timed:
             same server: connection resets and other errors, answers that differ from the same query searched alone
             in-process, p50/p99 and the wall time; stops early at `time_limit_s`. The target: 0 resets, every answer
             equal to the query alone.
+  slow      `slow_clients` (64) clients each send one byte of an endless request head every `slow_every_s` (5 s) for
+            `slow_s` (40 s; the server cuts each off at its --timeout_s, 30 s, and it connects again) while a normal
+            client sends one query every `normal_every_s` through tools.HTTPSearch (deadline 10 s, no retry): how
+            many it got answered, how many within 2 s, its p50/max latency. The target: all, each within 2 s. Every
+            slow socket is closed at the end.
+  lock      the `server` load, and RL's shape: `ranks` (8) clients each sending requests of `rank_queries` (48
+            prompts x 5 samples / 8 ranks = 30) queries, each on three servers: the default (no lock: the workers
+            call BM25 at once), --max_batch 512 (requests that wait are searched in one call, as e5 does) and
+            --max_batch 1 (one request a call, in order: serial, as behind the old lock): queries/s, p50 and p99.
 Queries are corpus titles with a word of their first sentence (every one has hits). Server and clients share the
 machine: pin both with taskset to compare runs.
 
@@ -21,6 +30,7 @@ machine: pin both with taskset to compare runs.
     python bench/serve.py corpus=PATH/wiki-18.jsonl         # any FlashRAG corpus JSONL
     python bench/serve.py burst_clients=0                  # without the burst
     python bench/serve.py burst_keepalive=1                # the burst with one keep-alive session a client
+    python bench/serve.py slow_clients=0 lock=0            # without the slow-clients and the lock phases
 
 Ends with one JSON line.
 """
@@ -53,6 +63,13 @@ class Args:
     burst_clients: int = 200  # clients of the burst, started at once (0 = no burst)
     burst_requests: int = 20  # one-query requests per burst client
     burst_keepalive: int = 0  # 1: each burst client keeps one session; 0: a new connection a request, as HTTPSearch
+    slow_clients: int = 64  # clients sending one byte every slow_every_s, never a whole request (0 = no slow phase)
+    slow_every_s: float = 5.0  # seconds between a slow client's bytes
+    slow_s: float = 40.0  # length of the slow phase: past the server's 30 s deadline, so slow clients come back
+    normal_every_s: float = 0.5  # seconds between the normal client's queries during the slow phase
+    lock: int = 1  # 1: the lock phase (two more servers: --max_batch 512 and --max_batch 1)
+    ranks: int = 8  # the lock phase's RL shape: clients, as the ranks of torchrun ...
+    rank_queries: int = 30  # ... each sending this many queries a request (48 prompts x 5 samples / 8 ranks)
 
 
 def make_queries(docs, n, seed):
@@ -135,6 +152,48 @@ def burst(url, queries, clients, per_client, topk, time_limit_s, keepalive=True)
     return out
 
 
+def slow_phase(url, args, queries):
+    """The normal client's latencies (None: failed) while slow clients trickle; and how many connections they made."""
+    from test_serve import port_of, trickle
+    stop, made = threading.Event(), []
+    slow = threading.Thread(target=lambda: made.append(trickle(port_of(url), args["slow_clients"],
+                                                              args["slow_every_s"], stop)))
+    slow.start()
+    client, latencies, t_end = tools.HTTPSearch(url, timeout_s=10, retries=0), [], time.time() + args["slow_s"]
+    try:
+        time.sleep(min(2.0, args["slow_s"]))  # every slow client connected first
+        for query in queries:
+            if time.time() > t_end:
+                break
+            t0 = time.perf_counter()
+            try:
+                client([query], k=args["topk"])
+                latencies.append(time.perf_counter() - t0)
+            except tools.ToolError:
+                latencies.append(None)
+            time.sleep(args["normal_every_s"])
+    finally:
+        stop.set()
+        slow.join()
+    return latencies, made[0]
+
+
+def compare_lock(urls, args, docs):
+    """queries/s, p50 and p99 of each server in `urls` ({name: url}), under the `server` load and under RL's shape
+    (ranks x rank_queries, 10 requests a rank)."""
+    out = {}
+    for shape, clients, batch, n in (("server", args["clients"], args["batch"], args["requests"]),
+                                     ("ranks", args["ranks"], args["rank_queries"], 10 * args["ranks"])):
+        queries = make_queries(docs, n * batch, args["seed"] + 3)
+        batches = [queries[i:i + batch] for i in range(0, len(queries), batch)]
+        for name, where in urls.items():
+            latencies, wall_s, answered = load(where, batches, clients, args["topk"], args["time_limit_s"])
+            out[f"{shape}_{name}"] = {"clients": clients, "batch": batch, "queries_per_s": answered / wall_s,
+                                      "p50_ms": 1000 * percentile(latencies, 50),
+                                      "p99_ms": 1000 * percentile(latencies, 99)}
+    return out
+
+
 def main(argv=None):
     args = tools.read_key_values(Args, sys.argv[1:] if argv is None else argv, "config")
     if not os.path.exists(args["corpus"]):
@@ -159,12 +218,19 @@ def main(argv=None):
     n_burst = args["burst_clients"] * args["burst_requests"]
     burst_queries = make_queries(docs, n_burst, args["seed"] + 1)
     proc, url = start_server(args["corpus"])
+    modes = (("batched", "512"), ("serial", "1")) if args["lock"] else ()
+    others = {name: start_server(args["corpus"], "--max_batch", n) for name, n in modes}
+    slow_queries = make_queries(docs, int(args["slow_s"] / args["normal_every_s"]) + 1, args["seed"] + 2)
     try:
         latencies, wall_s, answered = load(url, batches, args["clients"], args["topk"], args["time_limit_s"])
         b = burst(url, burst_queries, args["burst_clients"], args["burst_requests"], args["topk"],
                   args["time_limit_s"], bool(args["burst_keepalive"])) if n_burst else None
+        slow, made = slow_phase(url, args, slow_queries) if args["slow_clients"] else (None, 0)
+        lock = compare_lock({"direct": url, **{name: u for name, (_, u) in others.items()}}, args, docs) \
+            if args["lock"] else None
     finally:
-        stop_server(proc)
+        for p in [proc] + [p for p, _ in others.values()]:
+            stop_server(p)
     result = {"bench": "serve", "corpus": args["corpus"], "docs": len(docs), "index_build_s": build_s,
               "clients": args["clients"], "batch": args["batch"], "topk": args["topk"], "requests": len(latencies),
               "queries_per_s": answered / wall_s, "p50_ms": 1000 * percentile(latencies, 50),
@@ -185,6 +251,21 @@ def main(argv=None):
               f"{len(b['answers'])} of {n_burst} answered, {b['resets']} resets, {len(b['errors'])} other errors"
               f"{' (' + b['errors'][0] + ')' if b['errors'] else ''}, {wrong} answers differ from the query alone; "
               f"p50 {result['burst']['p50_ms']:.1f} ms, p99 {result['burst']['p99_ms']:.1f} ms, {b['wall_s']:.1f}s")
+    if slow is not None:
+        answered = [t for t in slow if t is not None]
+        result["slow"] = {"slow_clients": args["slow_clients"], "every_s": args["slow_every_s"], "s": args["slow_s"],
+                          "connections": made, "queries": len(slow), "answered": len(answered),
+                          "within_2s": sum(t <= 2 for t in answered), "p50_ms": 1000 * percentile(answered, 50),
+                          "max_ms": 1000 * max(answered, default=0)}
+        print(f"slow: {args['slow_clients']} clients sending a byte every {args['slow_every_s']:g}s for "
+              f"{args['slow_s']:g}s ({made} connections): a normal client got {len(answered)} of {len(slow)} "
+              f"answered, {result['slow']['within_2s']} within 2 s; p50 {result['slow']['p50_ms']:.1f} ms, max "
+              f"{result['slow']['max_ms']:.1f} ms")
+    if lock:
+        result["lock"] = lock
+        for shape, r in lock.items():
+            print(f"{shape}: {r['clients']} clients x {r['batch']} queries a request: {r['queries_per_s']:.0f} "
+                  f"queries/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
     print(json.dumps(result))
 
 
