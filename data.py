@@ -827,11 +827,17 @@ def parse_actions(segments, env):
 
 def judged(row, group, env):
     """Rejection sampling: the right samples become cot/coa rows (one of each at most); a wrong and a right
-    sample that differ in searching make a pair with an empty shared prefix."""
-    base = {k: row[k] for k in ("id", "question", "golden_answers") if k in row}
-    base.update(kind=row.get("kind", ""), needs_search=row.get("needs_search", True))
+    sample that differ in searching make a pair with an empty shared prefix.
+
+    needs_search: the question's own mark (the tiny world's); real data has none, and then a question the teacher
+    answered right without searching is one it knew (needs_search false: sft.py mixes its CoT row into SFT-2/3,
+    the paper's 1k CoT rows), any other needs a search."""
     scored = [(s, reward(completion_text(s), row["golden_answers"], env) > 0, len(parse_actions(s, env)) > 0)
               for s in group]
+    known = any(right and not searched for _, right, searched in scored)
+    base = {k: row[k] for k in ("id", "question", "golden_answers") if k in row}
+    mark = row.get("needs_search")
+    base.update(kind=row.get("kind", ""), needs_search=mark if mark is not None else not known)
     out, seen = [], set()
     for segments, right, searched in scored:
         kind = "coa" if searched else "cot"

@@ -377,3 +377,20 @@ def test_endpoint_timeout_is_counted_per_question_and_the_rest_is_kept(tiny_root
     assert stats["dev"]["teacher_failed_questions"] == 2 and stats["dev"]["teacher_failed_samples"] == 4
     assert [r["question"] for r in rows] == [q for q in answers if q not in late]
 
+
+def test_unmarked_question_answered_right_without_search_is_marked_as_not_needing_one(tiny_base):
+    from transformers import AutoTokenizer
+    m = lambda t: {"who": "model", "text": t}
+    cot = [m(f" I know this one. {ENV.think_close} {ENV.answer_open}Lorn}}")]
+    coa = [m(f" {ENV.action_open} Ada Brun {ENV.action_close}"), {"who": "env", "text": f"{ENV.obs_open} Ada Brun "
+           f"was born in Lorn. {ENV.obs_close}"}, m(f" {ENV.think_close} {ENV.answer_open}Lorn}}")]
+    wrong = [m(f" I know this one. {ENV.think_close} {ENV.answer_open}Kovar}}")]
+    real = {"id": "h1", "question": "Where was Ada Brun born?", "golden_answers": ["Lorn"]}  # FlashRAG: no mark
+    known = data.judged(real, [cot, coa], ENV)
+    assert [(r["type"], r["needs_search"]) for r in known] == [("cot", False), ("coa", False)]
+    searched = data.judged(real, [wrong, coa], ENV)
+    assert [(r["type"], r["needs_search"]) for r in searched] == [("coa", True), ("pair", True)]
+    marked = data.judged({**real, "needs_search": True}, [cot, coa], ENV)  # the tiny world's own mark stays
+    assert [r["needs_search"] for r in marked] == [True, True]
+    examples = sft.build_examples(known + searched, "sft2", AutoTokenizer.from_pretrained(tiny_base), ENV, 256)
+    assert [e["cot"] for e in examples] == [True, False, False]  # SFT-2 keeps the known question's CoT row
