@@ -510,7 +510,8 @@ def bm25_recall(cfg, split="test", ks=(1, 3)):
 #   HF model     any causal LM path/name, driven by rollout.py with the real tool: `samples` per question,
 #                rejection sampling keeps the right ones; pairs come from a question's wrong no-search sample
 #                and right search sample (or the reverse), with an empty shared prefix.
-#   http://...   an OpenAI-compatible /v1/completions endpoint, through requests, same rejection sampling.
+#   http://...   an OpenAI-compatible /v1/completions endpoint, through requests, same rejection sampling;
+#                synth.concurrency trajectories in flight at once (bench/synth.py measures the rate).
 #
 #   python data.py --config configs/tiny.yaml                      # also synthesises, when synth/ is missing
 #   python data.py --config configs/tiny.yaml --synth              # synthesise again
