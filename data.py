@@ -791,18 +791,34 @@ def endpoint_samples(cfg, rows, search, tokenizer):
     """samples per row from an endpoint, grouped per row in question order; a sample whose request failed after
     its retries is left out of its group (a question none of whose samples came back gets an empty group).
 
-    synth.concurrency trajectories are in flight at once: a thread pool over questions x samples, each
-    trajectory's turns one after another in its worker. The results are read back in submission order, so the
-    rows are the same whatever order the requests finish in. Stops (RunError) as soon as more than half of the
+    synth.concurrency trajectories are in flight at once: a pool of worker threads over questions x samples,
+    each trajectory's turns one after another in its worker. The results are read back in submission order, so
+    the rows are the same whatever order the requests finish in. Stops (RunError) as soon as more than half of the
     questions so far (from the 10th, or all when fewer) came back empty: a teacher that is down must not
-    silently produce an empty or near-empty set."""
+    silently produce an empty or near-empty set. The workers are daemon threads: on that error or Ctrl-C the
+    process ends at once, not after the requests in flight (minutes each) time out."""
+    import queue
     import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future
     prompts = [build_prompt(tokenizer, row["question"], cfg.env) for row in rows]  # here: one thread tokenizes
-    stop = threading.Event()
-    pool = ThreadPoolExecutor(cfg.synth.concurrency, thread_name_prefix="synth")
-    futures = [[pool.submit(endpoint_trajectory, cfg, p, search, stop) for _ in range(cfg.synth.samples)]
-               for p in prompts]
+    futures = [[Future() for _ in range(cfg.synth.samples)] for _ in prompts]
+    jobs, stop = queue.SimpleQueue(), threading.Event()
+    for prompt, group in zip(prompts, futures):
+        for future in group:
+            jobs.put((prompt, future))
+
+    def work():
+        while not stop.is_set():
+            try:
+                prompt, future = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(endpoint_trajectory(cfg, prompt, search, stop))
+            except BaseException as e:  # handed to the reader: a TeacherError is counted, anything else raised
+                future.set_exception(e)
+    for _ in range(min(cfg.synth.concurrency, len(prompts) * cfg.synth.samples)):
+        threading.Thread(target=work, name="synth", daemon=True).start()
     out, empty, error = [], 0, None
     try:
         for [group] in progress(futures, 1, "synth", search):
@@ -816,9 +832,8 @@ def endpoint_samples(cfg, rows, search, tokenizer):
             empty += not samples
             if 2 * empty > len(out) >= min(10, len(rows)):
                 raise RunError(f"synth: no sample came back for {empty} of the first {len(out)} questions: {error}")
-    finally:  # also on an error: queued trajectories are dropped, running ones send no further request
+    finally:  # also on an error: the workers take no further trajectory and send no further request
         stop.set()
-        pool.shutdown(wait=False, cancel_futures=True)
     return out
 
 

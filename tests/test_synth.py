@@ -394,3 +394,47 @@ def test_unmarked_question_answered_right_without_search_is_marked_as_not_needin
     assert [r["needs_search"] for r in marked] == [True, True]
     examples = sft.build_examples(known + searched, "sft2", AutoTokenizer.from_pretrained(tiny_base), ENV, 256)
     assert [e["cot"] for e in examples] == [True, False, False]  # SFT-2 keeps the known question's CoT row
+
+
+class HalfDownTeacher(BaseHTTPRequestHandler):
+    """/v1/completions: HTTP 500 at once for the questions in `down`, no answer for a minute for the others."""
+    down = set()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if any(q in body["prompt"] for q in self.down):
+            self.send_error(500)
+            return
+        time.sleep(60)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_teacher_failing_most_questions_stops_at_once_with_requests_still_in_flight(tiny_root, tiny_base, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    HalfDownTeacher.down = set(dev_answers(tiny_root, 10))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HalfDownTeacher)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "data.py", "--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data",
+                             f"model.base={tiny_base}", "--synth", f"synth.out={tmp_path}/half", "synth.splits=dev",
+                             f"synth.teacher=http://127.0.0.1:{server.server_port}", "synth.limit=20",
+                             "synth.samples=1", "synth.retries=0", "synth.concurrency=20"], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    t0 = time.perf_counter()
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        server.shutdown()
+    # 10 requests hang for a minute: the process does not wait for them
+    assert proc.returncode == 1 and time.perf_counter() - t0 < 40, err[-2000:]
+    last = err.rstrip().split("\n")[-1].split("\r")[-1]
+    assert "no sample came back for 10 of the first 10 questions" in last and "500" in last and "Traceback" not in err
