@@ -420,9 +420,10 @@ def test_a_teacher_failing_most_questions_stops_at_once_with_requests_still_in_f
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "data.py", "--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data",
-                             f"model.base={tiny_base}", "--synth", f"synth.out={tmp_path}/half", "synth.splits=dev",
-                             f"synth.teacher=http://127.0.0.1:{server.server_port}", "synth.limit=20",
+    proc = subprocess.Popen([sys.executable, "data.py", "--config", "configs/tiny.yaml",
+                             f"run.data_dir={tiny_root}/data", f"model.base={tiny_base}", "--synth",
+                             f"synth.out={tmp_path}/half", "synth.splits=dev", "synth.limit=20",
+                             f"synth.teacher=http://127.0.0.1:{server.server_port}",
                              "synth.samples=1", "synth.retries=0", "synth.concurrency=20"], cwd=root, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
