@@ -536,8 +536,8 @@ class SynthConfig:
     max_tokens: int = 2048  # endpoint teacher: tokens of a trajectory's first request (the paper: 2048; a
                             # reasoning teacher's thinking must fit before its first search or </think>)
     max_tokens_after_obs: int = 1024  # endpoint teacher: tokens of each request after an observation (the paper)
-    timeout_s: float = 300.0  # endpoint teacher: deadline of one request, each retry its own (a long turn from a
-                              # loaded server takes minutes; env.timeout_s is the search tool's)
+    timeout_s: float = 300.0  # endpoint teacher: how long a request waits for its reply, each retry anew (a long
+                              # turn from a loaded server takes minutes; env.timeout_s is the search tool's)
     retries: int = 2  # endpoint teacher: retries of a failed request, with exponential backoff
     concurrency: int = 64  # endpoint teacher: requests in flight (a pool over questions x samples; a trajectory's
                            # turns go one after another in one worker); the server batches them
@@ -918,7 +918,7 @@ def synthesize(cfg, tokenizer=None):
         counts = Counter(r["type"] for r in out)
         stats[split] = {"questions": len(rows), **counts, "real_calls": search.calls, "tool_failures": search.failures,
                         "imperfect": sum(bool(r.get("imperfect")) for r in out)}
-        if teacher != "oracle":  # requests that failed after their retries: samples lost, questions with none back
+        if model is None and teacher != "oracle":  # the endpoint: samples lost to failed requests, questions with none
             stats[split].update(teacher_failed_samples=sum(cfg.synth.samples - len(g) for g in groups),
                                 teacher_failed_questions=sum(not g for g in groups))
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
