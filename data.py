@@ -42,7 +42,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from plumbing import print0, progress
-from tools import RunConfig, EnvConfig, ConfigError, cli, load_config, make_tool
+from tools import RunConfig, EnvConfig, ConfigError, RunError, cli, load_config, make_tool
 from tools import SearchEnv, build_prompt, check_rows, parse, partial_write, read_jsonl, reward
 
 
@@ -510,7 +510,8 @@ def bm25_recall(cfg, split="test", ks=(1, 3)):
 #   HF model     any causal LM path/name, driven by rollout.py with the real tool: `samples` per question,
 #                rejection sampling keeps the right ones; pairs come from a question's wrong no-search sample
 #                and right search sample (or the reverse), with an empty shared prefix.
-#   http://...   an OpenAI-compatible /v1/completions endpoint, through requests, same rejection sampling.
+#   http://...   an OpenAI-compatible /v1/completions endpoint, through requests, same rejection sampling;
+#                synth.concurrency trajectories in flight at once (bench/synth.py measures the rate).
 #
 #   python data.py --config configs/tiny.yaml                      # also synthesises, when synth/ is missing
 #   python data.py --config configs/tiny.yaml --synth              # synthesise again
@@ -532,10 +533,18 @@ class SynthConfig:
     batch_size: int = 16  # real teacher: questions per rollout call
     api_model: str = ""  # endpoint teacher: the request's "model"
     api_key_env: str = "OPENAI_API_KEY"  # endpoint teacher: environment variable holding the key (unset: none)
-    max_tokens: int = 256  # endpoint teacher: tokens per completion request
+    max_tokens: int = 2048  # endpoint teacher: tokens of a trajectory's first request (the paper: 2048; a
+                            # reasoning teacher's thinking must fit before its first search or </think>)
+    max_tokens_after_obs: int = 1024  # endpoint teacher: tokens of each request after an observation (the paper)
+    timeout_s: float = 300.0  # endpoint teacher: how long a request waits for its reply, each retry anew (a long
+                              # turn from a loaded server takes minutes; env.timeout_s is the search tool's)
+    retries: int = 2  # endpoint teacher: retries of a failed request, with exponential backoff
+    concurrency: int = 64  # endpoint teacher: requests in flight (a pool over questions x samples; a trajectory's
+                           # turns go one after another in one worker); the server batches them
 
     RANGES = {"limit": "[0, inf)", "imperfect_share": "[0, 1]", "samples": "[1, inf)", "temperature": "[0, inf)",
-              "top_p": "(0, 1]", "batch_size": "[1, inf)", "max_tokens": "[1, inf)"}
+              "top_p": "(0, 1]", "batch_size": "[1, inf)", "max_tokens": "[1, inf)", "max_tokens_after_obs": "[1, inf)",
+              "timeout_s": "(0, inf)", "retries": "[0, 100]", "concurrency": "[1, inf)"}
 
 
 def synth_dir(cfg):
@@ -730,51 +739,101 @@ def hf_samples(cfg, rows, search, tokenizer, model):
     return out
 
 
-def endpoint_complete(cfg, prompt):
+class TeacherError(RuntimeError):
+    """A teacher request that failed after its retries: that sample is lost, synthesis goes on and counts it."""
+
+
+def endpoint_complete(cfg, prompt, max_tokens):
     """One /v1/completions call (OpenAI-compatible) that stops at the action close tag: (text, finish_reason)."""
     import requests
     url = cfg.synth.teacher.rstrip("/")
     url = url if url.endswith("/completions") else url + ("/completions" if url.endswith("/v1") else "/v1/completions")
     key = os.environ.get(cfg.synth.api_key_env, "") if cfg.synth.api_key_env else ""
-    body = {"model": cfg.synth.api_model, "prompt": prompt, "max_tokens": cfg.synth.max_tokens,
+    body = {"model": cfg.synth.api_model, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": cfg.synth.temperature, "top_p": cfg.synth.top_p, "stop": [cfg.env.action_close]}
     error = None
-    for attempt in range(cfg.env.retries + 1):
+    for attempt in range(cfg.synth.retries + 1):
         if attempt:
             time.sleep(0.5 * 2 ** (attempt - 1))
         try:
-            r = requests.post(url, json=body, timeout=cfg.env.timeout_s,
+            r = requests.post(url, json=body, timeout=cfg.synth.timeout_s,
                               headers={"Authorization": f"Bearer {key}"} if key else {})
             r.raise_for_status()
             choice = r.json()["choices"][0]
             return str(choice.get("text") or ""), choice.get("finish_reason")
         except (requests.RequestException, ValueError, KeyError, IndexError, TypeError) as e:
             error = e
-    raise RuntimeError(f"teacher endpoint {url} failed after {cfg.env.retries + 1} tries: {error}")
+    raise TeacherError(f"teacher endpoint {url} failed after {cfg.synth.retries + 1} tries: {error}")
+
+
+def endpoint_trajectory(cfg, prompt, search, stop):
+    """One sample: the text stops at each action close, the real tool's observation is appended and the request
+    repeated (synth.max_tokens first, then synth.max_tokens_after_obs), until the model answers or spends
+    env.max_actions searches. stop: set when synthesis gives up, so a worker sends no further request."""
+    env, segments = cfg.env, []
+    for turn in range(env.max_actions + 1):
+        if stop.is_set():
+            raise TeacherError("synthesis stopped")
+        text, finish = endpoint_complete(cfg, prompt + completion_text(segments),
+                                         cfg.synth.max_tokens_after_obs if turn else cfg.synth.max_tokens)
+        if text.rstrip().endswith(env.action_close):  # servers that keep the stop string
+            text = text.rstrip()[:-len(env.action_close)]
+        opened = text.rfind(env.action_open) > text.rfind(env.action_close)
+        if not (finish == "stop" and opened) or len(parse_actions(segments, env)) >= env.max_actions:
+            return add(segments, "model", text)
+        add(segments, "model", text + env.action_close)
+        query = text[text.rfind(env.action_open) + len(env.action_open):].strip()
+        add(segments, "env", search([query], [prompt + completion_text(segments)])[0])
+    return segments
 
 
 def endpoint_samples(cfg, rows, search, tokenizer):
-    """samples per row from an endpoint: the text stops at each action close; the real tool's observation is
-    appended and the request repeated, until the model answers or spends env.max_actions searches."""
-    env, out = cfg.env, []
-    for [row] in progress(rows, 1, "synth", search):
-        group = []
-        for _ in range(cfg.synth.samples):
-            prompt, segments = build_prompt(tokenizer, row["question"], env), []
-            for _ in range(env.max_actions + 1):
-                text, finish = endpoint_complete(cfg, prompt + completion_text(segments))
-                if text.rstrip().endswith(env.action_close):  # servers that keep the stop string
-                    text = text.rstrip()[:-len(env.action_close)]
-                opened = text.rfind(env.action_open) > text.rfind(env.action_close)
-                if not (finish == "stop" and opened) or len(parse_actions(segments, env)) >= env.max_actions:
-                    add(segments, "model", text)
-                    break
-                add(segments, "model", text + env.action_close)
-                query = text[text.rfind(env.action_open) + len(env.action_open):].strip()
-                context = prompt + completion_text(segments)
-                add(segments, "env", search([query], [context])[0])
-            group.append(segments)
-        out.append(group)
+    """samples per row from an endpoint, grouped per row in question order; a sample whose request failed after
+    its retries is left out of its group (a question none of whose samples came back gets an empty group).
+
+    synth.concurrency trajectories are in flight at once: a pool of worker threads over questions x samples,
+    each trajectory's turns one after another in its worker. The results are read back in submission order, so
+    the rows are the same whatever order the requests finish in. Stops (RunError) as soon as more than half of the
+    questions so far (from the 10th, or all when fewer) came back empty: a teacher that is down must not
+    silently produce an empty or near-empty set. The workers are daemon threads: on that error or Ctrl-C the
+    process ends at once, not after the requests in flight (minutes each) time out."""
+    import queue
+    import threading
+    from concurrent.futures import Future
+    prompts = [build_prompt(tokenizer, row["question"], cfg.env) for row in rows]  # here: one thread tokenizes
+    futures = [[Future() for _ in range(cfg.synth.samples)] for _ in prompts]
+    jobs, stop = queue.SimpleQueue(), threading.Event()
+    for prompt, group in zip(prompts, futures):
+        for future in group:
+            jobs.put((prompt, future))
+
+    def work():
+        while not stop.is_set():
+            try:
+                prompt, future = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(endpoint_trajectory(cfg, prompt, search, stop))
+            except BaseException as e:  # handed to the reader: a TeacherError is counted, anything else raised
+                future.set_exception(e)
+    for _ in range(min(cfg.synth.concurrency, len(prompts) * cfg.synth.samples)):
+        threading.Thread(target=work, name="synth", daemon=True).start()
+    out, empty, error = [], 0, None
+    try:
+        for [group] in progress(futures, 1, "synth", search):
+            samples = []
+            for future in group:
+                try:
+                    samples.append(future.result())
+                except TeacherError as e:
+                    error = e
+            out.append(samples)
+            empty += not samples
+            if 2 * empty > len(out) >= min(10, len(rows)):
+                raise RunError(f"synth: no sample came back for {empty} of the first {len(out)} questions: {error}")
+    finally:  # also on an error: the workers take no further trajectory and send no further request
+        stop.set()
     return out
 
 
@@ -784,11 +843,17 @@ def parse_actions(segments, env):
 
 def judged(row, group, env):
     """Rejection sampling: the right samples become cot/coa rows (one of each at most); a wrong and a right
-    sample that differ in searching make a pair with an empty shared prefix."""
-    base = {k: row[k] for k in ("id", "question", "golden_answers") if k in row}
-    base.update(kind=row.get("kind", ""), needs_search=row.get("needs_search", True))
+    sample that differ in searching make a pair with an empty shared prefix.
+
+    needs_search: the question's own mark (the tiny world's); real data has none, and then a question the teacher
+    answered right without searching is one it knew (needs_search false: sft.py mixes its CoT row into SFT-2/3,
+    the paper's 1k CoT rows), any other needs a search."""
     scored = [(s, reward(completion_text(s), row["golden_answers"], env) > 0, len(parse_actions(s, env)) > 0)
               for s in group]
+    known = any(right and not searched for _, right, searched in scored)
+    base = {k: row[k] for k in ("id", "question", "golden_answers") if k in row}
+    mark = row.get("needs_search")
+    base.update(kind=row.get("kind", ""), needs_search=mark if mark is not None else not known)
     out, seen = [], set()
     for segments, right, searched in scored:
         kind = "coa" if searched else "cot"
@@ -853,6 +918,9 @@ def synthesize(cfg, tokenizer=None):
         counts = Counter(r["type"] for r in out)
         stats[split] = {"questions": len(rows), **counts, "real_calls": search.calls, "tool_failures": search.failures,
                         "imperfect": sum(bool(r.get("imperfect")) for r in out)}
+        if model is None and teacher != "oracle":  # the endpoint: samples lost to failed requests, questions with none
+            stats[split].update(teacher_failed_samples=sum(cfg.synth.samples - len(g) for g in groups),
+                                teacher_failed_questions=sum(not g for g in groups))
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
     return stats

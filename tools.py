@@ -869,7 +869,9 @@ class SearchEnv:
     simulated = False
 
     def __init__(self, tool, tokenizer, env, log_path=None):
+        import threading
         self.tool, self.tokenizer, self.env, self.log_path = tool, tokenizer, env, log_path
+        self.lock = threading.Lock()  # synthesis calls from a pool of threads: the counters and the log are shared
         self.calls = 0  # real tool calls spent, one per query
         self.failures = 0  # calls whose search failed (after the tool's own retries)
         self.last_error = None  # the message of the latest failure
@@ -882,15 +884,17 @@ class SearchEnv:
 
     def __call__(self, queries, contexts=None):
         queries = [q.strip()[:self.env.max_query_chars] for q in queries]
-        self.calls += len(queries)
+        with self.lock:
+            self.calls += len(queries)
         try:
             results = self.tool(queries, k=self.env.topk)
         except Exception as e:
             cause = getattr(e, "cause", "") or type(e).__name__
             if self.env.on_error == "raise":
                 raise ToolError(str(e), cause) from e
-            self.failures += len(queries)
-            self.last_error = str(e) or cause
+            with self.lock:
+                self.failures += len(queries)
+                self.last_error = str(e) or cause
             observations = [f"{self.env.obs_open} search failed: {cause} {self.env.obs_close}"] * len(queries)
             if self.log_path:
                 self.log(queries, contexts or [""] * len(queries), observations, error=cause)
@@ -914,7 +918,7 @@ class SearchEnv:
             row = {"question": question, "history": history, "query": query, "observation": obs}
             rows.append(json.dumps({**row, "error": error} if error else row, ensure_ascii=False) + "\n")
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
-        with open(self.log_path, "a") as f:
+        with self.lock, open(self.log_path, "a") as f:
             f.write("".join(rows))
 
 

@@ -7,7 +7,8 @@ import json
 import os
 import random
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 
 import pytest
 
@@ -236,8 +237,10 @@ def test_endpoint_teacher_searches_with_the_real_tool_and_keeps_right_answers(ti
 def test_endpoint_teacher_that_is_down_fails_with_a_clear_error(tiny_root, tiny_base, tmp_path):
     from transformers import AutoTokenizer
     cfg = synth_config(tiny_root, "synth.teacher=http://127.0.0.1:9", f"synth.out={tmp_path}/down",
-                       "synth.splits=dev", "synth.limit=1", "env.retries=0", "env.timeout_s=1.0")
-    with pytest.raises(RuntimeError, match="teacher endpoint .* failed"):
+                       "synth.splits=dev", "synth.limit=40", "synth.retries=0", "synth.concurrency=2")
+    # stops at the 10th question, not after all 40
+    with pytest.raises(tools.RunError, match="10 of the first 10 questions: teacher endpoint http://127.0.0.1:9/v1/"
+                                             "completions failed after 1 tries: .*Connection refused"):
         data.synthesize(cfg, AutoTokenizer.from_pretrained(tiny_base))
 
 
@@ -269,3 +272,170 @@ def test_a_teacher_that_keeps_no_rows_is_one_line_and_exit_2_before_writing(tiny
     assert stop.value.code == 2 and "Traceback" not in err
     assert "kept no row of the 5 dev questions" in last and "synth.teacher=oracle" in last
     assert not os.path.exists(f"{tmp_path}/none/dev.jsonl")
+
+
+# -----------------------------------------------------------------------------
+# the endpoint teacher at scale: concurrent requests, budgets and timeouts of its own, the needs_search rule
+
+class StandInTeacher(BaseHTTPRequestHandler):
+    """/v1/completions answering after a latency, scripted like a reasoning teacher that searches once: the first
+    turn searches the question, the turn after the observation answers it right. Each server gets its own
+    subclass (start_teacher) holding the answers (question -> gold), the latency (`slow`: question -> its own),
+    every request's body and the most requests in flight at once. bench/synth.py measures with it."""
+    answers, latency_s, slow = {}, 0.0, {}
+
+    def do_POST(self):
+        cls = type(self)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        question = next(q for q in cls.answers if q in body["prompt"])
+        with cls.lock:
+            cls.bodies.append(body)
+            cls.in_flight += 1
+            cls.peak = max(cls.peak, cls.in_flight)
+        time.sleep(cls.slow.get(question, cls.latency_s))
+        with cls.lock:
+            cls.in_flight -= 1
+        if ENV.obs_open not in body["prompt"]:
+            reply = f" I need to search for this. {ENV.action_open} {question} "
+        else:
+            reply = f" I found it. {ENV.think_close} {ENV.answer_open}{cls.answers[question]}}}"
+        try:
+            send_json(self, {"choices": [{"text": reply, "finish_reason": "stop"}]})
+        except OSError:  # the client gave up (its timeout): nothing to answer
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def start_teacher(answers, latency_s=0.0, slow=None):
+    """A threaded stand-in teacher on 127.0.0.1: (server, its handler class with the recorded requests)."""
+    handler = type("Teacher", (StandInTeacher,), {"answers": answers, "latency_s": latency_s, "slow": slow or {},
+                                                  "bodies": [], "in_flight": 0, "peak": 0, "lock": threading.Lock()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    server.request_queue_size = 1024  # many workers connect at once
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, handler
+
+
+def synth_with(tiny_root, tiny_base, out, answers, *extra, latency_s=0.0, slow=None):
+    """data.synthesize on the dev questions against a stand-in teacher: (stats, rows, handler, wall seconds)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    server, handler = start_teacher(answers, latency_s, slow)
+    try:
+        cfg = synth_config(tiny_root, f"synth.teacher=http://127.0.0.1:{server.server_port}", f"synth.out={out}",
+                           "synth.splits=dev", f"synth.limit={len(answers)}", "synth.samples=1", *extra)
+        t0 = time.perf_counter()
+        stats = data.synthesize(cfg, tokenizer)
+        return stats, rows_of(f"{out}/dev.jsonl"), handler, time.perf_counter() - t0
+    finally:
+        server.shutdown()
+
+
+def dev_answers(tiny_root, n):
+    return {r["question"]: r["golden_answers"][0] for r in data.load_qa(f"{tiny_root}/data/dev.jsonl", limit=n)}
+
+
+def test_endpoint_requests_overlap_up_to_the_concurrency(tiny_root, tiny_base, tmp_path):
+    answers, latency_s = dev_answers(tiny_root, 8), 0.5
+    chain_s = 2 * latency_s  # search, then answer
+    _, rows, handler, wall_s = synth_with(tiny_root, tiny_base, f"{tmp_path}/c8", answers, "synth.concurrency=8",
+                                          latency_s=latency_s)
+    assert 4 < handler.peak <= 8 and len(handler.bodies) == 16  # all 8 at once but on a very loaded machine
+    assert wall_s < 4 * chain_s  # about one chain, where one request at a time takes 8 chains
+    assert [r["question"] for r in rows] == list(answers)  # every question kept, one coa row each
+    _, _, handler, wall_s = synth_with(tiny_root, tiny_base, f"{tmp_path}/c2", answers, "synth.concurrency=2",
+                                       latency_s=latency_s)
+    assert handler.peak == 2 and wall_s >= 4 * chain_s  # the pool is bounded
+
+
+def test_endpoint_rows_come_back_in_question_order_whatever_order_requests_finish(tiny_root, tiny_base, tmp_path):
+    answers = dev_answers(tiny_root, 6)
+    slow = {q: 0.05 * (len(answers) - i) for i, q in enumerate(answers)}  # the first question finishes last
+    _, rows, _, _ = synth_with(tiny_root, tiny_base, f"{tmp_path}/all", answers, "synth.concurrency=6",
+                               "synth.samples=2", slow=slow)
+    _, alone, _, _ = synth_with(tiny_root, tiny_base, f"{tmp_path}/one", answers, "synth.concurrency=1",
+                                "synth.samples=2", slow=slow)
+    assert [r["question"] for r in rows] == list(answers)
+    assert rows == alone
+
+
+def test_endpoint_sends_the_first_and_later_turn_token_budgets(tiny_root, tiny_base, tmp_path):
+    _, _, handler, _ = synth_with(tiny_root, tiny_base, f"{tmp_path}/b", dev_answers(tiny_root, 2),
+                                  "synth.max_tokens=300", "synth.max_tokens_after_obs=70")
+    budgets = sorted((ENV.obs_open in b["prompt"], b["max_tokens"]) for b in handler.bodies)
+    assert budgets == [(False, 300), (False, 300), (True, 70), (True, 70)]
+
+
+def test_endpoint_timeout_is_counted_per_question_and_the_rest_is_kept(tiny_root, tiny_base, tmp_path):
+    answers = dev_answers(tiny_root, 8)
+    late = list(answers)[1:3]
+    stats, rows, _, _ = synth_with(tiny_root, tiny_base, f"{tmp_path}/t", answers, "synth.timeout_s=2",
+                                   "synth.retries=0", "synth.samples=2", slow={q: 6.0 for q in late})
+    assert stats["dev"]["teacher_failed_questions"] == 2 and stats["dev"]["teacher_failed_samples"] == 4
+    assert [r["question"] for r in rows] == [q for q in answers if q not in late]
+
+
+def test_unmarked_question_answered_right_without_search_is_marked_as_not_needing_one(tiny_base):
+    from transformers import AutoTokenizer
+    m = lambda t: {"who": "model", "text": t}
+    cot = [m(f" I know this one. {ENV.think_close} {ENV.answer_open}Lorn}}")]
+    coa = [m(f" {ENV.action_open} Ada Brun {ENV.action_close}"), {"who": "env", "text": f"{ENV.obs_open} Ada Brun "
+           f"was born in Lorn. {ENV.obs_close}"}, m(f" {ENV.think_close} {ENV.answer_open}Lorn}}")]
+    wrong = [m(f" I know this one. {ENV.think_close} {ENV.answer_open}Kovar}}")]
+    real = {"id": "h1", "question": "Where was Ada Brun born?", "golden_answers": ["Lorn"]}  # FlashRAG: no mark
+    known = data.judged(real, [cot, coa], ENV)
+    assert [(r["type"], r["needs_search"]) for r in known] == [("cot", False), ("coa", False)]
+    searched = data.judged(real, [wrong, coa], ENV)
+    assert [(r["type"], r["needs_search"]) for r in searched] == [("coa", True), ("pair", True)]
+    marked = data.judged({**real, "needs_search": True}, [cot, coa], ENV)  # the tiny world's own mark stays
+    assert [r["needs_search"] for r in marked] == [True, True]
+    examples = sft.build_examples(known + searched, "sft2", AutoTokenizer.from_pretrained(tiny_base), ENV, 256)
+    assert [e["cot"] for e in examples] == [True, False, False]  # SFT-2 keeps the known question's CoT row
+
+
+class HalfDownTeacher(BaseHTTPRequestHandler):
+    """/v1/completions: HTTP 500 at once for the questions in `down`, no answer for a minute for the others."""
+    down = set()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if any(q in body["prompt"] for q in self.down):
+            self.send_error(500)
+            return
+        time.sleep(60)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_teacher_failing_most_questions_stops_at_once_with_requests_still_in_flight(tiny_root, tiny_base, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    HalfDownTeacher.down = set(dev_answers(tiny_root, 10))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HalfDownTeacher)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "data.py", "--config", "configs/tiny.yaml",
+                             f"run.data_dir={tiny_root}/data", f"model.base={tiny_base}", "--synth",
+                             f"synth.out={tmp_path}/half", "synth.splits=dev", "synth.limit=20",
+                             f"synth.teacher=http://127.0.0.1:{server.server_port}",
+                             "synth.samples=1", "synth.retries=0", "synth.concurrency=20"], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    t0 = time.perf_counter()
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        server.shutdown()
+    # 10 requests hang for a minute: the process does not wait for them
+    assert proc.returncode == 1 and time.perf_counter() - t0 < 40, err[-2000:]
+    last = err.rstrip().split("\n")[-1].split("\r")[-1]
+    assert "no sample came back for 10 of the first 10 questions" in last and "500" in last and "Traceback" not in err
