@@ -97,9 +97,10 @@ from tqdm import tqdm
 from data import load_qa, pretrain_repeats, save_atomic
 from rollout import rollout
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
-                      latest_checkpoint, load_checkpoint, log_line, print0, release_run, resume_checkpoint,
-                      save_checkpoint, setup_dist, start_logging, truncate_log, unwrap, wrap_model)
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, load_model, make_tool, master_dtype,
+                      latest_checkpoint, load_checkpoint, load_sharded, log_line, print0, release_run,
+                      resume_checkpoint, save_checkpoint, save_pretrained, setup_dist, start_logging, truncate_log,
+                      unwrap)
+from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, make_tool, master_dtype,
                    model_path, parse, reward)
 
 
@@ -450,24 +451,16 @@ def build_models(rcfg, run, device, init):
     """(policy, reference or None, tokenizer). The policy trains in float32 (an RL learning rate of 1e-6 vanishes
     in bf16 weights); FSDP2 with rl.bf16 computes in bf16 with fp32 master weights and gradient reductions."""
     train_dtype = master_dtype(run)
-    model, tokenizer = load_model(init, run, device=device, dtype=train_dtype)
+    model, tokenizer = load_sharded(init, run, device, train_dtype, rcfg.parallel, rcfg.bf16)
     if rcfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    unwrap(model).config.use_cache = False
     ref = None
     if rcfg.kl_coef:  # frozen copy of the start; with kl_coef 0 it is never loaded
         ref_dtype = torch.bfloat16 if (rcfg.bf16 or device.type == "cuda") and run.dtype == "auto" else train_dtype
-        ref, _ = load_model(init, run, device=device, dtype=ref_dtype)
-        ref.eval().requires_grad_(False)
-    return shard(model, rcfg, device), shard(ref, rcfg, device) if ref is not None else None, tokenizer
-
-
-def shard(model, rcfg, device):
-    """DDP (small models: a whole copy per rank) or FSDP2 (one shard group per decoder layer, then the root);
-    rl.bf16: FSDP2 with a bf16 MixedPrecisionPolicy, on one process too (plumbing.wrap_model)."""
-    if not any(p.requires_grad for p in model.parameters()):  # the reference: no gradients, no DDP
-        return wrap_model(model, device, "fsdp", rcfg.bf16) if rcfg.parallel == "fsdp" else model
-    return wrap_model(model, device, rcfg.parallel, rcfg.bf16)
+        ref, _ = load_sharded(init, run, device, ref_dtype, "fsdp" if rcfg.parallel == "fsdp" else "none", rcfg.bf16)
+        ref.eval().requires_grad_(False)  # no gradients: FSDP2 shards it like the policy, never DDP
+    return model, ref, tokenizer
 
 
 @contextlib.contextmanager
@@ -513,13 +506,13 @@ def evaluate(model, tokenizer, rows, cfg, environment, rank, world_size):
     return {"eval_em": em / max(n, 1), "eval_format": fmt / max(n, 1), "eval_actions": acts / max(n, 1)}
 
 
-def save_final(model, tokenizer, out_dir, rank):
-    """The trained policy as an HF folder (full weights gathered from FSDP2 shards), written atomically."""
-    state_dict = full_state_dict(model)
+def save_final(model, tokenizer, out_dir, rank, dtype=None):
+    """The trained policy as an HF folder (full weights gathered from FSDP2 shards, in dtype), written atomically."""
+    state_dict = full_state_dict(model, dtype)
     if rank == 0:
         class Weights:  # save_atomic calls save_pretrained on each object it is given
             def save_pretrained(self, path):
-                unwrap(model).save_pretrained(path, state_dict=state_dict)
+                save_pretrained(model, path, state_dict)
         save_atomic(out_dir, Weights(), tokenizer)
     barrier()
 
@@ -638,7 +631,7 @@ def main(argv=None):
         if (rcfg.save_every and (step + 1) % rcfg.save_every == 0) or step + 1 == rcfg.steps:
             save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler,
                             meta={"config": cfg.to_dict(), "totals": totals, "init": init}, keep=rcfg.keep_ckpts)
-    save_final(model, tokenizer, out_dir, rank)
+    save_final(model, tokenizer, out_dir, rank, torch.bfloat16 if rcfg.bf16 else None)
     print0(f"rl: wrote {out_dir}; real calls {totals['real_calls']} "
            f"({totals['tool_failures']} failed), simulated calls {totals['sim_calls']}, "
            f"skipped updates {totals['skipped']}")

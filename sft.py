@@ -78,8 +78,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
-                      load_checkpoint, log_line, plain_copy, print0, release_run, resume_checkpoint, save_checkpoint,
-                      setup_dist, start_logging, truncate_log, wrap_model)
+                      load_checkpoint, load_sharded, log_line, plain_copy, print0, release_run, resume_checkpoint,
+                      save_checkpoint, setup_dist, start_logging, truncate_log, unwrap)
 from tools import ConfigError, build_prompt, cli, master_dtype, model_path, read_jsonl
 
 
@@ -396,7 +396,7 @@ def resolve_init(init, cfg):
 def main(argv=None):
     from tqdm import tqdm
     from data import ModelConfig, read_pretrain, save_atomic
-    from tools import EnvConfig, RunConfig, load_config, load_model
+    from tools import EnvConfig, RunConfig, load_config
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per run: ours
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": ModelConfig, "sft": SFTConfig}, argv, own="sft",
@@ -435,8 +435,8 @@ def main(argv=None):
         holder = [init]
         dist.broadcast_object_list(holder)
         init = holder[0]
-    model, tokenizer = load_model(init, run, device=device, dtype=master_dtype(run))
-    model.config.use_cache = False
+    ddp_model, tokenizer = load_sharded(init, run, device, master_dtype(run), sc.parallel, sc.bf16)
+    unwrap(ddp_model).config.use_cache = False
     synth = os.path.join(run.data_dir, "synth")
     if sc.stage == "pretrain":
         examples = pretrain_examples(read_pretrain(sc.data or os.path.join(run.data_dir, "pretrain.jsonl")),
@@ -448,7 +448,6 @@ def main(argv=None):
             examples += [{**e, "doc": True} for e in pretrain_examples(
                 read_pretrain(os.path.join(run.data_dir, "pretrain.jsonl")), tokenizer, env)]
     stream = Stream(examples, sc, run.seed)
-    ddp_model = wrap_model(model, device, sc.parallel, sc.bf16)
     optimizer = torch.optim.AdamW(ddp_model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, sc, steps))
     print0(f"sft: stage {sc.stage}, init {init}, {len(examples)} examples "
@@ -492,7 +491,7 @@ def main(argv=None):
                             meta={"config": cfg.to_dict(), "init": init, "data_position": [epoch, index + 1]})
 
     # 4) the output folder, then held-out metrics
-    state_dict = full_state_dict(ddp_model)  # gathers the shards under FSDP2: every rank takes part
+    state_dict = full_state_dict(ddp_model, torch.bfloat16 if sc.bf16 else None)  # FSDP2: every rank takes part
     if rank == 0:
         final = plain_copy(ddp_model, state_dict, device)
         save_atomic(out_dir, final, tokenizer)

@@ -940,6 +940,9 @@ def load_model(path, run=None, device=None, dtype=None):
     if not os.path.isdir(path) and (not is_hub_id(path) or (
             constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(path, "config.json"), str))):
         raise missing_model(path)
+    if os.path.isfile(os.path.join(path, "meta.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{path} is a checkpoint to resume from, not a model folder: the run's model is "
+                          f"{os.path.dirname(os.path.normpath(path)).removesuffix('.ckpt')} (written when it ends)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     run = run or RunConfig()
     device = device or pick_device(run)
@@ -948,6 +951,10 @@ def load_model(path, run=None, device=None, dtype=None):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if device.type == "meta":  # the structure without the weights (plumbing.load_sharded: FSDP2 ranks but rank 0)
+        from transformers import AutoConfig
+        with device:
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype), tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     return model, tokenizer
 
