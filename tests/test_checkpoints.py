@@ -35,7 +35,7 @@ model, _ = plumbing.load_sharded({base!r}, tools.RunConfig(device="cpu"), device
 whole = plumbing.full_state_dict(model)
 folder = load_file({base!r} + "/model.safetensors")
 print(json.dumps({{"rank": rank, "read": devices, "equal": rank > 0 or all(torch.equal(whole[k], folder[k])
-                                                                         for k in folder)}}))
+                                                                         for k in folder)}}), flush=True)
 for args in json.loads(sys.argv[1]):
     sft.main(args)
 """
