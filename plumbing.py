@@ -7,23 +7,29 @@ plumbing.py -- what every trainer (sft.py, rl.py, worldmodel.py) and eval.py sha
                       merge_lora (the output folder holds the merged weights)
   metric logs         log_line (one JSON line per step in <out>.metrics.jsonl, also to wandb or TensorBoard when
                       run.log asks), truncate_log (a resumed run rewrites what came after its checkpoint)
-  checkpoints         save_checkpoint / load_checkpoint: <out>.ckpt/step_XXXXXX/ = HF weights + meta.json +
-                      optimizer, scheduler and RNG per rank + a manifest of their sizes, written to a .tmp folder
-                      and renamed, so a killed run leaves a whole checkpoint or none; resume_checkpoint passes over
-                      a damaged one (a file cut short) to the newest intact one
+  checkpoints         save_checkpoint / load_checkpoint: <out>.ckpt/step_XXXXXX/ = the trained weights (each rank's
+                      FSDP2 shard, or the whole once) + meta.json + optimizer, scheduler and RNG per rank + a
+                      manifest of their sizes and SHA-256s, written to a .tmp folder and renamed, so a killed run
+                      leaves a whole checkpoint or none; resume_checkpoint passes over a damaged one (a file cut
+                      short, or changed at the same size) to the newest intact one
+  loading, saving     load_sharded (load_model + wrap_model; under FSDP2 only rank 0 reads the weights),
+                      full_state_dict (gathered for the HF output folder, in its dtype as it is gathered)
   the run guard       claim_run / release_run: a run never deletes an earlier run's output unless --overwrite,
                       and a lock refuses a second live run on the same out=
 
-A trainer's loop reads: setup_dist -> claim_run -> resume_checkpoint (finished_run: nothing to do) -> wrap_model
+A trainer's loop reads: setup_dist -> claim_run -> resume_checkpoint (finished_run: nothing to do) -> load_sharded
 -> load_checkpoint -> steps, each ending in log_line and now and then save_checkpoint -> save the HF folder ->
 release_run.
 """
 import contextlib
+import copy
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import warnings
@@ -110,6 +116,32 @@ def wrap_model(model, device, strategy="ddp", bf16=False):
     raise ConfigError(f"config: parallel strategy must be ddp, fsdp or none, got {strategy!r}")
 
 
+def load_sharded(path, run, device, dtype, strategy="ddp", bf16=False, prepare=None):
+    """(model, tokenizer): load_model, prepare(model) (the trainer's changes to the module tree: LoRA adapters,
+    activation checkpointing), then wrap_model, without a whole copy of the weights per rank. Under FSDP2 on N
+    ranks rank 0 reads the weights (into host RAM, the one whole copy), the others build the model on the meta
+    device, every rank shards it, and each receives its shards from rank 0 by broadcast (then the buffers, such as
+    the rotary frequencies, which the state dict leaves out; LoRA adapters are rank 0's too). DDP, none, or one
+    process: as before."""
+    from tools import load_model
+    prepare = prepare or (lambda model: model)
+    if not (is_dist() and (strategy == "fsdp" or bf16)):
+        model, tokenizer = load_model(path, run, device=device, dtype=dtype)
+        return wrap_model(prepare(model), device, strategy, bf16), tokenizer
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    rank = dist.get_rank()
+    model, tokenizer = load_model(path, run, device=torch.device("cpu" if rank == 0 else "meta"), dtype=dtype)
+    model = prepare(model)
+    whole = model.state_dict() if rank == 0 else {}
+    model = wrap_model(model, device, "fsdp", bf16)
+    if rank:
+        model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
+    return model, tokenizer
+
+
 def check_bf16(bf16, strategy, section):
     """bf16 is FSDP2's mixed precision (wrap_model): with ddp or none it would silently mean fsdp."""
     if bf16 and strategy != "fsdp":
@@ -139,11 +171,13 @@ def is_fsdp(model):
 
 def plain_copy(model, state_dict, device):
     """The HF model with whole, plain weights: the model itself, or under FSDP2 a copy holding state_dict (the
-    gathered weights of full_state_dict, in the master weights' dtype). A LoRA model comes back with its adapters
-    merged into the weights (peft's merge_and_unload, in place: call it when training is over), so its folder loads
-    with from_pretrained like any other."""
+    gathered weights of full_state_dict, in their dtype); None on the ranks full_state_dict gave nothing. A LoRA
+    model comes back with its adapters merged into the weights (peft's merge_and_unload, in place: call it when
+    training is over), so its folder loads with from_pretrained like any other."""
     if not is_fsdp(model):
         return merge_lora(unwrap(model))
+    if not state_dict:
+        return None
     from transformers import AutoModelForCausalLM
     copy = AutoModelForCausalLM.from_config(hf_model(model).config, dtype=next(iter(state_dict.values())).dtype)
     if is_lora(model):  # the same adapters, so that the gathered state dict's names and shapes fit
@@ -286,7 +320,8 @@ def truncate_log(path, step):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: <dir>/step_XXXXXX/ = save_pretrained weights + meta.json + optimizer/scheduler/RNG per rank
+# Checkpoints: <dir>/step_XXXXXX/ = trained weights (per rank under FSDP2) + meta.json + optimizer/scheduler/RNG
+# per rank + manifest.json
 
 def rng_state():
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -302,23 +337,44 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def full_state_dict(model):
-    """The whole model's weights as plain tensors, on every rank (gathers FSDP2 shards)."""
-    if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return unwrap(model).state_dict()
+def full_state_dict(model, dtype=None):
+    """The whole model's weights as plain tensors in host memory on rank 0 (the HF output folder; the other ranks
+    get {}). Under FSDP2 they are gathered one tensor at a time (a collective: every rank calls it) and each is cast
+    to dtype (None: the master weights' own) as it arrives, so no whole copy in the master dtype is ever built."""
+    from torch.distributed.tensor import DTensor
+    rank = dist.get_rank() if is_dist() else 0
+    whole = {}
+    for name, tensor in unwrap(model).state_dict().items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        if rank == 0:
+            whole[name] = tensor.to("cpu", dtype or tensor.dtype)
+    return whole
+
+
+def save_pretrained(model, path, state_dict):
+    """model.save_pretrained(path) of state_dict (full_state_dict's), with config.json naming the weights' dtype
+    (save_pretrained names the model's own, the fp32 of master weights)."""
+    model = unwrap(model)
+    model.save_pretrained(path, state_dict=state_dict)
+    dtype = next(iter(state_dict.values())).dtype
+    if dtype != model.dtype:
+        config = copy.deepcopy(model.config)
+        config.dtype = str(dtype).split(".")[1]
+        config.save_pretrained(path)
 
 
 def save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=None, meta=None, keep=2):
     """Write <ckpt_dir>/step_<step:06d>/ atomically; every rank must call it. Returns the folder.
 
-    Rank 0 writes the HF weights (save_pretrained, so the folder loads with from_pretrained) and meta.json
-    (meta: config, data position, ... plus step); each rank writes its optimizer, scheduler and RNG state; rank 0
-    then records every file's size in manifest.json, which load time checks (resume_checkpoint). Everything goes to
-    step_XXXXXX.tmp first and is renamed once all ranks are done, so a killed run leaves either a whole checkpoint
-    or none; a failed write (a full disk) removes the .tmp folder and is one line naming the folder and the cause,
-    and the earlier checkpoints stay as they were. Only the newest `keep` checkpoints are kept.
+    Nothing is gathered: under FSDP2 each rank writes its own shard of the parameters that train
+    (model_rank_<r>.pt; frozen ones come back from the run's init), otherwise rank 0 writes them whole (model.pt),
+    in their training dtype. Rank 0 writes meta.json (meta: config, data position, ... plus step); each rank writes
+    its optimizer, scheduler and RNG state (rank_<r>.pt). Each file's SHA-256 is computed as its bytes are written;
+    rank 0 then records every file's size and hash in manifest.json, which load time checks (resume_checkpoint).
+    Everything goes to step_XXXXXX.tmp first and is renamed once all ranks are done, so a killed run leaves either
+    a whole checkpoint or none; a failed write (a full disk) removes the .tmp folder and is one line naming the
+    folder and the cause, and the earlier checkpoints stay as they were. Only the newest `keep` are kept.
     """
     rank = dist.get_rank() if is_dist() else 0
     final = os.path.join(ckpt_dir, f"step_{step:06d}")
@@ -328,18 +384,23 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=None, meta=None,
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         barrier()
-        state_dict = full_state_dict(model)  # collective under FSDP2: every rank takes part
+        sha256 = {}
         if rank == 0:
-            unwrap(model).save_pretrained(tmp, state_dict=state_dict)
-            write_json(os.path.join(tmp, "meta.json"),
-                       {**(meta or {}), "step": step, "world_size": dist.get_world_size() if is_dist() else 1})
-        with open(os.path.join(tmp, f"rank_{rank}.pt"), "wb") as f:  # a file object: a failed write keeps its
-            torch.save({"optimizer": optimizer.state_dict(),       # OSError (a path gives "unexpected pos")
-                        "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng_state()}, f)
-        barrier()
+            meta = {**(meta or {}), "step": step, "world_size": dist.get_world_size() if is_dist() else 1}
+            sha256["meta.json"] = write_hashed(os.path.join(tmp, "meta.json"),
+                                               lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        weights = weights_file(model, rank)
+        if weights:
+            sha256[weights] = write_hashed(os.path.join(tmp, weights), lambda f: torch.save(trained_state(model), f))
+        sha256[f"rank_{rank}.pt"] = write_hashed(os.path.join(tmp, f"rank_{rank}.pt"), lambda f: torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+             "rng": rng_state()}, f))
+        for theirs in all_objects(sha256):
+            sha256.update(theirs)
         if rank == 0:
             write_json(os.path.join(tmp, MANIFEST), {"sizes": {name: os.path.getsize(os.path.join(tmp, name))
-                                                               for name in sorted(os.listdir(tmp))}})
+                                                               for name in sorted(os.listdir(tmp))},
+                                                     "sha256": dict(sorted(sha256.items()))})
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -350,7 +411,61 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=None, meta=None,
     return final
 
 
-MANIFEST = "manifest.json"  # {"sizes": {file: bytes}} of a checkpoint's files, written last
+MANIFEST = "manifest.json"  # {"sizes": {file: bytes}, "sha256": {file: hex}} of a checkpoint's files, written last
+
+
+def weights_file(model, rank):
+    """The file of a checkpoint that holds this rank's trained weights (None: rank 0 holds them all)."""
+    if is_fsdp(model):
+        return f"model_rank_{rank}.pt"
+    return "model.pt" if rank == 0 else None
+
+
+def trained_state(model):
+    """This rank's part of the parameters that train (under FSDP2 its local shards), by name, in their own dtype."""
+    from torch.distributed.tensor import DTensor
+    return {name: (p.to_local() if isinstance(p, DTensor) else p).detach()
+            for name, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+class Hashing:
+    """A file opened for writing that hashes the bytes passing through it: the checksum costs one pass over bytes
+    already in memory, not a second read of the file."""
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data):
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def write_hashed(path, write):
+    """write(f) into a new file at path; returns the SHA-256 (hex) of what was written. A file object, not a path:
+    a failed write keeps its OSError (torch.save given a path reports "unexpected pos")."""
+    with open(path, "wb") as f:
+        hashing = Hashing(f)
+        write(hashing)
+    return hashing.sha256.hexdigest()
+
+
+def file_sha256(path, chunk=1 << 24):
+    sha256 = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha256.update(block)
+    return sha256.hexdigest()
+
+
+def all_objects(obj):
+    """obj of every rank, in rank order ([obj] in one process)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def write_json(path, obj):
@@ -358,15 +473,17 @@ def write_json(path, obj):
         json.dump(obj, f, indent=1)
 
 
-def check_checkpoint(path):
-    """None when every file of the checkpoint's manifest is there with the size it was written with, else what is
-    wrong. A checkpoint without a manifest (written before they had one) is taken as it is."""
+def check_checkpoint(path, rank=0):
+    """None when every file of the checkpoint's manifest is there with the size it was written with, and the files
+    this rank loads (its own and the shared ones) with the SHA-256 they were written with, else what is wrong. A
+    checkpoint without a manifest, or without hashes (written before they had them), is checked for what it has."""
     try:
         with open(os.path.join(path, MANIFEST)) as f:
-            sizes = json.load(f)["sizes"]
+            manifest = json.load(f)
+        sizes, sha256 = manifest["sizes"], manifest.get("sha256", {})
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"its {MANIFEST} is unreadable"
     for name, size in sizes.items():
         file = os.path.join(path, name)
@@ -374,15 +491,22 @@ def check_checkpoint(path):
             return f"{name} is missing"
         if os.path.getsize(file) != size:
             return f"{name} has {os.path.getsize(file)} bytes, {size} were written"
+    for name, digest in sha256.items():
+        owner = re.search(r"rank_(\d+)\.pt$", name)  # another rank's file is that rank's to check
+        if (owner is None or int(owner[1]) == rank) and file_sha256(os.path.join(path, name)) != digest:
+            return f"{name} has other contents than were written (same size, SHA-256 differs)"
     return None
 
 
 def resume_checkpoint(ckpt_dir):
     """The newest intact checkpoint of ckpt_dir, or None when there is none at all. A damaged newer one (a file
-    cut short or missing) is reported in one line and passed over; its files stay. Only damaged ones: ConfigError."""
+    cut short, missing or changed) is reported in one line and passed over; its files stay. Only damaged ones:
+    ConfigError. Every rank calls it and hashes the files it will load; all take the verdict of the first rank that
+    found a problem."""
+    rank = dist.get_rank() if is_dist() else 0
     found = list_checkpoints(ckpt_dir)
     for path in reversed(found):
-        problem = check_checkpoint(path)
+        problem = next((p for p in all_objects(check_checkpoint(path, rank)) if p is not None), None)
         if problem is None:
             if path != found[-1]:
                 print0(f"resuming from {path}, the newest intact checkpoint")
@@ -485,9 +609,10 @@ def latest_checkpoint(ckpt_dir):
 def load_checkpoint(path, model, optimizer=None, scheduler=None):
     """Restore weights, optimizer, scheduler and this rank's RNG from a save_checkpoint folder; returns meta.
 
-    Call it after wrap_model and after building the optimizer. The run must use the same number of ranks.
+    Call it after load_sharded (or wrap_model) and after building the optimizer. The run must use the same number
+    of ranks and the same sharding (each rank reads its own file). A checkpoint written before checkpoints held
+    sharded weights (an HF folder, model.safetensors) loads as it did then.
     """
-    from transformers import AutoModelForCausalLM
     rank = dist.get_rank() if is_dist() else 0
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
@@ -495,12 +620,21 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None):
     if meta.get("world_size", 1) != world_size:
         raise ConfigError(f"{path} was written by {meta['world_size']} ranks; resume with the same number "
                          f"(now {world_size})")
-    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(unwrap(model).parameters()).dtype)
-    if is_fsdp(model):  # FSDP2: scatter the full weights into the shards
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
+    if os.path.exists(os.path.join(path, "config.json")):
+        load_hf_weights(path, model)
     else:
-        unwrap(model).load_state_dict(saved.state_dict())
+        weights = weights_file(model, rank) or "model.pt"
+        if not os.path.exists(os.path.join(path, weights)):
+            raise ConfigError(f"{path} has no {weights}: it was written {'without' if is_fsdp(model) else 'with'} "
+                              f"FSDP2; resume with the same parallel= and bf16= settings")
+        saved = torch.load(os.path.join(path, weights), map_location="cpu", weights_only=True)
+        with torch.no_grad():  # to_local() then is the shard itself: copy_ writes into the parameter
+            mine = trained_state(model)
+            if saved.keys() != mine.keys():
+                raise ConfigError(f"{path}: its weights are not this model's trained parameters (another model, or "
+                                  f"another choice of what trains); resume with the run's own settings")
+            for name, tensor in mine.items():
+                tensor.copy_(saved[name])
     state = torch.load(os.path.join(path, f"rank_{rank}.pt"), weights_only=False)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -508,3 +642,14 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None):
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return meta
+
+
+def load_hf_weights(path, model):
+    """The whole weights of an HF folder into model (scattered into its shards under FSDP2)."""
+    from transformers import AutoModelForCausalLM
+    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(unwrap(model).parameters()).dtype)
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
+    else:
+        unwrap(model).load_state_dict(saved.state_dict())

@@ -107,10 +107,11 @@ from tqdm import tqdm
 from data import load_qa, pretrain_repeats, save_atomic
 from rollout import rollout
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
-                      latest_checkpoint, load_checkpoint, log_line, print0, release_run, resume_checkpoint,
-                      save_checkpoint, setup_dist, start_logging, truncate_log, unwrap, wrap_model)
+                      latest_checkpoint, load_checkpoint, load_sharded, log_line, print0, release_run,
+                      resume_checkpoint, save_checkpoint, save_pretrained, setup_dist, start_logging, truncate_log,
+                      unwrap)
 from plumbing import add_lora, base_dtype, is_lora, plain_copy
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, load_model, make_tool, master_dtype,
+from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, make_tool, master_dtype,
                    model_path, parse, reward, truncation_warning)
 
 
@@ -490,26 +491,19 @@ def build_models(rcfg, run, device, init):
     LoRA (rl.lora_rank): fp32 adapters on a frozen base in its compute dtype, and no reference model: the KL's
     reference is the policy with its adapters off (update), which is the start model exactly."""
     train_dtype = master_dtype(run)
-    model, tokenizer = load_model(init, run, device=device, dtype=base_dtype(run, device, rcfg.lora_rank))
-    if rcfg.grad_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    if rcfg.lora_rank:
-        model = add_lora(model, rcfg.lora_rank, rcfg.lora_alpha)
+    def prepare(model):  # before sharding, on every rank: the same module tree everywhere
+        model.config.use_cache = False
+        if rcfg.grad_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return add_lora(model, rcfg.lora_rank, rcfg.lora_alpha) if rcfg.lora_rank else model
+    model, tokenizer = load_sharded(init, run, device, base_dtype(run, device, rcfg.lora_rank), rcfg.parallel,
+                                    rcfg.bf16, prepare)
     ref = None
     if rcfg.kl_coef and not rcfg.lora_rank:  # frozen copy of the start; with kl_coef 0 it is never loaded
         ref_dtype = torch.bfloat16 if (rcfg.bf16 or device.type == "cuda") and run.dtype == "auto" else train_dtype
-        ref, _ = load_model(init, run, device=device, dtype=ref_dtype)
-        ref.eval().requires_grad_(False)
-    return shard(model, rcfg, device), shard(ref, rcfg, device) if ref is not None else None, tokenizer
-
-
-def shard(model, rcfg, device):
-    """DDP (small models: a whole copy per rank) or FSDP2 (one shard group per decoder layer, then the root);
-    rl.bf16: FSDP2 with a bf16 MixedPrecisionPolicy, on one process too (plumbing.wrap_model)."""
-    if not any(p.requires_grad for p in model.parameters()):  # the reference: no gradients, no DDP
-        return wrap_model(model, device, "fsdp", rcfg.bf16) if rcfg.parallel == "fsdp" else model
-    return wrap_model(model, device, rcfg.parallel, rcfg.bf16)
+        ref, _ = load_sharded(init, run, device, ref_dtype, "fsdp" if rcfg.parallel == "fsdp" else "none", rcfg.bf16)
+        ref.eval().requires_grad_(False)  # no gradients: FSDP2 shards it like the policy, never DDP
+    return model, ref, tokenizer
 
 
 @contextlib.contextmanager
@@ -559,16 +553,17 @@ def evaluate(model, tokenizer, rows, cfg, environment, rank, world_size):
             "eval_truncated": cut / max(n, 1)}
 
 
-def save_final(model, tokenizer, out_dir, rank):
-    """The trained policy as an HF folder (full weights gathered from FSDP2 shards), written atomically; under LoRA
-    the adapters merged into the weights, on the CPU (a second copy of a 7B model would not fit beside the first)."""
-    state_dict = full_state_dict(model)
+def save_final(model, tokenizer, out_dir, rank, dtype=None):
+    """The trained policy as an HF folder (full weights gathered from FSDP2 shards, in dtype), written atomically;
+    under LoRA the adapters merged into the weights, on the CPU (a second copy of a 7B model would not fit beside
+    the first)."""
+    state_dict = full_state_dict(model, dtype)
     if rank == 0 and is_lora(model):
         save_atomic(out_dir, plain_copy(model, state_dict, torch.device("cpu")), tokenizer)
     elif rank == 0:
         class Weights:  # save_atomic calls save_pretrained on each object it is given
             def save_pretrained(self, path):
-                unwrap(model).save_pretrained(path, state_dict=state_dict)
+                save_pretrained(model, path, state_dict)
         save_atomic(out_dir, Weights(), tokenizer)
     barrier()
 
@@ -691,7 +686,7 @@ def main(argv=None):
         if (rcfg.save_every and (step + 1) % rcfg.save_every == 0) or step + 1 == rcfg.steps:
             save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler,
                             meta={"config": cfg.to_dict(), "totals": totals, "init": init}, keep=rcfg.keep_ckpts)
-    save_final(model, tokenizer, out_dir, rank)
+    save_final(model, tokenizer, out_dir, rank, torch.bfloat16 if rcfg.bf16 else None)
     print0(f"rl: wrote {out_dir}; real calls {totals['real_calls']} "
            f"({totals['tool_failures']} failed), simulated calls {totals['sim_calls']}, "
            f"skipped updates {totals['skipped']}")

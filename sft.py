@@ -82,8 +82,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
-                      load_checkpoint, log_line, plain_copy, print0, release_run, resume_checkpoint, save_checkpoint,
-                      setup_dist, start_logging, truncate_log, unwrap, wrap_model)
+                      load_checkpoint, load_sharded, log_line, plain_copy, print0, release_run, resume_checkpoint,
+                      save_checkpoint, setup_dist, start_logging, truncate_log, unwrap)
 from plumbing import add_lora, base_dtype
 from tools import ConfigError, build_prompt, cli, model_path, read_jsonl
 
@@ -468,7 +468,7 @@ def planned_steps(sc):
 def main(argv=None):
     from tqdm import tqdm
     from data import ModelConfig, save_atomic
-    from tools import EnvConfig, RunConfig, load_config, load_model, load_tokenizer
+    from tools import EnvConfig, RunConfig, load_config, load_tokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per run: ours
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": ModelConfig, "sft": SFTConfig}, argv, own="sft",
@@ -514,13 +514,14 @@ def main(argv=None):
     torch.manual_seed(run.seed)
 
     # 2) model and optimizer
-    model, _ = load_model(init, run, device=device, dtype=base_dtype(run, device, sc.lora_rank))
-    model.config.use_cache = False
-    if sc.grad_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if sc.lora_rank:  # fp32 adapters on the frozen base; plain_copy (step 5) merges them into the output folder
-        model = add_lora(model, sc.lora_rank, sc.lora_alpha)
-    ddp_model = wrap_model(model, device, sc.parallel, sc.bf16)
+    def prepare(model):  # before sharding, on every rank: the same module tree everywhere
+        model.config.use_cache = False
+        if sc.grad_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # LoRA: fp32 adapters on the frozen base; plain_copy (step 5) merges them into the output folder
+        return add_lora(model, sc.lora_rank, sc.lora_alpha) if sc.lora_rank else model
+    ddp_model, _ = load_sharded(init, run, device, base_dtype(run, device, sc.lora_rank), sc.parallel, sc.bf16,
+                                prepare)
     optimizer = torch.optim.AdamW(ddp_model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, sc, steps))
     print0(f"sft: stage {sc.stage}, init {init}, {len(examples)} examples "
@@ -571,7 +572,7 @@ def main(argv=None):
         if rank == 0:
             log_line(metrics_path, {"step": steps, "final": True, **metrics})
         print0("sft: held-out", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
-    state_dict = full_state_dict(ddp_model)  # gathers the shards under FSDP2: every rank takes part
+    state_dict = full_state_dict(ddp_model, torch.bfloat16 if sc.bf16 else None)  # FSDP2: every rank takes part
     if rank == 0:
         save_atomic(out_dir, plain_copy(ddp_model, state_dict, device), tokenizer)
         print0(f"sft: wrote {out_dir}")

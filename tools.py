@@ -981,6 +981,10 @@ def load_model(path, run=None, device=None, dtype=None):
     run = run or RunConfig()
     device = device or pick_device(run)
     dtype = dtype or pick_dtype(run, device)
+    if device.type == "meta":  # the structure without the weights (plumbing.load_sharded: FSDP2 ranks but rank 0)
+        from transformers import AutoConfig
+        with device:
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype), tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     return model, tokenizer
 
@@ -997,6 +1001,9 @@ def load_tokenizer(path):
     if not os.path.isdir(path) and (not is_hub_id(path) or (
             constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(path, "config.json"), str))):
         raise missing_model(path)
+    if os.path.isfile(os.path.join(path, "meta.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{path} is a checkpoint to resume from, not a model folder: the run's model is "
+                          f"{os.path.dirname(os.path.normpath(path)).removesuffix('.ckpt')} (written when it ends)")
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"

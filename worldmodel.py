@@ -90,8 +90,8 @@ import torch
 
 import data
 from plumbing import (RUN_FLAGS, all_mean, barrier, claim_run, finished_run, full_state_dict, load_checkpoint,
-                      log_line, plain_copy, print0, progress, release_run, resume_checkpoint, save_checkpoint,
-                      setup_dist, start_logging, truncate_log, wrap_model)
+                      load_sharded, log_line, plain_copy, print0, progress, release_run, resume_checkpoint,
+                      save_checkpoint, setup_dist, start_logging, truncate_log)
 from rollout import generate
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, format_observation, load_config,
                    load_model, make_tool, master_dtype, model_path, normalize_answer, parse, read_jsonl, reward,
@@ -446,7 +446,7 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metri
     if wm.batch_size < world_size:
         raise ConfigError(f"config: worldmodel.batch_size={wm.batch_size} is smaller than the {world_size} ranks")
     model.train()
-    ddp_model = wrap_model(model, device, "fsdp" if wm.bf16 else "ddp", wm.bf16)
+    ddp_model = model  # wrapped (DDP, or FSDP2 with bf16) by load_sharded
     optimizer = torch.optim.AdamW(model.parameters(), lr=wm.lr, weight_decay=wm.weight_decay, betas=(0.9, 0.95))
     ckpt_dir = os.path.join(cfg.run.dir, wm.out + ".ckpt")
     start = 0
@@ -481,8 +481,8 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metri
         if (wm.save_every and (step + 1) % wm.save_every == 0) or step == wm.steps - 1:
             save_checkpoint(ckpt_dir, step + 1, ddp_model, optimizer, meta={"config": cfg.to_dict()},
                             keep=wm.keep_ckpts)
-    final = plain_copy(ddp_model, full_state_dict(ddp_model), device)  # FSDP2: gathered on every rank
-    return final.eval(), log
+    final = plain_copy(ddp_model, full_state_dict(ddp_model, torch.bfloat16 if wm.bf16 else None), device)
+    return (final.eval() if final is not None else None), log  # FSDP2: rank 0's only
 
 
 # -----------------------------------------------------------------------------
@@ -697,7 +697,8 @@ def main(argv=None):
            f"({search.calls} new tool calls, {time.time() - t0:.1f}s)")
 
     # 2. fine-tune the world model: loss on observation tokens only
-    model, tokenizer = load_model(init or base, cfg.run, device=device, dtype=master_dtype(cfg.run))
+    model, tokenizer = load_sharded(init or base, cfg.run, device, master_dtype(cfg.run), "fsdp" if wm.bf16 else "ddp",
+                                    wm.bf16)
     shown = golds if wm.gold else None  # ZeroSearch: each prompt holds its question's gold answers
     examples = [make_example(tokenizer, c, env, wm.history_max_tokens, shown) for c in train_calls]
     metrics_path = os.path.join(cfg.run.dir, wm.out + ".metrics.jsonl")

@@ -115,32 +115,58 @@ def crash_after_step(monkeypatch, last):
     monkeypatch.setattr(rl, "save_checkpoint", save)
 
 
-@pytest.mark.parametrize("damaged", ["model.safetensors", "rank_0.pt"])
-def test_a_truncated_newest_checkpoint_resumes_from_the_one_before_to_the_same_weights(tiny_root, tiny_base, tmp_path,
-                                                                                        monkeypatch, capsys, damaged):
-    def argv(name):
-        return rl_argv(tiny_root, tiny_base, tmp_path / name, "steps=4", "save_every=1", "keep_ckpts=2", "eval_n=0")
-    rl.main(argv("a"))  # uninterrupted
+def ckpt_argv(tiny_root, tiny_base, runs_dir):
+    return rl_argv(tiny_root, tiny_base, runs_dir, "steps=4", "save_every=1", "keep_ckpts=2", "eval_n=0")
+
+
+@pytest.fixture(scope="module")
+def unbroken(tiny_root, tiny_base, tmp_path_factory):
+    """The final weights of ckpt_argv's run, uninterrupted."""
+    runs_dir = tmp_path_factory.mktemp("unbroken")
+    rl.main(ckpt_argv(tiny_root, tiny_base, runs_dir))
+    return load_file(runs_dir / "t" / "rl" / "model.safetensors")
+
+
+def killed_after_step_3(tiny_root, tiny_base, runs_dir, monkeypatch):
+    """ckpt_argv's run, stopped after the checkpoint of step 3; returns the checkpoint folder."""
     with monkeypatch.context() as patch:
         crash_after_step(patch, 3)
         with pytest.raises(RuntimeError, match="killed"):
-            rl.main(argv("b"))
-    ckpts = tmp_path / "b" / "t" / "rl.ckpt"
+            rl.main(ckpt_argv(tiny_root, tiny_base, runs_dir))
+    ckpts = runs_dir / "t" / "rl.ckpt"
     assert sorted(os.listdir(ckpts)) == ["step_000002", "step_000003"]
+    return ckpts
+
+
+@pytest.mark.parametrize("damaged, damage", [("model.pt", "cut"), ("rank_0.pt", "cut"), ("model.pt", "flip"),
+                                             ("rank_0.pt", "flip"), ("meta.json", "flip")])
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before_to_the_same_weights(tiny_root, tiny_base, tmp_path,
+                                                                                      monkeypatch, capsys, unbroken,
+                                                                                      damaged, damage):
+    """cut: the file cut short. flip: the same size, 4 KiB inverted in its middle (meta.json: its step 3 made 2,
+    still valid JSON, which would resume at step 2 from step 3's weights)."""
+    ckpts = killed_after_step_3(tiny_root, tiny_base, tmp_path, monkeypatch)
     file = ckpts / "step_000003" / damaged
-    size = file.stat().st_size
-    with open(file, "r+b") as f:
-        f.truncate(size // 2)
+    content = file.read_bytes()
+    size, middle = len(content), len(content) // 2
+    if damage == "cut":
+        file.write_bytes(content[:middle])
+    elif damaged == "meta.json":
+        file.write_bytes(content.replace(b'"step": 3', b'"step": 2'))
+    else:
+        file.write_bytes(content[:middle] + bytes(b ^ 0xFF for b in content[middle:middle + 4096])
+                         + content[middle + 4096:])
+    assert file.read_bytes() != content
     capsys.readouterr()
-    rl.main(argv("b") + ["--resume"])
+    rl.main(ckpt_argv(tiny_root, tiny_base, tmp_path) + ["--resume"])
     out = capsys.readouterr().out
-    assert f"warning: checkpoint {ckpts}/step_000003 is damaged: {damaged} has {size // 2} bytes, {size} were " \
-           f"written" in out
+    problem = f"{damaged} has {middle} bytes, {size} were written" if damage == "cut" else \
+        f"{damaged} has other contents than were written (same size, SHA-256 differs)"
+    assert f"warning: checkpoint {ckpts}/step_000003 is damaged: {problem}" in out
     assert f"resuming from {ckpts}/step_000002, the newest intact checkpoint" in out
-    a = load_file(tmp_path / "a" / "t" / "rl" / "model.safetensors")
-    b = load_file(tmp_path / "b" / "t" / "rl" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3, 4]
+    b = load_file(tmp_path / "t" / "rl" / "model.safetensors")
+    assert all(torch.equal(unbroken[k], b[k]) for k in unbroken)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
 
 
 def tiny_trainer(tiny_base):
@@ -180,7 +206,7 @@ def test_a_save_on_a_full_disk_is_one_line_leaves_no_partial_files_and_keeps_the
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         cli(lambda argv: plumbing.save_checkpoint(str(tmp_path), 2, model, optimizer))
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after transformers' bar of writing the weights)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 1 and "Traceback" not in err
     assert f"cannot write checkpoint {tmp_path}/step_000002: no space left on device" in err
     assert sorted(os.listdir(tmp_path)) == ["step_000001"]  # the partial step_000002.tmp is gone
@@ -198,9 +224,9 @@ from tools import RunError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
 model, optimizer = tiny_trainer({base!r})
 plumbing.save_checkpoint({ckpts!r}, 1, model, optimizer)
-sizes = {{n: os.path.getsize(os.path.join({ckpts!r}, "step_000001", n)) for n in ("model.safetensors", "rank_0.pt")}}
+sizes = {{n: os.path.getsize(os.path.join({ckpts!r}, "step_000001", n)) for n in ("model.pt", "rank_0.pt")}}
 errors = []
-for step, limit in ((2, sizes["model.safetensors"] // 2), (3, sizes["model.safetensors"] + 4096)):
+for step, limit in ((2, sizes["model.pt"] // 2), (3, sizes["model.pt"] + 4096)):
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))  # the weights, then the optimizer
     try:
         plumbing.save_checkpoint({ckpts!r}, step, model, optimizer)
@@ -211,15 +237,15 @@ print(json.dumps({{"errors": errors, "sizes": sizes}}))
 
 
 def test_real_write_failures_of_both_writers_are_one_line_with_the_os_cause(tiny_base, tmp_path):
-    """A real OS write failure (a file size limit: EFBIG, as ENOSPC would be) inside safetensors (the weights) and
-    inside torch.save (the optimizer, larger than the weights)."""
+    """A real OS write failure (a file size limit: EFBIG, as ENOSPC would be) while writing the weights and while
+    writing the optimizer (larger than the weights)."""
     ckpts = str(tmp_path / "ckpt")
     script = FILE_LIMIT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), base=tiny_base, ckpts=ckpts)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["sizes"]["rank_0.pt"] > out["sizes"]["model.safetensors"] + 4096  # the second limit hits torch.save
+    assert out["sizes"]["rank_0.pt"] > out["sizes"]["model.pt"] + 4096  # the second limit hits the optimizer's
     assert out["errors"] == [f"cannot write checkpoint {ckpts}/step_00000{s}: file too large" for s in (2, 3)]
     assert os.listdir(ckpts) == ["step_000001"] and plumbing.check_checkpoint(f"{ckpts}/step_000001") is None
 

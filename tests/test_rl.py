@@ -246,7 +246,8 @@ for parallel, loss_type in [(p, l) for p in {parallel!r} for l in ("grpo", "dapo
     ref = AutoModelForCausalLM.from_pretrained({base!r}).requires_grad_(False)
     episodes = fake_episodes(model, 16, 3, model.config.vocab_size)  # 8 prompts x 2: the global batch
     rewards = torch.tensor([1., 0., 1., 1., 0., 1., 0., 0., 1., 0., 0., 1., 1., 1., 0., 1.])
-    model, ref = rl.shard(model, cfg, device), rl.shard(ref, cfg, device)
+    model = plumbing.wrap_model(model, device, parallel)
+    ref = plumbing.wrap_model(ref, device, "fsdp" if parallel == "fsdp" else "none")  # no gradients: never DDP
     opt = torch.optim.SGD(model.parameters(), lr=1.0)  # SGD: the update is the gradient itself, scale included
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     prompt_index = list(range(rank, 8, world_size))  # this rank's prompts, as main() shards them
@@ -517,12 +518,13 @@ def test_tool_failures_below_the_limit_are_counted_and_training_goes_on(tiny_roo
 def test_bf16_on_one_process_trains_fp32_masters_and_rolls_out_with_bf16_weights(tiny_cfg, tiny_base, device,
                                                                                    one_rank_group):
     from torch.distributed.tensor import DTensor
+    from plumbing import wrap_model
     from rollout import rollout
     from tools import SearchEnv, load_model, make_tool
     device = torch.device(device)
     cfg = rl.RLConfig(group_size=2, lr=1e-2, parallel="fsdp", bf16=True)
     model, tokenizer = load_model(tiny_base, tiny_cfg.run, device=device, dtype=torch.float32)
-    model = rl.shard(model, cfg, device)
+    model = wrap_model(model, device, cfg.parallel, cfg.bf16)
     masters = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
     assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in model.parameters())
     env = SearchEnv(make_tool(tiny_cfg.env, tiny_cfg.run), tokenizer, tiny_cfg.env)

@@ -315,15 +315,18 @@ def test_bad_stage_and_unknown_flag_are_refused(tmp_path):
         sft.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--resmue", f"run.runs_dir={tmp_path}"])
 
 
-def test_bf16_on_one_process_saves_fp32_weights_that_moved(tiny_root, tiny_base, small_train, tmp_path,
+def test_bf16_on_one_process_saves_bf16_weights_that_moved(tiny_root, tiny_base, small_train, tmp_path,
                                                             one_rank_group):
-    """sft.bf16 on one process: FSDP2 (1-rank group), bf16 compute, fp32 masters; the output is a plain fp32 folder."""
+    """sft.bf16 on one process: FSDP2 (1-rank group), bf16 compute, fp32 masters; the output folder is in bf16 (its
+    config.json says so), the checkpoint keeps the fp32 masters."""
     sft.main(sft_args(tiny_root, tiny_base, str(tmp_path), small_train, "stage=sft2", "steps=2", "save_every=1",
                       "parallel=fsdp", "bf16=true"))
     out, base = weights(tmp_path / "t" / "sft2"), weights(tiny_base)
-    assert all(v.dtype == torch.float32 for v in out.values())
-    assert any(not torch.equal(out[k], base[k]) for k in base)
+    assert all(v.dtype == torch.bfloat16 for v in out.values())
+    assert json.load(open(tmp_path / "t" / "sft2" / "config.json"))["dtype"] == "bfloat16"
+    assert any(not torch.equal(out[k], base[k].bfloat16()) for k in base)
     assert all(math.isfinite(x) for x in losses(tmp_path, "sft2"))
-    assert os.path.isdir(tmp_path / "t" / "sft2.ckpt" / "step_000001")  # a checkpoint gathered from the shards
+    shard = torch.load(tmp_path / "t" / "sft2.ckpt" / "step_000001" / "model_rank_0.pt")  # the rank's shard
+    assert shard.keys() == base.keys() and all(v.dtype == torch.float32 for v in shard.values())
     with pytest.raises(tools.ConfigError, match="sft.bf16=true needs sft.parallel=fsdp"):
         sft.main(sft_args(tiny_root, tiny_base, str(tmp_path), small_train, "bf16=true"))
