@@ -135,3 +135,19 @@ def test_sft2_with_lora_lowers_the_loss_of_smollm2(smol_path, tiny_root, tiny_sy
     print("sft2 lora smollm2 losses", losses, "tok_s", [round(r["tok_s"]) for r in rows])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "sft2")
     assert type(merged).__name__ == "LlamaForCausalLM"  # a plain HF model: the adapters are in its weights
+
+
+def test_a_lora_run_checkpoints_only_its_adapters_and_resumes_to_the_same_weights(tiny_root, tiny_base, tmp_path,
+                                                                                   capsys):
+    """A checkpoint holds what trains (plumbing.trained_state): under LoRA the adapters, the frozen base comes back
+    from init; --resume from step 2 of 4 ends with the weights of the unbroken run."""
+    argv = lambda d, *x: rl_argv(tiny_root, tiny_base, tmp_path / d, "steps=4", "eval_n=0", "save_every=2",
+                                 "keep_ckpts=3", "lora_rank=4", "kl_coef=0.1", *x)
+    rl.main(argv("a"))
+    saved = torch.load(tmp_path / "a" / "t" / "rl.ckpt" / "step_000002" / "model.pt", weights_only=True)
+    assert saved and all("lora_" in name for name in saved)  # the adapters alone, not the 1M frozen weights
+    rl.main(argv("b", "steps=2"))
+    rl.main(argv("b", "--resume"))
+    assert "resumed from" in capsys.readouterr().out
+    a, b = (load_file(tmp_path / d / "t" / "rl" / "model.safetensors") for d in ("a", "b"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
