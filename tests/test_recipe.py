@@ -76,7 +76,7 @@ class Teacher(BaseHTTPRequestHandler):
 PAPER = {
     "env": {"topk": 3, "max_actions": 10, "limit_observation": "Reach the limit of search times.",
             "max_new_tokens": 8192, "number_results": True},
-    "synth": {"limit": 20000, "first_max_tokens": 2048, "turn_max_tokens": 1024},
+    "synth": {"limit": 20000, "max_tokens": 2048, "max_tokens_after_obs": 1024},
     "sft": {"lr": 5e-5, "batch_size": 32, "epochs": 2, "max_len": 8192, "bf16": True, "grad_checkpointing": True},
     "rl": {"steps": 96, "prompts_per_step": 48, "group_size": 5, "temperature": 0.6, "lr": 7e-7, "kl_coef": 1e-3,
            "eps_low": 0.2, "eps_high": 0.2, "entropy_coef": 1e-3, "reward": "lenient", "sim_env": "policy"},
