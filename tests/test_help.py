@@ -20,7 +20,7 @@ import tools
 import worldmodel
 from test_rollout import ForcedHead
 
-BENCHES = ("rl_step", "serve", "sim_rewards", "real_model")
+BENCHES = ("rl_step", "serve", "sim_rewards", "real_model", "synth")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
