@@ -35,6 +35,8 @@ class ChatConfig:
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
     seed: int = 0  # sampling seed (a torch.Generator), so a sampled answer repeats
 
+    RANGES = {"temperature": "[0, inf)", "top_p": "(0, 1]"}
+
 
 def questions(first):
     """The question given, or one per line typed at the prompt until an empty line or end of input."""

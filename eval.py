@@ -93,6 +93,7 @@ class EvalConfig:
     RANGES = {"limit": "[0, inf)", "samples": "[1, inf)", "temperature": "[0, inf)", "top_p": "(0, 1]",
               "batch_size": "[1, inf)", "show": "[0, inf)", "judge_timeout_s": "(0, inf)",
               "max_tool_failures": "[0, 1]"}
+    CHOICES = {"mode": ("agent", "notool", "workflow"), "workflow": ("auto", "fixed", "react")}
 
 
 # -----------------------------------------------------------------------------
@@ -556,18 +557,9 @@ def show_trajectory(ep, tokenizer, color=None, scored=True):
 
 # -----------------------------------------------------------------------------
 
-def check_config(ecfg):
-    """Refuse a bad eval section before any model is loaded."""
-    if ecfg.mode not in ("agent", "notool", "workflow"):
-        raise ConfigError(f"config: eval.mode must be agent, notool or workflow, got {ecfg.mode!r}")
-    if ecfg.workflow not in ("auto", "fixed", "react"):
-        raise ConfigError(f"config: eval.workflow must be auto, fixed or react, got {ecfg.workflow!r}")
-
-
 def evaluate(model, tokenizer, rows, cfg):
     """Run the configured mode over rows; (summary, records, episodes)."""
     ecfg, env_cfg = cfg.eval, cfg.env
-    check_config(ecfg)
     generator = torch.Generator(device=model.device).manual_seed(ecfg.seed)
     t0 = time.time()
     if ecfg.mode == "notool":
@@ -696,7 +688,6 @@ def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "eval": EvalConfig}, argv,
                       own="eval")
     ecfg = cfg.eval
-    check_config(ecfg)
     if ecfg.samples > 1 and ecfg.temperature == 0:
         print0("warning: eval.samples > 1 with temperature 0: every sample is the same greedy trajectory")
     torch.manual_seed(cfg.run.seed)

@@ -134,7 +134,7 @@ class RLConfig:
     eps_high: float = 0.2  # clip range above 1 (DAPO's clip-higher: 0.28)
     kl_coef: float = 0.0  # weight of the k3 KL to the frozen start model (the papers' beta); 0 = no reference model
     entropy_coef: float = 0.0  # weight of the entropy bonus
-    reward: str = "em"  # em | f1
+    reward: str = "em"  # em | f1 | lenient (the paper's accuracy: tools.lenient_match)
     # optimisation
     lr: float = 1e-4  # learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -164,6 +164,8 @@ class RLConfig:
               "sim_popular": "[0, inf)",
               "max_tool_failures": "[0, 1]", "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
               "log_every": "[1, inf)"}
+    CHOICES = {"sim_env": ("auto", "policy", "worldmodel"), "loss_type": ("grpo", "dapo", "dr_grpo"),
+               "reward": ("em", "f1", "lenient"), "parallel": ("ddp", "fsdp")}
 
 
 # -----------------------------------------------------------------------------

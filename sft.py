@@ -121,9 +121,7 @@ class SFTConfig:
               "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "bucket_batches": "[1, inf)", "max_len": "[2, inf)",
               "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
               "pretrain_share": "[0, 1)", "pretrain_steps": "[0, inf)"}
-
-
-STAGES = ("pretrain", "cot", "sft1", "sft2", "sft3")
+    CHOICES = {"stage": ("pretrain", "cot", "sft1", "sft2", "sft3"), "parallel": ("ddp", "fsdp", "none")}
 
 
 # -----------------------------------------------------------------------------
@@ -402,9 +400,6 @@ def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": ModelConfig, "sft": SFTConfig}, argv, own="sft",
                       flags=RUN_FLAGS)
     run, env, sc = cfg.run, cfg.env, cfg.sft
-    if sc.stage not in STAGES or sc.parallel not in ("ddp", "fsdp", "none"):
-        raise ConfigError(f"config: sft.stage {sc.stage!r} (one of {STAGES}) or sft.parallel {sc.parallel!r} "
-                          f"(ddp, fsdp, none)")
     check_bf16(sc.bf16, sc.parallel, "sft")
     steps = sc.steps or getattr(sc, f"{sc.stage}_steps")
     if steps == 0:

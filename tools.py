@@ -28,6 +28,7 @@ Not here: the world model environment (worldmodel.py), generation (rollout.py), 
 """
 import contextlib
 import dataclasses
+import difflib
 import functools
 import http.client
 import inspect
@@ -206,6 +207,9 @@ class RunConfig:
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
     log: str = "none"  # none | wandb | tensorboard: also send the metrics JSONL rows there (plumbing.start_logging)
 
+    CHOICES = {"device": ("auto", "cpu", "cuda", "cuda:N"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+               "log": ("none", "wandb", "tensorboard")}
+
     @property
     def dir(self):
         return os.path.join(self.runs_dir, self.name)
@@ -246,6 +250,7 @@ class EnvConfig:
 
     RANGES = {"topk": "[1, inf)", "obs_max_tokens": "[1, inf)", "max_query_chars": "[1, inf)",
               "timeout_s": "(0, inf)", "retries": "[0, 100]", "max_actions": "[0, inf)", "max_new_tokens": "[1, inf)"}
+    CHOICES = {"env": ("real", "policy", "worldmodel"), "tool": ("bm25", "http"), "on_error": ("observe", "raise")}
 
 
 def parse_value(text, typ, name):
@@ -270,12 +275,21 @@ def check_type(value, typ, name):
     return value
 
 
+def unknown_key(section, key, known):
+    """The error for a key no section field has: the closest known ones, not the whole list of them."""
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(f'{section}.{k}' for k in close)}?" if close else \
+        f"python {os.path.basename(sys.argv[0])} --help lists them"
+    return ConfigError(f"config: unknown key '{section}.{key}' ({hint})")
+
+
 def build(cls, values, section):
-    """A dataclass from a dict, refusing unknown keys, wrong types and values out of their range."""
+    """A dataclass from a dict, refusing unknown keys, wrong types, values out of their range and strings that are
+    none of their choices."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"config: unknown key '{section}.{key}' (known: {', '.join(fields)})")
+            raise unknown_key(section, key, fields)
         values[key] = check_type(value, fields[key].type, f"{section}.{key}")
     return check_ranges(cls(**values), section)
 
@@ -284,11 +298,16 @@ def build(cls, values, section):
 #     RANGES = {"group_size": "[2, inf)", "sim_share": "[0, 1]", "lr": "(0, inf)"}
 # "[" and "]" include the bound, "(" and ")" exclude it. build() checks them before any work, so a bad value is a
 # one-line ConfigError, never a traceback (group_size=0) or a silent no-op (steps=-1).
+# A string that names one of a few things has its choices in the class attribute CHOICES, beside RANGES:
+#     CHOICES = {"loss_type": ("grpo", "dapo", "dr_grpo")}
+# checked by build() too, so a typo (reward=bleu, reward=EM) is refused before any model loads, naming the key the
+# user typed, instead of falling through to some default branch. A choice ending in ":N" takes any index (cuda:1).
 INTERVAL = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])")
 
 
 def check_ranges(obj, section):
-    """obj, once each value named in its class's RANGES lies in its interval; else a ConfigError naming it."""
+    """obj, once each value named in its class's RANGES lies in its interval and each named in its CHOICES is one
+    of them; else a ConfigError naming the key."""
     for key, interval in getattr(obj, "RANGES", {}).items():
         value = getattr(obj, key)
         opening, low, high, closing = INTERVAL.fullmatch(interval).groups()
@@ -296,6 +315,12 @@ def check_ranges(obj, section):
         below = value <= float(high) if closing == "]" else value < float(high)
         if not (above and below):
             raise ConfigError(f"config: {section}.{key}={value!r} is out of range: it must be in {interval}")
+    for key, choices in getattr(obj, "CHOICES", {}).items():
+        value = getattr(obj, key)
+        if value not in choices and re.sub(r":\d+$", ":N", value) not in choices:
+            close = difflib.get_close_matches(value.lower(), choices, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"config: {section}.{key}={value!r} is none of {' | '.join(choices)}{hint}")
     return obj
 
 
@@ -356,7 +381,7 @@ def load_config(sections, argv=None, own=None, flags=()):
             raise ConfigError(f"config: override '{item}' names no section of this script ({', '.join(sections)})")
         fields = {f.name: f.type for f in dataclasses.fields(sections[name])}
         if key not in fields:
-            raise ConfigError(f"config: unknown key '{name}.{key}' (known: {', '.join(fields)})")
+            raise unknown_key(name, key, fields)
         values[name][key] = parse_value(text, fields[key], f"{name}.{key}")
     cfg = {name: build(cls, values[name], name) for name, cls in sections.items()}
     return _Namespace(cfg, path=path, flags=given)

@@ -124,3 +124,47 @@ def test_a_typo_on_the_command_line_exits_2_without_a_traceback(script, tmp_path
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: config: unknown flag --resum (")
+
+
+# -----------------------------------------------------------------------------
+# Enumerated keys: a string that is none of its choices is refused before any work, naming the key typed
+
+@pytest.mark.parametrize("module, bad", [("rl", "rl.reward=bleu"), ("rl", "rl.reward=EM"), ("rl", "rl.loss_type=ppo"),
+                                         ("rl", "rl.sim_env=foo"), ("rl", "rl.parallel=none"),
+                                         ("sft", "sft.stage=sft4"), ("sft", "sft.parallel=zero3"),
+                                         ("eval", "eval.mode=oracle"), ("eval", "eval.workflow=plan"),
+                                         ("rl", "env.env=sim"), ("rl", "env.tool=google"), ("rl", "env.on_error=skip"),
+                                         ("rl", "run.log=mlflow"), ("rl", "run.device=gpu"),
+                                         ("sft", "run.dtype=fp16"), ("worldmodel", "env.tool=grep")])
+def test_a_value_that_is_none_of_its_choices_is_one_line_naming_the_key_before_any_work(module, bad, capsys, tmp_path):
+    argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}",
+            f"run.data_dir={tmp_path}/data", bad]
+    with pytest.raises(SystemExit) as stop:
+        cli(importlib.import_module(module).main, argv)
+    err = capsys.readouterr().err
+    key, value = bad.split("=")
+    assert stop.value.code == 2 and err.count("\n") == 1 and f"config: {key}={value!r} is none of" in err
+    assert os.listdir(tmp_path) == []  # refused before anything was written
+
+
+def test_a_choice_typed_in_capitals_suggests_the_one_meant_and_a_device_index_is_a_choice():
+    from tools import RunConfig, build
+    from rl import RLConfig
+    with pytest.raises(ConfigError, match=r"rl.reward='EM' is none of em \| f1 \| lenient \(did you mean em\?\)"):
+        build(RLConfig, {"reward": "EM"}, "rl")
+    assert build(RunConfig, {"device": "cuda:1"}, "run").device == "cuda:1"
+
+
+def test_chat_refuses_a_negative_temperature(capsys):
+    import chat
+    with pytest.raises(SystemExit) as stop:
+        cli(chat.main, ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "temperature=-1"])
+    assert stop.value.code == 2 and "chat.temperature=-1.0 is out of range" in capsys.readouterr().err
+
+
+def test_an_unknown_key_suggests_the_closest_ones_instead_of_listing_all(capsys, tmp_path):
+    import rl
+    with pytest.raises(SystemExit):
+        cli(rl.main, ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "group_sise=3"])
+    err = capsys.readouterr().err
+    assert "unknown key 'rl.group_sise' (did you mean rl.group_size?)" in err and "eval_every" not in err
