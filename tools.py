@@ -359,12 +359,16 @@ def load_config(sections, argv=None, own=None, flags=()):
     raw = {}
     if path:
         try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
         except OSError as e:
             raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config: {path} is not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config: {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if raw is None:  # an empty file is a wrong or cut-short one far more often than a wish for the defaults
+            raise ConfigError(f"config: {path} is empty (no settings): to run on the defaults, leave --config out")
         if not isinstance(raw, dict):
             raise ConfigError(f"config: {path} must be a mapping of sections")
     for name, body in raw.items():

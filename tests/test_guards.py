@@ -168,3 +168,16 @@ def test_an_unknown_key_suggests_the_closest_ones_instead_of_listing_all(capsys,
         cli(rl.main, ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "group_sise=3"])
     err = capsys.readouterr().err
     assert "unknown key 'rl.group_sise' (did you mean rl.group_size?)" in err and "eval_every" not in err
+
+
+@pytest.mark.parametrize("content, says", [(b"", "is empty (no settings): to run on the defaults, leave --config out"),
+                                           (b"# all commented out\n", "is empty (no settings)"),
+                                           (b"run:\n  name: caf\xe9\n", "is not UTF-8 text")])
+def test_an_empty_or_undecodable_config_file_is_one_line_and_exit_2(content, says, capsys, tmp_path):
+    import rl
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as stop:
+        cli(rl.main, ["--config", str(path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and f"config: {path} {says}" in err
