@@ -22,7 +22,9 @@ import glob
 import json
 import os
 import random
+import shlex
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
@@ -356,17 +358,18 @@ def finished_run(out_dir, ckpt, steps):
 
 RUN_FLAGS = {"resume": "continue the run under out= from its newest checkpoint (same weights as an unbroken run)",
              "overwrite": "delete what an earlier run left under out= (folder, checkpoints, metrics) and start over"}
-_LOCKS = {}  # lock file path -> its open file, held for the life of this process
+_LOCKS = {}  # lock file path -> (its open file, the run's outputs' suffixes), held for the life of this process
+TRAINER_OUTPUTS = ("", ".ckpt", ".metrics.jsonl")  # what a trainer leaves under out=: folder, checkpoints, metrics
 
 
-def claim_run(run_dir, out, flags):
+def claim_run(run_dir, out, flags, outputs=TRAINER_OUTPUTS):
     """Lock <run_dir>/<out>.lock and check what an earlier run left under this out=, before anything is written.
 
     - another live process holds the lock: ConfigError naming its PID. fcntl locks die with their process: a
       killed run may leave the file, holding its dead PID, but never a held lock, and the next run takes it over;
-      a run that ends removes its file (release_run);
-    - <out>/, <out>.ckpt/ or <out>.metrics.jsonl exist, and neither --resume nor --overwrite was given:
-      ConfigError saying how to do either (a fresh run would replace them);
+      a run that ends removes its file (release_run), and so does one stopped by an error or a signal (tools.cli);
+    - <out> + each of `outputs` (a trainer's: <out>/, <out>.ckpt/, <out>.metrics.jsonl) exist, and neither --resume
+      nor --overwrite was given: ConfigError saying how to do either (a fresh run would replace them);
     - --overwrite: they are deleted now, and the run starts over.
     Call it on rank 0 only. The lock belongs to the process: a second main() in it (demo.py) may claim again.
     """
@@ -394,8 +397,8 @@ def claim_run(run_dir, out, flags):
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
-        _LOCKS[lock_path] = f
-    left = [p for p in (os.path.join(run_dir, out + s) for s in ("", ".ckpt", ".metrics.jsonl")) if os.path.exists(p)]
+        _LOCKS[lock_path] = (f, outputs)
+    left = [p for p in (os.path.join(run_dir, out + s) for s in outputs) if os.path.exists(p)]
     if left and "overwrite" in flags:
         for p in left:
             if os.path.isdir(p):
@@ -405,19 +408,39 @@ def claim_run(run_dir, out, flags):
         print0(f"--overwrite: deleted {', '.join(left)}")
     elif left and "resume" not in flags:
         release_run(run_dir, out)
-        raise ConfigError(f"{', '.join(left)} exist(s), left by an earlier run: --resume continues it, --overwrite "
-                          f"deletes it and starts over (or choose another out=)")
+        how = "--resume continues it, --overwrite deletes it and starts over" if ".ckpt" in outputs else \
+            "--overwrite replaces it"
+        raise ConfigError(f"{', '.join(left)} exist(s), left by an earlier run: {how} (or choose another out=)")
 
 
 def release_run(run_dir, out):
     """Drop the lock of claim_run and remove its file (at the end of a run; a crash drops the lock when the process
     ends, leaving a file that is not a lock). Removed while still held, so no other run can hold that file then."""
     path = os.path.join(run_dir, out + ".lock")
-    f = _LOCKS.pop(path, None)
+    f, _ = _LOCKS.pop(path, (None, None))
     if f is not None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
         f.close()
+
+
+def stop_runs(signal_name=None):
+    """Release every lock this process holds: its run stopped on an error or a signal (tools.cli). With a signal,
+    returns what the person who sent it needs next: each stopped trainer's newest checkpoint and the command that
+    continues from it (the steps after it are lost)."""
+    notes = []
+    for path, (_, outputs) in list(_LOCKS.items()):
+        base = path[:-len(".lock")]
+        release_run(*os.path.split(base))
+        if signal_name is None or ".ckpt" not in outputs:
+            continue
+        args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+        command = "the same torchrun command with --resume" if "LOCAL_RANK" in os.environ else \
+            shlex.join(["python", os.path.relpath(sys.argv[0]), *args, "--resume"])
+        newest = latest_checkpoint(base + ".ckpt")
+        notes.append(f"newest checkpoint {newest} (the steps after it are lost): {command} continues from it"
+                     if newest else f"no checkpoint yet: {command} starts it over")
+    return "; ".join(notes)
 
 
 def list_checkpoints(ckpt_dir):

@@ -37,9 +37,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import string
 import sys
 import textwrap
+import threading
 import time
 import tokenize
 import urllib.parse
@@ -95,15 +97,46 @@ def partial_write(tmp, what):
         raise RunError(f"cannot write {what}: {cause}") from e
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that both unwind a run the same way (tools.cli)."""
+
+
 def cli(main, argv=None):
     """Run an entry point's main(argv): a ConfigError prints its one line to stderr and exits with status 2
     (the convention of argparse and of Unix tools for bad usage), a RunError its one line and status 1; any other
-    exception keeps its traceback."""
+    exception keeps its traceback. SIGINT (Ctrl-C) and SIGTERM end it with one line, saying for a trainer which
+    checkpoint is newest and which command resumes from it, and status 130 / 143 (128 + the signal, as a shell
+    reports a killed command). Whatever ends it, the locks of its runs are released (plumbing.stop_runs)."""
+    def stop(signum, frame):
+        raise Stopped()
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set a signal handler
+    before = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    name = os.path.basename(sys.argv[0])
     try:
         return main(argv)
     except (ConfigError, RunError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
+        stop_runs()
+        print(f"{name}: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
+    except KeyboardInterrupt as e:
+        signal_name = "SIGTERM" if isinstance(e, Stopped) else "SIGINT"
+        note = stop_runs(signal_name)
+        if int(os.environ.get("RANK", 0)) == 0:
+            end_bar = "\n" if sys.stderr.isatty() else ""  # a terminal's progress bar is a line left open
+            print(f"{end_bar}{name}: stopped by {signal_name}" + (f"; {note}" if note else ""), file=sys.stderr,
+                  flush=True)
+        sys.exit(143 if isinstance(e, Stopped) else 130)
+    finally:
+        stop_runs()  # a traceback too: the lock file goes with the run
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
+
+
+def stop_runs(signal_name=None):
+    """plumbing.stop_runs where plumbing is loaded (plumbing imports tools: a script that never imported it holds
+    no lock)."""
+    plumbing = sys.modules.get("plumbing")
+    return plumbing.stop_runs(signal_name) if plumbing else ""
 
 
 def read_key_values(cls, argv, who):
