@@ -101,11 +101,12 @@ class EvalConfig:
 # -----------------------------------------------------------------------------
 # Inputs: the model and the questions
 
-def resolve_model(init, cfg):
-    """A model path from eval.init: an existing folder, a stage output under run.dir, 'base', or a hub name."""
+def resolve_model(init, cfg, key="eval.init"):
+    """A model path from eval.init (or chat.init: `key` names it in errors): an existing folder, a stage output
+    under run.dir, 'base', or a hub name."""
     if init == "base":
         return data.base_model_path(cfg)
-    return model_path(init, cfg.run.dir, f"eval.init={init!r}")
+    return model_path(init, cfg.run.dir, f"{key}={init!r}")
 
 
 def load_questions(cfg, source=None):
@@ -724,6 +725,9 @@ def main(argv=None):
     lock_tag, outputs = result_tags(ecfg, model_name, sources)
     if rank == 0:  # two evals on one tag at once, or an earlier eval's results: refused, not silently replaced
         claim_run(out_dir, lock_tag, cfg.flags, outputs)
+    if cfg.env.env == "worldmodel" and cfg.env.worldmodel and ecfg.mode != "notool":  # before the policy loads
+        from worldmodel import check_worldmodel_folder
+        check_worldmodel_folder(cfg.env.worldmodel)
     model, tokenizer = load_model(path, cfg.run, device=device)
     model.eval()
     corpus = cfg.env.corpus or os.path.join(cfg.run.data_dir, "corpus.jsonl")

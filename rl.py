@@ -541,6 +541,9 @@ def main(argv=None):
                           f"ranks ({world_size})")
     torch.manual_seed(run.seed)
     init = model_path(rcfg.init, run.dir, f"rl.init={rcfg.init!r}")  # a folder, or a stage name: sft2, sft123, ...
+    if env_cfg.worldmodel:  # a policy folder there would be refused only at the first simulated step
+        from worldmodel import check_worldmodel_folder
+        check_worldmodel_folder(env_cfg.worldmodel)
     out_dir, ckpt_dir = os.path.join(run.dir, rcfg.out), os.path.join(run.dir, rcfg.out + ".ckpt")
     if rank == 0:
         claim_run(run.dir, rcfg.out, cfg.flags)  # an earlier run's output, or a live run on this out=

@@ -635,6 +635,8 @@ def read_jsonl(path, check, what="row", on_bad="skip", warn=print):
             return NOT_UTF8
         except ValueError:
             return NOT_JSON
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a folder, not a JSONL file")
     with open(path, "rb") as f:
         placed = [(f"{path}:{n}", load(line)) for n, line in enumerate(f, 1) if line.strip()]
     return check_rows(placed, check, what, on_bad, warn)
@@ -692,9 +694,12 @@ class BM25Search:
         if index_is(index_dir, stamp):
             self.index = bm25s.BM25.load(index_dir, mmap=mmap)  # mmap: the OS pages a wiki-sized index in
         else:
+            tokens = bm25s.tokenize([d["contents"] for d in self.docs], stopwords="en", show_progress=False)
+            if not tokens.vocab:  # bm25s itself fails on it with "max() arg is an empty sequence"
+                raise ConfigError(f"{corpus_path}: no corpus row has a word to search (every contents is empty or "
+                                  f"stopwords)")
             self.index = bm25s.BM25()
-            self.index.index(bm25s.tokenize([d["contents"] for d in self.docs], stopwords="en", show_progress=False),
-                             show_progress=False)
+            self.index.index(tokens, show_progress=False)
             self.save(index_dir, stamp)
 
     def save(self, index_dir, stamp):
@@ -978,14 +983,30 @@ def missing_model(path, what="model"):
     return ConfigError(f"{what}: no model folder {path!r} ({writer} writes it; demo.py runs every stage)")
 
 
+MODEL_FILES = (("config.json", ("config.json",)),  # what from_pretrained needs in a folder, and the files that give it
+               ("weights (model.safetensors)", ("model.safetensors", "model.safetensors.index.json",
+                                                "pytorch_model.bin", "pytorch_model.bin.index.json")),
+               ("tokenizer (tokenizer.json)", ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")))
+
+
+def check_model_folder(path, what="model"):
+    """path, once it holds what from_pretrained needs (MODEL_FILES); else a one-line ConfigError naming what is
+    missing (transformers says it in ~20 lines of traceback, and only once the run has loaded everything else)."""
+    missing = [name for name, files in MODEL_FILES if not any(os.path.isfile(os.path.join(path, f)) for f in files)]
+    if missing:
+        raise ConfigError(f"{what}: {path!r} is not a model folder: it has no {' and no '.join(missing)}")
+    return path
+
+
 def model_path(name, run_dir, what="model"):
     """The folder a config's model name means: a folder, a stage output <run_dir>/<name>, or an owner/name hub
-    id; anything else is a ConfigError naming the folder expected under run_dir, before any hub call."""
+    id; anything else, or a folder that is not a model, is a ConfigError naming the folder expected under run_dir,
+    before any hub call."""
     staged = os.path.join(run_dir, name)
     if os.path.isdir(name):
-        return name
+        return check_model_folder(name, what)
     if os.path.isdir(staged):
-        return staged
+        return check_model_folder(staged, what)
     if is_hub_id(name):
         return name
     raise missing_model(staged if os.sep not in name else name, what)
@@ -1002,6 +1023,8 @@ def load_model(path, run=None, device=None, dtype=None):
     if not os.path.isdir(path) and (not is_hub_id(path) or (
             constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(path, "config.json"), str))):
         raise missing_model(path)
+    if os.path.isdir(path):
+        check_model_folder(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     run = run or RunConfig()
     device = device or pick_device(run)

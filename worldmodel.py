@@ -93,9 +93,9 @@ from plumbing import (RUN_FLAGS, all_mean, barrier, claim_run, finished_run, ful
                       log_line, plain_copy, print0, progress, release_run, resume_checkpoint, save_checkpoint,
                       setup_dist, start_logging, truncate_log, wrap_model)
 from rollout import generate
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, format_observation, load_config,
-                   load_model, make_tool, master_dtype, model_path, normalize_answer, parse, read_jsonl, reward,
-                   split_context)
+from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, check_model_folder, cli,
+                   format_observation, load_config, load_model, make_tool, master_dtype, model_path, normalize_answer,
+                   parse, read_jsonl, reward, split_context)
 
 
 @dataclass
@@ -282,6 +282,7 @@ class WorldModelEnv:
         """The folder alone says whether it was trained with gold answers (worldmodel.gold, in its config.json);
         then the golds come from run.data_dir's training questions only: RL-1 asks those, and an eval run on dev or
         test questions with this environment stops at its first call instead of showing the simulator the answers."""
+        check_worldmodel_folder(path)
         model, wm_tokenizer = load_model(path, run)
         gold_shown = getattr(model.config, "worldmodel_gold", False)
         golds = golds_by_question(run.data_dir, ("train",)) if gold_shown else None
@@ -312,6 +313,17 @@ class WorldModelEnv:
         """A well-formed observation within the real tool's token budget, whatever the model wrote."""
         text = text.replace(self.wm_tokenizer.eos_token, "")
         return format_observation([observation_body(text, self.env)], self.tokenizer, self.env)
+
+
+def check_worldmodel_folder(path):
+    """path, once it is a folder worldmodel.py wrote: its config.json records worldmodel_gold (main sets it), which a
+    policy's folder lacks. A policy there would serve as a simulator without a word."""
+    check_model_folder(path, "env.worldmodel")
+    with open(os.path.join(path, "config.json")) as f:
+        if "worldmodel_gold" not in json.load(f):
+            raise ConfigError(f"env.worldmodel: {path!r} is not a world model (its config.json has no worldmodel_gold, "
+                              f"which worldmodel.py writes; a policy's folder?)")
+    return path
 
 
 def make_environment(env, run, tokenizer):

@@ -181,3 +181,62 @@ def test_an_empty_or_undecodable_config_file_is_one_line_and_exit_2(content, say
         cli(rl.main, ["--config", str(path)])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and f"config: {path} {says}" in err
+
+
+# -----------------------------------------------------------------------------
+# Path errors: a folder where a file belongs, a folder that is not a model, a corpus with nothing to search
+
+def one_line_exit_2(module, argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli(importlib.import_module(module).main, argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err[-2000:]
+    return err
+
+
+def tiny_argv(tiny_root, runs, *extra):
+    return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.data_dir={tiny_root}/data",
+            f"run.runs_dir={runs}", "run.device=cpu", *extra]
+
+
+@pytest.mark.parametrize("module, key", [("sft", "data"), ("eval", "data"), ("rl", "train"), ("eval", "env.corpus")])
+def test_a_folder_given_as_a_data_or_corpus_file_is_one_line_and_exit_2(module, key, tiny_root, tiny_base, tmp_path,
+                                                                         capsys):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    extra = [f"{key}={folder}", f"init={tiny_base}", "steps=1", "eval_n=0"] if module == "rl" else \
+        [f"{key}={folder}", f"init={tiny_base}", "limit=1"] if module == "eval" else [f"{key}={folder}", "steps=1"]
+    err = one_line_exit_2(module, tiny_argv(tiny_root, tmp_path / "runs", *extra), capsys)
+    assert f"{folder} is a folder, not a JSONL file" in err
+
+
+@pytest.mark.parametrize("module, key", [("eval", "init"), ("chat", "init"), ("rl", "init")])
+@pytest.mark.parametrize("removed", ["model.safetensors", "config.json"])
+def test_a_model_folder_missing_its_weights_or_config_is_one_line_and_exit_2(module, key, removed, tiny_root,
+                                                                            tiny_base, tmp_path, capsys):
+    import shutil
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_base, folder)
+    (folder / removed).unlink()
+    extra = ["question=hi"] if module == "chat" else ["eval_n=0"] if module == "rl" else []
+    err = one_line_exit_2(module, tiny_argv(tiny_root, tmp_path / "runs", f"{key}={folder}", *extra), capsys)
+    what = "weights (model.safetensors)" if removed == "model.safetensors" else "config.json"
+    assert f"{module}.{key}='{folder}': '{folder}' is not a model folder: it has no {what}" in err
+
+
+@pytest.mark.parametrize("module", ["eval", "rl"])
+def test_a_policy_folder_given_as_the_world_model_is_one_line_before_the_policy_loads(module, tiny_root, tiny_base,
+                                                                                      tmp_path, capsys):
+    extra = ["env.env=worldmodel", f"init={tiny_base}", "limit=1"] if module == "eval" else \
+        ["sim_share=0.5", "sim_env=worldmodel", f"init={tiny_base}", "eval_n=0"]
+    err = one_line_exit_2(module, tiny_argv(tiny_root, tmp_path / "runs", f"env.worldmodel={tiny_base}", *extra),
+                          capsys)
+    assert f"env.worldmodel: '{tiny_base}' is not a world model" in err
+
+
+def test_a_corpus_whose_rows_are_all_empty_is_one_line(tmp_path):
+    from tools import BM25Search
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": 1, "contents": ""}\n{"id": 2, "contents": "the a"}\n')
+    with pytest.raises(ConfigError, match="no corpus row has a word to search"):
+        BM25Search(str(corpus))

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -163,7 +164,16 @@ def test_config_picks_the_environment(tiny_cfg, tiny_base, base):
     _, tok = base
     real = wmod.make_environment(dataclasses.replace(ENV, env="real"), tiny_cfg.run, tok)
     assert isinstance(real, SearchEnv) and not real.simulated
-    world = wmod.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=tiny_base), tiny_cfg.run, tok)
+    with pytest.raises(ValueError, match="env.worldmodel: .* is not a world model .*a policy's folder"):
+        wmod.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=tiny_base), tiny_cfg.run, tok)
+    folder = os.path.join(tiny_cfg.run.dir, "plain_worldmodel")  # the untrained base, marked as worldmodel.py marks
+    if not os.path.exists(folder):
+        shutil.copytree(tiny_base, folder)
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**config, "worldmodel_gold": False}, f)
+    world = wmod.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=folder), tiny_cfg.run, tok)
     assert isinstance(world, wmod.WorldModelEnv) and world.simulated and world.golds is None  # a plain world model
     assert wmod.make_environment(dataclasses.replace(ENV, env="policy"), tiny_cfg.run, tok) is None
     with pytest.raises(ValueError, match="env.worldmodel"):
