@@ -22,9 +22,11 @@ import glob
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -62,12 +64,43 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+PROGRESS_EVERY_S = 30  # a log file gets one progress line this often: a trace of the pace, not of every step
+
+
+class LineLog:
+    """What tqdm draws, made for a log file: each redraw ("\r" + the bar) replaces the pending line, which is
+    written once every `every_s` seconds and when the bar ends ("\n"). A terminal redraws one line in place; a
+    file keeps every redraw (a stage's log under the demo was one line of 186,363 characters)."""
+
+    def __init__(self, stream, every_s=PROGRESS_EVERY_S):
+        self.stream, self.every_s, self.pending, self.next_t = stream, every_s, "", 0.0
+
+    def write(self, text):
+        for piece in re.split(r"[\r\n]", text):
+            if piece.strip():
+                self.pending = piece.rstrip()
+        if self.pending and ("\n" in text or time.monotonic() >= self.next_t):
+            self.stream.write(self.pending + "\n")
+            self.pending, self.next_t = "", time.monotonic() + self.every_s
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar on stderr (kwargs: tqdm's): redrawn in place on a terminal, a line every PROGRESS_EVERY_S
+    seconds in a log file (LineLog). Every bar of the trainers, eval and synthesis is one of these."""
+    from tqdm import tqdm
+    if sys.stderr.isatty():
+        return tqdm(iterable, **kwargs)
+    return tqdm(iterable, file=LineLog(sys.stderr), ascii=True, **kwargs)
+
+
 def progress(items, size, desc, environment=None, unit="q"):
-    """The items in slices of `size`, with a tqdm bar on stderr (rank 0): items/s and, when an environment is
+    """The items in slices of `size`, with a progress_bar on stderr (rank 0): items/s and, when an environment is
     given, the real or simulated calls it has answered and its failed ones so far. Every loop that may take more
     than a few seconds goes through one, so no eval or synthesis sits silent for minutes."""
-    from tqdm import tqdm
-    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=int(os.environ.get("RANK", 0)) != 0 or not items)
+    bar = progress_bar(total=len(items), desc=desc, unit=unit, disable=int(os.environ.get("RANK", 0)) != 0 or not items)
     try:
         for i in range(0, len(items), size):
             yield items[i:i + size]

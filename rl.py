@@ -92,13 +92,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from data import load_qa, pretrain_repeats, save_atomic
 from rollout import rollout
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
-                      latest_checkpoint, load_checkpoint, log_line, print0, release_run, resume_checkpoint,
-                      save_checkpoint, setup_dist, start_logging, truncate_log, unwrap, wrap_model)
+                      latest_checkpoint, load_checkpoint, log_line, print0, progress_bar, release_run,
+                      resume_checkpoint, save_checkpoint, setup_dist, start_logging, truncate_log, unwrap, wrap_model)
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, load_model, make_tool, master_dtype,
                    model_path, parse, reward)
 
@@ -588,7 +587,7 @@ def main(argv=None):
         if rank == 0:
             log_line(metrics_path, {"step": 0, **ev})
     max_tokens = env_cfg.max_new_tokens
-    bar = tqdm(range(start, rcfg.steps), initial=start, total=rcfg.steps, disable=rank != 0, desc="rl")
+    bar = progress_bar(range(start, rcfg.steps), initial=start, total=rcfg.steps, disable=rank != 0, desc="rl")
     for step in bar:
         t0 = time.time()
         # 1) rollout: this rank's prompts, group members adjacent, in the environment of the schedule

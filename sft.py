@@ -78,8 +78,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
-                      load_checkpoint, log_line, plain_copy, print0, release_run, resume_checkpoint, save_checkpoint,
-                      setup_dist, start_logging, truncate_log, wrap_model)
+                      load_checkpoint, log_line, plain_copy, print0, progress_bar, release_run, resume_checkpoint,
+                      save_checkpoint, setup_dist, start_logging, truncate_log, wrap_model)
 from tools import ConfigError, build_prompt, cli, master_dtype, model_path, read_jsonl
 
 
@@ -392,7 +392,6 @@ def resolve_init(init, cfg):
 
 
 def main(argv=None):
-    from tqdm import tqdm
     from data import ModelConfig, read_pretrain, save_atomic
     from tools import EnvConfig, RunConfig, load_config, load_model
     from transformers.utils import logging as hf_logging
@@ -463,7 +462,7 @@ def main(argv=None):
         truncate_log(metrics_path, start)  # from the start: a fresh log
 
     # 3) the loop
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc=f"sft {sc.stage}")
+    bar = progress_bar(range(start, steps), initial=start, total=steps, disable=rank != 0, desc=f"sft {sc.stage}")
     t_last = time.time()
     for step in bar:
         stats = train_step(ddp_model, examples, stream.batch(step), sc, rank, world_size, device,

@@ -90,8 +90,8 @@ import torch
 
 import data
 from plumbing import (RUN_FLAGS, all_mean, barrier, claim_run, finished_run, full_state_dict, load_checkpoint,
-                      log_line, plain_copy, print0, progress, release_run, resume_checkpoint, save_checkpoint,
-                      setup_dist, start_logging, truncate_log, wrap_model)
+                      log_line, plain_copy, print0, progress, progress_bar, release_run, resume_checkpoint,
+                      save_checkpoint, setup_dist, start_logging, truncate_log, wrap_model)
 from rollout import generate
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, check_model_folder, cli,
                    format_observation, load_config, load_model, make_tool, master_dtype, model_path, normalize_answer,
@@ -453,7 +453,6 @@ def split_calls(calls, heldout_share, seed):
 def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metrics_path):
     """Fine-tune on (prompt, observation) examples from checkpoint `ckpt` (None: the start); one metrics row a step
     to metrics_path (rank 0). Returns the list of (step, loss) every log_every steps."""
-    from tqdm import tqdm
     wm = cfg.worldmodel
     if wm.batch_size < world_size:
         raise ConfigError(f"config: worldmodel.batch_size={wm.batch_size} is smaller than the {world_size} ranks")
@@ -469,7 +468,7 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metri
     if rank == 0:
         truncate_log(metrics_path, start)  # a resumed run rewrites the rows after its checkpoint; from 0, a fresh log
     log, t_last = [], time.time()
-    bar = tqdm(range(start, wm.steps), initial=start, total=wm.steps, disable=rank != 0, desc="worldmodel")
+    bar = progress_bar(range(start, wm.steps), initial=start, total=wm.steps, disable=rank != 0, desc="worldmodel")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, wm)
@@ -708,6 +707,9 @@ def main(argv=None):
            f"({search.calls} new tool calls, {time.time() - t0:.1f}s)")
 
     # 2. fine-tune the world model: loss on observation tokens only
+    if init is None:  # the default, and in the tiny world an untrained model: a person should know which
+        untrained = " (untrained: the tiny world's base knows nothing yet)" if cfg.model.base == "tiny" else ""
+        print0(f"worldmodel: no worldmodel.init: fine-tuning the base model {base}{untrained}")
     model, tokenizer = load_model(init or base, cfg.run, device=device, dtype=master_dtype(cfg.run))
     shown = golds if wm.gold else None  # ZeroSearch: each prompt holds its question's gold answers
     examples = [make_example(tokenizer, c, env, wm.history_max_tokens, shown) for c in train_calls]
