@@ -99,7 +99,8 @@ def test_eval_names_the_server_and_the_cause_and_exits_1_when_too_many_calls_fai
     assert stop.value.code == 1 and "Traceback" not in err
     assert f"6 of 6 real tool calls failed, more than eval.max_tool_failures=0.05: retrieval server {retriever}" \
            in err and "HTTP 500" in err
-    assert not (tmp_path / "t" / "eval").exists()  # no results that would measure the failures
+    assert not list((tmp_path / "t").rglob("*.json*"))  # no results that would measure the failures
+    assert not list((tmp_path / "t").rglob("*.lock"))  # and the lock is gone with the run
 
 
 # -----------------------------------------------------------------------------
