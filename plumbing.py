@@ -70,7 +70,7 @@ PROGRESS_EVERY_S = 30  # a log file gets one progress line this often: a trace o
 class LineLog:
     """What tqdm draws, made for a log file: each redraw ("\r" + the bar) replaces the pending line, which is
     written once every `every_s` seconds and when the bar ends ("\n"). A terminal redraws one line in place; a
-    file keeps every redraw (a stage's log under the demo was one line of 186,363 characters)."""
+    file keeps every redraw (a stage's log under the demo was a single line of them)."""
 
     def __init__(self, stream, every_s=PROGRESS_EVERY_S):
         self.stream, self.every_s, self.pending, self.next_t = stream, every_s, "", 0.0

@@ -986,12 +986,13 @@ def missing_model(path, what="model"):
 MODEL_FILES = (("config.json", ("config.json",)),  # what from_pretrained needs in a folder, and the files that give it
                ("weights (model.safetensors)", ("model.safetensors", "model.safetensors.index.json",
                                                 "pytorch_model.bin", "pytorch_model.bin.index.json")),
-               ("tokenizer (tokenizer.json)", ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")))
+               ("tokenizer (tokenizer.json)", ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                               "vocab.json")))
 
 
 def check_model_folder(path, what="model"):
     """path, once it holds what from_pretrained needs (MODEL_FILES); else a one-line ConfigError naming what is
-    missing (transformers says it in ~20 lines of traceback, and only once the run has loaded everything else)."""
+    missing (transformers says it in a long traceback, and only once the run has loaded everything else)."""
     missing = [name for name, files in MODEL_FILES if not any(os.path.isfile(os.path.join(path, f)) for f in files)]
     if missing:
         raise ConfigError(f"{what}: {path!r} is not a model folder: it has no {' and no '.join(missing)}")
