@@ -109,6 +109,8 @@ def cli(main, argv=None):
     reports a killed command). Whatever ends it, the locks of its runs are released (plumbing.stop_runs)."""
     def stop(signum, frame):
         raise Stopped()
+    if not sys.stderr.isatty():  # a log file: transformers' own bars (loading, saving weights) are redraws too
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set a signal handler
     before = signal.signal(signal.SIGTERM, stop) if main_thread else None
     name = os.path.basename(sys.argv[0])
