@@ -240,3 +240,13 @@ def test_a_corpus_whose_rows_are_all_empty_is_one_line(tmp_path):
     corpus.write_text('{"id": 1, "contents": ""}\n{"id": 2, "contents": "the a"}\n')
     with pytest.raises(ConfigError, match="no corpus row has a word to search"):
         BM25Search(str(corpus))
+
+
+def test_a_signal_before_any_checkpoint_says_so_and_an_eval_has_no_resume_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["rl.py", "--config", "configs/tiny.yaml", "--overwrite", "steps=9"])
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    plumbing.claim_run(str(tmp_path), "rl", [])
+    plumbing.claim_run(str(tmp_path / "eval"), "t", [], (".jsonl", ".summary.json"))
+    note = plumbing.stop_runs("SIGINT")
+    assert note == "no checkpoint yet: python rl.py --config configs/tiny.yaml steps=9 --resume starts it over"
+    assert plumbing._LOCKS == {} and not (tmp_path / "rl.lock").exists() and not (tmp_path / "eval" / "t.lock").exists()
