@@ -35,6 +35,8 @@ class ChatConfig:
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
     seed: int = 0  # sampling seed (a torch.Generator), so a sampled answer repeats
 
+    RANGES = {"temperature": "[0, inf)", "top_p": "(0, 1]"}
+
 
 def questions(first):
     """The question given, or one per line typed at the prompt until an empty line or end of input."""
@@ -69,7 +71,7 @@ def main(argv=None):
     import worldmodel
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "chat": ChatConfig}, argv,
                       own="chat")
-    path = ev.resolve_model(cfg.chat.init, cfg)  # a missing folder: one line naming the stage that writes it
+    path = ev.resolve_model(cfg.chat.init, cfg, "chat.init")  # a missing folder: one line naming its stage
     model, tokenizer = load_model(path, cfg.run)
     model.eval()
     environment = worldmodel.make_environment(cfg.env, cfg.run, tokenizer)  # real, a world-model LM, or None

@@ -216,7 +216,8 @@ def run_evals(p):
         if not os.path.exists(os.path.join(p.run_dir, folder, "config.json")):
             print(f"== eval {label}: no model at {os.path.join(p.run_dir, folder)}, row left empty")
             continue
-        extra = [f"eval.init={folder}", f"eval.mode={mode}", "eval.data=test", f"eval.tag={slug(label)}"]
+        extra = [f"eval.init={folder}", f"eval.mode={mode}", "eval.data=test", f"eval.tag={slug(label)}",
+                 "--overwrite"]  # a rerun of the demo evaluates its models again, on purpose
         if EVAL_LIMIT and not p.quick:
             extra.append(f"eval.limit={EVAL_LIMIT}")
         summary = p.step(f"eval {label}", "eval", ("eval",), extra)

@@ -36,7 +36,9 @@ Three modes, all through rollout.py so the rows compare fairly:
 Outputs: <run.dir>/<eval.out>/<tag>.jsonl (one row per question and sample) and <tag>.summary.json; with several
 sets (eval.data=nq,triviaqa,...) one pair per set and the paper's Table 1: <tag>.table.md and <tag>.table.json,
 a column per set plus their average, rows EM, F1, lenient accuracy, format-error rate, actions per question (and
-the judge's; and the two when-to-act errors where every set marks which questions need a search).
+the judge's; and the two when-to-act errors where every set marks which questions need a search). An earlier
+eval's results under the same eval.out and tag are never replaced unless --overwrite, and a lock refuses a second
+eval on that tag while one runs (plumbing.claim_run); a summary is written after its rows, so it always describes them.
 
     python eval.py --config configs/tiny.yaml init=sft2                     # the agent, greedy, real tool
     python eval.py --config configs/tiny.yaml init=sft2 mode=notool
@@ -61,7 +63,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-from plumbing import barrier, print0, progress, setup_dist
+from plumbing import barrier, claim_run, print0, progress, release_run, setup_dist
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, exact_match, extract_boxed,
                    f1_score, lenient_match, load_config, load_model, make_tool, model_path, parse, truncation_warning)
 
@@ -96,16 +98,18 @@ class EvalConfig:
     RANGES = {"limit": "[0, inf)", "samples": "[1, inf)", "temperature": "[0, inf)", "top_p": "(0, 1]",
               "batch_size": "[1, inf)", "show": "[0, inf)", "judge_timeout_s": "(0, inf)", "judge_workers": "[1, inf)",
               "max_tool_failures": "[0, 1]"}
+    CHOICES = {"mode": ("agent", "notool", "workflow"), "workflow": ("auto", "fixed", "react")}
 
 
 # -----------------------------------------------------------------------------
 # Inputs: the model and the questions
 
-def resolve_model(init, cfg):
-    """A model path from eval.init: an existing folder, a stage output under run.dir, 'base', or a hub name."""
+def resolve_model(init, cfg, key="eval.init"):
+    """A model path from eval.init (or chat.init: `key` names it in errors): an existing folder, a stage output
+    under run.dir, 'base', or a hub name."""
     if init == "base":
         return data.base_model_path(cfg)
-    return model_path(init, cfg.run.dir, f"eval.init={init!r}")
+    return model_path(init, cfg.run.dir, f"{key}={init!r}")
 
 
 def load_questions(cfg, source=None):
@@ -565,18 +569,9 @@ def show_trajectory(ep, tokenizer, color=None, scored=True):
 
 # -----------------------------------------------------------------------------
 
-def check_config(ecfg):
-    """Refuse a bad eval section before any model is loaded."""
-    if ecfg.mode not in ("agent", "notool", "workflow"):
-        raise ConfigError(f"config: eval.mode must be agent, notool or workflow, got {ecfg.mode!r}")
-    if ecfg.workflow not in ("auto", "fixed", "react"):
-        raise ConfigError(f"config: eval.workflow must be auto, fixed or react, got {ecfg.workflow!r}")
-
-
 def evaluate(model, tokenizer, rows, cfg):
     """Run the configured mode over rows; (summary, records, episodes)."""
     ecfg, env_cfg = cfg.eval, cfg.env
-    check_config(ecfg)
     generator = torch.Generator(device=model.device).manual_seed(ecfg.seed)
     t0 = time.time()
     if ecfg.mode == "notool":
@@ -615,13 +610,29 @@ class NoTool:
 
 
 def write_results(records, summary, out_dir, tag):
+    """<tag>.jsonl and <tag>.summary.json, so that a summary on disk always describes the rows beside it: the old
+    summary goes first, then the rows and the summary are each renamed into place, the summary last. A kill at any
+    point leaves the old pair, rows without a summary, or the new pair; never new rows beside an old summary."""
     os.makedirs(out_dir, exist_ok=True)
-    data.write_jsonl(os.path.join(out_dir, f"{tag}.jsonl"), records)
     path = os.path.join(out_dir, f"{tag}.summary.json")
     with open(path + ".tmp", "w") as f:
         json.dump(summary, f, indent=1)
+    if os.path.exists(path):
+        os.remove(path)
+    data.write_jsonl(os.path.join(out_dir, f"{tag}.jsonl"), records)
     os.replace(path + ".tmp", path)
     return path
+
+
+def result_tags(ecfg, model_name, sources):
+    """(the lock's name, the suffixes of every file this eval writes after it): one set writes <tag>.jsonl and
+    <tag>.summary.json; several write <tag>-<set>.jsonl and .summary.json for each, then <tag>.table.md/.json."""
+    if len(sources) == 1:
+        tag = ecfg.tag or f"{model_name}-{ecfg.mode}-{set_name(sources[0])}"
+        return tag, (".jsonl", ".summary.json")
+    tag = ecfg.tag or f"{model_name}-{ecfg.mode}"
+    per_set = [f"-{set_name(s)}{ext}" for s in sources for ext in (".jsonl", ".summary.json")]
+    return tag, (*per_set, ".table.md", ".table.json")
 
 
 def summary_line(summary):
@@ -701,11 +712,13 @@ def set_name(source):
     return os.path.basename(source).split(".")[0]
 
 
+FLAGS = {"overwrite": "replace the results an earlier eval wrote under the same eval.out and tag"}
+
+
 def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "eval": EvalConfig}, argv,
-                      own="eval")
+                      own="eval", flags=FLAGS)
     ecfg = cfg.eval
-    check_config(ecfg)
     if ecfg.samples > 1 and ecfg.temperature == 0:
         print0("warning: eval.samples > 1 with temperature 0: every sample is the same greedy trajectory")
     torch.manual_seed(cfg.run.seed)
@@ -717,6 +730,13 @@ def main(argv=None):
         if not rows:
             raise ConfigError(f"eval.data={source!r}: no usable questions (empty, or every row bad: each is named "
                               f"above)")
+    model_name, out_dir = os.path.basename(path.rstrip('/')), os.path.join(cfg.run.dir, ecfg.out)
+    lock_tag, outputs = result_tags(ecfg, model_name, sources)
+    if rank == 0:  # two evals on one tag at once, or an earlier eval's results: refused, not silently replaced
+        claim_run(out_dir, lock_tag, cfg.flags, outputs)
+    if cfg.env.env == "worldmodel" and cfg.env.worldmodel and ecfg.mode != "notool":  # before the policy loads
+        from worldmodel import check_worldmodel_folder
+        check_worldmodel_folder(cfg.env.worldmodel)
     model, tokenizer = load_model(path, cfg.run, device=device)
     model.eval()
     corpus = cfg.env.corpus or os.path.join(cfg.run.data_dir, "corpus.jsonl")
@@ -735,7 +755,6 @@ def main(argv=None):
     if rank != 0:
         return None
     summaries = {}
-    model_name = os.path.basename(path.rstrip('/'))
     for source in sources:  # 3) rank 0: each set's records and summary, as one process writes them
         parts = gathered[source]
         records = merge_shards(parts, ecfg.samples)
@@ -745,22 +764,22 @@ def main(argv=None):
                        tool_failures=sum(p["tool_failures"] for p in parts), ranks=world_size)
         if ecfg.judge:
             summary["judge_failures"] = sum(p["judge_failures"] for p in parts)
-        tag = (ecfg.tag if len(sources) == 1 else f"{ecfg.tag}-{set_name(source)}") if ecfg.tag else \
-            f"{model_name}-{ecfg.mode}-{set_name(source)}"
+        tag = lock_tag if len(sources) == 1 else f"{lock_tag}-{set_name(source)}"
         summary.update(model=path, mode=ecfg.mode, data=source, env=cfg.env.env, config=cfg.to_dict())
-        out = write_results(records, summary, os.path.join(cfg.run.dir, ecfg.out), tag)
+        out = write_results(records, summary, out_dir, tag)
         print(f"eval {tag}: {summary['questions']} questions -> {out}\n  {summary_line(summary)}")
         if warning := truncation_warning(summary["truncated"], cfg.env, f"eval {tag}"):
             print(warning)
         summary["tag"] = tag
         summaries[set_name(source)] = summary
     if len(sources) == 1:
+        release_run(out_dir, lock_tag)
         return summaries[set_name(sources[0])]
     tab = table(summaries, ecfg.judge)  # 4) several sets: the table
     title = f"{model_name}, {ecfg.mode}, env {cfg.env.env}/{cfg.env.tool}"
     title += f", first {ecfg.limit} per set" if ecfg.limit else ""
-    out_dir, tag = os.path.join(cfg.run.dir, ecfg.out), ecfg.tag or f"{model_name}-{ecfg.mode}"
-    out = write_table(tab, summaries, out_dir, tag, title)
+    out = write_table(tab, summaries, out_dir, lock_tag, title)
+    release_run(out_dir, lock_tag)
     print(f"table -> {out}\n" + table_markdown(tab, title))
     return {"table": tab, "summaries": summaries, "path": out}
 

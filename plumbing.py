@@ -30,8 +30,10 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import sys
+import time
 import warnings
 
 import torch
@@ -70,12 +72,43 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+PROGRESS_EVERY_S = 30  # a log file gets one progress line this often: a trace of the pace, not of every step
+
+
+class LineLog:
+    """What tqdm draws, made for a log file: each redraw ("\r" + the bar) replaces the pending line, which is
+    written once every `every_s` seconds and when the bar ends ("\n"). A terminal redraws one line in place; a
+    file keeps every redraw (a stage's log under the demo was a single line of them)."""
+
+    def __init__(self, stream, every_s=PROGRESS_EVERY_S):
+        self.stream, self.every_s, self.pending, self.next_t = stream, every_s, "", 0.0
+
+    def write(self, text):
+        for piece in re.split(r"[\r\n]", text):
+            if piece.strip():
+                self.pending = piece.rstrip()
+        if self.pending and ("\n" in text or time.monotonic() >= self.next_t):
+            self.stream.write(self.pending + "\n")
+            self.pending, self.next_t = "", time.monotonic() + self.every_s
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar on stderr (kwargs: tqdm's): redrawn in place on a terminal, a line every PROGRESS_EVERY_S
+    seconds in a log file (LineLog). Every bar of the trainers, eval and synthesis is one of these."""
+    from tqdm import tqdm
+    if sys.stderr.isatty():
+        return tqdm(iterable, **kwargs)
+    return tqdm(iterable, file=LineLog(sys.stderr), ascii=True, **kwargs)
+
+
 def progress(items, size, desc, environment=None, unit="q"):
-    """The items in slices of `size`, with a tqdm bar on stderr (rank 0): items/s and, when an environment is
+    """The items in slices of `size`, with a progress_bar on stderr (rank 0): items/s and, when an environment is
     given, the real or simulated calls it has answered and its failed ones so far. Every loop that may take more
     than a few seconds goes through one, so no eval or synthesis sits silent for minutes."""
-    from tqdm import tqdm
-    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=int(os.environ.get("RANK", 0)) != 0 or not items)
+    bar = progress_bar(total=len(items), desc=desc, unit=unit, disable=int(os.environ.get("RANK", 0)) != 0 or not items)
     try:
         for i in range(0, len(items), size):
             yield items[i:i + size]
@@ -532,17 +565,18 @@ def finished_run(out_dir, ckpt, steps):
 
 RUN_FLAGS = {"resume": "continue the run under out= from its newest checkpoint (same weights as an unbroken run)",
              "overwrite": "delete what an earlier run left under out= (folder, checkpoints, metrics) and start over"}
-_LOCKS = {}  # lock file path -> its open file, held for the life of this process
+_LOCKS = {}  # lock file path -> (its open file, the run's outputs' suffixes), held for the life of this process
+TRAINER_OUTPUTS = ("", ".ckpt", ".metrics.jsonl")  # what a trainer leaves under out=: folder, checkpoints, metrics
 
 
-def claim_run(run_dir, out, flags):
+def claim_run(run_dir, out, flags, outputs=TRAINER_OUTPUTS):
     """Lock <run_dir>/<out>.lock and check what an earlier run left under this out=, before anything is written.
 
     - another live process holds the lock: ConfigError naming its PID. fcntl locks die with their process: a
       killed run may leave the file, holding its dead PID, but never a held lock, and the next run takes it over;
-      a run that ends removes its file (release_run);
-    - <out>/, <out>.ckpt/ or <out>.metrics.jsonl exist, and neither --resume nor --overwrite was given:
-      ConfigError saying how to do either (a fresh run would replace them);
+      a run that ends removes its file (release_run), and so does one stopped by an error or a signal (tools.cli);
+    - <out> + each of `outputs` (a trainer's: <out>/, <out>.ckpt/, <out>.metrics.jsonl) exist, and neither --resume
+      nor --overwrite was given: ConfigError saying how to do either (a fresh run would replace them);
     - --overwrite: they are deleted now, and the run starts over.
     Call it on rank 0 only. The lock belongs to the process: a second main() in it (demo.py) may claim again.
     """
@@ -570,8 +604,8 @@ def claim_run(run_dir, out, flags):
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
-        _LOCKS[lock_path] = f
-    left = [p for p in (os.path.join(run_dir, out + s) for s in ("", ".ckpt", ".metrics.jsonl")) if os.path.exists(p)]
+        _LOCKS[lock_path] = (f, outputs)
+    left = [p for p in (os.path.join(run_dir, out + s) for s in outputs) if os.path.exists(p)]
     if left and "overwrite" in flags:
         for p in left:
             if os.path.isdir(p):
@@ -581,19 +615,39 @@ def claim_run(run_dir, out, flags):
         print0(f"--overwrite: deleted {', '.join(left)}")
     elif left and "resume" not in flags:
         release_run(run_dir, out)
-        raise ConfigError(f"{', '.join(left)} exist(s), left by an earlier run: --resume continues it, --overwrite "
-                          f"deletes it and starts over (or choose another out=)")
+        how = "--resume continues it, --overwrite deletes it and starts over" if ".ckpt" in outputs else \
+            "--overwrite replaces it"
+        raise ConfigError(f"{', '.join(left)} exist(s), left by an earlier run: {how} (or choose another out=)")
 
 
 def release_run(run_dir, out):
     """Drop the lock of claim_run and remove its file (at the end of a run; a crash drops the lock when the process
     ends, leaving a file that is not a lock). Removed while still held, so no other run can hold that file then."""
     path = os.path.join(run_dir, out + ".lock")
-    f = _LOCKS.pop(path, None)
+    f, _ = _LOCKS.pop(path, (None, None))
     if f is not None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
         f.close()
+
+
+def stop_runs(signal_name=None):
+    """Release every lock this process holds: its run stopped on an error or a signal (tools.cli). With a signal,
+    returns what the person who sent it needs next: each stopped trainer's newest checkpoint and the command that
+    continues from it (the steps after it are lost)."""
+    notes = []
+    for path, (_, outputs) in list(_LOCKS.items()):
+        base = path[:-len(".lock")]
+        release_run(*os.path.split(base))
+        if signal_name is None or ".ckpt" not in outputs:
+            continue
+        args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+        command = "the same torchrun command with --resume" if "LOCAL_RANK" in os.environ else \
+            shlex.join(["python", os.path.relpath(sys.argv[0]), *args, "--resume"])
+        newest = latest_checkpoint(base + ".ckpt")
+        notes.append(f"newest checkpoint {newest} (the steps after it are lost): {command} continues from it"
+                     if newest else f"no checkpoint yet: {command} starts it over")
+    return "; ".join(notes)
 
 
 def list_checkpoints(ckpt_dir):

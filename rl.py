@@ -102,14 +102,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from data import load_qa, pretrain_repeats, save_atomic
 from rollout import rollout
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
-                      latest_checkpoint, load_checkpoint, load_sharded, log_line, print0, release_run,
-                      resume_checkpoint, save_checkpoint, save_pretrained, setup_dist, start_logging, truncate_log,
-                      unwrap)
+                      latest_checkpoint, load_checkpoint, load_sharded, log_line, print0, progress_bar,
+                      release_run, resume_checkpoint, save_checkpoint, save_pretrained, setup_dist, start_logging,
+                      truncate_log, unwrap)
 from plumbing import add_lora, base_dtype, is_lora, plain_copy
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, make_tool, master_dtype,
                    model_path, parse, reward, truncation_warning)
@@ -186,6 +185,8 @@ class RLConfig:
               "sim_popular": "[0, inf)",
               "max_tool_failures": "[0, 1]", "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
               "log_every": "[1, inf)", "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
+    CHOICES = {"sim_env": ("auto", "policy", "worldmodel"), "loss_type": ("grpo", "dapo", "dr_grpo"),
+               "reward": ("em", "f1", "lenient"), "parallel": ("ddp", "fsdp")}
 
 
 # -----------------------------------------------------------------------------
@@ -583,6 +584,9 @@ def main(argv=None):
                           f"ranks ({world_size})")
     torch.manual_seed(run.seed)
     init = model_path(rcfg.init, run.dir, f"rl.init={rcfg.init!r}")  # a folder, or a stage name: sft2, sft123, ...
+    if env_cfg.worldmodel:  # a policy folder there would be refused only at the first simulated step
+        from worldmodel import check_worldmodel_folder
+        check_worldmodel_folder(env_cfg.worldmodel)
     out_dir, ckpt_dir = os.path.join(run.dir, rcfg.out), os.path.join(run.dir, rcfg.out + ".ckpt")
     if rank == 0:
         claim_run(run.dir, rcfg.out, cfg.flags)  # an earlier run's output, or a live run on this out=
@@ -627,7 +631,7 @@ def main(argv=None):
         if rank == 0:
             log_line(metrics_path, {"step": 0, **ev})
     max_tokens = env_cfg.max_new_tokens
-    bar = tqdm(range(start, rcfg.steps), initial=start, total=rcfg.steps, disable=rank != 0, desc="rl")
+    bar = progress_bar(range(start, rcfg.steps), initial=start, total=rcfg.steps, disable=rank != 0, desc="rl")
     for step in bar:
         t0 = time.time()
         # 1) rollout: this rank's prompts, group members adjacent, in the environment of the schedule

@@ -82,8 +82,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
-                      load_checkpoint, load_sharded, log_line, plain_copy, print0, release_run, resume_checkpoint,
-                      save_checkpoint, setup_dist, start_logging, truncate_log, unwrap)
+                      load_checkpoint, load_sharded, log_line, plain_copy, print0, progress_bar, release_run,
+                      resume_checkpoint, save_checkpoint, setup_dist, start_logging, truncate_log, unwrap)
 from plumbing import add_lora, base_dtype
 from tools import ConfigError, build_prompt, cli, model_path, read_jsonl
 
@@ -137,9 +137,7 @@ class SFTConfig:
               "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
               "pretrain_share": "[0, 1)", "pretrain_steps": "[0, inf)",
               "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
-
-
-STAGES = ("pretrain", "cot", "sft1", "sft2", "sft3")
+    CHOICES = {"stage": ("pretrain", "cot", "sft1", "sft2", "sft3"), "parallel": ("ddp", "fsdp", "none")}
 
 
 # -----------------------------------------------------------------------------
@@ -466,7 +464,6 @@ def planned_steps(sc):
 
 
 def main(argv=None):
-    from tqdm import tqdm
     from data import ModelConfig, save_atomic
     from tools import EnvConfig, RunConfig, load_config, load_tokenizer
     from transformers.utils import logging as hf_logging
@@ -474,9 +471,6 @@ def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": ModelConfig, "sft": SFTConfig}, argv, own="sft",
                       flags=RUN_FLAGS)
     run, env, sc = cfg.run, cfg.env, cfg.sft
-    if sc.stage not in STAGES or sc.parallel not in ("ddp", "fsdp", "none"):
-        raise ConfigError(f"config: sft.stage {sc.stage!r} (one of {STAGES}) or sft.parallel {sc.parallel!r} "
-                          f"(ddp, fsdp, none)")
     check_bf16(sc.bf16, sc.parallel, "sft")
     steps = planned_steps(sc)
     if steps == 0:
@@ -541,7 +535,7 @@ def main(argv=None):
         truncate_log(metrics_path, start)  # from the start: a fresh log
 
     # 4) the loop
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc=f"sft {sc.stage}")
+    bar = progress_bar(range(start, steps), initial=start, total=steps, disable=rank != 0, desc=f"sft {sc.stage}")
     t_last = time.time()
     for step in bar:
         stats = train_step(ddp_model, examples, stream.batch(step), sc, rank, world_size, device,

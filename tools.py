@@ -29,6 +29,7 @@ Not here: the world model environment (worldmodel.py), generation (rollout.py), 
 """
 import contextlib
 import dataclasses
+import difflib
 import functools
 import http.client
 import inspect
@@ -37,9 +38,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import string
 import sys
 import textwrap
+import threading
 import time
 import tokenize
 import urllib.parse
@@ -94,15 +97,48 @@ def partial_write(tmp, what):
         raise RunError(f"cannot write {what}: {cause}") from e
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that both unwind a run the same way (tools.cli)."""
+
+
 def cli(main, argv=None):
     """Run an entry point's main(argv): a ConfigError prints its one line to stderr and exits with status 2
     (the convention of argparse and of Unix tools for bad usage), a RunError its one line and status 1; any other
-    exception keeps its traceback."""
+    exception keeps its traceback. SIGINT (Ctrl-C) and SIGTERM end it with one line, saying for a trainer which
+    checkpoint is newest and which command resumes from it, and status 130 / 143 (128 + the signal, as a shell
+    reports a killed command). Whatever ends it, the locks of its runs are released (plumbing.stop_runs)."""
+    def stop(signum, frame):
+        raise Stopped()
+    if not sys.stderr.isatty():  # a log file: transformers' own bars (loading, saving weights) are redraws too
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set a signal handler
+    before = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    name = os.path.basename(sys.argv[0])
     try:
         return main(argv)
     except (ConfigError, RunError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
+        stop_runs()
+        print(f"{name}: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
+    except KeyboardInterrupt as e:
+        signal_name = "SIGTERM" if isinstance(e, Stopped) else "SIGINT"
+        note = stop_runs(signal_name)
+        if int(os.environ.get("RANK", 0)) == 0:
+            end_bar = "\n" if sys.stderr.isatty() else ""  # a terminal's progress bar is a line left open
+            print(f"{end_bar}{name}: stopped by {signal_name}" + (f"; {note}" if note else ""), file=sys.stderr,
+                  flush=True)
+        sys.exit(143 if isinstance(e, Stopped) else 130)
+    finally:
+        stop_runs()  # a traceback too: the lock file goes with the run
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
+
+
+def stop_runs(signal_name=None):
+    """plumbing.stop_runs where plumbing is loaded (plumbing imports tools: a script that never imported it holds
+    no lock)."""
+    plumbing = sys.modules.get("plumbing")
+    return plumbing.stop_runs(signal_name) if plumbing else ""
 
 
 def read_key_values(cls, argv, who):
@@ -206,6 +242,9 @@ class RunConfig:
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
     log: str = "none"  # none | wandb | tensorboard: also send the metrics JSONL rows there (plumbing.start_logging)
 
+    CHOICES = {"device": ("auto", "cpu", "cuda", "cuda:N"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+               "log": ("none", "wandb", "tensorboard")}
+
     @property
     def dir(self):
         return os.path.join(self.runs_dir, self.name)
@@ -253,6 +292,7 @@ class EnvConfig:
     RANGES = {"topk": "[1, inf)", "obs_max_tokens": "[1, inf)", "max_query_chars": "[1, inf)",
               "timeout_s": "(0, inf)", "retries": "[0, 100]", "max_actions": "[0, inf)", "max_new_tokens": "[1, inf)",
               "truncation_warn": "[0, 1]"}
+    CHOICES = {"env": ("real", "policy", "worldmodel"), "tool": ("bm25", "http"), "on_error": ("observe", "raise")}
 
 
 def parse_value(text, typ, name):
@@ -277,12 +317,21 @@ def check_type(value, typ, name):
     return value
 
 
+def unknown_key(section, key, known):
+    """The error for a key no section field has: the closest known ones, not the whole list of them."""
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(f'{section}.{k}' for k in close)}?" if close else \
+        f"python {os.path.basename(sys.argv[0])} --help lists them"
+    return ConfigError(f"config: unknown key '{section}.{key}' ({hint})")
+
+
 def build(cls, values, section):
-    """A dataclass from a dict, refusing unknown keys, wrong types and values out of their range."""
+    """A dataclass from a dict, refusing unknown keys, wrong types, values out of their range and strings that are
+    none of their choices."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"config: unknown key '{section}.{key}' (known: {', '.join(fields)})")
+            raise unknown_key(section, key, fields)
         values[key] = check_type(value, fields[key].type, f"{section}.{key}")
     return check_ranges(cls(**values), section)
 
@@ -291,11 +340,16 @@ def build(cls, values, section):
 #     RANGES = {"group_size": "[2, inf)", "sim_share": "[0, 1]", "lr": "(0, inf)"}
 # "[" and "]" include the bound, "(" and ")" exclude it. build() checks them before any work, so a bad value is a
 # one-line ConfigError, never a traceback (group_size=0) or a silent no-op (steps=-1).
+# A string that names one of a few things has its choices in the class attribute CHOICES, beside RANGES:
+#     CHOICES = {"loss_type": ("grpo", "dapo", "dr_grpo")}
+# checked by build() too, so a typo (reward=bleu, reward=EM) is refused before any model loads, naming the key the
+# user typed, instead of falling through to some default branch. A choice ending in ":N" takes any index (cuda:1).
 INTERVAL = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])")
 
 
 def check_ranges(obj, section):
-    """obj, once each value named in its class's RANGES lies in its interval; else a ConfigError naming it."""
+    """obj, once each value named in its class's RANGES lies in its interval and each named in its CHOICES is one
+    of them; else a ConfigError naming the key."""
     for key, interval in getattr(obj, "RANGES", {}).items():
         value = getattr(obj, key)
         opening, low, high, closing = INTERVAL.fullmatch(interval).groups()
@@ -303,6 +357,12 @@ def check_ranges(obj, section):
         below = value <= float(high) if closing == "]" else value < float(high)
         if not (above and below):
             raise ConfigError(f"config: {section}.{key}={value!r} is out of range: it must be in {interval}")
+    for key, choices in getattr(obj, "CHOICES", {}).items():
+        value = getattr(obj, key)
+        if value not in choices and re.sub(r":\d+$", ":N", value) not in choices:
+            close = difflib.get_close_matches(value.lower(), choices, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"config: {section}.{key}={value!r} is none of {' | '.join(choices)}{hint}")
     return obj
 
 
@@ -341,12 +401,16 @@ def load_config(sections, argv=None, own=None, flags=()):
     raw = {}
     if path:
         try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
         except OSError as e:
             raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config: {path} is not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config: {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if raw is None:  # an empty file is a wrong or cut-short one far more often than a wish for the defaults
+            raise ConfigError(f"config: {path} is empty (no settings): to run on the defaults, leave --config out")
         if not isinstance(raw, dict):
             raise ConfigError(f"config: {path} must be a mapping of sections")
     for name, body in raw.items():
@@ -363,7 +427,7 @@ def load_config(sections, argv=None, own=None, flags=()):
             raise ConfigError(f"config: override '{item}' names no section of this script ({', '.join(sections)})")
         fields = {f.name: f.type for f in dataclasses.fields(sections[name])}
         if key not in fields:
-            raise ConfigError(f"config: unknown key '{name}.{key}' (known: {', '.join(fields)})")
+            raise unknown_key(name, key, fields)
         values[name][key] = parse_value(text, fields[key], f"{name}.{key}")
     cfg = {name: build(cls, values[name], name) for name, cls in sections.items()}
     return _Namespace(cfg, path=path, flags=given)
@@ -601,6 +665,8 @@ def read_jsonl(path, check, what="row", on_bad="skip", warn=print):
             return NOT_UTF8
         except ValueError:
             return NOT_JSON
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a folder, not a JSONL file")
     with open(path, "rb") as f:
         placed = [(f"{path}:{n}", load(line)) for n, line in enumerate(f, 1) if line.strip()]
     return check_rows(placed, check, what, on_bad, warn)
@@ -658,9 +724,12 @@ class BM25Search:
         if index_is(index_dir, stamp):
             self.index = bm25s.BM25.load(index_dir, mmap=mmap)  # mmap: the OS pages a wiki-sized index in
         else:
+            tokens = bm25s.tokenize([d["contents"] for d in self.docs], stopwords="en", show_progress=False)
+            if not tokens.vocab:  # bm25s itself fails on it with "max() arg is an empty sequence"
+                raise ConfigError(f"{corpus_path}: no corpus row has a word to search (every contents is empty or "
+                                  f"stopwords)")
             self.index = bm25s.BM25()
-            self.index.index(bm25s.tokenize([d["contents"] for d in self.docs], stopwords="en", show_progress=False),
-                             show_progress=False)
+            self.index.index(tokens, show_progress=False)
             self.save(index_dir, stamp)
 
     def save(self, index_dir, stamp):
@@ -961,14 +1030,31 @@ def missing_model(path, what="model"):
     return ConfigError(f"{what}: no model folder {path!r} ({writer} writes it; demo.py runs every stage)")
 
 
+MODEL_FILES = (("config.json", ("config.json",)),  # what from_pretrained needs in a folder, and the files that give it
+               ("weights (model.safetensors)", ("model.safetensors", "model.safetensors.index.json",
+                                                "pytorch_model.bin", "pytorch_model.bin.index.json")),
+               ("tokenizer (tokenizer.json)", ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                               "vocab.json")))
+
+
+def check_model_folder(path, what="model"):
+    """path, once it holds what from_pretrained needs (MODEL_FILES); else a one-line ConfigError naming what is
+    missing (transformers says it in a long traceback, and only once the run has loaded everything else)."""
+    missing = [name for name, files in MODEL_FILES if not any(os.path.isfile(os.path.join(path, f)) for f in files)]
+    if missing:
+        raise ConfigError(f"{what}: {path!r} is not a model folder: it has no {' and no '.join(missing)}")
+    return path
+
+
 def model_path(name, run_dir, what="model"):
     """The folder a config's model name means: a folder, a stage output <run_dir>/<name>, or an owner/name hub
-    id; anything else is a ConfigError naming the folder expected under run_dir, before any hub call."""
+    id; anything else, or a folder that is not a model, is a ConfigError naming the folder expected under run_dir,
+    before any hub call."""
     staged = os.path.join(run_dir, name)
     if os.path.isdir(name):
-        return name
+        return check_model_folder(name, what)
     if os.path.isdir(staged):
-        return staged
+        return check_model_folder(staged, what)
     if is_hub_id(name):
         return name
     raise missing_model(staged if os.sep not in name else name, what)
@@ -1004,6 +1090,8 @@ def load_tokenizer(path):
     if os.path.isfile(os.path.join(path, "meta.json")) and not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"{path} is a checkpoint to resume from, not a model folder: the run's model is "
                           f"{os.path.dirname(os.path.normpath(path)).removesuffix('.ckpt')} (written when it ends)")
+    if os.path.isdir(path):
+        check_model_folder(path)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"

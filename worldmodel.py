@@ -90,12 +90,12 @@ import torch
 
 import data
 from plumbing import (RUN_FLAGS, all_mean, barrier, claim_run, finished_run, full_state_dict, load_checkpoint,
-                      load_sharded, log_line, plain_copy, print0, progress, release_run, resume_checkpoint,
-                      save_checkpoint, setup_dist, start_logging, truncate_log)
+                      load_sharded, log_line, plain_copy, print0, progress, progress_bar, release_run,
+                      resume_checkpoint, save_checkpoint, setup_dist, start_logging, truncate_log)
 from rollout import generate
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, format_observation, load_config,
-                   load_model, make_tool, master_dtype, model_path, normalize_answer, parse, read_jsonl, reward,
-                   split_context)
+from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, check_model_folder, cli,
+                   format_observation, load_config, load_model, make_tool, master_dtype, model_path, normalize_answer,
+                   parse, read_jsonl, reward, split_context)
 
 
 @dataclass
@@ -282,6 +282,7 @@ class WorldModelEnv:
         """The folder alone says whether it was trained with gold answers (worldmodel.gold, in its config.json);
         then the golds come from run.data_dir's training questions only: RL-1 asks those, and an eval run on dev or
         test questions with this environment stops at its first call instead of showing the simulator the answers."""
+        check_worldmodel_folder(path)
         model, wm_tokenizer = load_model(path, run)
         gold_shown = getattr(model.config, "worldmodel_gold", False)
         golds = golds_by_question(run.data_dir, ("train",)) if gold_shown else None
@@ -312,6 +313,17 @@ class WorldModelEnv:
         """A well-formed observation within the real tool's token budget, whatever the model wrote."""
         text = text.replace(self.wm_tokenizer.eos_token, "")
         return format_observation([observation_body(text, self.env)], self.tokenizer, self.env, numbered=False)
+
+
+def check_worldmodel_folder(path):
+    """path, once it is a folder worldmodel.py wrote: its config.json records worldmodel_gold (main sets it), which a
+    policy's folder lacks. A policy there would serve as a simulator without a word."""
+    check_model_folder(path, "env.worldmodel")
+    with open(os.path.join(path, "config.json")) as f:
+        if "worldmodel_gold" not in json.load(f):
+            raise ConfigError(f"env.worldmodel: {path!r} is not a world model (its config.json has no worldmodel_gold, "
+                              f"which worldmodel.py writes; a policy's folder?)")
+    return path
 
 
 def make_environment(env, run, tokenizer):
@@ -441,7 +453,6 @@ def split_calls(calls, heldout_share, seed):
 def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metrics_path):
     """Fine-tune on (prompt, observation) examples from checkpoint `ckpt` (None: the start); one metrics row a step
     to metrics_path (rank 0). Returns the list of (step, loss) every log_every steps."""
-    from tqdm import tqdm
     wm = cfg.worldmodel
     if wm.batch_size < world_size:
         raise ConfigError(f"config: worldmodel.batch_size={wm.batch_size} is smaller than the {world_size} ranks")
@@ -457,7 +468,7 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metri
     if rank == 0:
         truncate_log(metrics_path, start)  # a resumed run rewrites the rows after its checkpoint; from 0, a fresh log
     log, t_last = [], time.time()
-    bar = tqdm(range(start, wm.steps), initial=start, total=wm.steps, disable=rank != 0, desc="worldmodel")
+    bar = progress_bar(range(start, wm.steps), initial=start, total=wm.steps, disable=rank != 0, desc="worldmodel")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, wm)
@@ -697,6 +708,9 @@ def main(argv=None):
            f"({search.calls} new tool calls, {time.time() - t0:.1f}s)")
 
     # 2. fine-tune the world model: loss on observation tokens only
+    if init is None:  # the default, and in the tiny world an untrained model: a person should know which
+        untrained = " (untrained: the tiny world's base knows nothing yet)" if cfg.model.base == "tiny" else ""
+        print0(f"worldmodel: no worldmodel.init: fine-tuning the base model {base}{untrained}")
     model, tokenizer = load_sharded(init or base, cfg.run, device, master_dtype(cfg.run), "fsdp" if wm.bf16 else "ddp",
                                     wm.bf16)
     shown = golds if wm.gold else None  # ZeroSearch: each prompt holds its question's gold answers

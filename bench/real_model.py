@@ -145,7 +145,7 @@ def main(argv=None):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     n, flags = args["eval_n"], ["--overwrite"]
     evals = lambda init, tag: py + ["eval.py", *cfg, f"init={init}", "data=test", f"limit={n}",  # noqa: E731
-                                    f"batch_size={n}", f"tag={tag}"]
+                                    f"batch_size={n}", f"tag={tag}", *flags]
     sft = lambda launcher, out, steps, batch, stage="sft2", init="base": launcher + [  # noqa: E731
         "sft.py", *cfg, f"stage={stage}", f"init={init}", f"out={out}", f"steps={steps}", f"batch_size={batch}",
         f"device_batch_size={min(batch, 8)}", f"lr={args['sft_lr']}", f"warmup_steps={max(1, steps // 8)}",

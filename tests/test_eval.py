@@ -475,3 +475,60 @@ def test_instruct_models_get_direct_prompting_without_tool(tiny_root, tiny_base)
         prompt = tokenizer.decode(ep.prompt_ids)
         assert ev.DIRECT_PROMPT in prompt and "<think>" not in prompt and len(ep.ids) <= 48
         assert all(m == 1 for m in ep.mask)  # nothing but the model's own answer
+
+
+# -----------------------------------------------------------------------------
+# The output guard: an earlier eval's results stay unless --overwrite; a summary always describes its rows
+
+def test_a_second_eval_on_the_same_tag_is_refused_unless_overwrite(tiny_root, tiny_base, tmp_path):
+    import os
+    from tools import ConfigError
+    argv = ["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data", f"run.runs_dir={tmp_path}",
+            "run.name=g", f"init={tiny_base}", "limit=2", "mode=notool", "env.max_new_tokens=8", "tag=t",
+            "run.device=cpu"]
+    ev.main(argv)
+    summary = tmp_path / "g" / "eval" / "t.summary.json"
+    first = summary.read_text()
+    with pytest.raises(ConfigError, match=r"t.jsonl, .*t.summary.json exist\(s\), left by an earlier run: "
+                                          r"--overwrite replaces it"):
+        ev.main(argv[:-3] + ["limit=1", "tag=t", "run.device=cpu"])
+    assert summary.read_text() == first  # untouched
+    ev.main(argv[:-3] + ["limit=1", "tag=t", "run.device=cpu", "--overwrite"])
+    assert json.loads(summary.read_text())["questions"] == 1
+    assert sorted(os.listdir(tmp_path / "g" / "eval")) == ["t.jsonl", "t.summary.json"]  # no lock file left
+
+
+def test_an_eval_on_a_tag_another_live_eval_holds_is_refused(tiny_root, tiny_base, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from tools import ConfigError
+    out = tmp_path / "g" / "eval"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, plumbing; plumbing.claim_run(sys.argv[1], 't', "
+                               "[], ('.jsonl',)); print('held', flush=True); time.sleep(120)", str(out)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=f"is in use by a live run \\(PID {holder.pid};"):
+            ev.main(["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data", f"run.runs_dir={tmp_path}",
+                     "run.name=g", f"init={tiny_base}", "limit=1", "tag=t", "--overwrite"])
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_kill_between_rows_and_summary_never_leaves_new_rows_beside_the_old_summary(tmp_path, monkeypatch):
+    import os
+    ev.write_results([{"model": "old"}], {"model": "old"}, str(tmp_path), "t")
+    real_replace = os.replace
+
+    def killed_at_the_summary(src, dst):
+        if dst.endswith(".summary.json"):
+            raise KeyboardInterrupt  # the process dies here: the rows are in place, the summary not yet
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", killed_at_the_summary)
+    with pytest.raises(KeyboardInterrupt):
+        ev.write_results([{"model": "new"}], {"model": "new"}, str(tmp_path), "t")
+    rows = (tmp_path / "t.jsonl").read_text()
+    summary = tmp_path / "t.summary.json"
+    assert '"new"' in rows and not summary.exists()  # rows without a summary, never beside the old one

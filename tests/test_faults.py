@@ -6,6 +6,8 @@ checkpoint cut short, a disk that fills during a save, a run with nothing to do,
 import errno
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -97,7 +99,8 @@ def test_eval_names_the_server_and_the_cause_and_exits_1_when_too_many_calls_fai
     assert stop.value.code == 1 and "Traceback" not in err
     assert f"6 of 6 real tool calls failed, more than eval.max_tool_failures=0.05: retrieval server {retriever}" \
            in err and "HTTP 500" in err
-    assert not (tmp_path / "t" / "eval").exists()  # no results that would measure the failures
+    assert not list((tmp_path / "t").rglob("*.json*"))  # no results that would measure the failures
+    assert not list((tmp_path / "t").rglob("*.lock"))  # and the lock is gone with the run
 
 
 # -----------------------------------------------------------------------------
@@ -337,3 +340,37 @@ def test_config_ranges_are_checked_before_any_work():
         with pytest.raises(ConfigError, match=message):
             load_config({"rl": rl.RLConfig, "env": EnvConfig}, [bad], own="rl")
     assert issubclass(FailureLimit, RunError)
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: one line naming the newest checkpoint and the --resume command, the lock released
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signalled_trainer_names_its_newest_checkpoint_and_the_resume_command(tiny_root, tiny_base, tmp_path, signum,
+                                                                                 status):
+    argv = rl_argv(tiny_root, tiny_base, tmp_path, "steps=1000", "save_every=1", "eval_n=0", "--overwrite")
+    proc = subprocess.Popen([sys.executable, "rl.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    ckpt_dir = tmp_path / "t" / "rl.ckpt"
+    deadline = time.time() + 120
+    while not (ckpt_dir / "step_000001").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == status, err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "t" / "rl.lock").exists()
+    last = err.strip().splitlines()[-1]
+    newest = plumbing.latest_checkpoint(str(ckpt_dir))
+    resume = shlex.join(["python", "rl.py", *argv[:-1], "--resume"])
+    assert last == (f"rl.py: stopped by {signal.Signals(signum).name}; newest checkpoint {newest} (the steps after it "
+                    f"are lost): {resume} continues from it")
+
+
+def test_a_run_stopped_by_a_one_line_error_leaves_no_lock_behind(tiny_root, tiny_base, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as stop:  # claim_run took the lock, then the training rows were found empty
+        cli(rl.main, rl_argv(tiny_root, tiny_base, tmp_path, f"train={empty}", "steps=1"))
+    assert stop.value.code == 2 and "no usable QA rows" in capsys.readouterr().err
+    assert not (tmp_path / "t" / "rl.lock").exists() and plumbing._LOCKS == {}

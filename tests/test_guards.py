@@ -124,3 +124,129 @@ def test_a_typo_on_the_command_line_exits_2_without_a_traceback(script, tmp_path
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: config: unknown flag --resum (")
+
+
+# -----------------------------------------------------------------------------
+# Enumerated keys: a string that is none of its choices is refused before any work, naming the key typed
+
+@pytest.mark.parametrize("module, bad", [("rl", "rl.reward=bleu"), ("rl", "rl.reward=EM"), ("rl", "rl.loss_type=ppo"),
+                                         ("rl", "rl.sim_env=foo"), ("rl", "rl.parallel=none"),
+                                         ("sft", "sft.stage=sft4"), ("sft", "sft.parallel=zero3"),
+                                         ("eval", "eval.mode=oracle"), ("eval", "eval.workflow=plan"),
+                                         ("rl", "env.env=sim"), ("rl", "env.tool=google"), ("rl", "env.on_error=skip"),
+                                         ("rl", "run.log=mlflow"), ("rl", "run.device=gpu"),
+                                         ("sft", "run.dtype=fp16"), ("worldmodel", "env.tool=grep")])
+def test_a_value_that_is_none_of_its_choices_is_one_line_naming_the_key_before_any_work(module, bad, capsys, tmp_path):
+    argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}",
+            f"run.data_dir={tmp_path}/data", bad]
+    with pytest.raises(SystemExit) as stop:
+        cli(importlib.import_module(module).main, argv)
+    err = capsys.readouterr().err
+    key, value = bad.split("=")
+    assert stop.value.code == 2 and err.count("\n") == 1 and f"config: {key}={value!r} is none of" in err
+    assert os.listdir(tmp_path) == []  # refused before anything was written
+
+
+def test_a_choice_typed_in_capitals_suggests_the_one_meant_and_a_device_index_is_a_choice():
+    from tools import RunConfig, build
+    from rl import RLConfig
+    with pytest.raises(ConfigError, match=r"rl.reward='EM' is none of em \| f1 \| lenient \(did you mean em\?\)"):
+        build(RLConfig, {"reward": "EM"}, "rl")
+    assert build(RunConfig, {"device": "cuda:1"}, "run").device == "cuda:1"
+
+
+def test_chat_refuses_a_negative_temperature(capsys):
+    import chat
+    with pytest.raises(SystemExit) as stop:
+        cli(chat.main, ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "temperature=-1"])
+    assert stop.value.code == 2 and "chat.temperature=-1.0 is out of range" in capsys.readouterr().err
+
+
+def test_an_unknown_key_suggests_the_closest_ones_instead_of_listing_all(capsys, tmp_path):
+    import rl
+    with pytest.raises(SystemExit):
+        cli(rl.main, ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "group_sise=3"])
+    err = capsys.readouterr().err
+    assert "unknown key 'rl.group_sise' (did you mean rl.group_size?)" in err and "eval_every" not in err
+
+
+@pytest.mark.parametrize("content, says", [(b"", "is empty (no settings): to run on the defaults, leave --config out"),
+                                           (b"# all commented out\n", "is empty (no settings)"),
+                                           (b"run:\n  name: caf\xe9\n", "is not UTF-8 text")])
+def test_an_empty_or_undecodable_config_file_is_one_line_and_exit_2(content, says, capsys, tmp_path):
+    import rl
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as stop:
+        cli(rl.main, ["--config", str(path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and f"config: {path} {says}" in err
+
+
+# -----------------------------------------------------------------------------
+# Path errors: a folder where a file belongs, a folder that is not a model, a corpus with nothing to search
+
+def one_line_exit_2(module, argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli(importlib.import_module(module).main, argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err[-2000:]
+    return err
+
+
+def tiny_argv(tiny_root, runs, *extra):
+    return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.data_dir={tiny_root}/data",
+            f"run.runs_dir={runs}", "run.device=cpu", *extra]
+
+
+@pytest.mark.parametrize("module, key", [("sft", "data"), ("eval", "data"), ("rl", "train"), ("eval", "env.corpus")])
+def test_a_folder_given_as_a_data_or_corpus_file_is_one_line_and_exit_2(module, key, tiny_root, tiny_base, tmp_path,
+                                                                         capsys):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    extra = [f"{key}={folder}", f"init={tiny_base}", "steps=1", "eval_n=0"] if module == "rl" else \
+        [f"{key}={folder}", f"init={tiny_base}", "limit=1"] if module == "eval" else [f"{key}={folder}", "steps=1"]
+    err = one_line_exit_2(module, tiny_argv(tiny_root, tmp_path / "runs", *extra), capsys)
+    assert f"{folder} is a folder, not a JSONL file" in err
+
+
+@pytest.mark.parametrize("module, key", [("eval", "init"), ("chat", "init"), ("rl", "init")])
+@pytest.mark.parametrize("removed", ["model.safetensors", "config.json"])
+def test_a_model_folder_missing_its_weights_or_config_is_one_line_and_exit_2(module, key, removed, tiny_root,
+                                                                            tiny_base, tmp_path, capsys):
+    import shutil
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_base, folder)
+    (folder / removed).unlink()
+    extra = ["question=hi"] if module == "chat" else ["eval_n=0"] if module == "rl" else []
+    err = one_line_exit_2(module, tiny_argv(tiny_root, tmp_path / "runs", f"{key}={folder}", *extra), capsys)
+    what = "weights (model.safetensors)" if removed == "model.safetensors" else "config.json"
+    assert f"{module}.{key}='{folder}': '{folder}' is not a model folder: it has no {what}" in err
+
+
+@pytest.mark.parametrize("module", ["eval", "rl"])
+def test_a_policy_folder_given_as_the_world_model_is_one_line_before_the_policy_loads(module, tiny_root, tiny_base,
+                                                                                      tmp_path, capsys):
+    extra = ["env.env=worldmodel", f"init={tiny_base}", "limit=1"] if module == "eval" else \
+        ["sim_share=0.5", "sim_env=worldmodel", f"init={tiny_base}", "eval_n=0"]
+    err = one_line_exit_2(module, tiny_argv(tiny_root, tmp_path / "runs", f"env.worldmodel={tiny_base}", *extra),
+                          capsys)
+    assert f"env.worldmodel: '{tiny_base}' is not a world model" in err
+
+
+def test_a_corpus_whose_rows_are_all_empty_is_one_line(tmp_path):
+    from tools import BM25Search
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": 1, "contents": ""}\n{"id": 2, "contents": "the a"}\n')
+    with pytest.raises(ConfigError, match="no corpus row has a word to search"):
+        BM25Search(str(corpus))
+
+
+def test_a_signal_before_any_checkpoint_says_so_and_an_eval_has_no_resume_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["rl.py", "--config", "configs/tiny.yaml", "--overwrite", "steps=9"])
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    plumbing.claim_run(str(tmp_path), "rl", [])
+    plumbing.claim_run(str(tmp_path / "eval"), "t", [], (".jsonl", ".summary.json"))
+    note = plumbing.stop_runs("SIGINT")
+    assert note == "no checkpoint yet: python rl.py --config configs/tiny.yaml steps=9 --resume starts it over"
+    assert plumbing._LOCKS == {} and not (tmp_path / "rl.lock").exists() and not (tmp_path / "eval" / "t.lock").exists()

@@ -3,6 +3,7 @@ asked-for logger too; a missing package costs one warning line, never the run.
 
     .venv/bin/python -m pytest -q tests/test_logging.py
 """
+import io
 import json
 import os
 import sys
@@ -107,3 +108,45 @@ def test_progress_yields_every_slice_and_shows_rate_calls_and_failures(capsys):
     err = capsys.readouterr().err
     assert seen == [[0, 1], [2, 3], [4]]
     assert "eval: 100%" in err and "5/5" in err and "q/s" in err and "calls=6, failures=1" in err
+
+
+# -----------------------------------------------------------------------------
+# Progress: a terminal keeps its redrawn bar, a log file gets a line now and then
+
+class Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_in_a_log_file_is_a_line_now_and_then_without_redraws_and_a_terminal_keeps_the_bar(monkeypatch):
+    for tty in (False, True):
+        stream = Stream(tty)
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = plumbing.progress_bar(range(200), total=200, desc="rl", mininterval=0)
+        for step in bar:
+            bar.set_postfix(loss=f"{step:.4f}")  # each one redraws the bar
+        bar.close()
+        text = stream.getvalue()
+        if tty:
+            assert text.count("\r") > 100  # redrawn in place, as before
+        else:
+            lines = text.splitlines()
+            assert "\r" not in text and 1 <= len(lines) <= 3, lines  # the start, then the end (within 30 s)
+            assert lines[-1].startswith("rl: 100%") and "200/200" in lines[-1] and "loss=199.0000" in lines[-1]
+
+
+def test_a_log_line_is_written_once_the_period_has_passed(monkeypatch):
+    stream, now = io.StringIO(), [100.0]
+    monkeypatch.setattr(plumbing.time, "monotonic", lambda: now[0])
+    log = plumbing.LineLog(stream, every_s=30)
+    log.write("\rstep 1")
+    log.write("\rstep 2")  # within the period: kept pending
+    now[0] += 31
+    log.write("\rstep 3")
+    log.write("\rstep 4")
+    log.write("\n")  # the bar ends: the last state is written
+    assert stream.getvalue() == "step 1\nstep 3\nstep 4\n"

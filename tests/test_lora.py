@@ -7,7 +7,6 @@ import json
 import math
 import os
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM

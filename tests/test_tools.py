@@ -190,12 +190,12 @@ def test_config_file_then_overrides(tmp_path):
     ("rll:\n  lr: 1\n", [], "unknown section 'rll'"),
     ("env:\n  topk: five\n", [], "env.topk must be int"),
     ("env: 3\n", [], "section 'env'"),
-    ("", ["env.timeout_s=slow"], "env.timeout_s must be float"),
-    ("", ["sft.lr=1"], "names no section"),
+    ("{}\n", ["env.timeout_s=slow"], "env.timeout_s must be float"),
+    ("{}\n", ["sft.lr=1"], "names no section"),
     ("env:\n  topk: [5\n", [], "not valid YAML"),
-    ("", ["env.topk=[5"], "env.topk='\\[5' is not a value"),
-    ("", ["--resum"], "unknown flag --resum"),
-    ("", ["--config"], "--config needs a file"),
+    ("{}\n", ["env.topk=[5"], "env.topk='\\[5' is not a value"),
+    ("{}\n", ["--resum"], "unknown flag --resum"),
+    ("{}\n", ["--config"], "--config needs a file"),
 ])
 def test_config_errors_name_the_culprit(tmp_path, yaml_text, argv, message):
     path = write_yaml(tmp_path, yaml_text)

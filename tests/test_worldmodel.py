@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -163,7 +164,16 @@ def test_config_picks_the_environment(tiny_cfg, tiny_base, base):
     _, tok = base
     real = wmod.make_environment(dataclasses.replace(ENV, env="real"), tiny_cfg.run, tok)
     assert isinstance(real, SearchEnv) and not real.simulated
-    world = wmod.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=tiny_base), tiny_cfg.run, tok)
+    with pytest.raises(ValueError, match="env.worldmodel: .* is not a world model .*a policy's folder"):
+        wmod.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=tiny_base), tiny_cfg.run, tok)
+    folder = os.path.join(tiny_cfg.run.dir, "plain_worldmodel")  # the untrained base, marked as worldmodel.py marks
+    if not os.path.exists(folder):
+        shutil.copytree(tiny_base, folder)
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**config, "worldmodel_gold": False}, f)
+    world = wmod.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=folder), tiny_cfg.run, tok)
     assert isinstance(world, wmod.WorldModelEnv) and world.simulated and world.golds is None  # a plain world model
     assert wmod.make_environment(dataclasses.replace(ENV, env="policy"), tiny_cfg.run, tok) is None
     with pytest.raises(ValueError, match="env.worldmodel"):
@@ -268,3 +278,14 @@ def test_init_names_a_stage_folder_under_the_run_and_a_missing_one_is_one_clear_
     assert torch.equal(trained.model.norm.weight, torch.full_like(trained.model.norm.weight, 0.5))  # lr 0: the start
     with pytest.raises(ConfigError, match="worldmodel.init='sft9'.*wminit"):
         wmod.main(argv + ["init=sft9", "--overwrite"])
+
+
+def test_without_init_the_run_says_it_fine_tunes_the_base_model_and_steps_0_does_nothing(tiny_root, tiny_base,
+                                                                                         capsys):
+    argv = wm_argv(tiny_root, tiny_base, "wmbase", "calls=oracle", "batch_size=4", "eval_calls=0",
+                   "history_max_tokens=32")
+    assert wmod.main(argv + ["steps=0"]) is None
+    assert "worldmodel.steps=0: nothing to do" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(tiny_root, "runs", "wmbase"))  # nothing written
+    wmod.main(argv + ["steps=1"])
+    assert f"worldmodel: no worldmodel.init: fine-tuning the base model {tiny_base}\n" in capsys.readouterr().out
