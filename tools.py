@@ -1040,6 +1040,9 @@ MODEL_FILES = (("config.json", ("config.json",)),  # what from_pretrained needs 
 def check_model_folder(path, what="model"):
     """path, once it holds what from_pretrained needs (MODEL_FILES); else a one-line ConfigError naming what is
     missing (transformers says it in a long traceback, and only once the run has loaded everything else)."""
+    if os.path.isfile(os.path.join(path, "meta.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{path} is a checkpoint to resume from, not a model folder: the run's model is "
+                          f"{os.path.dirname(os.path.normpath(path)).removesuffix('.ckpt')} (written when it ends)")
     missing = [name for name, files in MODEL_FILES if not any(os.path.isfile(os.path.join(path, f)) for f in files)]
     if missing:
         raise ConfigError(f"{what}: {path!r} is not a model folder: it has no {' and no '.join(missing)}")
@@ -1087,9 +1090,6 @@ def load_tokenizer(path):
     if not os.path.isdir(path) and (not is_hub_id(path) or (
             constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(path, "config.json"), str))):
         raise missing_model(path)
-    if os.path.isfile(os.path.join(path, "meta.json")) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"{path} is a checkpoint to resume from, not a model folder: the run's model is "
-                          f"{os.path.dirname(os.path.normpath(path)).removesuffix('.ckpt')} (written when it ends)")
     if os.path.isdir(path):
         check_model_folder(path)
     from transformers import AutoTokenizer
