@@ -18,8 +18,9 @@ Phases (peak per rank, against gpu_gb):
               new_tokens, logits of the completion only, the bf16 reference forward for the KL, the entropy
   rl_rollout  the policy as rl.generation_mode hands it to rollout.py (FSDP2: gathered whole in bf16), and
               rollout.py's RowCache for this rank's trajectories (prompts * group / ranks): the prompts prefilled
-              in one chunk, then the decode steps where the cache doubles, then the last one. One GPU: the largest
-              batch of trajectories decoded together that fits (rl_rollout_batch)
+              in one chunk, the cache doubled as the decode steps past its end do, then the last decode step (the
+              longest attention; the steps between allocate less). One GPU: the most trajectories decoded
+              together that fit (its "trajectories"; rl.rollout_batch would be set to it)
 A check at a small shape (agreement): one plain fp32 AdamW step measured by the tracker under fake tensors and on
 real CPU tensors, and parameters + gradients + AdamW state against 16 bytes a parameter.
 
@@ -56,7 +57,7 @@ import plumbing  # noqa: E402
 import rl  # noqa: E402
 import sft  # noqa: E402
 from rollout import Episode, RowCache, forward_chunk  # noqa: E402
-from tools import ConfigError, cli, read_key_values  # noqa: E402
+from tools import ConfigError, check_ranges, cli, read_key_values  # noqa: E402
 
 GB = 1e9
 SHAPES = {  # Qwen2Config fields; untied embeddings, as DeepSeek-R1-Distill-Qwen-7B and -1.5B have
@@ -101,7 +102,7 @@ class Args:
 
 class Scalars(TorchDispatchMode):
     """Answers .item() / .tolist() of a fake tensor (which has no value) with `value`."""
-    value = 1
+    value = 1  # a count or a norm: rl.update's normaliser is then non-zero and its loss finite, so it steps
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
@@ -131,10 +132,10 @@ def fake_world(ranks):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
 
 
-def build(fake, shape, dtype=torch.float32, grad_checkpointing=True):
-    """A Qwen2 model of `shape` with fake weights, set up as rl.build_models sets up the policy."""
+def build(where, shape, dtype=torch.float32, grad_checkpointing=True):
+    """A Qwen2 model of `shape` with fake (or meta) weights, set up as rl.build_models sets up the policy."""
     from transformers import AutoModelForCausalLM, Qwen2Config
-    with fake:
+    with where:
         model = AutoModelForCausalLM.from_config(Qwen2Config(**SHAPES[shape], tie_word_embeddings=False),
                                                  dtype=dtype, attn_implementation="sdpa")
         if grad_checkpointing:
@@ -222,10 +223,11 @@ def rl_rollout(model, rows, a):
             cache = RowCache(rows, prompt + 64, torch.device("cpu"))  # as rollout.run_loop starts it
             Scalars.value = 0  # the prefill: every row's prompt in one chunk, at column 0
             forward_chunk(policy, cache, None, [[1] * prompt] * rows, 0)
-            while Scalars.value < last:  # one-token steps where the cache doubles, then at the last column
-                Scalars.value = min(cache.capacity, last)
-                t.reset_mod_stats()  # per-module stats only (a second forward of the root is refused); not the peak
-                forward_chunk(policy, cache, None, [[1]] * rows, 0)
+            while cache.capacity < last + 1:  # the decode steps that reach past the end double the cache
+                cache.bind(None, None, cache.capacity + 1)
+            Scalars.value = last  # the last decode step: attends to every column (the peak of the decode)
+            t.reset_mod_stats()  # per-module stats only (a second forward of the root is refused); not the peak
+            forward_chunk(policy, cache, None, [[1]] * rows, 0)
         Scalars.value = 1
     return run
 
@@ -250,13 +252,8 @@ def lora_model(fake, shape, rank):
     each new layer with .to(), which fake parameters refuse (a swap), so it runs on the meta device and every
     parameter and buffer then becomes a fake one of the same shape, dtype and requires_grad."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Qwen2Config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**SHAPES[shape], tie_word_embeddings=False),
-                                                 dtype=torch.bfloat16, attn_implementation="sdpa")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
+    model = get_peft_model(build(torch.device("meta"), shape, dtype=torch.bfloat16),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
     with fake:
         for module in model.modules():
             for name, p in module.named_parameters(recurse=False):
@@ -381,7 +378,6 @@ def table(results, limit):
 
 def main(argv=None):
     a = read_key_values(Args, sys.argv[1:] if argv is None else argv, "bench/memory.py")
-    from tools import check_ranges
     check_ranges(Args(**a), "bench/memory.py")
     setups = [s for s in a["setups"].split(",") if s]
     bad = [s for s in setups if s not in SETUPS] + [x for x in (a["big"], a["small"]) if x not in SHAPES]
