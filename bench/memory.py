@@ -30,9 +30,11 @@ fragmentation and cuBLAS workspaces (keep a few GB of room). The fake tensors li
 has no CUDA, and FSDP2's device mesh and FakeTensorMode need a real device type), so attention runs the CPU
 fused kernel's shapes: like FlashAttention no T x T scores, which CUDA's kernels also avoid. Fake tensors carry no
 values, so a number the code reads back from a tensor (.item(), .tolist()) is supplied (Scalars): 1 for counts
-and norms, the cache's length during the rollout.
+and norms, the cache's length during the rollout; and transformers, which takes them for a trace, is told to skip
+the attention mask where a real run does (as_real_masks). Each setup first runs one untracked SFT step (AdamW's
+state exists from then on, as in every later step). SFT phases hold no reference model; RL phases add it.
 
-    python bench/memory.py                                  # the 7B recipe: all setups, a few minutes on CPU
+    python bench/memory.py                                  # the 7B recipe, every setup: minutes on CPU, no GPU
     python bench/memory.py setups=fsdp ranks=8 sft2_tokens=16384
     python bench/memory.py big=tiny small=tiny sft2_tokens=64 sft1_tokens=48 prompt_tokens=16 new_tokens=48
 
