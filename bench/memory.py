@@ -379,12 +379,12 @@ def table(results, limit):
 
 
 def main(argv=None):
-    a = read_key_values(Args, sys.argv[1:] if argv is None else argv, "bench/memory.py")
-    check_ranges(Args(**a), "bench/memory.py")
+    a = read_key_values(Args, sys.argv[1:] if argv is None else argv, "config")
+    check_ranges(Args(**a), "bench")
     setups = [s for s in a["setups"].split(",") if s]
     bad = [s for s in setups if s not in SETUPS] + [x for x in (a["big"], a["small"]) if x not in SHAPES]
     if bad or not setups:
-        raise ConfigError(f"bench/memory.py: unknown setup or shape {', '.join(bad) or 'none'} (setups: "
+        raise ConfigError(f"config: unknown setup or shape {', '.join(bad) or 'none'} (setups: "
                           f"{', '.join(SETUPS)}; shapes: {', '.join(SHAPES)})")
     torch.set_num_threads(1)  # fake steps do no arithmetic; the real check is small
     results = {}
