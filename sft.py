@@ -534,7 +534,8 @@ def main(argv=None):
         os.makedirs(run.dir, exist_ok=True)
         truncate_log(metrics_path, start)  # from the start: a fresh log
 
-    # 4) the loop
+    # 4) the loop (from_pretrained hands the model over in eval mode: activation checkpointing acts in train mode)
+    ddp_model.train()
     bar = progress_bar(range(start, steps), initial=start, total=steps, disable=rank != 0, desc=f"sft {sc.stage}")
     t_last = time.time()
     for step in bar:

@@ -13,10 +13,10 @@ bench/gpu_check.py -- the project on one GPU in one command (under 6 minutes on 
                   random, so nothing is saved (a 1.3B checkpoint with its optimizer is ~16 GB of disk and minutes).
     (c) rollout   bench/rollout.py's three loops (rollout.py, generate + re-prefill, the lockstep floor) on the tiny
                   model and on the 1.5B shape (bf16).
-    (d) memory    configs/qwen7b.yaml's memory arithmetic (its comments, as formulas) checked twice: it must give
-                  the comments' totals for 7B on 8 GPUs, and for the 1.5B run of (b) it is compared phase by phase
-                  (state, rollout peak, update peak) with what PyTorch measured; the 7B totals are then scaled by
-                  those measured/predicted ratios. A phase off by more than 25% is named.
+    (d) memory    a memory arithmetic (weights, Adam, reference, gathered bf16 weights, KV cache, saved inputs,
+                  logits) for the 1.5B run of (b), compared phase by phase (state, rollout peak, update peak) with
+                  what PyTorch measured; a phase off by more than 25% is named. The 7B recipe's memory per phase is
+                  bench/memory.py's (fake tensors on the real shapes, the trainers' own steps; docs/gpu.md).
 
     python bench/gpu_check.py                       # on the GPU; work folder runs/gpu_check (re-created)
     python bench/gpu_check.py --device cpu          # tiny shapes everywhere (the test suite runs this, ~1 min)
@@ -225,11 +225,11 @@ def rollout_bench(args, size):
 
 
 # -----------------------------------------------------------------------------
-# (d) the memory arithmetic of configs/qwen7b.yaml
+# (d) a memory arithmetic, checked against (b)
 
 def arithmetic(n_params, layers, kv_heads, head_dim, hidden, intermediate, vocab, ranks, episodes_per_rank,
                context_tokens, completion_tokens, micro_batch, kl=True):
-    """configs/qwen7b.yaml's comments as formulas, in bytes: per-term, and the three phase totals per GPU."""
+    """An RL step's memory as formulas, in bytes: per-term, and the three phase totals per GPU."""
     t = {"masters_fp32": 4 * n_params / ranks, "adam_fp32": 8 * n_params / ranks,
          "reference_bf16": 2 * n_params / ranks if kl else 0.0,
          "gathered_bf16": 2 * n_params,
@@ -243,22 +243,15 @@ def arithmetic(n_params, layers, kv_heads, head_dim, hidden, intermediate, vocab
             "update": state + t["grads_fp32"] + t["saved_inputs"] + t["recomputed_layer"] + t["logits"]}
 
 
-def qwen7b_arithmetic():
-    """The yaml's own case: Qwen2.5-7B on 8 GPUs, 48 x 5 trajectories, ~400 prompt + 4096 new tokens."""
-    return arithmetic(7.6e9, 28, 4, 128, 3584, 18944, 152064, 8, 48 * 5 // 8, 400 + 4096, 4096, 2)
-
-
 def memory_check(big, args):
-    """The arithmetic for (b)'s run against its measurements, then the 7B totals scaled by the measured ratios."""
+    """The arithmetic for (b)'s run against its measurements."""
     shape = big["shape"]
     episodes = big["prompts_per_step"] * big["group_size"]
     prompt_tokens = 100  # the tiny world's prompt: system text + question
     mine = arithmetic(big["params"], shape["layers"], shape["kv_heads"], shape["hidden_size"] // shape["heads"],
                       shape["hidden_size"], shape["intermediate_size"], big["vocab"], 1, episodes,
                       prompt_tokens + big["new_tokens"], big["new_tokens"], big["micro_batch"], big["kl_coef"] > 0)
-    q7 = qwen7b_arithmetic()
-    out = {"qwen7b_yaml_gb": {k: gb(q7[k]) for k in ("state", "rollout", "update")},
-           "predicted_gb": {k: gb(mine[k]) for k in ("state", "rollout", "update")}}
+    out = {"predicted_gb": {k: gb(mine[k]) for k in ("state", "rollout", "update")}}
     later = [s for s in big["_probe"][1:] if s["state"] is not None]  # from step 2: AdamW's moments exist
     if later:
         measured = {"state": max(s["state"] for s in later), "rollout": max(s["rollout_peak"] for s in later),
@@ -266,7 +259,6 @@ def memory_check(big, args):
         ratios = {k: measured[k] / mine[k] for k in measured}
         out["measured_gb"] = {k: gb(v) for k, v in measured.items()}
         out["measured_over_predicted"] = {k: round(v, 2) for k, v in ratios.items()}
-        out["qwen7b_scaled_gb"] = {k: gb(q7[k] * ratios[k]) for k in ratios}
         out["off"] = [f"{k}: measured {ratios[k]:.2f}x the arithmetic" for k in ratios if abs(ratios[k] - 1) > 0.25]
     else:
         out["measured_gb"] = None  # no CUDA: the arithmetic is computed, not checked

@@ -71,7 +71,6 @@ SHAPES = {  # Qwen2Config fields; untied embeddings, as DeepSeek-R1-Distill-Qwen
              "intermediate_size": 128, "vocab_size": 512},
 }
 SETUPS = ("fsdp", "lora", "full", "full_small")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -86,7 +85,7 @@ class Args:
     new_tokens: int = 8192  # RL completion length (the paper's max response)
     prompts: int = 48  # RL prompts per step, all ranks (the paper's)
     group: int = 5  # RL trajectories per prompt (the paper's)
-    micro_batch: int = 2  # RL trajectories per forward/backward (configs/qwen7b.yaml's rl.micro_batch)
+    micro_batch: int = 1  # RL trajectories per forward/backward (configs/qwen7b.yaml's rl.micro_batch)
     kl_coef: float = 0.001  # > 0: the reference forward is part of the update (the paper's 0.001)
     entropy_coef: float = 0.001  # > 0: the update computes the entropy over the vocabulary (the paper's 0.001)
     lora_rank: int = 64  # LoRA rank r of the lora setup
@@ -141,7 +140,7 @@ def build(where, shape, dtype=torch.float32, grad_checkpointing=True):
         model = AutoModelForCausalLM.from_config(Qwen2Config(**SHAPES[shape], tie_word_embeddings=False),
                                                  dtype=dtype, attn_implementation="sdpa")
         if grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
@@ -234,15 +233,18 @@ def rl_rollout(model, rows, a):
     return run
 
 
-class AdapterOff(torch.nn.Module):
-    """The LoRA reference: the same weights with the adapter disabled (no second copy of the base)."""
+class Through(torch.nn.Module):
+    """A LoRA model called through a module of its own. rl.update scores the reference on the policy itself, its
+    adapters off, then the policy: two forwards of one model, and torch's MemTracker refuses a second forward of
+    a module called from the top level in one window (it takes it for the next iteration); called from inside
+    another module, a module may run twice. Through(model, adapters=False) is that reference."""
 
-    def __init__(self, peft_model):
+    def __init__(self, peft_model, adapters=True):
         super().__init__()
-        self.peft_model = peft_model
+        self.peft_model, self.adapters = peft_model, adapters
 
     def forward(self, **kwargs):
-        with self.peft_model.disable_adapter():
+        with contextlib.nullcontext() if self.adapters else self.peft_model.disable_adapter():
             return self.peft_model(**kwargs)
 
 
@@ -250,12 +252,10 @@ class AdapterOff(torch.nn.Module):
 # The setups
 
 def lora_model(fake, shape, rank):
-    """peft's LoRA over a frozen bf16 base, fp32 adapters (get_peft_model's autocast_adapter_dtype). peft moves
+    """plumbing.add_lora over a frozen bf16 base, fp32 adapters (peft's autocast_adapter_dtype). peft moves
     each new layer with .to(), which fake parameters refuse (a swap), so it runs on the meta device and every
     parameter and buffer then becomes a fake one of the same shape, dtype and requires_grad."""
-    from peft import LoraConfig, get_peft_model
-    model = get_peft_model(build(torch.device("meta"), shape, dtype=torch.bfloat16),
-                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
+    model = plumbing.add_lora(build(torch.device("meta"), shape, dtype=torch.bfloat16), rank, 32.0)  # the trainers'
     with fake:
         for module in model.modules():
             for name, p in module.named_parameters(recurse=False):
@@ -274,7 +274,7 @@ def run_setup(name, a):
     out = {"shape": shape, "ranks": ranks}
     if name == "lora":
         model = lora_model(fake, shape, a["lora_rank"])
-        ref = AdapterOff(model)
+        ref = Through(model, adapters=False)
     else:
         model = shard(build(fake, shape))
         ref = None
@@ -293,7 +293,8 @@ def run_setup(name, a):
     out["sft1"] = measure(fake, model, optimizer, sft_step(model, optimizer, "sft1", a["sft1_tokens"], ranks))
     # RL: the same AdamW state (the policy's), plus the reference where it is a model of its own
     rl_models = [ref] if ref is not None and name != "lora" else []
-    out["rl_update"] = measure(fake, model, optimizer, rl_update(model, ref, optimizer, a), rl_models)
+    policy = Through(model) if name == "lora" else model
+    out["rl_update"] = measure(fake, model, optimizer, rl_update(policy, ref, optimizer, a), rl_models)
     rows = a["prompts"] * a["group"] // ranks
     if name == "fsdp":
         out["rl_rollout"] = measure(fake, model, optimizer, rl_rollout(model, rows, a), rl_models)

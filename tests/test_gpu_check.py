@@ -10,15 +10,6 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_qwen7b_memory_arithmetic_gives_the_totals_in_its_comments():
-    import importlib.util  # by path: bench/ on sys.path would shadow rollout.py with bench/rollout.py
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "bench", "gpu_check.py"))
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    q7 = gpu_check.qwen7b_arithmetic()
-    assert round(q7["rollout"] / 1e9) == 36 and round(q7["update"] / 1e9) == 30  # configs/qwen7b.yaml's comments
-
-
 def test_gpu_check_runs_every_part_at_cpu_size_and_ends_with_one_json_line(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--device", "cpu",
                            "--out", str(tmp_path / "gc")], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -30,5 +21,5 @@ def test_gpu_check_runs_every_part_at_cpu_size_and_ends_with_one_json_line(tmp_p
     assert a["rl_envs"] == ["worldmodel", "real"] and len(a["rl_eval_em"]) == 2
     assert len(b["steps"]) == 3 and all(s["rollout_dtype"] == "bfloat16" for s in b["steps"])  # bf16 rollouts
     assert all(s["model_tokens"] > 0 and s["update_s"] > 0 for s in b["steps"])
-    assert report["memory"]["qwen7b_yaml_gb"]["rollout"] > report["memory"]["qwen7b_yaml_gb"]["state"]
+    assert report["memory"]["predicted_gb"]["rollout"] > report["memory"]["predicted_gb"]["state"] > 0
     assert report["rollout"][0]["model"] == "tiny" and report["rollout"][0]["tokens_per_s"]["a"] > 0

@@ -297,12 +297,22 @@ def test_steps_zero_is_nothing_to_do_and_epochs_count_passes_over_the_data(tiny_
     assert len(losses(tmp_path, "default")) == 3
 
 
-def test_grad_checkpointing_gives_the_losses_and_weights_of_plain_backward(tiny_root, tiny_base, small_train,
-                                                                          tmp_path):
-    """sft.grad_checkpointing recomputes activations in backward: memory for time, the same numbers."""
+def test_grad_checkpointing_recomputes_each_layer_and_gives_the_same_losses_and_weights(tiny_root, tiny_base,
+                                                                                      small_train, tmp_path,
+                                                                                      monkeypatch):
+    """sft.grad_checkpointing recomputes activations in backward: every decoder layer runs twice a micro-batch
+    (memory for time), and the numbers are those of plain backward."""
+    from transformers.models.qwen2 import modeling_qwen2
+    calls, forward = [], modeling_qwen2.Qwen2MLP.forward  # inside each layer (the layer's own forward is the
+    monkeypatch.setattr(modeling_qwen2.Qwen2MLP, "forward",  # checkpointed function: patched, it would not be)
+                        lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    counts = {}
     for d, extra in (("plain", ()), ("ckpt", ("grad_checkpointing=true",))):
+        calls.clear()
         sft.main(sft_args(tiny_root, tiny_base, str(tmp_path / d), small_train, "stage=sft2", "steps=2",
                           "save_every=0", *extra))
+        counts[d] = len(calls)
+    assert counts["plain"] > 0 and counts["ckpt"] == 2 * counts["plain"]
     assert losses(tmp_path / "plain", "sft2") == pytest.approx(losses(tmp_path / "ckpt", "sft2"), rel=1e-6)
     w1, w2 = weights(tmp_path / "plain" / "t" / "sft2"), weights(tmp_path / "ckpt" / "t" / "sft2")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
