@@ -1093,7 +1093,12 @@ def load_tokenizer(path):
     if os.path.isdir(path):
         check_model_folder(path)
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:  # a hub name the hub cannot serve (no network, a typo, a gated model): transformers' cause
+        if os.path.isdir(path):
+            raise
+        raise ConfigError(f"model: cannot load {path!r} from the Hugging Face hub: {str(e).splitlines()[0]}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

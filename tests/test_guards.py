@@ -250,3 +250,18 @@ def test_a_signal_before_any_checkpoint_says_so_and_an_eval_has_no_resume_line(t
     note = plumbing.stop_runs("SIGINT")
     assert note == "no checkpoint yet: python rl.py --config configs/tiny.yaml steps=9 --resume starts it over"
     assert plumbing._LOCKS == {} and not (tmp_path / "rl.lock").exists() and not (tmp_path / "eval" / "t.lock").exists()
+
+
+def test_a_hub_name_the_hub_cannot_serve_is_one_line_naming_it(monkeypatch):
+    """No network, a typo or a gated model: transformers' OSError (a 40-line traceback after its retries) becomes
+    one line with its first line as the cause."""
+    import transformers
+    import tools
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # online: the hub is asked
+    with pytest.raises(tools.ConfigError, match=r"^model: cannot load 'org/model' from the Hugging Face hub: We "
+                                                r"couldn't connect to 'https://huggingface.co' to load the files.$"):
+        tools.load_tokenizer("org/model")
