@@ -92,6 +92,17 @@ def test_every_entry_point_refuses_unknown_flags_and_keys_with_exit_2(module, ba
     assert os.listdir(tmp_path) == []  # refused before anything was written
 
 
+def refused(module, bad, capsys, tmp_path):
+    """stderr of `module` run on tiny.yaml plus the override `bad`, asserting it ended with one line and exit 2."""
+    argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}",
+            f"run.data_dir={tmp_path}/data", bad]
+    with pytest.raises(SystemExit) as stop:
+        cli(importlib.import_module(module).main, argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    return err
+
+
 @pytest.mark.parametrize("module, bad", [("rl", "rl.group_size=0"), ("rl", "rl.group_size=-2"), ("rl", "rl.steps=-1"),
                                          ("rl", "rl.max_tool_failures=1.5"), ("rl", "env.timeout_s=0"),
                                          ("sft", "sft.batch_size=0"), ("sft", "sft.lr=-0.001"),
@@ -99,13 +110,8 @@ def test_every_entry_point_refuses_unknown_flags_and_keys_with_exit_2(module, ba
                                          ("eval", "eval.max_tool_failures=-0.1"), ("data", "world.n_people=0"),
                                          ("data", "world.pretrain_max=0")])
 def test_a_value_out_of_range_is_one_line_and_exit_2_before_any_work(module, bad, capsys, tmp_path):
-    argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}",
-            f"run.data_dir={tmp_path}/data", bad]
-    with pytest.raises(SystemExit) as stop:
-        cli(importlib.import_module(module).main, argv)
-    err = capsys.readouterr().err
+    err = refused(module, bad, capsys, tmp_path)
     key, value = bad.split("=")
-    assert stop.value.code == 2 and err.count("\n") == 1
     assert f"config: {key}={value}" in err.replace(".0 is", " is").replace("=0.0", "=0") and "out of range" in err
     assert os.listdir(tmp_path) == []  # refused before anything was written
 
@@ -137,13 +143,9 @@ def test_a_typo_on_the_command_line_exits_2_without_a_traceback(script, tmp_path
                                          ("rl", "run.log=mlflow"), ("rl", "run.device=gpu"),
                                          ("sft", "run.dtype=fp16"), ("worldmodel", "env.tool=grep")])
 def test_a_value_that_is_none_of_its_choices_is_one_line_naming_the_key_before_any_work(module, bad, capsys, tmp_path):
-    argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.runs_dir={tmp_path}",
-            f"run.data_dir={tmp_path}/data", bad]
-    with pytest.raises(SystemExit) as stop:
-        cli(importlib.import_module(module).main, argv)
-    err = capsys.readouterr().err
+    err = refused(module, bad, capsys, tmp_path)
     key, value = bad.split("=")
-    assert stop.value.code == 2 and err.count("\n") == 1 and f"config: {key}={value!r} is none of" in err
+    assert f"config: {key}={value!r} is none of" in err
     assert os.listdir(tmp_path) == []  # refused before anything was written
 
 
