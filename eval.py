@@ -149,8 +149,8 @@ def run_agent(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
 
 def notool_env(env_cfg):
     """The no-tool baseline's env for a CoA model: no action allowed (rollout forces the answer at the first one,
-    whatever env.limit_observation says: closed-book means no observation at all)."""
-    return dataclasses.replace(env_cfg, max_actions=0, limit_observation="", env="real")  # NoTool: never called
+    whatever env.limit_observation says: max_actions=0 is closed-book)."""
+    return dataclasses.replace(env_cfg, max_actions=0, env="real")  # "real" with a tool never called (NoTool)
 
 
 def generate_batch(model, tokenizer, prompts, max_new_tokens, stop_strings, ecfg, generator, desc="eval",

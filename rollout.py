@@ -25,9 +25,9 @@ A sequence ends at EOS ("eos"), at the closing brace of its \\boxed{} answer aft
 env_cfg.max_new_tokens completion tokens, observations included ("length"), or when it writes one action more
 than env_cfg.max_actions: that action is not run, the loop appends NOTE (" I have searched enough. </think>
 \\boxed{") and the model writes the answer ("max_actions"; the paper's Algorithm 1 forces an answer the same way).
-With env_cfg.limit_observation set, such an action is not run either, but it gets that text as its observation
-(tags included, mask 0; the paper's code: "Reach the limit of search times.") and the model goes on: it must answer,
-and the length budget still ends it.
+With env_cfg.limit_observation set (and max_actions above 0: 0 is closed-book), such an action is not run either,
+but it gets that text as its observation (tags included, mask 0; the paper's code: "Reach the limit of search
+times.") and the model goes on: it must answer, and the length budget still ends it.
 
 The KV cache (RowCache). One buffer per layer, keys and values of shape (B, H_kv, T, D). Row b's tokens sit
 contiguously at columns 0 .. length[b]-1: prompts are *right*-padded at prefill, and every later chunk is
@@ -486,7 +486,9 @@ class CoARules:
         encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
         self.note_ids = encode(NOTE.format(think_close=env_cfg.think_close, answer_open=env_cfg.answer_open))
         self.obs_open_ids, self.obs_close_ids = encode(env_cfg.obs_open), encode(env_cfg.obs_close)
-        limit = env_cfg.limit_observation.strip()
+        # max_actions=0 is closed-book (the no-tool baseline, the knowledge probe): no observation at all, the answer
+        # is forced whatever limit_observation says
+        limit = env_cfg.limit_observation.strip() if env_cfg.max_actions else ""
         self.limit_ids = encode(f"{env_cfg.obs_open} {limit} {env_cfg.obs_close}") if limit else []
 
     def after_token(self, row, token):

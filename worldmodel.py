@@ -601,8 +601,7 @@ def knowledge_curve(policy, tokenizer, buckets, env, search, world_env=None):
     for name, group in buckets.items():
         calls = [{"question": f"Where was {p['name']} born?", "history": "", "query": p["name"]} for p, _ in group]
         rows = [{"question": c["question"], "golden_answers": [p["city"]]} for c, (p, _) in zip(calls, group)]
-        closed = dataclasses.replace(env, max_actions=0, limit_observation="", env="real")  # the answer forced
-        episodes = rollout(policy, tokenizer, rows, closed, search)
+        episodes = rollout(policy, tokenizer, rows, dataclasses.replace(env, max_actions=0, env="real"), search)
         kept = lambda obs: sum(contains(observation_body(o, env), p["city"]) for o, (p, _) in zip(obs, group))
         m = {"people": len(group), "closed_book": sum(reward(e.text, e.golds, env) for e in episodes) / len(group),
              "kept_policy": kept(policy_observations(policy, tokenizer, calls, env)) / len(group)}

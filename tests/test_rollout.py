@@ -260,6 +260,8 @@ def test_limit_observation_answers_a_search_past_the_limit_and_the_model_goes_on
         assert ep.finish == "length" or ep.mask[end] == 1  # the model goes on after it (or the budget is spent)
     forced = rollout(model, tok, questions[:12], dataclasses.replace(env, limit_observation=""), environment)
     assert any(ep.finish == "max_actions" for ep in forced) and not any(LIMIT in ep.text for ep in forced)
+    closed = rollout(model, tok, questions[:12], dataclasses.replace(env, max_actions=0), environment)
+    assert any(ep.finish == "max_actions" for ep in closed) and not any(LIMIT in ep.text for ep in closed)  # no tool
 
 
 class Broken:
