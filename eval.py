@@ -65,7 +65,8 @@ import torch
 import data
 from plumbing import barrier, claim_run, print0, progress, release_run, setup_dist
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, exact_match, extract_boxed,
-                   f1_score, lenient_match, load_config, load_model, make_tool, model_path, parse, truncation_warning)
+                   f1_score, lenient_match, load_config, load_model, loss_mask, make_tool, model_path, parse,
+                   truncation_warning)
 
 
 @dataclass
@@ -175,10 +176,10 @@ class Trace:
         self.finish, self.answer, self.done = "length", None, False
 
     def add(self, ids, who, logps=None):
-        """Append tokens; who = 'model' (mask 1, trained on) or 'env' (mask 0, written by the loop/tool)."""
+        """Append tokens; who = 'model' (trained on) or 'env' (written by the loop/tool): tools.loss_mask."""
         ids = [int(t) for t in ids]
         self.ids += ids
-        self.mask += [1 if who == "model" else 0] * len(ids)
+        self.mask += loss_mask(who, len(ids))
         self.logps += [float(x) for x in logps] if logps is not None else [0.0] * len(ids)
 
     def episode(self, tokenizer):
@@ -191,13 +192,6 @@ class Trace:
 
 def encode(tokenizer, text):
     return tokenizer.encode(text, add_special_tokens=False)
-
-
-def count_calls(trace, environment, n):
-    if getattr(environment, "simulated", False):
-        trace.sim_calls += n
-    else:
-        trace.real_calls += n
 
 
 def call_context(tokenizer, question, query, env_cfg):
@@ -218,7 +212,7 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
     """Search first, then answer. The loop (not the model) writes the actions and their observations (mask 0);
     the model then writes its reasoning and answer. If it starts another action, the action is cut and the answer
     forced with the same note as rollout's action limit: the model never decides to search."""
-    from rollout import encode_prompt
+    from rollout import count_calls, encode_prompt
     if environment is None:
         raise ConfigError("the fixed workflow needs a tool: env.env=real or worldmodel")
     traces = []
@@ -330,6 +324,7 @@ def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
     interrupts). Tool text is environment-written (mask 0). At env.max_actions searches the loop asks for the
     answer with a forced 'Action: Finish['.
     """
+    from rollout import count_calls
     if environment is None:
         raise ConfigError("the ReAct workflow needs a tool: env.env=real or worldmodel")
     traces = [Trace(row, encode(tokenizer, react_prompt(tokenizer, row["question"])))

@@ -85,7 +85,7 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, fin
                       load_checkpoint, load_sharded, log_line, plain_copy, print0, progress_bar, release_run,
                       resume_checkpoint, save_checkpoint, setup_dist, start_logging, truncate_log, unwrap)
 from plumbing import add_lora, base_dtype
-from tools import ConfigError, build_prompt, cli, model_path, read_jsonl
+from tools import ConfigError, build_prompt, cli, loss_mask, model_path, read_jsonl
 
 
 @dataclass
@@ -162,11 +162,11 @@ def encode_texts(tokenizer, texts, cache=None):
 
 
 def encode_segments(tokenizer, segments, observation_mask=True, cache=None):
-    """(ids, mask) of a list of segments, each tokenized on its own; mask 0 on env segments if observation_mask."""
+    """(ids, mask) of a list of segments, each tokenized on its own; the mask is tools.loss_mask's, by who wrote it."""
     ids, mask = [], []
     for seg, piece in zip(segments, encode_texts(tokenizer, [seg["text"] for seg in segments], cache)):
         ids += piece
-        mask += [0 if (seg["who"] == "env" and observation_mask) else 1] * len(piece)
+        mask += loss_mask(seg["who"], len(piece), observation_mask)
     return ids, mask
 
 

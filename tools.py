@@ -545,6 +545,17 @@ def find_actions(think, env):
     return actions
 
 
+def loss_mask(who, n, observation_mask=True):
+    """The loss mask of n tokens written by `who`: 1 = trained on, 0 = not. The one definition of which tokens a
+    stage trains on: sft.py's segments ("model" | "env") and rollout.py's tokens as it makes them both ask here.
+
+    "env" is everything the model did not write: the tool's observations, a self-written observation (env=policy:
+    no policy log-prob is owed for it, and training on it would reward the model for writing its own evidence),
+    and text the loop forces (the action-limit note). observation_mask=False (SFT-3) trains on "env" tokens too.
+    """
+    return [0 if who == "env" and observation_mask else 1] * n
+
+
 # -----------------------------------------------------------------------------
 # Rewards and metrics: SQuAD normalisation, EM, F1, the paper's lenient match, several gold answers.
 
