@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 from plumbing import print0, progress
 from tools import RunConfig, EnvConfig, ConfigError, RunError, cli, load_config, make_tool
-from tools import SearchEnv, build_prompt, check_rows, parse, partial_write, read_jsonl, reward
+from tools import SearchEnv, backoff, build_prompt, check_rows, parse, partial_write, read_jsonl, reward
 
 
 @dataclass
@@ -752,9 +752,7 @@ def endpoint_complete(cfg, prompt, max_tokens):
     body = {"model": cfg.synth.api_model, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": cfg.synth.temperature, "top_p": cfg.synth.top_p, "stop": [cfg.env.action_close]}
     error = None
-    for attempt in range(cfg.synth.retries + 1):
-        if attempt:
-            time.sleep(0.5 * 2 ** (attempt - 1))
+    for _ in backoff(cfg.synth.retries, 0.5):
         try:
             r = requests.post(url, json=body, timeout=cfg.synth.timeout_s,
                               headers={"Authorization": f"Bearer {key}"} if key else {})

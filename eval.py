@@ -64,7 +64,7 @@ import torch
 
 import data
 from plumbing import barrier, claim_run, print0, progress, release_run, setup_dist
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, exact_match, extract_boxed,
+from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, backoff, build_prompt, cli, exact_match, extract_boxed,
                    f1_score, lenient_match, load_config, load_model, loss_mask, make_tool, model_path, parse,
                    truncation_warning)
 
@@ -513,14 +513,15 @@ def judge_one(record, ecfg, key=None):
     body = {"model": ecfg.judge_model, "temperature": 0, "max_tokens": 3,
             "messages": [{"role": "system", "content": JUDGE_PROMPT}, {"role": "user", "content": user}]}
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    for attempt in range(3):
+    for _ in backoff(2, 0.2):
         try:
             r = requests.post(ecfg.judge_url, json=body, headers=headers, timeout=ecfg.judge_timeout_s)
             r.raise_for_status()
             text = r.json()["choices"][0]["message"]["content"]
             return 1.0 if text.strip().lower().startswith("yes") else 0.0
         except (requests.RequestException, ValueError, KeyError, IndexError, TypeError):
-            time.sleep(0.2 * 2 ** attempt)
+            pass
+    time.sleep(0.8)  # the backoff's next step: the worker waits before it asks a failing judge about another record
     return None
 
 

@@ -775,6 +775,20 @@ class BM25Search:
         return [[self.docs[i]["contents"] for i in row] for row in self.search(queries, k)[0]]
 
 
+def backoff(retries, backoff_s, deadline=None):
+    """The tries of a call retried with exponential backoff, for a caller's `for tries in backoff(...)` loop that
+    returns on success: yields 1 .. 1 + retries, sleeping backoff_s * 2 ** (n - 1) before the n-th retry. With a
+    deadline (a time.monotonic() time), no retry starts past it and no sleep runs past it. The one retry loop of
+    the HTTP search, the endpoint teacher (data.py) and the LLM judge (eval.py)."""
+    for n in range(retries + 1):
+        if n:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            delay = backoff_s * 2 ** (n - 1)
+            time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
+        yield n + 1
+
+
 class HTTPSearch:
     """Client of a Search-R1 / FlashRAG retrieval server: POST {url} {"queries", "topk", "return_scores"}.
 
@@ -792,10 +806,7 @@ class HTTPSearch:
         deadline = time.monotonic() + self.timeout_s
         body = json.dumps({"queries": list(queries), "topk": k, "return_scores": True}).encode()
         error, tries = None, 0
-        while tries <= self.retries and (not tries or time.monotonic() < deadline):
-            if tries:
-                time.sleep(min(self.backoff_s * 2 ** (tries - 1), max(0.0, deadline - time.monotonic())))
-            tries += 1
+        for tries in backoff(self.retries, self.backoff_s, deadline):
             try:
                 return self._passages(json.loads(post(self.url, body, deadline)), len(queries))
             except (OSError, http.client.HTTPException, ValueError) as e:
