@@ -583,6 +583,62 @@ def completion_text(segments):
     return "".join(s["text"] for s in segments)
 
 
+def oracle_facts(row, world, people):
+    """The facts behind a question, each as (sentence, query that finds it, text the observation must hold), and
+    the conclusion drawn from them ("" when the last fact is the answer)."""
+    a = people[row["queries"][0]]
+    b = people.get(row["queries"][1]) if len(row["queries"]) > 1 else None
+    born = lambda p: (f" {p['name']} was born in {p['city']}.", p["name"],
+                      f"{p['name']} was born in {p['city']} in {p['year']}.")
+    works = lambda p: (f" {p['name']} works for {p['company']}.", p["name"], f"{p['name']} works for {p['company']}.")
+    year = lambda p: (f" {p['name']} was born in {p['year']}.", p["name"],
+                      f"{p['name']} was born in {p['city']} in {p['year']}.")
+    kind = row["kind"]
+    if kind == "city":
+        return [born(a)], ""
+    if kind == "employer":
+        return [works(a)], ""
+    if kind == "country":
+        country = world["city_country"][a["city"]]
+        located = (f" {a['city']} is a city in {country}.", a["city"], f"{a['city']} is a city in {country}.")
+        return [born(a), located], ""
+    if kind == "comparison":
+        first, second = (a, b) if a["year"] < b["year"] else (b, a)
+        return [year(a), year(b)], f" {first['name']} was born earlier than {second['name']}."
+    return [works(a), works(b)], f" The answer is {row['golden_answers'][0]}."
+
+
+def oracle_guess(row, world, people, rng):
+    """A wrong no-tool attempt at a question, consistent with itself: (sentences, answer); draws from rng."""
+    a = people[row["queries"][0]]
+    b = people.get(row["queries"][1]) if len(row["queries"]) > 1 else None
+    cities, companies = list(world["city_country"]), list(world["company_city"])
+    other = lambda pool, right: rng.choice([x for x in pool if x != right])
+    kind, gold = row["kind"], row["golden_answers"][0]
+    if kind == "city":
+        city = other(cities, a["city"])
+        return [" I know this one.", f" {a['name']} was born in {city}."], city
+    if kind == "employer":
+        company = other(companies, a["company"])
+        return [" I know this one.", f" {a['name']} works for {company}."], company
+    if kind == "country":
+        country = world["city_country"][a["city"]]
+        city = rng.choice([c for c in cities if world["city_country"][c] != country])
+        wrong = world["city_country"][city]
+        return [" I know this one.", f" {a['name']} was born in {city}.", f" {city} is a city in {wrong}."], wrong
+    if kind == "comparison":
+        early, late = (a, b) if a["year"] < b["year"] else (b, a)  # the guess swaps who came first
+        y1 = rng.randint(1900, 1998)
+        y2 = rng.randint(y1 + 1, 1999)
+        return [" I know this one.", f" {early['name']} was born in {y2}.", f" {late['name']} was born in {y1}.",
+                f" {late['name']} was born earlier than {early['name']}."], late["name"]
+    same = gold == "no"  # the guess flips the answer
+    ca = rng.choice(companies)
+    cb = ca if same else other(companies, ca)
+    return [" I know this one.", f" {a['name']} works for {ca}.", f" {b['name']} works for {cb}.",
+            f" The answer is {'yes' if same else 'no'}."], "yes" if same else "no"
+
+
 class Oracle:
     """The tiny world's scripted teacher. One question row -> its cot, coa and pair rows."""
 
@@ -590,30 +646,6 @@ class Oracle:
         self.world, self.env, self.search, self.rng = world, env_cfg, search, rng
         self.tokenizer, self.imperfect_share = tokenizer, imperfect_share
         self.people = {p["name"]: p for p in world["people"]}
-        self.cities = list(world["city_country"])
-        self.companies = list(world["company_city"])
-
-    # the facts behind each question kind, as (sentence, query that finds it, text the observation must hold)
-    def facts(self, row):
-        a = self.people[row["queries"][0]]
-        b = self.people.get(row["queries"][1]) if len(row["queries"]) > 1 else None
-        born = lambda p: (f" {p['name']} was born in {p['city']}.", p["name"],
-                          f"{p['name']} was born in {p['city']} in {p['year']}.")
-        works = lambda p: (f" {p['name']} works for {p['company']}.", p["name"], f"{p['name']} works for {p['company']}.")
-        year = lambda p: (f" {p['name']} was born in {p['year']}.", p["name"],
-                          f"{p['name']} was born in {p['city']} in {p['year']}.")
-        kind = row["kind"]
-        if kind == "city":
-            return [born(a)], ""
-        if kind == "employer":
-            return [works(a)], ""
-        if kind == "country":
-            country = self.world["city_country"][a["city"]]
-            return [born(a), (f" {a['city']} is a city in {country}.", a["city"], f"{a['city']} is a city in {country}.")], ""
-        if kind == "comparison":
-            first, second = (a, b) if a["year"] < b["year"] else (b, a)
-            return [year(a), year(b)], f" {first['name']} was born earlier than {second['name']}."
-        return [works(a), works(b)], f" The answer is {row['golden_answers'][0]}."
 
     def answer(self, gold):
         return f" {self.env.think_close} {self.env.answer_open}{gold}}}"
@@ -629,7 +661,7 @@ class Oracle:
     def searching(self, row, opener, imperfect=None, before=""):
         """opener, then one search per fact, each fact read from its observation; None if BM25 missed one.
         before: the text already written ahead of opener (a pair's prefix), for the call log only."""
-        facts, conclusion = self.facts(row)
+        facts, conclusion = oracle_facts(row, self.world, self.people)
         segments = add([], "model", opener)
         for i, (sentence, query, needed) in enumerate(facts):
             if i == 0 and imperfect == "vague":  # a surname alone: often someone else's document comes back
@@ -649,38 +681,9 @@ class Oracle:
 
     def closed_book(self, row):
         """A right no-tool attempt as sentences: the facts from memory."""
-        facts, conclusion = self.facts(row)
+        facts, conclusion = oracle_facts(row, self.world, self.people)
         sentences = [" I know this one."] + [s for s, _, _ in facts] + ([conclusion] if conclusion else [])
         return sentences, row["golden_answers"][0]
-
-    def guess(self, row):
-        """A wrong no-tool attempt, consistent with itself."""
-        a = self.people[row["queries"][0]]
-        b = self.people.get(row["queries"][1]) if len(row["queries"]) > 1 else None
-        other = lambda pool, right: self.rng.choice([x for x in pool if x != right])
-        kind, gold = row["kind"], row["golden_answers"][0]
-        if kind == "city":
-            city = other(self.cities, a["city"])
-            return [" I know this one.", f" {a['name']} was born in {city}."], city
-        if kind == "employer":
-            company = other(self.companies, a["company"])
-            return [" I know this one.", f" {a['name']} works for {company}."], company
-        if kind == "country":
-            country = self.world["city_country"][a["city"]]
-            city = self.rng.choice([c for c in self.cities if self.world["city_country"][c] != country])
-            wrong = self.world["city_country"][city]
-            return [" I know this one.", f" {a['name']} was born in {city}.", f" {city} is a city in {wrong}."], wrong
-        if kind == "comparison":
-            early, late = (a, b) if a["year"] < b["year"] else (b, a)  # the guess swaps who came first
-            y1 = self.rng.randint(1900, 1998)
-            y2 = self.rng.randint(y1 + 1, 1999)
-            return [" I know this one.", f" {early['name']} was born in {y2}.", f" {late['name']} was born in {y1}.",
-                    f" {late['name']} was born earlier than {early['name']}."], late["name"]
-        same = gold == "no"  # the guess flips the answer
-        ca = self.rng.choice(self.companies)
-        cb = ca if same else other(self.companies, ca)
-        return [" I know this one.", f" {a['name']} works for {ca}.", f" {b['name']} works for {cb}.",
-                f" The answer is {'yes' if same else 'no'}."], "yes" if same else "no"
 
     def __call__(self, row):
         base = {k: row[k] for k in ("id", "question", "golden_answers", "kind", "needs_search")}
@@ -692,12 +695,12 @@ class Oracle:
             imperfect = None
             if self.rng.random() < self.imperfect_share:
                 imperfect = self.rng.choice(["vague", "wasted"])
-                if len(self.facts(row)[0]) + 1 > self.env.max_actions:
+                if len(oracle_facts(row, self.world, self.people)[0]) + 1 > self.env.max_actions:
                     imperfect = None
             coa = self.searching(row, " I need to search for this.", imperfect)
             if coa is not None:
                 out.append({**base, "type": "coa", "segments": coa, "imperfect": imperfect or ""})
-            sentences, guess = self.guess(row)
+            sentences, guess = oracle_guess(row, self.world, self.people, self.rng)
         # CoT+A: cut the no-tool attempt after a sentence (never after its last); search or go on from there
         cut = self.rng.randint(1, len(sentences) - 1)
         prefix = add([], "model", "".join(sentences[:cut]))
