@@ -83,7 +83,7 @@ class Episode:
     golds: list  # gold answers
     prompt_ids: list  # the prompt, tokenized once (encode_prompt)
     ids: list = field(default_factory=list)  # completion ids: model and environment tokens in order
-    mask: list = field(default_factory=list)  # 1 = the model wrote it (trained on), 0 = the environment wrote it
+    mask: list = field(default_factory=list)  # 1 = the model wrote it (trained on), 0 = the environment (loss_mask)
     logps: list = field(default_factory=list)  # log-prob of each completion token when sampled; 0.0 where mask==0
     actions: list = field(default_factory=list)  # queries sent to the environment, in order
     real_calls: int = 0  # calls answered by the real tool

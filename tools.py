@@ -547,7 +547,8 @@ def find_actions(think, env):
 
 def loss_mask(who, n, observation_mask=True):
     """The loss mask of n tokens written by `who`: 1 = trained on, 0 = not. The one definition of which tokens a
-    stage trains on: sft.py's segments ("model" | "env") and rollout.py's tokens as it makes them both ask here.
+    stage trains on: sft.py's segments ("model" | "env"), rollout.py's tokens as it makes them and eval.py's
+    workflow traces all ask here.
 
     "env" is everything the model did not write: the tool's observations, a self-written observation (env=policy:
     no policy log-prob is owed for it, and training on it would reward the model for writing its own evidence),
