@@ -43,7 +43,8 @@ from dataclasses import dataclass
 
 from plumbing import print0, progress
 from tools import RunConfig, EnvConfig, ConfigError, RunError, cli, load_config, make_tool
-from tools import SearchEnv, backoff, build_prompt, check_rows, parse, partial_write, read_jsonl, reward
+from tools import SearchEnv, build_prompt, check_rows, parse, partial_write, read_jsonl, reward
+from tools import action_text, answer_text, backoff
 
 
 @dataclass
@@ -647,12 +648,9 @@ class Oracle:
         self.tokenizer, self.imperfect_share = tokenizer, imperfect_share
         self.people = {p["name"]: p for p in world["people"]}
 
-    def answer(self, gold):
-        return f" {self.env.think_close} {self.env.answer_open}{gold}}}"
-
     def act(self, row, segments, query, before=""):
         """One real search appended to segments; the trajectory so far is the context the call log keeps."""
-        add(segments, "model", f" {self.env.action_open} {query} {self.env.action_close}")
+        add(segments, "model", action_text(query, self.env))
         context = build_prompt(self.tokenizer, row["question"], self.env) + before + completion_text(segments)
         obs = self.search([query], [context])[0]
         add(segments, "env", obs)
@@ -677,7 +675,7 @@ class Oracle:
             add(segments, "model", " I should check.")
             self.act(row, segments, facts[0][1], before)
             add(segments, "model", " I will answer now.")
-        return add(segments, "model", self.answer(row["golden_answers"][0]))
+        return add(segments, "model", answer_text(self.env, row["golden_answers"][0]))
 
     def closed_book(self, row):
         """A right no-tool attempt as sentences: the facts from memory."""
@@ -689,7 +687,7 @@ class Oracle:
         base = {k: row[k] for k in ("id", "question", "golden_answers", "kind", "needs_search")}
         out = []
         sentences, gold = self.closed_book(row)
-        cot = add([], "model", "".join(sentences) + self.answer(gold))
+        cot = add([], "model", "".join(sentences) + answer_text(self.env, gold))
         out.append({**base, "type": "cot", "segments": cot})
         if row["needs_search"]:
             imperfect = None
@@ -704,7 +702,8 @@ class Oracle:
         # CoT+A: cut the no-tool attempt after a sentence (never after its last); search or go on from there
         cut = self.rng.randint(1, len(sentences) - 1)
         prefix = add([], "model", "".join(sentences[:cut]))
-        no_search = add([], "model", "".join(sentences[cut:]) + self.answer(guess if row["needs_search"] else gold))
+        no_search = add([], "model", "".join(sentences[cut:]) +
+                        answer_text(self.env, guess if row["needs_search"] else gold))
         search = self.searching(row, " I should check.", before=completion_text(prefix))
         if search is not None:
             chosen, rejected = (search, no_search) if row["needs_search"] else (no_search, search)

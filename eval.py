@@ -64,9 +64,9 @@ import torch
 
 import data
 from plumbing import barrier, claim_run, print0, progress, release_run, setup_dist
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, backoff, build_prompt, cli, exact_match, extract_boxed,
-                   f1_score, lenient_match, load_config, load_model, loss_mask, make_tool, model_path, parse,
-                   truncation_warning)
+from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, action_text, answer_text, backoff, build_prompt,
+                   cli, exact_match, extract_boxed, f1_score, lenient_match, load_config, load_model, loss_mask,
+                   make_tool, model_path, observation_body, parse, truncation_warning)
 
 
 @dataclass
@@ -198,7 +198,7 @@ def call_context(tokenizer, question, query, env_cfg):
     """The context a loop-made call hands the environment, shaped as rollout's: the CoA prompt, then the action.
     From it a SearchEnv log and a world model read the question (tools.split_context); the bare question would
     come back as history with an empty question."""
-    return build_prompt(tokenizer, question, env_cfg) + f" {env_cfg.action_open} {query} {env_cfg.action_close}"
+    return build_prompt(tokenizer, question, env_cfg) + action_text(query, env_cfg)
 
 
 def workflow_queries(row):
@@ -226,7 +226,7 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
     observations = iter(environment(flat, contexts)) if flat else iter(())
     for trace, qs in zip(traces, queries):
         for q in qs:
-            trace.add(encode(tokenizer, f" {env_cfg.action_open} {q} {env_cfg.action_close}"), "env")
+            trace.add(encode(tokenizer, action_text(q, env_cfg)), "env")
             trace.add(encode(tokenizer, " " + next(observations)), "env")
             trace.actions.append(q)
         count_calls(trace, environment, len(qs))
@@ -240,7 +240,7 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
         if env_cfg.action_open in text:  # cut at the action opener: keep the tokens before it
             keep = cut_before(tokenizer, ids, env_cfg.action_open)
             trace.add(ids[:keep], "model", logps[:keep])
-            trace.add(encode(tokenizer, f" {env_cfg.think_close} {env_cfg.answer_open}"), "env")
+            trace.add(encode(tokenizer, answer_text(env_cfg)), "env")
             again.append(trace)
         else:
             trace.add(ids, "model", logps)
@@ -358,7 +358,7 @@ def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
             results = environment([q for _, q in searching],
                                   [call_context(tokenizer, t.row["question"], q, env_cfg) for t, q in searching])
             for (trace, query), obs in zip(searching, results):
-                body = strip_tags(obs, env_cfg)
+                body = observation_body(obs, env_cfg, every_tag=True)
                 head = "" if tokenizer.decode(trace.ids[-4:]).rstrip().endswith("Observation:") else "\nObservation:"
                 trace.add(encode(tokenizer, f"{head} {body}\nThought:"), "env")
                 trace.actions.append(query)
@@ -392,10 +392,6 @@ def run_direct(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
         answer = re.sub(r"^(the )?answer( is)?\s*:?\s*", "", text.split("\n")[0], flags=re.I).rstrip(".").strip()
         trace.answer, trace.finish = answer or None, "answer" if answer else "eos"
     return [with_answer(t.episode(tokenizer), t.answer) for t in traces]
-
-
-def strip_tags(observation, env_cfg):
-    return observation.replace(env_cfg.obs_open, "").replace(env_cfg.obs_close, "").strip()
 
 
 def with_answer(ep, answer):

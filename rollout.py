@@ -23,8 +23,9 @@ Environments (env_cfg.env):
 
 A sequence ends at EOS ("eos"), at the closing brace of its \\boxed{} answer after </think> ("answer"), at
 env_cfg.max_new_tokens completion tokens, observations included ("length"), or when it writes one action more
-than env_cfg.max_actions: that action is not run, the loop appends NOTE (" I have searched enough. </think>
-\\boxed{") and the model writes the answer ("max_actions"; the paper's Algorithm 1 forces an answer the same way).
+than env_cfg.max_actions: that action is not run, the loop appends NOTE and tools.answer_text's opener
+(" I have searched enough. </think> \\boxed{") and the model writes the answer ("max_actions"; the paper's
+Algorithm 1 forces an answer the same way).
 With env_cfg.limit_observation set (and max_actions above 0: 0 is closed-book), such an action is not run either,
 but it gets that text as its observation (tags included, mask 0; the paper's code: "Reach the limit of search
 times.") and the model goes on: it must answer, and the length budget still ends it.
@@ -72,9 +73,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tools import FailureLimit, ToolError, build_prompt, extract_boxed, loss_mask
+from tools import FailureLimit, ToolError, answer_text, build_prompt, extract_boxed, failed_observation, loss_mask
+from tools import observation_text
 
-NOTE = " I have searched enough. {think_close} {answer_open}"  # appended when the action limit is hit
+NOTE = " I have searched enough."  # then tools.answer_text: appended when the action limit is hit
 
 
 @dataclass
@@ -484,7 +486,7 @@ def call_environment(environment, episodes, tokenizer, env_cfg):
             if isinstance(e, ToolError):
                 raise  # as it is: `raise e from e` would make it its own cause
             raise ToolError(f"{type(e).__name__}: {e}") from e
-        obs = [f"{env_cfg.obs_open} search failed: {type(e).__name__} {env_cfg.obs_close}"] * len(queries)
+        obs = [failed_observation(type(e).__name__, env_cfg)] * len(queries)
     for ep in episodes:
         count_calls(ep, environment)
     return obs
@@ -510,12 +512,12 @@ class CoARules:
         self.tok, self.env, self.environment, self.max_new = tokenizer, env_cfg, environment, max_new
         self.tags = Tags(tokenizer, [env_cfg.action_close, env_cfg.think_close, env_cfg.obs_close, "}"])
         encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-        self.note_ids = encode(NOTE.format(think_close=env_cfg.think_close, answer_open=env_cfg.answer_open))
+        self.note_ids = encode(NOTE + answer_text(env_cfg))
         self.obs_open_ids, self.obs_close_ids = encode(env_cfg.obs_open), encode(env_cfg.obs_close)
         # max_actions=0 is closed-book (the no-tool baseline, the knowledge probe): no observation at all, the answer
         # is forced whatever limit_observation says
         limit = env_cfg.limit_observation.strip() if env_cfg.max_actions else ""
-        self.limit_ids = encode(f"{env_cfg.obs_open} {limit} {env_cfg.obs_close}") if limit else []
+        self.limit_ids = encode(observation_text(limit, env_cfg)) if limit else []
 
     def after_token(self, row, token):
         """Stops, and True when the row just closed an action."""

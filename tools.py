@@ -545,6 +545,43 @@ def find_actions(think, env):
     return actions
 
 
+def action_text(query, env):
+    """An action as a trajectory holds it, the space before the opener included: " <begin_search> query
+    </end_search>". Everything that writes an action (the oracle, the workflow baseline, the world model's
+    prompts and call logs) writes it here."""
+    return f" {env.action_open} {query} {env.action_close}"
+
+
+def observation_text(body, env):
+    """An observation as the environment writes it: "<search_result> body </search_result>" (appended right after
+    the action's closer, no space before it)."""
+    return f"{env.obs_open} {body} {env.obs_close}"
+
+
+def failed_observation(cause, env):
+    """The observation of a search that failed (the tool's error, or an environment that broke): the model reads
+    why, and the trajectory goes on."""
+    return observation_text(f"search failed: {cause}", env)
+
+
+def observation_body(text, env, every_tag=False):
+    """The text inside an observation's tags (a missing closing tag: up to the end). every_tag: every tag taken out
+    wherever it stands instead, as eval's ReAct loop reads the tool's observations (the same text for any
+    observation whose body holds no tag; a world model's raw text may hold anything, and only its first tags
+    count)."""
+    if every_tag:
+        return text.replace(env.obs_open, "").replace(env.obs_close, "").strip()
+    text = text.split(env.obs_open, 1)[1] if env.obs_open in text else text
+    return text.split(env.obs_close, 1)[0].strip()
+
+
+def answer_text(env, answer=None):
+    """The end of the reasoning and the answer: " </think> \\boxed{answer}"; answer=None stops after the opener,
+    for the model to write a forced answer."""
+    opener = f" {env.think_close} {env.answer_open}"
+    return opener if answer is None else f"{opener}{answer}}}"
+
+
 def loss_mask(who, n, observation_mask=True):
     """The loss mask of n tokens written by `who`: 1 = trained on, 0 = not. The one definition of which tokens a
     stage trains on: sft.py's segments ("model" | "env"), rollout.py's tokens as it makes them and eval.py's
@@ -930,7 +967,7 @@ def format_observation(passages, tokenizer, env, numbered=None):
     ids = tokenizer.encode(" " + body, add_special_tokens=False)
     if len(ids) > env.obs_max_tokens:
         body = tokenizer.decode(ids[:env.obs_max_tokens]).strip()
-    return f"{env.obs_open} {body.strip()} {env.obs_close}"
+    return observation_text(body.strip(), env)
 
 
 def split_context(context, tokenizer, env):
@@ -987,7 +1024,7 @@ class SearchEnv:
             with self.lock:
                 self.failures += len(queries)
                 self.last_error = str(e) or cause
-            observations = [f"{self.env.obs_open} search failed: {cause} {self.env.obs_close}"] * len(queries)
+            observations = [failed_observation(cause, self.env)] * len(queries)
             if self.log_path:
                 self.log(queries, contexts or [""] * len(queries), observations, error=cause)
             if self.limit:
