@@ -496,7 +496,7 @@ def test_a_retriever_that_is_down_stops_the_run_naming_url_and_cause(tiny_root, 
 
 def test_tool_failures_below_the_limit_are_counted_and_training_goes_on(tiny_root, tiny_base, tmp_path,
                                                                          monkeypatch):
-    import worldmodel
+    import tools
     from tools import ToolError
     calls = []
 
@@ -505,7 +505,7 @@ def test_tool_failures_below_the_limit_are_counted_and_training_goes_on(tiny_roo
         if len(calls) % 4 == 0:
             raise ToolError("retrieval server http://x/retrieve failed after 3 tries: HTTP 500", "HTTP 500")
         return [["Vexa was founded by Ada Brun."] for _ in queries]
-    monkeypatch.setattr(worldmodel, "make_tool", lambda env, run: flaky)
+    monkeypatch.setattr(tools, "make_tool", lambda env, run: flaky)
     searching_rollout(monkeypatch)
     rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=2", "eval_n=0", "env.max_actions=0", "save_every=0"))
     rows = read_metrics(tmp_path)
