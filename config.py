@@ -145,7 +145,7 @@ def read_key_values(cls, argv, who):
 # --help: a script's flags and every key of its config sections with type, default and meaning. The meaning is
 # the field's trailing `# comment` in its dataclass (a comment line indented under the field continues it; one
 # at the field's indent is a heading), read from the source, so the help cannot drift from the code
-# (tests/test_tools.py checks that every field of every section has one).
+# (tests/test_help.py checks that every field of every section has one).
 
 @functools.lru_cache(maxsize=None)
 def field_help(cls):
