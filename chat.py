@@ -24,7 +24,9 @@ import torch
 import data
 import eval as ev
 from rollout import rollout
-from tools import EnvConfig, RunConfig, cli, load_config, load_model
+from config import RunConfig, cli, load_config
+from plumbing import load_model
+from tools import EnvConfig, make_environment
 
 
 @dataclass
@@ -68,13 +70,12 @@ def ask(model, tokenizer, question, cfg, environment):
 
 
 def main(argv=None):
-    import worldmodel
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "chat": ChatConfig}, argv,
                       own="chat")
     path = ev.resolve_model(cfg.chat.init, cfg, "chat.init")  # a missing folder: one line naming its stage
     model, tokenizer = load_model(path, cfg.run)
     model.eval()
-    environment = worldmodel.make_environment(cfg.env, cfg.run, tokenizer)  # real, a world-model LM, or None
+    environment = make_environment(cfg.env, cfg.run, tokenizer)  # real, a world-model LM, or None
     where = {"real": f"the real tool ({cfg.env.tool})", "policy": "its own simulation (env.env=policy)",
              "worldmodel": f"the world-model LM {cfg.env.worldmodel}"}.get(cfg.env.env, cfg.env.env)
     print(f"chat: {path}, searching with {where}", file=sys.stderr, flush=True)

@@ -42,9 +42,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from plumbing import print0, progress
-from tools import RunConfig, EnvConfig, ConfigError, RunError, cli, load_config, make_tool
-from tools import SearchEnv, build_prompt, check_rows, parse, partial_write, read_jsonl, reward
-from tools import action_text, answer_text, backoff
+from config import RunConfig, ConfigError, RunError, check_rows, cli, load_config, partial_write, read_jsonl
+from tools import EnvConfig, SearchEnv, action_text, answer_text, backoff, build_prompt, make_tool, parse, reward
 
 
 @dataclass
@@ -339,6 +338,16 @@ def load_qa(source, split="test", on_bad="skip", limit=None):
         raise ConfigError(f"no QA file {source!r} and no hub dataset of that name ({', '.join(HUB_NAMES)})")
     rows = [{"id": place, **row} for place, row in placed]  # a row's own id wins over its place
     return rows[:limit] if limit else rows
+
+
+def golds_by_question(data_dir, splits=("train", "dev", "test")):
+    """question -> golden answers, from the QA files of the data dir (logged calls carry no answers)."""
+    out = {}
+    for name in splits:
+        path = os.path.join(data_dir, f"{name}.jsonl")
+        if os.path.exists(path):
+            out.update({r["question"]: r["golden_answers"] for r in load_qa(path)})
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -873,7 +882,7 @@ def judged(row, group, env):
 
 def synthesize(cfg, tokenizer=None):
     """Write <synth>/<split>.jsonl for each split and <synth>/stats.json; returns the stats."""
-    from tools import load_model
+    from plumbing import load_model
     out_dir = synth_dir(cfg)
     os.makedirs(out_dir, exist_ok=True)
     teacher, model = cfg.synth.teacher, None

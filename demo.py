@@ -60,7 +60,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import eval as ev
-from tools import SECTIONS, ConfigError, EnvConfig, RunConfig, cli, help_text, load_config, read_jsonl, show_help
+from config import SECTIONS, ConfigError, RunConfig, cli, help_text, load_config, read_jsonl, show_help
+from tools import EnvConfig
 
 # Quick mode: a small world and a few steps per stage, enough to exercise every code path in about a minute.
 QUICK = {
@@ -421,7 +422,8 @@ def show_one(cfg, model_dir, kind="country", tries=16):
     that it answers right (a walk-through reads better on a success), else the first one. Scored as eval.py does."""
     import torch
     from rollout import rollout
-    from tools import SearchEnv, load_model, make_tool
+    from plumbing import load_model
+    from tools import SearchEnv, make_tool
     model, tokenizer = load_model(model_dir, cfg.run)
     rows = ev.data.load_qa(os.path.join(cfg.run.data_dir, "test.jsonl"))
     rows = [r for r in rows if r.get("kind") == kind][:tries] or rows[:1]

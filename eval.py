@@ -63,10 +63,11 @@ from dataclasses import dataclass
 import torch
 
 import data
-from plumbing import barrier, claim_run, print0, progress, release_run, setup_dist
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, action_text, answer_text, backoff, build_prompt,
-                   cli, exact_match, extract_boxed, f1_score, lenient_match, load_config, load_model, loss_mask,
-                   make_tool, model_path, observation_body, parse, truncation_warning)
+from plumbing import (barrier, check_worldmodel_folder, claim_run, load_model, model_path, print0, progress,
+                      release_run, setup_dist)
+from config import ConfigError, RunConfig, cli, load_config
+from tools import (EnvConfig, SearchEnv, action_text, answer_text, backoff, build_prompt, exact_match, extract_boxed,
+                   f1_score, lenient_match, loss_mask, make_environment, observation_body, parse, truncation_warning)
 
 
 @dataclass
@@ -124,15 +125,6 @@ def load_questions(cfg, source=None):
         raise ConfigError(f"eval.data: no QA file {source!r} nor {named!r} (eval.qa_dir), "
                           f"and no FlashRAG hub name ({', '.join(data.HUB_NAMES)})")
     return data.load_qa(source, limit=cfg.eval.limit or None)
-
-
-def make_environment(cfg, tokenizer):
-    """The environment rollout() talks to, by env.env: the real tool (with eval.log_calls), the policy itself
-    (None), or a world-model LM: worldmodel.make_environment."""
-    if cfg.env.env == "real":
-        return SearchEnv(make_tool(cfg.env, cfg.run), tokenizer, cfg.env, log_path=cfg.eval.log_calls or None)
-    import worldmodel
-    return worldmodel.make_environment(cfg.env, cfg.run, tokenizer)
 
 
 # -----------------------------------------------------------------------------
@@ -574,7 +566,7 @@ def evaluate(model, tokenizer, rows, cfg):
             episodes = run_agent(model, tokenizer, rows, notool_env(env_cfg), environment, ecfg,
                                  generator)
     else:
-        environment = make_environment(cfg, tokenizer)
+        environment = make_environment(env_cfg, cfg.run, tokenizer, log_path=ecfg.log_calls or None)
         if isinstance(environment, SearchEnv):
             environment.limit_failures(ecfg.max_tool_failures, "eval.max_tool_failures", "eval: ")
         style = "agent" if ecfg.mode == "agent" else ecfg.workflow
@@ -727,7 +719,6 @@ def main(argv=None):
     if rank == 0:  # two evals on one tag at once, or an earlier eval's results: refused, not silently replaced
         claim_run(out_dir, lock_tag, cfg.flags, outputs)
     if cfg.env.env == "worldmodel" and cfg.env.worldmodel and ecfg.mode != "notool":  # before the policy loads
-        from worldmodel import check_worldmodel_folder
         check_worldmodel_folder(cfg.env.worldmodel)
     model, tokenizer = load_model(path, cfg.run, device=device)
     model.eval()

@@ -109,9 +109,9 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, fin
                       latest_checkpoint, load_checkpoint, load_sharded, log_line, print0, progress_bar,
                       release_run, resume_checkpoint, save_checkpoint, save_pretrained, setup_dist, start_logging,
                       truncate_log, unwrap)
-from plumbing import add_lora, base_dtype, is_lora, plain_copy
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, make_tool, master_dtype,
-                   model_path, parse, reward, truncation_warning)
+from plumbing import add_lora, base_dtype, check_worldmodel_folder, is_lora, master_dtype, model_path, plain_copy
+from config import ConfigError, RunConfig, cli, load_config
+from tools import EnvConfig, SearchEnv, make_environment, make_tool, parse, reward, truncation_warning
 
 
 @dataclass
@@ -308,11 +308,10 @@ def step_env(step, rcfg, env_cfg):
     return env_cfg.env
 
 
-def make_environment(kind, env_cfg, run, tokenizer, cache):
-    """The callable rollout.py sends queries to for this kind of step (worldmodel.make_environment), built once."""
-    if kind not in cache:
-        from worldmodel import make_environment as build  # SearchEnv, None (policy) or the world-model LM
-        cache[kind] = build(dataclasses.replace(env_cfg, env=kind), run, tokenizer)
+def step_environment(kind, env_cfg, run, tokenizer, cache):
+    """The callable rollout.py sends queries to for this kind of step (tools.make_environment), built once."""
+    if kind not in cache:  # SearchEnv, None (policy) or the world-model LM
+        cache[kind] = make_environment(dataclasses.replace(env_cfg, env=kind), run, tokenizer)
     return cache[kind]
 
 
@@ -585,7 +584,6 @@ def main(argv=None):
     torch.manual_seed(run.seed)
     init = model_path(rcfg.init, run.dir, f"rl.init={rcfg.init!r}")  # a folder, or a stage name: sft2, sft123, ...
     if env_cfg.worldmodel:  # a policy folder there would be refused only at the first simulated step
-        from worldmodel import check_worldmodel_folder
         check_worldmodel_folder(env_cfg.worldmodel)
     out_dir, ckpt_dir = os.path.join(run.dir, rcfg.out), os.path.join(run.dir, rcfg.out + ".ckpt")
     if rank == 0:
@@ -636,7 +634,7 @@ def main(argv=None):
         t0 = time.time()
         # 1) rollout: this rank's prompts, group members adjacent, in the environment of the schedule
         kind = step_env(step, rcfg, env_cfg)
-        environment = make_environment(kind, env_cfg, run, tokenizer, envs)
+        environment = step_environment(kind, env_cfg, run, tokenizer, envs)
         prompts = step_prompts(train_rows if kind == env_cfg.env else sim_rows, step, rcfg.prompts_per_step, run.seed)
         prompt_index = list(range(rank, rcfg.prompts_per_step, world_size))
         rows = [prompts[i] for i in prompt_index]

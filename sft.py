@@ -85,7 +85,9 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, fin
                       load_checkpoint, load_sharded, log_line, plain_copy, print0, progress_bar, release_run,
                       resume_checkpoint, save_checkpoint, setup_dist, start_logging, truncate_log, unwrap)
 from plumbing import add_lora, base_dtype
-from tools import ConfigError, build_prompt, cli, loss_mask, model_path, read_jsonl
+from config import ConfigError, cli, read_jsonl
+from plumbing import model_path
+from tools import build_prompt, loss_mask
 
 
 @dataclass
@@ -465,7 +467,9 @@ def planned_steps(sc):
 
 def main(argv=None):
     from data import ModelConfig, save_atomic
-    from tools import EnvConfig, RunConfig, load_config, load_tokenizer
+    from config import RunConfig, load_config
+    from plumbing import load_tokenizer
+    from tools import EnvConfig
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per run: ours
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": ModelConfig, "sft": SFTConfig}, argv, own="sft",

@@ -18,7 +18,7 @@ from tools import EnvConfig, SearchEnv, ToolError, answer_text, build_prompt, ex
 @pytest.fixture(scope="module")
 def agent(tiny_base):
     """(model, tokenizer): the tiny model, weights x4, LM head untied with a bias towards the tags."""
-    from tools import load_model
+    from plumbing import load_model
     model, tok = load_model(tiny_base, device=torch.device("cpu"))
     torch.manual_seed(0)
     with torch.no_grad():
