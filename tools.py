@@ -179,29 +179,23 @@ def find_actions(think, env):
 
 
 def action_text(query, env):
-    """An action as a trajectory holds it, the space before the opener included: " <begin_search> query
-    </end_search>". Everything that writes an action (the oracle, the workflow baseline, the world model's
-    prompts and call logs) writes it here."""
+    """An action as a trajectory holds it, with the space before it: " <begin_search> query </end_search>"."""
     return f" {env.action_open} {query} {env.action_close}"
 
 
 def observation_text(body, env):
-    """An observation as the environment writes it: "<search_result> body </search_result>" (appended right after
-    the action's closer, no space before it)."""
+    """An observation as the environment writes it, right after the action: "<search_result> body </search_result>"."""
     return f"{env.obs_open} {body} {env.obs_close}"
 
 
 def failed_observation(cause, env):
-    """The observation of a search that failed (the tool's error, or an environment that broke): the model reads
-    why, and the trajectory goes on."""
+    """The observation of a failed search (a tool's error, a broken environment): the model reads why, and goes on."""
     return observation_text(f"search failed: {cause}", env)
 
 
 def observation_body(text, env, every_tag=False):
-    """The text inside an observation's tags (a missing closing tag: up to the end). every_tag: every tag taken out
-    wherever it stands instead, as eval's ReAct loop reads the tool's observations (the same text for any
-    observation whose body holds no tag; a world model's raw text may hold anything, and only its first tags
-    count)."""
+    """The text inside an observation's tags (no closing tag: up to the end). every_tag: every tag taken out, wherever
+    it stands, as eval's ReAct loop reads the tool's observations (the same text where the body holds no tag)."""
     if every_tag:
         return text.replace(env.obs_open, "").replace(env.obs_close, "").strip()
     text = text.split(env.obs_open, 1)[1] if env.obs_open in text else text
@@ -209,21 +203,15 @@ def observation_body(text, env, every_tag=False):
 
 
 def answer_text(env, answer=None):
-    """The end of the reasoning and the answer: " </think> \\boxed{answer}"; answer=None stops after the opener,
-    for the model to write a forced answer."""
+    """The end of the reasoning and the answer, " </think> \\boxed{answer}"; None: the opener (a forced answer)."""
     opener = f" {env.think_close} {env.answer_open}"
     return opener if answer is None else f"{opener}{answer}}}"
 
 
 def loss_mask(who, n, observation_mask=True):
-    """The loss mask of n tokens written by `who`: 1 = trained on, 0 = not. The one definition of which tokens a
-    stage trains on: sft.py's segments ("model" | "env"), rollout.py's tokens as it makes them and eval.py's
-    workflow traces all ask here.
-
-    "env" is everything the model did not write: the tool's observations, a self-written observation (env=policy:
-    no policy log-prob is owed for it, and training on it would reward the model for writing its own evidence),
-    and text the loop forces (the action-limit note). observation_mask=False (SFT-3) trains on "env" tokens too.
-    """
+    """The mask of n tokens `who` wrote (1 = trained on): the one definition sft.py, rollout.py and eval.py use. "env"
+    is all the model did not write (observations, self-written ones included: no policy log-prob is owed for them,
+    and a model trained on them learns to write its own evidence; forced text). SFT-3: observation_mask=False."""
     return [0 if who == "env" and observation_mask else 1] * n
 
 
@@ -407,10 +395,9 @@ class BM25Search:
 
 
 def backoff(retries, backoff_s, deadline=None):
-    """The tries of a call retried with exponential backoff, for a caller's `for tries in backoff(...)` loop that
-    returns on success: yields 1 .. 1 + retries, sleeping backoff_s * 2 ** (n - 1) before the n-th retry. With a
-    deadline (a time.monotonic() time), no retry starts past it and no sleep runs past it. The one retry loop of
-    the HTTP search, the endpoint teacher (data.py) and the LLM judge (eval.py)."""
+    """Try numbers 1 .. 1 + retries for a `for tries in backoff(...)` loop that returns on success, sleeping
+    backoff_s * 2 ** (n - 1) before retry n; past `deadline` (time.monotonic()) no retry starts and no sleep runs.
+    The retry loop of server.HTTPSearch, data.py's endpoint teacher and eval.py's judge."""
     for n in range(retries + 1):
         if n:
             if deadline is not None and time.monotonic() >= deadline:
