@@ -203,7 +203,7 @@ def workflow_queries(row):
 def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
     """Search first, then answer. The loop (not the model) writes the actions and their observations (mask 0);
     the model then writes its reasoning and answer. If it starts another action, the action is cut and the answer
-    forced with the same note as rollout's action limit: the model never decides to search."""
+    forced (tools.answer_text's opener, as at rollout's action limit): the model never decides to search."""
     from rollout import count_calls, encode_prompt
     if environment is None:
         raise ConfigError("the fixed workflow needs a tool: env.env=real or worldmodel")
