@@ -28,6 +28,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -711,3 +712,134 @@ def load_hf_weights(path, model):
         set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
     else:
         unwrap(model).load_state_dict(saved.state_dict())
+
+
+# -----------------------------------------------------------------------------
+# Gradient accumulation over micro-batches and ranks: the bookkeeping that lets 1 process and N processes take the
+# same optimizer step on the same global batch, kept here so that a trainer's step reads as its math
+
+def max_over_ranks(count):
+    """The largest count over ranks (int). Every rank must run the same number of forward/backward passes: FSDP2
+    all-gathers each layer inside forward and DDP all-reduces in the last backward, so a rank that stopped early
+    would leave the others waiting forever. A rank with fewer micro-batches pads up to this with empty ones."""
+    return int(all_reduce([count], dist.ReduceOp.MAX if is_dist() else None)[0])
+
+
+def sum_over_ranks(sums):
+    """{key: float} summed over ranks, keys in sorted order: every rank must put the same keys in the same place of
+    the one all_reduce."""
+    keys = sorted(sums)
+    return dict(zip(keys, all_reduce([sums[k] for k in keys])))
+
+
+def accumulate_backward(model, loss, last):
+    """loss.backward() for one micro-batch of a global batch whose loss is already normalised by the global count
+    (tokens, trajectories or pairs over all ranks and micro-batches). DDP and FSDP2 average the gradients over
+    ranks; scaling by world_size undoes that mean, so the gradients add up to the global loss's. DDP all-reduces
+    only on the `last` micro-batch (no_sync before it); FSDP2 reduces at every backward."""
+    world_size = dist.get_world_size() if is_dist() else 1
+    sync = last or not isinstance(model, DDP)
+    with (contextlib.nullcontext() if sync else model.no_sync()):
+        (loss * world_size).backward()
+
+
+def add_token_weighted(sums, stats):
+    """Accumulate one micro-batch's stats (per-token means, with its token count under "tokens") into sums as
+    sums weighted by its tokens; token_weighted_means turns them into means over everything accumulated."""
+    for k, v in stats.items():
+        sums[k] = sums.get(k, 0.0) + (v * stats["tokens"] if k != "tokens" else v)
+
+
+def token_weighted_means(sums):
+    """One number per stat of add_token_weighted's sums for the global batch: a mean over every token of every
+    micro-batch on every rank (a plain mean of per-rank means would weigh a rank of short trajectories as much as a
+    rank of long ones). Sorted keys, "tokens" left out."""
+    totals = sum_over_ranks(sums)
+    tokens = max(totals.get("tokens", 0.0), 1.0)
+    return {k: v / tokens for k, v in totals.items() if k != "tokens"}
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip the gradients to a global norm of max_norm (0 = off: measured only, for the log); returns the norm
+    before clipping as a float. Under FSDP2 the norm is a DTensor: full_tensor() makes it the whole model's."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+# -----------------------------------------------------------------------------
+# What the trainers (sft.py, rl.py, worldmodel.py) share beyond the plumbing above: the model they start from, the
+# run's claim and resume, the lr schedule and the padded batch
+
+def resolve_model(init, cfg, key):
+    """A model folder from a stage's init setting (`key` names it in errors: sft.init, eval.init, chat.init):
+    base (the first stage's, built here in the tiny world), an existing path, a stage output under run.dir, or a
+    hub name."""
+    from data import base_model_path
+    from tools import model_path
+    if init == "base":
+        return base_model_path(cfg)
+    return model_path(init, cfg.run.dir, f"{key}={init!r}")
+
+
+def claim_and_resume(run_dir, out, flags, rank):
+    """Claim out= (claim_run on rank 0, before anything is loaded or written; the others wait) and return the
+    checkpoint --resume continues from (None: the run starts afresh)."""
+    if rank == 0:
+        claim_run(run_dir, out, flags)
+    barrier()
+    return resume_checkpoint(os.path.join(run_dir, out + ".ckpt")) if "resume" in flags else None
+
+
+def nothing_left(run_dir, out, ckpt, steps, who, rank):
+    """True when the run under out= is finished (finished_run): says so in one line and releases the claim."""
+    out_dir = os.path.join(run_dir, out)
+    if not finished_run(out_dir, ckpt, steps):
+        return False
+    print0(f"{who}: {out_dir} is finished ({steps} steps): nothing to do (--overwrite starts over)")
+    if rank == 0:
+        release_run(run_dir, out)
+    return True
+
+
+def resume_run(ckpt, ckpt_dir, model, optimizer, scheduler, metrics_path, who, rank):
+    """Load checkpoint ckpt (None: a fresh start) into model, optimizer and scheduler and return its meta
+    ({"step": 0} when fresh); the metrics log keeps the rows up to that step. A fresh start under --resume (no
+    whole checkpoint yet; claim_run dealt with the rest) drops what a killed run left in ckpt_dir."""
+    meta = {"step": 0}
+    if ckpt:
+        meta = load_checkpoint(ckpt, model, optimizer, scheduler)
+        print0(f"{who}: resumed from {ckpt} at step {meta['step']}")
+    elif rank == 0:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if rank == 0:
+        truncate_log(metrics_path, meta["step"])  # from the start: a fresh log
+    barrier()
+    return meta
+
+
+def cosine_lr(step, steps, warmup_steps, min_lr_ratio, peak=1.0):
+    """The lr at `step` of `steps`: linear warm-up to peak over warmup_steps (a shorter run ends warming up), then a
+    cosine down to peak * min_lr_ratio. peak=1.0 gives the factor a LambdaLR multiplies the base lr by."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return peak * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def pad(rows, value, dtype=torch.long, left=False):
+    """(B, longest row) tensor of the rows (lists of numbers), filled with value past each row's end (left=True:
+    before its start)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        start = width - len(r) if left else 0
+        out[i, start:start + len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
+def collate(seqs, pad_id, device):
+    """Right-padded (B, T) input ids, attention mask and float32 target mask of sequences {"ids", "mask"}."""
+    ids = pad([s["ids"] for s in seqs], pad_id)
+    attn = pad([[1] * len(s["ids"]) for s in seqs], 0)
+    target = pad([s["mask"] for s in seqs], 0, torch.float32)
+    return ids.to(device), attn.to(device), target.to(device)
