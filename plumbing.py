@@ -732,15 +732,18 @@ def sum_over_ranks(sums):
     return dict(zip(keys, all_reduce([sums[k] for k in keys])))
 
 
-def accumulate_backward(model, loss, last):
-    """loss.backward() for one micro-batch of a global batch whose loss is already normalised by the global count
-    (tokens, trajectories or pairs over all ranks and micro-batches). DDP and FSDP2 average the gradients over
-    ranks; scaling by world_size undoes that mean, so the gradients add up to the global loss's. DDP all-reduces
-    only on the `last` micro-batch (no_sync before it); FSDP2 reduces at every backward."""
-    world_size = dist.get_world_size() if is_dist() else 1
-    sync = last or not isinstance(model, DDP)
-    with (contextlib.nullcontext() if sync else model.no_sync()):
-        (loss * world_size).backward()
+def grad_sync(model, last):
+    """Context for one micro-batch of an optimizer step: DDP all-reduces the gradients in every backward unless under
+    model.no_sync(), and only the `last` micro-batch needs to. DDP decides when the forward runs, so the context
+    holds the forward as well as the backward. FSDP2 and one process: nothing to do."""
+    return contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
+
+
+def backward_global(loss):
+    """loss.backward() for a micro-batch whose loss is already normalised by the global batch's count (tokens,
+    trajectories or pairs over all ranks and micro-batches). DDP and FSDP2 average the gradients over ranks;
+    scaling by world_size undoes that mean, so the gradients add up to the global loss's."""
+    (loss * (dist.get_world_size() if is_dist() else 1)).backward()
 
 
 def add_token_weighted(sums, stats):

@@ -146,7 +146,8 @@ from rollout import rollout
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resume, full_state_dict,
                       latest_checkpoint, load_sharded, log_line, nothing_left, print0, progress_bar, release_run,
                       resume_run, save_checkpoint, save_pretrained, setup_dist, start_logging, unwrap)
-from plumbing import accumulate_backward, add_token_weighted, clip_grad_norm, max_over_ranks, pad, token_weighted_means
+from plumbing import (add_token_weighted, backward_global, clip_grad_norm, grad_sync, max_over_ranks, pad,
+                      token_weighted_means)
 from plumbing import add_lora, base_dtype, is_lora, plain_copy
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, make_tool, master_dtype,
                    model_path, parse, reward, truncation_warning)
@@ -477,7 +478,8 @@ def update(model, ref_model, optimizer, scheduler, micro_batches, rcfg, max_toke
         logps, entropy = token_logps(model, input_ids, attention, T, rcfg.entropy_coef > 0, rcfg.temperature)
         loss, s = grpo_loss(logps, old_logps, ref_logps, adv.to(device), mask, rcfg.eps_low, rcfg.eps_high,
                             rcfg.kl_coef, rcfg.loss_type, entropy, rcfg.entropy_coef, max_tokens, denominator)
-        accumulate_backward(model, loss, last=j == len(micro_batches) - 1)
+        with grad_sync(model, last=j == len(micro_batches) - 1):
+            backward_global(loss)
         loss_sum += loss.item()
         add_token_weighted(sums, s)
     out = token_weighted_means(sums)
