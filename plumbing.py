@@ -16,10 +16,14 @@ plumbing.py -- what every trainer (sft.py, rl.py, worldmodel.py) and eval.py sha
                       full_state_dict (gathered for the HF output folder, in its dtype as it is gathered)
   the run guard       claim_run / release_run: a run never deletes an earlier run's output unless --overwrite,
                       and a lock refuses a second live run on the same out=
+  accumulation        max_over_ranks (filler passes), grad_sync + backward_global (one gradient for the global
+                      batch), add_token_weighted / token_weighted_means, sum_over_ranks, clip_grad_norm
+  trainer helpers     resolve_model (a stage's init), claim_and_resume / nothing_left / resume_run (the preamble of
+                      every trainer's main), cosine_lr (sft.py, worldmodel.py), pad / collate (padded batches)
 
-A trainer's loop reads: setup_dist -> claim_run -> resume_checkpoint (finished_run: nothing to do) -> load_sharded
--> load_checkpoint -> steps, each ending in log_line and now and then save_checkpoint -> save the HF folder ->
-release_run.
+A trainer's loop reads: setup_dist -> claim_and_resume (claim_run, resume_checkpoint) -> nothing_left (finished_run:
+nothing to do) -> load_sharded -> resume_run (load_checkpoint) -> steps, each ending in log_line and now and then
+save_checkpoint -> save the HF folder -> release_run.
 """
 import atexit
 import contextlib

@@ -478,6 +478,8 @@ def update(model, ref_model, optimizer, scheduler, micro_batches, rcfg, max_toke
         logps, entropy = token_logps(model, input_ids, attention, T, rcfg.entropy_coef > 0, rcfg.temperature)
         loss, s = grpo_loss(logps, old_logps, ref_logps, adv.to(device), mask, rcfg.eps_low, rcfg.eps_high,
                             rcfg.kl_coef, rcfg.loss_type, entropy, rcfg.entropy_coef, max_tokens, denominator)
+        # under DDP the forwards above, outside grad_sync, already chose to all-reduce in this backward: every
+        # micro-batch reduces (the same sum; holding them inside too would reduce once, a change of float order)
         with grad_sync(model, last=j == len(micro_batches) - 1):
             backward_global(loss)
         loss_sum += loss.item()

@@ -306,7 +306,11 @@ class Stream:
 # Losses: pure functions of tensors -> (loss, stats)
 
 def token_logps(model, ids, attn):
-    """(B, T-1) log p(ids[:, t+1] | ids[:, :t+1]) in float32 (the logits are bf16 under bf16=true)."""
+    """(B, T-1) log p(ids[:, t+1] | ids[:, :t+1]) in float32 (the logits are bf16 under bf16=true).
+
+    Not rl.token_logps: that one scores only the completion of left-padded rows, at the sampling temperature, with
+    entropy, as logit - logsumexp; this one every next token of right-padded rows by cross_entropy. The two differ
+    in the last bits, so one function for both would change one stage's trained weights."""
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
     return -F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
 
