@@ -18,12 +18,13 @@ plumbing.py -- what every trainer (sft.py, rl.py, worldmodel.py) and eval.py sha
                       and a lock refuses a second live run on the same out=
   accumulation        max_over_ranks (filler passes), grad_sync + backward_global (one gradient for the global
                       batch), add_token_weighted / token_weighted_means, sum_over_ranks, clip_grad_norm
-  trainer helpers     resolve_model (a stage's init), claim_and_resume / nothing_left / resume_run (the preamble of
-                      every trainer's main), cosine_lr (sft.py, worldmodel.py), pad / collate (padded batches)
+  trainer helpers     resolve_model (a stage's init), load_trainee (its model, LoRA and all), claim_and_resume /
+                      nothing_left / resume_run (the preamble of every trainer's main), cosine_lr (sft.py,
+                      worldmodel.py), pad / collate (padded batches)
 
 A trainer's loop reads: setup_dist -> claim_and_resume (claim_run, resume_checkpoint) -> nothing_left (finished_run:
-nothing to do) -> load_sharded -> resume_run (load_checkpoint) -> steps, each ending in log_line and now and then
-save_checkpoint -> save the HF folder -> release_run.
+nothing to do) -> load_sharded (load_trainee) -> resume_run (load_checkpoint) -> steps, each ending in log_line and
+now and then save_checkpoint -> save the HF folder -> release_run.
 """
 import atexit
 import contextlib
@@ -786,6 +787,19 @@ def resolve_model(init, cfg, key):
     if init == "base":
         return base_model_path(cfg)
     return model_path(init, cfg.run.dir, f"{key}={init!r}")
+
+
+def load_trainee(init, run, device, stage):
+    """(model, tokenizer) of the model a stage trains, from folder init, wrapped for the run (load_sharded).
+    stage: sft.py's or rl.py's config (parallel, bf16, grad_checkpointing, lora_rank, lora_alpha). fp32 masters, or
+    under LoRA fp32 adapters on the frozen base in its compute dtype (plain_copy merges them into the output)."""
+    def prepare(model):  # before sharding, on every rank: the same module tree everywhere
+        model.config.use_cache = False
+        if stage.grad_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return add_lora(model, stage.lora_rank, stage.lora_alpha) if stage.lora_rank else model
+    return load_sharded(init, run, device, base_dtype(run, device, stage.lora_rank), stage.parallel, stage.bf16,
+                        prepare)
 
 
 def claim_and_resume(run_dir, out, flags, rank):

@@ -148,7 +148,7 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resu
                       resume_run, save_checkpoint, save_pretrained, setup_dist, start_logging, unwrap)
 from plumbing import (add_token_weighted, backward_global, clip_grad_norm, grad_sync, max_over_ranks, pad,
                       token_weighted_means)
-from plumbing import add_lora, base_dtype, is_lora, plain_copy
+from plumbing import is_lora, load_trainee, plain_copy
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, make_tool, master_dtype,
                    model_path, parse, reward, truncation_warning)
 
@@ -542,13 +542,7 @@ def build_models(rcfg, run, device, init):
     LoRA (rl.lora_rank): fp32 adapters on a frozen base in its compute dtype, and no reference model: the KL's
     reference is the policy with its adapters off (update), which is the start model exactly."""
     train_dtype = master_dtype(run)
-    def prepare(model):  # before sharding, on every rank: the same module tree everywhere
-        model.config.use_cache = False
-        if rcfg.grad_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        return add_lora(model, rcfg.lora_rank, rcfg.lora_alpha) if rcfg.lora_rank else model
-    model, tokenizer = load_sharded(init, run, device, base_dtype(run, device, rcfg.lora_rank), rcfg.parallel,
-                                    rcfg.bf16, prepare)
+    model, tokenizer = load_trainee(init, run, device, rcfg)
     ref = None
     if rcfg.kl_coef and not rcfg.lora_rank:  # frozen copy of the start; with kl_coef 0 it is never loaded
         ref_dtype = torch.bfloat16 if (rcfg.bf16 or device.type == "cuda") and run.dtype == "auto" else train_dtype

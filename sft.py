@@ -79,10 +79,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resume, full_state_dict, is_dist,
-                      load_sharded, log_line, nothing_left, plain_copy, print0, progress_bar, release_run, resume_run,
+                      log_line, nothing_left, plain_copy, print0, progress_bar, release_run, resume_run,
                       save_checkpoint, setup_dist, start_logging, unwrap)
 from plumbing import backward_global, clip_grad_norm, collate, cosine_lr, grad_sync, max_over_ranks, sum_over_ranks
-from plumbing import add_lora, base_dtype, resolve_model
+from plumbing import load_trainee, resolve_model
 from tools import ConfigError, build_prompt, cli, read_jsonl
 
 
@@ -444,18 +444,6 @@ def shared_init(sc, cfg, rank):
     return init
 
 
-def build_model(sc, run, device, init):
-    """The model to train, wrapped for the run (plumbing.load_sharded): fp32 masters, or under LoRA fp32 adapters on
-    the frozen base; plain_copy (finish) merges them into the output folder."""
-    def prepare(model):  # before sharding, on every rank: the same module tree everywhere
-        model.config.use_cache = False
-        if sc.grad_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        return add_lora(model, sc.lora_rank, sc.lora_alpha) if sc.lora_rank else model
-    model, _ = load_sharded(init, run, device, base_dtype(run, device, sc.lora_rank), sc.parallel, sc.bf16, prepare)
-    return model
-
-
 def finish(ddp_model, tokenizer, cfg, out, steps, metrics_path, device, rank, world_size):
     """Held-out metrics on the model as it trained (every rank its share), then the output folder."""
     from data import save_atomic
@@ -510,7 +498,7 @@ def main(argv=None):
     torch.manual_seed(run.seed)
 
     # 2) model and optimizer
-    ddp_model = build_model(sc, run, device, init)
+    ddp_model, _ = load_trainee(init, run, device, sc)  # LoRA: finish's plain_copy merges the adapters
     optimizer = torch.optim.AdamW(ddp_model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_lr(s, steps, sc.warmup_steps, sc.min_lr_ratio))
