@@ -23,8 +23,8 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
         KL3_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1    (k3 estimator, >= 0; needs a frozen reference)
         H_t    = entropy of the policy at token t (optional bonus)
 
-       over the tokens with mask 1: prompt, padding and observation tokens (written by the environment) never
-       enter the loss. The aggregation agg is one switch in grpo_loss():
+       over the tokens with mask 1: prompt, padding and observation tokens (whoever wrote them: see "Why
+       observations are masked") never enter the loss. The aggregation agg is one switch in grpo_loss():
          grpo     mean over a trajectory's tokens, then mean over trajectories (DeepSeekMath): grpo_loss sums
                   the token means and divides by the global mini-batch's trajectory count (loss_denominator)
          dapo     mean over all tokens of the batch (DAPO)
