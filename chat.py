@@ -23,6 +23,7 @@ import torch
 
 import data
 import eval as ev
+from plumbing import resolve_model
 from rollout import rollout
 from tools import EnvConfig, RunConfig, cli, load_config, load_model
 
@@ -71,7 +72,7 @@ def main(argv=None):
     import worldmodel
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "chat": ChatConfig}, argv,
                       own="chat")
-    path = ev.resolve_model(cfg.chat.init, cfg, "chat.init")  # a missing folder: one line naming its stage
+    path = resolve_model(cfg.chat.init, cfg, "chat.init")  # a missing folder: one line naming its stage
     model, tokenizer = load_model(path, cfg.run)
     model.eval()
     environment = worldmodel.make_environment(cfg.env, cfg.run, tokenizer)  # real, a world-model LM, or None
