@@ -23,9 +23,9 @@ import torch
 
 import data
 import eval as ev
-from rollout import rollout
 from config import RunConfig, cli, load_config
-from plumbing import load_model
+from plumbing import load_model, resolve_model
+from rollout import rollout
 from tools import EnvConfig, make_environment
 
 
@@ -72,7 +72,7 @@ def ask(model, tokenizer, question, cfg, environment):
 def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "chat": ChatConfig}, argv,
                       own="chat")
-    path = ev.resolve_model(cfg.chat.init, cfg, "chat.init")  # a missing folder: one line naming its stage
+    path = resolve_model(cfg.chat.init, cfg, "chat.init")  # a missing folder: one line naming its stage
     model, tokenizer = load_model(path, cfg.run)
     model.eval()
     environment = make_environment(cfg.env, cfg.run, tokenizer)  # real, a world-model LM, or None

@@ -182,8 +182,9 @@ def show_help(text):
 
 
 def help_text(sections, own=None, flags=None, doc=None, prog=None):
-    """The --help of a script: usage, the first paragraph of its docstring, its flags, then per section every key
-    as `section.key  type = default  meaning`."""
+    """The --help of a script: usage, the first paragraph of its docstring and its first commands (examples), its
+    flags, then its own section's keys, then the sections it shares with other scripts (run, env, ...), each key as
+    `section.key  type = default  meaning`: what is particular to the script comes before what every script takes."""
     prog = prog or os.path.relpath(sys.argv[0])
     flags = flags if isinstance(flags, dict) else dict.fromkeys(flags or (), "")
     usage = " ".join(["usage: python", prog, "[--config FILE]" if any(sections) else "",
@@ -191,29 +192,46 @@ def help_text(sections, own=None, flags=None, doc=None, prog=None):
     lines = [" ".join(usage.split())]
     if doc:
         lines += ["", doc.strip().split("\n\n")[0]]
+        runs = examples(doc, prog)
+        if runs:
+            lines += ["", "for example:"] + [f"  {run}" for run in runs]
     described = {"--config FILE": "YAML, one mapping per section: its values replace the defaults below, and "
                                   "key=value arguments replace both"} if any(sections) else {}
     described.update({f"--{name}": meaning for name, meaning in flags.items()})
     described["-h, --help"] = "print this help and exit"
     lines += ["", "flags:"] + [textwrap.fill(meaning, 118, initial_indent=f"  {name:<16}", subsequent_indent=" " * 18)
                                for name, meaning in described.items()]
-    for name, cls in sections.items():
-        if name:
-            lines += ["", f"{name}:" + (f" (a bare key=value means {name}.key)" if name == own else "")]
-        else:
-            lines += ["", "keys:"]
-        meanings = field_help(cls)
-        for f in dataclasses.fields(cls):
-            default = repr(f.default) if len(repr(f.default)) < 60 else repr(f.default)[:50] + "...'"
-            key = f"  {name + '.' if name else ''}{f.name}  {f.type.__name__} = {default}"
-            text = meanings.get(f.name, "")
-            if len(key) > 44:
-                lines += [key, textwrap.fill(text, 118, initial_indent=" " * 46, subsequent_indent=" " * 46)]
-            else:
-                lines.append(textwrap.fill(text, 118, initial_indent=f"{key:<46}", subsequent_indent=" " * 46))
+    if own in sections:
+        lines += section_help(own, sections[own], f" (a bare key=value means {own}.key)")
+    shared = [name for name in sections if name != own]
+    if own in sections and shared:
+        lines += ["", f"shared sections ({', '.join(shared)}): the same keys in every script that reads them"]
+    for name in shared:
+        lines += section_help(name, sections[name])
     if doc:
         lines += ["", f"The docstring at the top of {prog} explains what it does and how."]
     return "\n".join(lines)
+
+
+def examples(doc, prog, most=2):
+    """The first commands in a docstring that run prog (`python prog ...`, `torchrun ... prog ...`)."""
+    runs = [line.strip() for line in doc.splitlines() if line.strip().startswith(("python ", "torchrun "))]
+    return [run for run in runs if os.path.basename(prog) in map(os.path.basename, run.split())][:most]
+
+
+def section_help(name, cls, note=""):
+    """The lines of one section in a --help: a heading, then `section.key  type = default  meaning` per key."""
+    lines = ["", f"{name}:{note}" if name else "keys:"]
+    meanings = field_help(cls)
+    for f in dataclasses.fields(cls):
+        default = repr(f.default) if len(repr(f.default)) < 60 else repr(f.default)[:50] + "...'"
+        key = f"  {name + '.' if name else ''}{f.name}  {f.type.__name__} = {default}"
+        text = meanings.get(f.name, "")
+        if len(key) > 44:
+            lines += [key, textwrap.fill(text, 118, initial_indent=" " * 46, subsequent_indent=" " * 46)]
+        else:
+            lines.append(textwrap.fill(text, 118, initial_indent=f"{key:<46}", subsequent_indent=" " * 46))
+    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -321,25 +339,7 @@ def load_config(sections, argv=None, own=None, flags=()):
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--help" in argv or "-h" in argv:
         show_help(help_text(sections, own, flags, getattr(sys.modules.get("__main__"), "__doc__", None)))
-    path, overrides, given = None, [], []
-    while argv:
-        arg = argv.pop(0)
-        if arg == "--config":
-            if not argv:
-                raise ConfigError("config: --config needs a file")
-            path = argv.pop(0)
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif "=" in arg:
-            overrides.append(arg.lstrip("-"))
-        elif arg.startswith("--"):
-            given.append(arg[2:])
-        else:
-            raise ConfigError(f"config: cannot read argument {arg!r} (use --config FILE and key=value)")
-    unknown = [f"--{f}" for f in given if f not in flags]
-    if unknown:
-        known = ", ".join(f"--{f}" for f in flags) or "none"
-        raise ConfigError(f"config: unknown flag {', '.join(unknown)} (this script takes: {known})")
+    path, overrides, given = read_argv(argv, flags)
     raw = {}
     if path:
         try:
@@ -373,6 +373,33 @@ def load_config(sections, argv=None, own=None, flags=()):
         values[name][key] = parse_value(text, fields[key], f"{name}.{key}")
     cfg = {name: build(cls, values[name], name) for name, cls in sections.items()}
     return _Namespace(cfg, path=path, flags=given)
+
+
+def read_argv(argv, flags=()):
+    """(config path or None, key=value overrides in order, {flag: its value, or True}) of a command line: --config
+    FILE (or --config=FILE), key=value (leading dashes dropped), --flag, and --flag VALUE for a flag named "flag N"
+    in `flags`. A flag not in `flags` (a typo such as --resum must not start a run that wipes the one it meant to
+    resume) or a bare word is a ConfigError."""
+    argv, path, overrides, given = list(argv), None, [], {}
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--config":
+            if not argv:
+                raise ConfigError("config: --config needs a file")
+            path = argv.pop(0)
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif "=" in arg:
+            overrides.append(arg.lstrip("-"))
+        elif arg.startswith("--"):
+            given[arg[2:]] = (argv.pop(0) if argv else "") if f"{arg[2:]} N" in flags else True
+        else:
+            raise ConfigError(f"config: cannot read argument {arg!r} (use --config FILE and key=value)")
+    unknown = [f"--{f}" for f in given if f not in flags and f"{f} N" not in flags]
+    if unknown:
+        known = ", ".join(f"--{f}" for f in flags) or "none"
+        raise ConfigError(f"config: unknown flag {', '.join(unknown)} (this script takes: {known})")
+    return path, overrides, given
 
 
 class _Namespace(dict):

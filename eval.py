@@ -63,8 +63,8 @@ from dataclasses import dataclass
 import torch
 
 import data
-from plumbing import (barrier, check_worldmodel_folder, claim_run, load_model, model_path, print0, progress,
-                      release_run, setup_dist)
+from plumbing import (barrier, check_worldmodel_folder, claim_run, load_model, print0, progress, release_run,
+                      resolve_model, setup_dist)
 from config import ConfigError, RunConfig, cli, load_config
 from tools import (EnvConfig, SearchEnv, action_text, answer_text, backoff, build_prompt, exact_match, extract_boxed,
                    f1_score, lenient_match, loss_mask, make_environment, observation_body, parse, truncation_warning)
@@ -105,14 +105,6 @@ class EvalConfig:
 
 # -----------------------------------------------------------------------------
 # Inputs: the model and the questions
-
-def resolve_model(init, cfg, key="eval.init"):
-    """A model path from eval.init (or chat.init: `key` names it in errors): an existing folder, a stage output
-    under run.dir, 'base', or a hub name."""
-    if init == "base":
-        return data.base_model_path(cfg)
-    return model_path(init, cfg.run.dir, f"{key}={init!r}")
-
 
 def load_questions(cfg, source=None):
     source = source or cfg.eval.data
@@ -707,7 +699,7 @@ def main(argv=None):
         print0("warning: eval.samples > 1 with temperature 0: every sample is the same greedy trajectory")
     torch.manual_seed(cfg.run.seed)
     rank, world_size, device = setup_dist(cfg.run)
-    path = resolve_model(ecfg.init, cfg)
+    path = resolve_model(ecfg.init, cfg, "eval.init")
     sources = [s.strip() for s in ecfg.data.split(",") if s.strip()]
     questions = {source: load_questions(cfg, source) for source in sources}  # a bad set fails before any work
     for source, rows in questions.items():

@@ -86,10 +86,31 @@ def test_bench_keys_keep_their_types():
         read_key_values(bench("serve").Args, ["client=3"], "config")
 
 
-@pytest.mark.parametrize("script, says", [("rollout.py", "python chat.py asks"), ("tools.py", "python server.py --help")])
-def test_library_files_answer_help(script, says):
-    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("script, args, says", [("rollout.py", ["--help"], "python chat.py asks"),
+                                                ("tools.py", ["--help"], "python server.py --help"),
+                                                ("tools.py", [], "tools.py is a library")])
+def test_library_files_answer_help(script, args, says):
+    done = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and says in done.stdout
+
+
+@pytest.mark.parametrize("script, own", [("rl.py", "rl"), ("data.py", "world"), ("chat.py", "chat")])
+def test_help_gives_an_example_and_the_scripts_own_keys_before_the_shared_ones(script, own):
+    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    example, flags = lines.index("for example:"), lines.index("flags:")
+    assert lines[example + 1].startswith(f"  python {script} --config configs/")  # a command from its docstring
+    own_at = next(i for i, line in enumerate(lines) if line.startswith(f"{own}: (a bare key=value means {own}.key)"))
+    shared_at = next(i for i, line in enumerate(lines) if line.startswith("shared sections (run, env"))
+    assert example < flags < own_at < shared_at < lines.index("run:") < lines.index("env:")
+
+
+def test_demo_reads_its_flags_with_the_stages_reader():
+    assert demo.parse_flags(["--seeds", "2", "--quick", "run.seed=1"]) == (True, 2, 2, False, False,
+                                                                          "configs/tiny.yaml", ["run.seed=1"])
+    assert demo.parse_flags(["--config=configs/x.yaml", "--jobs", "1"])[2:6] == (1, False, False, "configs/x.yaml")
+    with pytest.raises(ConfigError, match=r"--seeds takes a whole number >= 1, got '0'"):
+        demo.parse_flags(["--seeds", "0"])
 
 
 def test_help_read_in_part_ends_quietly():

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from server import HTTPSearch
 from plumbing import load_model, model_path
 import tools
-from config import ConfigError, RunConfig, cli, load_config, read_jsonl
+from config import ConfigError, RunConfig, cli, load_config, read_argv, read_jsonl
 from tools import EnvConfig, exact_match, extract_boxed, f1_score, lenient_match, parse, reward
 
 ENV = EnvConfig()
@@ -216,6 +216,16 @@ def test_only_the_flags_a_script_takes_are_accepted():
     assert cfg.flags == ["resume"]
     with pytest.raises(ConfigError, match=r"unknown flag --resmue \(this script takes: --resume, --overwrite\)"):
         load_config({"run": RunConfig}, ["--resmue"], flags=("resume", "overwrite"))
+
+
+def test_one_command_line_reader_serves_the_stages_and_the_demo_flags_with_a_value():
+    demo_flags = {"seeds N": "", "quick": ""}  # demo.py's kind: "--seeds N" takes the next word
+    argv = ["--config=c.yaml", "--seeds", "3", "--quick", "--run.seed=2", "sft.lr=1"]
+    assert read_argv(argv, demo_flags) == ("c.yaml", ["run.seed=2", "sft.lr=1"], {"seeds": "3", "quick": True})
+    with pytest.raises(ConfigError, match=r"unknown flag --quik \(this script takes: --seeds N, --quick\)"):
+        read_argv(["--quik"], demo_flags)
+    with pytest.raises(ConfigError, match="cannot read argument 'quick'"):
+        read_argv(["quick"], demo_flags)
 
 
 def test_cli_turns_a_config_error_into_one_line_and_exit_status_2(capsys):
