@@ -71,7 +71,7 @@ def ask(model, tokenizer, question, cfg, environment):
     return episode
 
 
-def model_path(cfg):
+def find_model(cfg):
     """The model chat.init names (eval.resolve_model). A bare stage name with nothing behind it is a one-line error
     that says what is there instead: make demo writes each seed's models one level down (<run.dir>/seed0/rl_simreal,
     its world in <run.data_dir>/seed0), so after it the default `rl` finds nothing under <run.dir>."""
@@ -96,7 +96,7 @@ def main(argv=None):
     import worldmodel
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "chat": ChatConfig}, argv,
                       own="chat")
-    path = model_path(cfg)  # a missing folder: one line saying what is there
+    path = find_model(cfg)  # a missing folder: one line saying what is there
     model, tokenizer = load_model(path, cfg.run)
     model.eval()
     environment = worldmodel.make_environment(cfg.env, cfg.run, tokenizer)  # real, a world-model LM, or None
