@@ -27,6 +27,7 @@ import torch
 
 import data
 import eval as ev
+from plumbing import resolve_model
 from rollout import rollout
 from tools import ConfigError, EnvConfig, RunConfig, cli, load_config, load_model
 
@@ -72,12 +73,12 @@ def ask(model, tokenizer, question, cfg, environment):
 
 
 def find_model(cfg):
-    """The model chat.init names (eval.resolve_model). A bare stage name with nothing behind it is a one-line error
+    """The model chat.init names (plumbing.resolve_model). A bare stage name with nothing behind it is a one-line error
     that says what is there instead: make demo writes each seed's models one level down (<run.dir>/seed0/rl_simreal,
     its world in <run.data_dir>/seed0), so after it the default `rl` finds nothing under <run.dir>."""
     init, run_dir = cfg.chat.init, cfg.run.dir
     if os.sep in init or init == "base" or os.path.isdir(init) or os.path.isdir(os.path.join(run_dir, init)):
-        return ev.resolve_model(init, cfg, "chat.init")
+        return resolve_model(init, cfg, "chat.init")
     finals = sorted(glob.glob(os.path.join(run_dir, "seed*", "rl_simreal", "config.json")))  # the demo's last stage
     found = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(run_dir, "*", "config.json")))
     if finals:

@@ -63,9 +63,9 @@ from dataclasses import dataclass
 import torch
 
 import data
-from plumbing import barrier, claim_run, print0, progress, release_run, setup_dist
+from plumbing import barrier, claim_run, print0, progress, release_run, resolve_model, setup_dist
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, exact_match, extract_boxed,
-                   f1_score, lenient_match, load_config, load_model, make_tool, model_path, parse, truncation_warning)
+                   f1_score, lenient_match, load_config, load_model, make_tool, parse, truncation_warning)
 
 
 @dataclass
@@ -103,14 +103,6 @@ class EvalConfig:
 
 # -----------------------------------------------------------------------------
 # Inputs: the model and the questions
-
-def resolve_model(init, cfg, key="eval.init"):
-    """A model path from eval.init (or chat.init: `key` names it in errors): an existing folder, a stage output
-    under run.dir, 'base', or a hub name."""
-    if init == "base":
-        return data.base_model_path(cfg)
-    return model_path(init, cfg.run.dir, f"{key}={init!r}")
-
 
 def load_questions(cfg, source=None):
     source = source or cfg.eval.data
@@ -723,7 +715,7 @@ def main(argv=None):
         print0("warning: eval.samples > 1 with temperature 0: every sample is the same greedy trajectory")
     torch.manual_seed(cfg.run.seed)
     rank, world_size, device = setup_dist(cfg.run)
-    path = resolve_model(ecfg.init, cfg)
+    path = resolve_model(ecfg.init, cfg, "eval.init")
     sources = [s.strip() for s in ecfg.data.split(",") if s.strip()]
     questions = {source: load_questions(cfg, source) for source in sources}  # a bad set fails before any work
     for source, rows in questions.items():

@@ -16,10 +16,15 @@ plumbing.py -- what every trainer (sft.py, rl.py, worldmodel.py) and eval.py sha
                       full_state_dict (gathered for the HF output folder, in its dtype as it is gathered)
   the run guard       claim_run / release_run: a run never deletes an earlier run's output unless --overwrite,
                       and a lock refuses a second live run on the same out=
+  accumulation        max_over_ranks (filler passes), grad_sync + backward_global (one gradient for the global
+                      batch), add_token_weighted / token_weighted_means, sum_over_ranks, clip_grad_norm
+  trainer helpers     resolve_model (a stage's init), load_trainee (its model, LoRA and all), claim_and_resume /
+                      nothing_left / resume_run (the preamble of every trainer's main), cosine_lr (sft.py,
+                      worldmodel.py), pad / collate (padded batches)
 
-A trainer's loop reads: setup_dist -> claim_run -> resume_checkpoint (finished_run: nothing to do) -> load_sharded
--> load_checkpoint -> steps, each ending in log_line and now and then save_checkpoint -> save the HF folder ->
-release_run.
+A trainer's loop reads: setup_dist -> claim_and_resume (claim_run, resume_checkpoint) -> nothing_left (finished_run:
+nothing to do) -> load_sharded (load_trainee) -> resume_run (load_checkpoint) -> steps, each ending in log_line and
+now and then save_checkpoint -> save the HF folder -> release_run.
 """
 import atexit
 import contextlib
@@ -28,6 +33,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -711,3 +717,150 @@ def load_hf_weights(path, model):
         set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
     else:
         unwrap(model).load_state_dict(saved.state_dict())
+
+
+# -----------------------------------------------------------------------------
+# Gradient accumulation over micro-batches and ranks: the bookkeeping that lets 1 process and N processes take the
+# same optimizer step on the same global batch, kept here so that a trainer's step reads as its math
+
+def max_over_ranks(count):
+    """The largest count over ranks (int). Every rank must run the same number of forward/backward passes: FSDP2
+    all-gathers each layer inside forward and DDP all-reduces in the last backward, so a rank that stopped early
+    would leave the others waiting forever. A rank with fewer micro-batches pads up to this with empty ones."""
+    return int(all_reduce([count], dist.ReduceOp.MAX if is_dist() else None)[0])
+
+
+def sum_over_ranks(sums):
+    """{key: float} summed over ranks, keys in sorted order: every rank must put the same keys in the same place of
+    the one all_reduce."""
+    keys = sorted(sums)
+    return dict(zip(keys, all_reduce([sums[k] for k in keys])))
+
+
+def grad_sync(model, last):
+    """Context for one micro-batch of an optimizer step: DDP all-reduces the gradients in every backward unless under
+    model.no_sync(), and only the `last` micro-batch needs to. DDP decides when the forward runs, so the context
+    holds the forward as well as the backward. FSDP2 and one process: nothing to do."""
+    return contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
+
+
+def backward_global(loss):
+    """loss.backward() for a micro-batch whose loss is already normalised by the global batch's count (tokens,
+    trajectories or pairs over all ranks and micro-batches). DDP and FSDP2 average the gradients over ranks;
+    scaling by world_size undoes that mean, so the gradients add up to the global loss's."""
+    (loss * (dist.get_world_size() if is_dist() else 1)).backward()
+
+
+def add_token_weighted(sums, stats):
+    """Accumulate one micro-batch's stats (per-token means, with its token count under "tokens") into sums as
+    sums weighted by its tokens; token_weighted_means turns them into means over everything accumulated."""
+    for k, v in stats.items():
+        sums[k] = sums.get(k, 0.0) + (v * stats["tokens"] if k != "tokens" else v)
+
+
+def token_weighted_means(sums):
+    """One number per stat of add_token_weighted's sums for the global batch: a mean over every token of every
+    micro-batch on every rank (a plain mean of per-rank means would weigh a rank of short trajectories as much as a
+    rank of long ones). Sorted keys, "tokens" left out."""
+    totals = sum_over_ranks(sums)
+    tokens = max(totals.get("tokens", 0.0), 1.0)
+    return {k: v / tokens for k, v in totals.items() if k != "tokens"}
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip the gradients to a global norm of max_norm (0 = off: measured only, for the log); returns the norm
+    before clipping as a float. Under FSDP2 the norm is a DTensor: full_tensor() makes it the whole model's."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+# -----------------------------------------------------------------------------
+# What the trainers (sft.py, rl.py, worldmodel.py) share beyond the plumbing above: the model they start from, the
+# run's claim and resume, the lr schedule and the padded batch
+
+def resolve_model(init, cfg, key):
+    """A model folder from a stage's init setting (`key` names it in errors: sft.init, eval.init, chat.init):
+    base (the first stage's, built here in the tiny world), an existing path, a stage output under run.dir, or a
+    hub name."""
+    from data import base_model_path
+    from tools import model_path
+    if init == "base":
+        return base_model_path(cfg)
+    return model_path(init, cfg.run.dir, f"{key}={init!r}")
+
+
+def load_trainee(init, run, device, stage):
+    """(model, tokenizer) of the model a stage trains, from folder init, wrapped for the run (load_sharded).
+    stage: sft.py's or rl.py's config (parallel, bf16, grad_checkpointing, lora_rank, lora_alpha). fp32 masters, or
+    under LoRA fp32 adapters on the frozen base in its compute dtype (plain_copy merges them into the output)."""
+    def prepare(model):  # before sharding, on every rank: the same module tree everywhere
+        model.config.use_cache = False
+        if stage.grad_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return add_lora(model, stage.lora_rank, stage.lora_alpha) if stage.lora_rank else model
+    return load_sharded(init, run, device, base_dtype(run, device, stage.lora_rank), stage.parallel, stage.bf16,
+                        prepare)
+
+
+def claim_and_resume(run_dir, out, flags, rank):
+    """Claim out= (claim_run on rank 0, before anything is loaded or written; the others wait) and return the
+    checkpoint --resume continues from (None: the run starts afresh)."""
+    if rank == 0:
+        claim_run(run_dir, out, flags)
+    barrier()
+    return resume_checkpoint(os.path.join(run_dir, out + ".ckpt")) if "resume" in flags else None
+
+
+def nothing_left(run_dir, out, ckpt, steps, who, rank):
+    """True when the run under out= is finished (finished_run): says so in one line and releases the claim."""
+    out_dir = os.path.join(run_dir, out)
+    if not finished_run(out_dir, ckpt, steps):
+        return False
+    print0(f"{who}: {out_dir} is finished ({steps} steps): nothing to do (--overwrite starts over)")
+    if rank == 0:
+        release_run(run_dir, out)
+    return True
+
+
+def resume_run(ckpt, ckpt_dir, model, optimizer, scheduler, metrics_path, who, rank):
+    """Load checkpoint ckpt (None: a fresh start) into model, optimizer and scheduler and return its meta
+    ({"step": 0} when fresh); the metrics log keeps the rows up to that step. A fresh start under --resume (no
+    whole checkpoint yet; claim_run dealt with the rest) drops what a killed run left in ckpt_dir."""
+    meta = {"step": 0}
+    if ckpt:
+        meta = load_checkpoint(ckpt, model, optimizer, scheduler)
+        print0(f"{who}: resumed from {ckpt} at step {meta['step']}")
+    elif rank == 0:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if rank == 0:
+        truncate_log(metrics_path, meta["step"])  # from the start: a fresh log
+    barrier()
+    return meta
+
+
+def cosine_lr(step, steps, warmup_steps, min_lr_ratio, peak=1.0):
+    """The lr at `step` of `steps`: linear warm-up to peak over warmup_steps (a shorter run ends warming up), then a
+    cosine down to peak * min_lr_ratio. peak=1.0 gives the factor a LambdaLR multiplies the base lr by."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return peak * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def pad(rows, value, dtype=torch.long, left=False):
+    """(B, longest row) tensor of the rows (lists of numbers), filled with value past each row's end (left=True:
+    before its start)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        start = width - len(r) if left else 0
+        out[i, start:start + len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
+def collate(seqs, pad_id, device):
+    """Right-padded (B, T) input ids, attention mask and float32 target mask of sequences {"ids", "mask"}."""
+    ids = pad([s["ids"] for s in seqs], pad_id)
+    attn = pad([[1] * len(s["ids"]) for s in seqs], 0)
+    target = pad([s["mask"] for s in seqs], 0, torch.float32)
+    return ids.to(device), attn.to(device), target.to(device)

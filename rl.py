@@ -23,8 +23,8 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
         KL3_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1    (k3 estimator, >= 0; needs a frozen reference)
         H_t    = entropy of the policy at token t (optional bonus)
 
-       over the tokens with mask 1: prompt, padding and observation tokens (written by the environment) never
-       enter the loss. The aggregation agg is one switch in grpo_loss():
+       over the tokens with mask 1: prompt, padding and observation tokens (whoever wrote them: see "Why
+       observations are masked") never enter the loss. The aggregation agg is one switch in grpo_loss():
          grpo     mean over a trajectory's tokens, then mean over trajectories (DeepSeekMath): grpo_loss sums
                   the token means and divides by the global mini-batch's trajectory count (loss_denominator)
          dapo     mean over all tokens of the batch (DAPO)
@@ -35,6 +35,47 @@ The SFT model already writes Chains of Action; RL sharpens *when* to act and *wh
        does; TRL's PR 3029 fixed the same bias), and logp_old is rollout.py's record of the same quantity when
        the token was sampled (before top-p), so the first ratio of a step is 1 and the samples come from the
        distribution the loss scores. tau = 1 (and greedy) divides by nothing: the arithmetic of an untempered run.
+
+Why the group mean, not a critic. A policy gradient weights each trajectory's log-prob by its reward minus a
+baseline; the baseline changes no expectation but cuts the variance. PPO learns the baseline, a value model as
+large as the policy, trained beside it. GRPO instead samples a group of trajectories for the same prompt and takes
+their mean reward: a Monte Carlo estimate of the prompt's value under the current policy, with no second model and
+no value loss. A trajectory is pushed up only when it did better than its siblings; a group that all scored the
+same (all right, or all wrong) has A = 0 everywhere and teaches nothing (`zero_var` in the metrics).
+
+Why observations are masked. The loss sums over the tokens with mask 1, the ones the policy wrote as an agent
+(thoughts, actions, the answer). Observation tokens have mask 0 whoever wrote them: text from the search tool or a
+world model was never sampled from the policy, so it has no policy log-prob to raise or lower, and no ratio. Under
+env=policy the policy does write its own observations (RL-1's simulation), and they stay masked: trained on them,
+it would learn to write the answer into its own search results, which the reward cannot tell from finding it
+there (reward hacking of a simulator it controls).
+
+A worked group of 4 (group_size=4, scale_std=true; group_advantages gives these numbers, to 1e-5):
+
+    rewards r = (1, 0, 0, 0): mean 0.25, sample std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
+    A = (r - 0.25) / (0.5 + 1e-6) = (+1.5, -0.5, -0.5, -0.5)       (scale_std=false: +0.75, -0.25, -0.25, -0.25)
+
+  Trajectory 1, the completion after its prompt, with its mask (rollout.py sets it as each token is made):
+
+    <think> I need to search. <begin_search> Ada Brun </end_search>       mask 1: the loss sees these, A = +1.5
+    <search_result> Ada Brun was born in Lorn ... </search_result>       mask 0: the environment's, never seen
+    Ada Brun was born in Lorn. </think> \\boxed{Lorn}                      mask 1: A = +1.5
+
+  On policy (ratio 1) with loss_type=grpo, L = -(1/4) sum_i mean over trajectory i's mask-1 tokens of A_i: every
+  token trajectory 1 wrote has its log-prob pushed up, those of 2-4 down, and the observation is left alone.
+  The tests that pin each part, in tests/test_rl.py unless named (they read as lecture notes):
+    the group's numbers   test_group_advantages_divide_by_the_sample_std_as_trl_and_verl,
+                          test_the_docstrings_worked_group_of_4, test_zero_variance_flags_every_member_of_uniform_groups
+    the mask              test_observation_tokens_never_reach_the_loss; in tests/test_rollout.py
+                          test_mask_covers_exactly_the_model_written_tokens_and_logps_match_a_full_forward,
+                          test_policy_env_writes_its_own_observation_under_mask_zero
+    the loss              test_on_policy_gradient_equals_reinforce_gradient,
+                          test_clip_removes_gradient_past_the_bound_on_the_advantage_side,
+                          test_k3_kl_matches_hand_value_and_is_zero_at_the_reference
+    ratio 1 on policy     test_rollout_logps_are_what_the_training_forward_recomputes
+    1 rank = N ranks      test_micro_batches_with_the_global_denominator_sum_to_the_full_batch_loss,
+                          test_same_global_batch_gives_the_same_update_on_one_and_two_processes
+  The step reads top to bottom in grpo_step -> learn -> update.
 
 Scale. Each rank rolls out its shard of the prompts (prompt i goes to rank i % world_size), rollout_batch
 trajectories (whole groups) per rollout call when set, so the KV cache of long trajectories fits. parallel=ddp keeps a
@@ -95,21 +136,19 @@ import dataclasses
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import load_qa, pretrain_repeats, save_atomic
 from rollout import rollout
-from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
-                      latest_checkpoint, load_checkpoint, load_sharded, log_line, print0, progress_bar,
-                      release_run, resume_checkpoint, save_checkpoint, save_pretrained, setup_dist, start_logging,
-                      truncate_log, unwrap)
-from plumbing import add_lora, base_dtype, is_lora, plain_copy
+from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resume, full_state_dict,
+                      latest_checkpoint, load_sharded, log_line, nothing_left, print0, progress_bar, release_run,
+                      resume_run, save_checkpoint, save_pretrained, setup_dist, start_logging, unwrap)
+from plumbing import (add_token_weighted, backward_global, clip_grad_norm, grad_sync, max_over_ranks, pad,
+                      token_weighted_means)
+from plumbing import is_lora, load_trainee, plain_copy
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, make_tool, master_dtype,
                    model_path, parse, reward, truncation_warning)
 
@@ -227,8 +266,10 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, eps_low=0.2, eps_hi
     """The clipped GRPO objective (docstring at the top), aggregated by loss_type. Returns (loss, stats).
 
     logps, old_logps, ref_logps (None when kl_coef is 0), entropy (None unless entropy_coef): (B, T) per token;
-    advantages: (B,); mask: (B, T), 1 where the model wrote the token. denominator: the aggregation's normaliser
-    for the global mini-batch (loss_denominator summed over ranks and micro-batches); None = this batch's own.
+    advantages: (B,); mask: (B, T), 1 on the tokens the loss is taken on (the policy's own thoughts, actions and
+    answer), 0 on observations whoever wrote them (env=policy too: see the top) and on padding. denominator: the
+    aggregation's normaliser for the global mini-batch (loss_denominator summed over ranks and micro-batches);
+    None = this batch's own.
     """
     mask = mask.to(logps.dtype)
     adv = advantages.to(logps.dtype).unsqueeze(1)  # (B, 1): one advantage for the whole trajectory
@@ -368,25 +409,111 @@ def score(episodes, rows, group_size, env_cfg, kind="em"):
 
 
 # -----------------------------------------------------------------------------
-# The update: mini-batches of episodes, micro-batches inside each, one optimizer step per mini-batch
+# One GRPO step, top to bottom: grpo_step (rollout, reward) -> learn (advantages, mini-batches) -> update (loss,
+# backward, optimizer step). The distributed bookkeeping (filler passes, global normalisers, the gradient mean over
+# ranks, token-weighted stats) is behind named helpers of plumbing.py.
+
+def grpo_step(model, ref, optimizer, scheduler, tokenizer, rows, prompt_index, env_cfg, environment, rcfg, generator,
+              device, totals):
+    """One step on this rank's prompts (rows; prompt_index: their global indices). env_cfg.env is the step's
+    environment kind. Returns (episodes, rewards, em, actions, stats of the last update, rollout seconds)."""
+    t0 = time.time()
+    # 1) rollout: group_size trajectories per prompt, group members adjacent; rollout.py records each token's mask
+    #    (1 = the policy's own, 0 = an observation) and its log-prob at sampling (logp_old), as the token is made
+    with generation_mode(model) as policy:
+        episodes = rollout_chunks(policy, tokenizer, rows, env_cfg, environment, rcfg.rollout_batch, rcfg.group_size,
+                                  temperature=rcfg.temperature, top_p=rcfg.top_p, generator=generator)
+    rollout_s = time.time() - t0
+    # 2) reward: one number per trajectory (rl.reward: em, lenient or f1)
+    rewards, em, actions = score(episodes, rows, rcfg.group_size, env_cfg, rcfg.reward)
+    # 3), 4) advantages, then updates_per_step optimizer steps; logp_old = the rollout's
+    stats = learn(model, ref, optimizer, scheduler, episodes, rewards, prompt_index, rcfg, env_cfg.max_new_tokens,
+                  tokenizer.pad_token_id, device, totals)
+    return episodes, rewards, em, actions, stats, rollout_s
+
+
+def learn(model, ref, optimizer, scheduler, episodes, rewards, prompt_index, rcfg, max_tokens, pad_id, device,
+          totals):
+    """Advantages, then `updates_per_step` optimizer steps on this rank's episodes; returns the last stats.
+
+    Groups live on one rank, so advantages need no communication. prompt_index[i]: the global index of this
+    rank's i-th prompt. totals["skipped"] and totals["bad_in_row"] count NaN/inf updates.
+    """
+    # 3) advantages: A_i = (r_i - mean of its group) / std, one number per trajectory; the group mean is the baseline
+    advantages = group_advantages(rewards, rcfg.group_size, rcfg.scale_std)
+    keep = ~zero_variance(rewards, rcfg.group_size) if rcfg.drop_zero_var else torch.ones(len(episodes), dtype=bool)
+    stats = {}
+    # 4) one optimizer step per mini-batch, each cut into micro-batches (gradient accumulation)
+    for micro in minibatches(episodes, advantages, keep, prompt_index, rcfg.group_size, rcfg.updates_per_step,
+                             rcfg.micro_batch):
+        s, ok = update(model, ref, optimizer, scheduler, micro, rcfg, max_tokens, pad_id, device, episodes[0])
+        totals["skipped"] += not ok
+        totals["bad_in_row"] = 0 if ok else totals["bad_in_row"] + 1
+        stats = s or stats
+    return stats
+
+
+def update(model, ref_model, optimizer, scheduler, micro_batches, rcfg, max_tokens, pad_id, device, filler):
+    """One optimizer step on one global mini-batch. Returns (stats, ok); ok False = non-finite loss, step skipped.
+
+    A rank with fewer micro-batches than the busiest runs `filler` episodes with their mask zeroed (max_over_ranks
+    says why): they add nothing to the gradient.
+    """
+    micro_batches = micro_batches + [(None, None)] * (max_over_ranks(len(micro_batches)) - len(micro_batches))
+    # the aggregation's normaliser over the whole global mini-batch (grpo_loss), counted before any forward
+    denominator = all_reduce([sum(loss_denominator(torch.tensor(e.mask, dtype=torch.float).view(1, -1),
+                                                   rcfg.loss_type, max_tokens)
+                                  for eps, _ in micro_batches if eps for e in eps)])[0]
+    if denominator == 0:
+        return {}, True
+    model.train()
+    sums, loss_sum = {}, 0.0
+    for j, (eps, adv) in enumerate(micro_batches):
+        input_ids, attention, mask, old_logps, T = collate(eps or [filler], pad_id, device)
+        if eps is None:  # a filler pass: no token reaches the loss
+            adv, mask = torch.zeros(1), torch.zeros_like(mask)
+        ref_logps = reference_logps(model, ref_model, input_ids, attention, T, rcfg.temperature) \
+            if rcfg.kl_coef else None
+        # at the sampling temperature, as rollout.py records logp_old: the first ratio of a step is 1
+        logps, entropy = token_logps(model, input_ids, attention, T, rcfg.entropy_coef > 0, rcfg.temperature)
+        loss, s = grpo_loss(logps, old_logps, ref_logps, adv.to(device), mask, rcfg.eps_low, rcfg.eps_high,
+                            rcfg.kl_coef, rcfg.loss_type, entropy, rcfg.entropy_coef, max_tokens, denominator)
+        # under DDP the forwards above, outside grad_sync, already chose to all-reduce in this backward: every
+        # micro-batch reduces (the same sum; holding them inside too would reduce once, a change of float order)
+        with grad_sync(model, last=j == len(micro_batches) - 1):
+            backward_global(loss)
+        loss_sum += loss.item()
+        add_token_weighted(sums, s)
+    out = token_weighted_means(sums)
+    out["loss"] = all_reduce([loss_sum])[0]
+    out["grad_norm"] = clip_grad_norm(model, rcfg.grad_clip)
+    ok = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
+    if ok:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out, ok
+
+
+def reference_logps(model, ref_model, input_ids, attention, T, temperature):
+    """The frozen reference's token_logps for the KL; called before the policy's forward, because under LoRA
+    (ref_model None) the reference is the policy itself with its adapters off."""
+    reference = unwrap(model) if ref_model is None else ref_model
+    with torch.no_grad(), reference.disable_adapter() if ref_model is None else contextlib.nullcontext():
+        ref_logps, _ = token_logps(reference, input_ids, attention, T, temperature=temperature)
+    return ref_logps
+
 
 def collate(episodes, pad_id, device):
-    """Episodes -> (input_ids, attention_mask) of [left pad | prompt | completion | right pad], and the (B, T)
-    completion tensors mask and old_logps (0 on padding)."""
-    P = max(len(ep.prompt_ids) for ep in episodes)
-    T = max(len(ep.ids) for ep in episodes)
-    B = len(episodes)
-    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
-    attention = torch.zeros(B, P + T, dtype=torch.long)
-    mask, old_logps = torch.zeros(B, T), torch.zeros(B, T)
-    for i, ep in enumerate(episodes):
-        p, t = len(ep.prompt_ids), len(ep.ids)
-        input_ids[i, P - p:P] = torch.tensor(ep.prompt_ids)
-        input_ids[i, P:P + t] = torch.tensor(ep.ids)
-        attention[i, P - p:P + t] = 1
-        mask[i, :t] = torch.tensor(ep.mask, dtype=torch.float)
-        old_logps[i, :t] = torch.tensor(ep.logps, dtype=torch.float)
-    return input_ids.to(device), attention.to(device), mask.to(device), old_logps.to(device), T
+    """Episodes -> (input_ids, attention_mask) of [left pad | prompt | completion | right pad], the (B, T)
+    completion tensors mask and old_logps (0 on padding), and T."""
+    completions = pad([ep.ids for ep in episodes], pad_id)  # (B, T)
+    input_ids = torch.cat([pad([ep.prompt_ids for ep in episodes], pad_id, left=True), completions], 1)
+    attention = torch.cat([pad([[1] * len(ep.prompt_ids) for ep in episodes], 0, left=True),
+                           pad([[1] * len(ep.ids) for ep in episodes], 0)], 1)
+    mask = pad([ep.mask for ep in episodes], 0, torch.float32)
+    old_logps = pad([ep.logps for ep in episodes], 0, torch.float32)
+    return input_ids.to(device), attention.to(device), mask.to(device), old_logps.to(device), completions.shape[1]
 
 
 def minibatches(episodes, advantages, keep, prompt_index, group_size, n_updates, micro_batch):
@@ -406,83 +533,6 @@ def minibatches(episodes, advantages, keep, prompt_index, group_size, n_updates,
     return out
 
 
-def learn(model, ref, optimizer, scheduler, episodes, rewards, prompt_index, rcfg, max_tokens, pad_id, device,
-          totals):
-    """Advantages, then `updates_per_step` optimizer steps on this rank's episodes; returns the last stats.
-
-    Groups live on one rank, so advantages need no communication. prompt_index[i]: the global index of this
-    rank's i-th prompt. totals["skipped"] and totals["bad_in_row"] count NaN/inf updates.
-    """
-    advantages = group_advantages(rewards, rcfg.group_size, rcfg.scale_std)
-    keep = ~zero_variance(rewards, rcfg.group_size) if rcfg.drop_zero_var else torch.ones(len(episodes), dtype=bool)
-    stats = {}
-    for micro in minibatches(episodes, advantages, keep, prompt_index, rcfg.group_size, rcfg.updates_per_step,
-                             rcfg.micro_batch):
-        s, ok = update(model, ref, optimizer, scheduler, micro, rcfg, max_tokens, pad_id, device, episodes[0])
-        totals["skipped"] += not ok
-        totals["bad_in_row"] = 0 if ok else totals["bad_in_row"] + 1
-        stats = s or stats
-    return stats
-
-
-def update(model, ref_model, optimizer, scheduler, micro_batches, rcfg, max_tokens, pad_id, device, filler):
-    """One optimizer step on one global mini-batch. Returns (stats, ok); ok False = non-finite loss, step skipped.
-
-    Every rank runs the same number of forward/backward passes (DDP and FSDP2 need it): a rank with fewer
-    micro-batches runs `filler` episodes with their mask zeroed, which add nothing to the gradient.
-    """
-    world_size = dist.get_world_size() if is_dist() else 1
-    n_micro = int(all_reduce([len(micro_batches)], dist.ReduceOp.MAX if is_dist() else None)[0])
-    while len(micro_batches) < n_micro:
-        micro_batches.append((None, None))
-    # the normaliser of the whole global mini-batch (see grpo_loss): counted before any forward
-    local = sum(loss_denominator(torch.tensor(e.mask, dtype=torch.float).view(1, -1), rcfg.loss_type, max_tokens)
-                for eps, _ in micro_batches if eps for e in eps)
-    denominator = all_reduce([local])[0]
-    if denominator == 0:
-        return {}, True
-    model.train()
-    stats, loss_sum = {}, 0.0
-    for j, (eps, adv) in enumerate(micro_batches):
-        dummy = eps is None
-        if dummy:
-            eps, adv = [filler], torch.zeros(1)
-        input_ids, attention, mask, old_logps, T = collate(eps, pad_id, device)
-        if dummy:
-            mask = torch.zeros_like(mask)
-        ref_logps = None
-        if rcfg.kl_coef:  # before the policy's forward: under LoRA the reference is the same model, adapters off
-            reference = unwrap(model) if ref_model is None else ref_model
-            with torch.no_grad(), reference.disable_adapter() if ref_model is None else contextlib.nullcontext():
-                ref_logps, _ = token_logps(reference, input_ids, attention, T, temperature=rcfg.temperature)
-        # at the sampling temperature, as rollout.py records the old log-probs: the first ratio of a step is 1
-        logps, entropy = token_logps(model, input_ids, attention, T, rcfg.entropy_coef > 0, rcfg.temperature)
-        loss, s = grpo_loss(logps, old_logps, ref_logps, adv.to(device), mask, rcfg.eps_low, rcfg.eps_high,
-                            rcfg.kl_coef, rcfg.loss_type, entropy, rcfg.entropy_coef, max_tokens, denominator)
-        # DDP and FSDP2 average gradients over ranks; the loss is already normalised globally, so undo the mean
-        sync = j == n_micro - 1 or not isinstance(model, DDP)
-        with (contextlib.nullcontext() if sync else model.no_sync()):
-            (loss * world_size).backward()
-        loss_sum += loss.item()
-        for k, v in s.items():
-            stats[k] = stats.get(k, 0.0) + (v * s["tokens"] if k != "tokens" else v)
-    # one number per stat for the global mini-batch: token-weighted means over ranks
-    keys = sorted(stats)
-    totals = dict(zip(keys, all_reduce([stats[k] for k in keys])))
-    tokens = max(totals.get("tokens", 0.0), 1.0)
-    out = {k: v / tokens for k, v in totals.items() if k != "tokens"}
-    out["loss"] = all_reduce([loss_sum])[0]
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rcfg.grad_clip or float("inf"))
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    out["grad_norm"] = grad_norm
-    ok = math.isfinite(out["loss"]) and math.isfinite(grad_norm)
-    if ok:
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return out, ok
-
-
 # -----------------------------------------------------------------------------
 # Models, evaluation, logging, saving
 
@@ -492,13 +542,7 @@ def build_models(rcfg, run, device, init):
     LoRA (rl.lora_rank): fp32 adapters on a frozen base in its compute dtype, and no reference model: the KL's
     reference is the policy with its adapters off (update), which is the start model exactly."""
     train_dtype = master_dtype(run)
-    def prepare(model):  # before sharding, on every rank: the same module tree everywhere
-        model.config.use_cache = False
-        if rcfg.grad_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        return add_lora(model, rcfg.lora_rank, rcfg.lora_alpha) if rcfg.lora_rank else model
-    model, tokenizer = load_sharded(init, run, device, base_dtype(run, device, rcfg.lora_rank), rcfg.parallel,
-                                    rcfg.bf16, prepare)
+    model, tokenizer = load_trainee(init, run, device, rcfg)
     ref = None
     if rcfg.kl_coef and not rcfg.lora_rank:  # frozen copy of the start; with kl_coef 0 it is never loaded
         ref_dtype = torch.bfloat16 if (rcfg.bf16 or device.type == "cuda") and run.dtype == "auto" else train_dtype
@@ -569,6 +613,40 @@ def save_final(model, tokenizer, out_dir, rank, dtype=None):
     barrier()
 
 
+def load_rows(rcfg, run):
+    """(training rows, the simulated steps' rows, held-out rows for the eval in the log)."""
+    train_path = rcfg.train or os.path.join(run.data_dir, "train.jsonl")
+    train_rows = load_qa(train_path)
+    if not train_rows:  # step_prompts would divide by zero
+        raise ConfigError(f"rl: {train_path}: no usable QA rows (empty, or every row bad: each is named above)")
+    sim_rows = popular_rows(train_rows, run.data_dir, rcfg.sim_popular)
+    eval_rows = load_qa(rcfg.eval or os.path.join(run.data_dir, "dev.jsonl"))[:rcfg.eval_n] if rcfg.eval_n else []
+    return train_rows, sim_rows, eval_rows
+
+
+def step_metrics(step, kind, episodes, rewards, em, actions, calls, totals, env_cfg, group_size, t0, rollout_s):
+    """The step's metrics row over all ranks (means per trajectory, call counts, speed); adds the calls to totals.
+    calls: this rank's (real calls, failed calls) of the step; t0: when the step began."""
+    flat = zero_variance(rewards, group_size)
+    n_model_tokens = sum(sum(ep.mask) for ep in episodes)
+    sums = all_reduce([*calls, rewards.sum().item(), em.sum().item(), actions.sum().item(), len(episodes),
+                       sum(ep.sim_calls for ep in episodes), n_model_tokens, flat.float().sum().item(),
+                       sum(ep.finish == "length" for ep in episodes)])
+    real, failed, r_sum, em_sum, act_sum, n, sim, n_tokens, n_flat, n_cut = sums
+    if warning := truncation_warning(n_cut / n, env_cfg, f"rl: step {step + 1}"):
+        print0(warning)
+    totals["real_calls"] += int(real)
+    totals["sim_calls"] += int(sim)
+    totals["tool_failures"] += int(failed)
+    dt = time.time() - t0
+    return {"step": step + 1, "env": kind, "reward": r_sum / n, "em": em_sum / n, "actions": act_sum / n,
+            "real_calls": int(real), "sim_calls": int(sim), "real_calls_total": totals["real_calls"],
+            "sim_calls_total": totals["sim_calls"], "tool_failures": int(failed),
+            "tool_failures_total": totals["tool_failures"], "zero_var": n_flat / n, "truncated": n_cut / n,
+            "trajectories": int(n), "skipped": totals["skipped"], "tokens_per_s": n_tokens / dt,
+            "rollout_s": rollout_s, "step_s": dt}
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -588,40 +666,21 @@ def main(argv=None):
         from worldmodel import check_worldmodel_folder
         check_worldmodel_folder(env_cfg.worldmodel)
     out_dir, ckpt_dir = os.path.join(run.dir, rcfg.out), os.path.join(run.dir, rcfg.out + ".ckpt")
-    if rank == 0:
-        claim_run(run.dir, rcfg.out, cfg.flags)  # an earlier run's output, or a live run on this out=
-    barrier()
-    ckpt = resume_checkpoint(ckpt_dir) if "resume" in cfg.flags else None
-    if finished_run(out_dir, ckpt, rcfg.steps):
-        print0(f"rl: {out_dir} is finished ({rcfg.steps} steps): nothing to do (--overwrite starts over)")
-        if rank == 0:
-            release_run(run.dir, rcfg.out)
+    ckpt = claim_and_resume(run.dir, rcfg.out, cfg.flags, rank)  # an earlier run's output, or a live run on out=
+    if nothing_left(run.dir, rcfg.out, ckpt, rcfg.steps, "rl", rank):
         return
-    train_path = rcfg.train or os.path.join(run.data_dir, "train.jsonl")
-    train_rows = load_qa(train_path)
-    if not train_rows:  # step_prompts would divide by zero
-        raise ConfigError(f"rl: {train_path}: no usable QA rows (empty, or every row bad: each is named above)")
-    sim_rows = popular_rows(train_rows, run.data_dir, rcfg.sim_popular)
-    eval_rows = load_qa(rcfg.eval or os.path.join(run.data_dir, "dev.jsonl"))[:rcfg.eval_n] if rcfg.eval_n else []
+    train_rows, sim_rows, eval_rows = load_rows(rcfg, run)
     start_logging(run, rcfg.out, cfg.to_dict(), rank)
     model, ref, tokenizer = build_models(rcfg, run, device, init)
     betas = tuple(float(b) for b in rcfg.betas.split(","))
     optimizer = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, betas=betas, weight_decay=rcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (rcfg.warmup_steps + 1)))
     metrics_path = os.path.join(run.dir, rcfg.out + ".metrics.jsonl")
-
     # resume: weights, optimizer, scheduler from the newest checkpoint; prompts and sampling seeds follow the step
-    start, totals = 0, {"real_calls": 0, "sim_calls": 0, "tool_failures": 0, "skipped": 0, "bad_in_row": 0}
-    if ckpt:
-        meta = load_checkpoint(ckpt, model, optimizer, scheduler)
-        start, totals = meta["step"], {**totals, **meta["totals"]}
-        print0(f"resumed from {ckpt} at step {start}")
-    elif rank == 0:  # --resume before any whole checkpoint (claim_run dealt with the rest): start afresh
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if rank == 0:
-        truncate_log(metrics_path, start)  # from the start: a fresh log
-    barrier()
-
+    meta = resume_run(ckpt, ckpt_dir, model, optimizer, scheduler, metrics_path, "rl", rank)
+    start = meta["step"]
+    totals = {"real_calls": 0, "sim_calls": 0, "tool_failures": 0, "skipped": 0, "bad_in_row": 0,
+              **meta.get("totals", {})}
     envs, eval_env = {}, None
     if eval_rows:
         eval_env = SearchEnv(make_tool(env_cfg, run), tokenizer, env_cfg)  # its calls are not training's
@@ -630,63 +689,36 @@ def main(argv=None):
         print0(f"rl: start {ev}")
         if rank == 0:
             log_line(metrics_path, {"step": 0, **ev})
-    max_tokens = env_cfg.max_new_tokens
     bar = progress_bar(range(start, rcfg.steps), initial=start, total=rcfg.steps, disable=rank != 0, desc="rl")
     for step in bar:
         t0 = time.time()
-        # 1) rollout: this rank's prompts, group members adjacent, in the environment of the schedule
+        # this rank's prompts (prompt i goes to rank i % world_size), in the environment of the schedule
         kind = step_env(step, rcfg, env_cfg)
         environment = make_environment(kind, env_cfg, run, tokenizer, envs)
         prompts = step_prompts(train_rows if kind == env_cfg.env else sim_rows, step, rcfg.prompts_per_step, run.seed)
         prompt_index = list(range(rank, rcfg.prompts_per_step, world_size))
-        rows = [prompts[i] for i in prompt_index]
         generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + step * 1009 + rank)
         failures_before = getattr(environment, "failures", 0)  # a SearchEnv counts its failed calls
         if isinstance(environment, SearchEnv):  # a retriever that is down stops the run at the call that shows it
             environment.limit_failures(rcfg.max_tool_failures, "rl.max_tool_failures", f"rl: step {step + 1}: ")
-        with generation_mode(model) as policy:
-            episodes = rollout_chunks(policy, tokenizer, rows, dataclasses.replace(env_cfg, env=kind), environment,
-                                      rcfg.rollout_batch, rcfg.group_size, temperature=rcfg.temperature,
-                                      top_p=rcfg.top_p, generator=generator)
-        t_rollout = time.time() - t0
-        real, failed = all_reduce([sum(ep.real_calls for ep in episodes),
-                                   getattr(environment, "failures", 0) - failures_before])
-        # 2) reward
-        rewards, em, actions = score(episodes, rows, rcfg.group_size, env_cfg, rcfg.reward)
-        # 3) advantages and updates: one optimizer step per mini-batch, old log-probs = the rollout's
-        stats = learn(model, ref, optimizer, scheduler, episodes, rewards, prompt_index, rcfg, max_tokens,
-                      tokenizer.pad_token_id, device, totals)
+        episodes, rewards, em, actions, stats, t_rollout = grpo_step(
+            model, ref, optimizer, scheduler, tokenizer, [prompts[i] for i in prompt_index], prompt_index,
+            dataclasses.replace(env_cfg, env=kind), environment, rcfg, generator, device, totals)
         if totals["bad_in_row"] >= rcfg.max_bad_steps:
             raise RuntimeError(f"rl: {totals['bad_in_row']} updates in a row had a NaN/inf loss or gradient "
                                f"(step {step + 1}); lower rl.lr or check the model {init}; the last good "
                                f"checkpoint is {latest_checkpoint(ckpt_dir)}")
-        flat = zero_variance(rewards, rcfg.group_size)
-        # 4) metrics over all ranks
-        n_model_tokens = sum(sum(ep.mask) for ep in episodes)
-        sums = all_reduce([rewards.sum().item(), em.sum().item(), actions.sum().item(), len(episodes),
-                           sum(ep.sim_calls for ep in episodes), n_model_tokens, flat.float().sum().item(),
-                           sum(ep.finish == "length" for ep in episodes)])
-        r_sum, em_sum, act_sum, n, sim, n_tokens, n_flat, n_cut = sums
-        if warning := truncation_warning(n_cut / n, env_cfg, f"rl: step {step + 1}"):
-            print0(warning)
-        totals["real_calls"] += int(real)
-        totals["sim_calls"] += int(sim)
-        totals["tool_failures"] += int(failed)
-        dt = time.time() - t0
-        row = {"step": step + 1, "env": kind, "reward": r_sum / n, "em": em_sum / n, "actions": act_sum / n,
-               "real_calls": int(real), "sim_calls": int(sim), "real_calls_total": totals["real_calls"],
-               "sim_calls_total": totals["sim_calls"], "tool_failures": int(failed),
-               "tool_failures_total": totals["tool_failures"], "zero_var": n_flat / n, "truncated": n_cut / n,
-               "trajectories": int(n), "skipped": totals["skipped"],
-               "tokens_per_s": n_tokens / dt, "rollout_s": t_rollout, "step_s": dt,
-               "lr": scheduler.get_last_lr()[0], **stats}
+        calls = (sum(ep.real_calls for ep in episodes), getattr(environment, "failures", 0) - failures_before)
+        row = step_metrics(step, kind, episodes, rewards, em, actions, calls, totals, env_cfg, rcfg.group_size, t0,
+                           t_rollout)
+        row.update({"lr": scheduler.get_last_lr()[0], **stats})
         if eval_rows and (step + 1 == rcfg.steps or (rcfg.eval_every and (step + 1) % rcfg.eval_every == 0)):
             row.update(evaluate(model, tokenizer, eval_rows, cfg, eval_env, rank, world_size))
         if rank == 0 and ((step + 1) % rcfg.log_every == 0 or "eval_em" in row):
             log_line(metrics_path, row)
-            bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row.get('kl', 0):.3f}", env=kind, real=int(real),
-                            failed=int(failed))
-        # 5) checkpoint: everything a resumed run needs; the step is the data position
+            bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row.get('kl', 0):.3f}", env=kind,
+                            real=row["real_calls"], failed=row["tool_failures"])
+        # checkpoint: everything a resumed run needs; the step is the data position
         if (rcfg.save_every and (step + 1) % rcfg.save_every == 0) or step + 1 == rcfg.steps:
             save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler,
                             meta={"config": cfg.to_dict(), "totals": totals, "init": init}, keep=rcfg.keep_ckpts)

@@ -67,25 +67,23 @@ reference model (the formula above, as in the paper's stage-1 loss).
 lora_rank > 0 trains LoRA adapters (peft, plumbing.add_lora) in fp32 on a frozen base in its compute dtype (bf16
 on GPU): one GPU at 7B. Not here: sequence packing (length bucketing instead), evaluation by generation (eval.py).
 """
-import contextlib
 import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_run, finished_run, full_state_dict, is_dist,
-                      load_checkpoint, load_sharded, log_line, plain_copy, print0, progress_bar, release_run,
-                      resume_checkpoint, save_checkpoint, setup_dist, start_logging, truncate_log, unwrap)
-from plumbing import add_lora, base_dtype
-from tools import ConfigError, build_prompt, cli, model_path, read_jsonl
+from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resume, full_state_dict, is_dist,
+                      log_line, nothing_left, plain_copy, print0, progress_bar, release_run, resume_run,
+                      save_checkpoint, setup_dist, start_logging, unwrap)
+from plumbing import backward_global, clip_grad_norm, collate, cosine_lr, grad_sync, max_over_ranks, sum_over_ranks
+from plumbing import load_trainee, resolve_model
+from tools import ConfigError, build_prompt, cli, read_jsonl
 
 
 @dataclass
@@ -304,25 +302,15 @@ class Stream:
         return self.epoch(epoch)[index]
 
 
-def collate(seqs, pad_id, device):
-    """Right-padded (B, T) input ids, attention mask and target mask."""
-    T = max(len(s["ids"]) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), T), dtype=torch.long)
-    target = torch.zeros((len(seqs), T), dtype=torch.float32)
-    for b, s in enumerate(seqs):
-        n = len(s["ids"])
-        ids[b, :n] = torch.tensor(s["ids"])
-        attn[b, :n] = 1
-        target[b, :n] = torch.tensor(s["mask"], dtype=torch.float32)
-    return ids.to(device), attn.to(device), target.to(device)
-
-
 # -----------------------------------------------------------------------------
 # Losses: pure functions of tensors -> (loss, stats)
 
 def token_logps(model, ids, attn):
-    """(B, T-1) log p(ids[:, t+1] | ids[:, :t+1]) in float32 (the logits are bf16 under bf16=true)."""
+    """(B, T-1) log p(ids[:, t+1] | ids[:, :t+1]) in float32 (the logits are bf16 under bf16=true).
+
+    Not rl.token_logps: that one scores only the completion of left-padded rows, at the sampling temperature, with
+    entropy, as logit - logsumexp; this one every next token of right-padded rows by cross_entropy. The two differ
+    in the last bits, so one function for both would change one stage's trained weights."""
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
     return -F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
 
@@ -360,8 +348,7 @@ def train_step(model, examples, batch, sc, rank, world_size, device, pad_id):
     n_targets = sum(sum(examples[i]["mask"][1:]) for i in batch) if sc.stage != "sft1" else None
     totals = {}
     for k, part in enumerate(micro):
-        sync = contextlib.nullcontext() if k == len(micro) - 1 or not isinstance(model, DDP) else model.no_sync()
-        with sync:
+        with grad_sync(model, last=k == len(micro) - 1):
             if sc.stage == "sft1":
                 seqs = [examples[i]["chosen"] for i in part] + [examples[i]["rejected"] for i in part]
                 ids, attn, target = collate(seqs, pad_id, device)
@@ -370,25 +357,16 @@ def train_step(model, examples, batch, sc, rank, world_size, device, pad_id):
             else:
                 ids, attn, target = collate([examples[i] for i in part], pad_id, device)
                 loss, stats = next_token_loss(token_logps(model, ids, attn), target[:, 1:], n_targets)
-            (loss * world_size).backward()  # DDP/FSDP average the gradients over ranks: undo it to get the sum
+            backward_global(loss)
         stats["tokens"] = attn.sum().item()
         for key, v in stats.items():
             totals[key] = totals.get(key, 0.0) + v
-    keys = sorted(totals)  # sum the stats over ranks (for logging only)
-    totals = dict(zip(keys, all_reduce([totals[k] for k in keys])))
+    totals = sum_over_ranks(totals)  # for logging only
     if sc.stage == "sft1":
         n = len(batch)
         return {"loss": totals["loss_sum"] / n, "acc": totals["acc_sum"] / n, "margin": totals["margin_sum"] / n,
                 "lp_chosen": totals["lp_chosen_sum"] / n, "tokens": totals["tokens"]}
     return {"loss": totals["nll_sum"] / n_targets, "tokens": totals["tokens"]}
-
-
-def lr_factor(step, sc, steps):
-    """Linear warm-up to 1, then cosine down to min_lr_ratio."""
-    if step < sc.warmup_steps:
-        return (step + 1) / sc.warmup_steps
-    progress = (step - sc.warmup_steps) / max(1, steps - sc.warmup_steps)
-    return sc.min_lr_ratio + (1 - sc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # -----------------------------------------------------------------------------
@@ -409,7 +387,7 @@ def heldout_metrics(model, tokenizer, env, rows, device, batch_size, max_len, ra
             seqs.append({"ids": plain["ids"], "mask": plain["mask"], "obs": obs})
     seqs = drop_long(seqs, max_len, "held-out rows")[rank::world_size]
     # FSDP2 gathers each layer inside forward: every rank runs the same number of forwards (filler: no targets)
-    n_batches = int(all_reduce([math.ceil(len(seqs) / batch_size)], dist.ReduceOp.MAX if is_dist() else None)[0])
+    n_batches = max_over_ranks(math.ceil(len(seqs) / batch_size))
     was_training = model.training
     model.eval()
     sums = [0.0, 0, 0.0, 0]  # model-token loss, model tokens, observation loss, observation tokens
@@ -433,14 +411,6 @@ def heldout_metrics(model, tokenizer, env, rows, device, batch_size, max_len, ra
 # -----------------------------------------------------------------------------
 # The whole stage
 
-def resolve_init(init, cfg):
-    """A model folder from sft.init: base, an existing path, a stage output under run.dir, or a hub name."""
-    from data import base_model_path
-    if init == "base":
-        return base_model_path(cfg)
-    return model_path(init, cfg.run.dir, f"sft.init={init!r}")
-
-
 def stage_examples(sc, run, env, tokenizer):
     """The stage's examples: pre-training documents, or synthesised trajectories (plus replayed documents)."""
     from data import read_pretrain
@@ -463,8 +433,39 @@ def planned_steps(sc):
     return None if sc.epochs else getattr(sc, f"{sc.stage}_steps")
 
 
+def shared_init(sc, cfg, rank):
+    """sft.init's folder (plumbing.resolve_model), resolved on rank 0, which may build the base model there: the
+    other ranks receive its path once it exists."""
+    init = resolve_model(sc.init, cfg, "sft.init") if rank == 0 else None
+    if is_dist():
+        holder = [init]
+        dist.broadcast_object_list(holder)
+        init = holder[0]
+    return init
+
+
+def finish(ddp_model, tokenizer, cfg, out, steps, metrics_path, device, rank, world_size):
+    """Held-out metrics on the model as it trained (every rank its share), then the output folder."""
+    from data import save_atomic
+    run, sc = cfg.run, cfg.sft
+    heldout = sc.heldout or os.path.join(run.data_dir, "synth", "dev.jsonl")
+    if heldout != "none" and os.path.exists(heldout):
+        metrics = heldout_metrics(unwrap(ddp_model), tokenizer, cfg.env, read_synth(heldout), device,
+                                  sc.device_batch_size, sc.max_len, rank, world_size)
+        if rank == 0:
+            log_line(metrics_path, {"step": steps, "final": True, **metrics})
+        print0("sft: held-out", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    state_dict = full_state_dict(ddp_model, torch.bfloat16 if sc.bf16 else None)  # FSDP2: every rank takes part
+    if rank == 0:
+        out_dir = os.path.join(run.dir, out)
+        save_atomic(out_dir, plain_copy(ddp_model, state_dict, device), tokenizer)
+        print0(f"sft: wrote {out_dir}")
+        release_run(run.dir, out)
+    barrier()  # the process group stays up: a pipeline may call main() again in this process
+
+
 def main(argv=None):
-    from data import ModelConfig, save_atomic
+    from data import ModelConfig
     from tools import EnvConfig, RunConfig, load_config, load_tokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per run: ours
@@ -480,59 +481,33 @@ def main(argv=None):
     if sc.batch_size % world_size:
         raise ConfigError(f"config: sft.batch_size ({sc.batch_size}) must divide by the number of ranks ({world_size})")
     out = sc.out or sc.stage
-    out_dir, ckpt_dir = os.path.join(run.dir, out), os.path.join(run.dir, out + ".ckpt")
-    metrics_path = os.path.join(run.dir, out + ".metrics.jsonl")
-    if rank == 0:
-        claim_run(run.dir, out, cfg.flags)  # before anything is loaded or written
-    barrier()
-    ckpt = resume_checkpoint(ckpt_dir) if "resume" in cfg.flags else None
+    ckpt_dir, metrics_path = os.path.join(run.dir, out + ".ckpt"), os.path.join(run.dir, out + ".metrics.jsonl")
+    ckpt = claim_and_resume(run.dir, out, cfg.flags, rank)  # before anything is loaded or written
 
     # 1) data: the tokenizer alone reads it, so the step count (sft.epochs) is known before the model loads
-    init = resolve_init(sc.init, cfg) if rank == 0 else None
-    if is_dist():  # rank 0 may have built the base model: everyone reads its path after it exists
-        holder = [init]
-        dist.broadcast_object_list(holder)
-        init = holder[0]
+    init = shared_init(sc, cfg, rank)
     tokenizer = load_tokenizer(init)
     examples = stage_examples(sc, run, env, tokenizer)
     stream = Stream(examples, sc, run.seed)
     if steps is None:  # the paper's unit: passes over this stage's examples
         steps = math.ceil(sc.epochs * len(stream.epoch(0)))
-    if finished_run(out_dir, ckpt, steps):
-        print0(f"sft: {out_dir} is finished ({steps} steps): nothing to do (--overwrite starts over)")
-        if rank == 0:
-            release_run(run.dir, out)
+    if nothing_left(run.dir, out, ckpt, steps, "sft", rank):
         return
     start_logging(run, out, cfg.to_dict(), rank)
     random.seed(run.seed)
     torch.manual_seed(run.seed)
 
     # 2) model and optimizer
-    def prepare(model):  # before sharding, on every rank: the same module tree everywhere
-        model.config.use_cache = False
-        if sc.grad_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        # LoRA: fp32 adapters on the frozen base; plain_copy (step 5) merges them into the output folder
-        return add_lora(model, sc.lora_rank, sc.lora_alpha) if sc.lora_rank else model
-    ddp_model, _ = load_sharded(init, run, device, base_dtype(run, device, sc.lora_rank), sc.parallel, sc.bf16,
-                                prepare)
+    ddp_model, _ = load_trainee(init, run, device, sc)  # LoRA: finish's plain_copy merges the adapters
     optimizer = torch.optim.AdamW(ddp_model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, sc, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_lr(s, steps, sc.warmup_steps, sc.min_lr_ratio))
     print0(f"sft: stage {sc.stage}, init {init}, {len(examples)} examples "
            f"({sum(e['cot'] for e in examples)} cot), {len(stream.epoch(0))} batches/epoch, {steps} steps "
            f"({steps / len(stream.epoch(0)):.2f} epochs), {world_size} rank(s) on {device}")
 
     # 3) resume: weights, optimizer, scheduler, RNG; the data position follows from the step
-    start = 0
-    if ckpt:
-        meta = load_checkpoint(ckpt, ddp_model, optimizer, scheduler)
-        start = meta["step"]
-        print0(f"sft: resumed from {ckpt} at step {start}")
-    elif rank == 0:  # --resume before any whole checkpoint (claim_run dealt with the rest): start afresh
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if rank == 0:
-        os.makedirs(run.dir, exist_ok=True)
-        truncate_log(metrics_path, start)  # from the start: a fresh log
+    start = resume_run(ckpt, ckpt_dir, ddp_model, optimizer, scheduler, metrics_path, "sft", rank)["step"]
 
     # 4) the loop (from_pretrained hands the model over in eval mode: activation checkpointing acts in train mode)
     ddp_model.train()
@@ -541,14 +516,14 @@ def main(argv=None):
     for step in bar:
         stats = train_step(ddp_model, examples, stream.batch(step), sc, rank, world_size, device,
                            tokenizer.pad_token_id)
-        grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), sc.grad_clip or float("inf"))
+        grad_norm = clip_grad_norm(ddp_model, sc.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         now = time.time()
         epoch, index = stream.position(step)
-        row = {"step": step + 1, **stats, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
+        row = {"step": step + 1, **stats, "lr": lr, "grad_norm": grad_norm, "epoch": epoch,
                "tok_s": stats["tokens"] / max(now - t_last, 1e-9)}
         t_last = now
         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_s']:.0f}")
@@ -559,20 +534,8 @@ def main(argv=None):
             save_checkpoint(ckpt_dir, step + 1, ddp_model, optimizer, scheduler, keep=sc.keep_ckpts,
                             meta={"config": cfg.to_dict(), "init": init, "data_position": [epoch, index + 1]})
 
-    # 5) held-out metrics on the model as it trained (every rank its share), then the output folder
-    heldout = sc.heldout or os.path.join(run.data_dir, "synth", "dev.jsonl")
-    if heldout != "none" and os.path.exists(heldout):
-        metrics = heldout_metrics(unwrap(ddp_model), tokenizer, env, read_synth(heldout), device,
-                                  sc.device_batch_size, sc.max_len, rank, world_size)
-        if rank == 0:
-            log_line(metrics_path, {"step": steps, "final": True, **metrics})
-        print0("sft: held-out", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
-    state_dict = full_state_dict(ddp_model, torch.bfloat16 if sc.bf16 else None)  # FSDP2: every rank takes part
-    if rank == 0:
-        save_atomic(out_dir, plain_copy(ddp_model, state_dict, device), tokenizer)
-        print0(f"sft: wrote {out_dir}")
-        release_run(run.dir, out)
-    barrier()  # the process group stays up: a pipeline may call main() again in this process
+    # 5) held-out metrics, then the output folder
+    finish(ddp_model, tokenizer, cfg, out, steps, metrics_path, device, rank, world_size)
 
 
 if __name__ == "__main__":

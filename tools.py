@@ -564,15 +564,21 @@ def exact_match(pred, golds):
     return float(bool(pred) and any(pred == normalize_answer(g) for g in golds))
 
 
+def token_f1(pred, gold, both_empty=0.0):
+    """SQuAD token F1 of two texts after normalize_answer. both_empty: the score when neither has a word left (an
+    answer: 0, as exact_match never matches an empty answer; worldmodel.py's observation bodies: two empty agree, 1)."""
+    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+    if not p and not g:
+        return both_empty
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
 def f1_score(pred, golds):
-    def f1(p, g):
-        p, g = normalize_answer(p).split(), normalize_answer(g).split()
-        common = sum((Counter(p) & Counter(g)).values())
-        if common == 0:
-            return 0.0
-        precision, recall = common / len(p), common / len(g)
-        return 2 * precision * recall / (precision + recall)
-    return max((f1(pred, g) for g in golds), default=0.0)
+    return max((token_f1(pred, g) for g in golds), default=0.0)
 
 
 # AutoCoA's reward reads answers more leniently than SQuAD: number words as digits ("two" is "2"), filler words

@@ -78,24 +78,23 @@ Not here: generation (rollout.py), the policy's SFT-3 (sft.py), choosing real vs
 import dataclasses
 import glob
 import json
-import math
 import os
 import random
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 import data
-from plumbing import (RUN_FLAGS, all_mean, barrier, claim_run, finished_run, full_state_dict, load_checkpoint,
-                      load_sharded, log_line, plain_copy, print0, progress, progress_bar, release_run,
-                      resume_checkpoint, save_checkpoint, setup_dist, start_logging, truncate_log)
+import plumbing
+from plumbing import (RUN_FLAGS, all_mean, barrier, claim_and_resume, cosine_lr, full_state_dict, load_sharded,
+                      log_line, nothing_left, plain_copy, print0, progress, progress_bar, release_run, resume_run,
+                      save_checkpoint, setup_dist, start_logging)
 from rollout import generate
 from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, check_model_folder, cli,
                    format_observation, load_config, load_model, make_tool, master_dtype, model_path, normalize_answer,
-                   parse, read_jsonl, reward, split_context)
+                   parse, read_jsonl, reward, split_context, token_f1)
 
 
 @dataclass
@@ -228,23 +227,9 @@ def make_example(tokenizer, call, env, history_max_tokens, golds=None):
 
 def collate(examples, pad_id):
     """Right-padded input_ids, attention_mask, labels (-100 on prompt and padding: loss on observations only)."""
-    width = max(len(p) + len(t) for p, t in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    attn = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (p, t) in enumerate(examples):
-        seq = p + t
-        ids[i, :len(seq)] = torch.tensor(seq)
-        labels[i, len(p):len(seq)] = torch.tensor(t)
-        attn[i, :len(seq)] = 1
-    return ids, attn, labels
-
-
-def lr_at(step, cfg):
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    seqs = [{"ids": p + t, "mask": [0] * len(p) + [1] * len(t)} for p, t in examples]
+    ids, attn, target = plumbing.collate(seqs, pad_id, torch.device("cpu"))
+    return ids, attn, ids.masked_fill(target == 0, -100)
 
 
 def batch_at(step, n_examples, batch_size, seed):
@@ -362,15 +347,6 @@ def sentences(text):
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n", text) if s.strip()]
 
 
-def token_f1(pred, gold):
-    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
-    common = sum((Counter(p) & Counter(g)).values())
-    if not p or not g or not common:
-        return float(p == g)
-    precision, recall = common / len(p), common / len(g)
-    return 2 * precision * recall / (precision + recall)
-
-
 def fidelity(sim, real, query, golds, known, env):
     """Per-call fidelity of a simulated observation against the real one (None: the metric does not apply).
 
@@ -384,7 +360,7 @@ def fidelity(sim, real, query, golds, known, env):
     return {
         "answer_kept": float(any(contains(sim_body, g) for g in answers)) if answers else None,
         "fact_recall": sum(normalize_answer(s) in sim_facts for s in facts) / len(facts) if facts else None,
-        "token_f1": token_f1(sim_body, real_body),
+        "token_f1": token_f1(sim_body, real_body, both_empty=1.0),
         "invented": sum(n not in known for n in names) / len(names) if names else 0.0,
         "unsupported": sum(n not in real_names for n in names) / len(names) if names else 0.0,
         "well_formed": float(sim.startswith(env.obs_open) and sim.endswith(env.obs_close)),
@@ -460,18 +436,13 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metri
     ddp_model = model  # wrapped (DDP, or FSDP2 with bf16) by load_sharded
     optimizer = torch.optim.AdamW(model.parameters(), lr=wm.lr, weight_decay=wm.weight_decay, betas=(0.9, 0.95))
     ckpt_dir = os.path.join(cfg.run.dir, wm.out + ".ckpt")
-    start = 0
-    if ckpt:
-        meta = load_checkpoint(ckpt, ddp_model, optimizer)
-        start = meta["step"]
-        print0(f"resumed from {ckpt} at step {start}")
-    if rank == 0:
-        truncate_log(metrics_path, start)  # a resumed run rewrites the rows after its checkpoint; from 0, a fresh log
+    start = resume_run(ckpt, ckpt_dir, ddp_model, optimizer, None, metrics_path, "worldmodel", rank)["step"]
     log, t_last = [], time.time()
     bar = progress_bar(range(start, wm.steps), initial=start, total=wm.steps, disable=rank != 0, desc="worldmodel")
     for step in bar:
+        lr = cosine_lr(step, wm.steps, wm.warmup_steps, wm.min_lr_ratio, peak=wm.lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, wm)
+            group["lr"] = lr
         batch = batch_at(step, len(examples), wm.batch_size, cfg.run.seed)[rank::world_size]
         ids, attn, labels = (t.to(device) for t in collate([examples[i] for i in batch], tokenizer.pad_token_id))
         loss = ddp_model(input_ids=ids, attention_mask=attn, labels=labels).loss
@@ -484,8 +455,8 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metri
         optimizer.step()
         mean, now = all_mean(loss.item()), time.time()
         if rank == 0:
-            log_line(metrics_path, {"step": step + 1, "loss": mean, "lr": lr_at(step, wm), "step_s": now - t_last})
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_at(step, wm):.2e}")
+            log_line(metrics_path, {"step": step + 1, "loss": mean, "lr": lr, "step_s": now - t_last})
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
         t_last = now
         if step % wm.log_every == 0 or step == wm.steps - 1:
             log.append((step, mean))
@@ -666,66 +637,12 @@ def real_calls(cfg, search, golds):
     return calls, source
 
 
-def main(argv=None):
-    from transformers import AutoTokenizer
-    cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig,
-                       "worldmodel": WorldModelConfig}, argv, own="worldmodel", flags=RUN_FLAGS)
+def fidelity_report(cfg, model, tokenizer, policy_tok, search, golds, train_calls, heldout, shown):
+    """Steps 3 and 4 of main, on rank 0: fidelity on held-out real calls, the knowledge curve, the agent end to
+    end. Returns the report's fidelity, knowledge and end-to-end parts (main adds the training losses, prints it
+    and writes it)."""
     wm, env = cfg.worldmodel, cfg.env
-    init = model_path(wm.init, cfg.run.dir, f"worldmodel.init={wm.init!r}") if wm.init else None  # before any work
-    rank, world_size, device = setup_dist(cfg.run)
-    if wm.steps == 0:
-        print0("worldmodel: worldmodel.steps=0: nothing to do")
-        return None
-    start_logging(cfg.run, wm.out, cfg.to_dict(), rank)  # run.log: the metrics rows also go to wandb/tensorboard
-    if rank == 0:
-        claim_run(cfg.run.dir, wm.out, cfg.flags)  # an earlier run's output, or a live run on this out=
-    barrier()
-    out_dir = os.path.join(cfg.run.dir, wm.out)
-    ckpt = resume_checkpoint(os.path.join(cfg.run.dir, wm.out + ".ckpt")) if "resume" in cfg.flags else None
-    if finished_run(out_dir, ckpt, wm.steps):
-        print0(f"worldmodel: {out_dir} is finished ({wm.steps} steps): nothing to do (--overwrite starts over)")
-        if rank == 0:
-            release_run(cfg.run.dir, wm.out)
-        return None
-    torch.manual_seed(cfg.run.seed)
-    if rank == 0:
-        data.base_model_path(cfg)  # build the tiny base once, before other ranks read it
-    barrier()
-    base = data.base_model_path(cfg)
-    policy_tok = AutoTokenizer.from_pretrained(base)  # the observation budget is counted in the policy's tokens
-    t0 = time.time()
-
-    # 1. real calls: logged (synthesis, RL, eval), or the oracle's queries through the real tool
-    search = SearchEnv(make_tool(env, cfg.run), policy_tok, env)
-    golds = golds_by_question(cfg.run.data_dir)
-    calls, source = real_calls(cfg, search, golds)
-    train_calls, heldout = split_calls(calls, wm.heldout_share, cfg.run.seed)
-    if not train_calls:
-        raise ConfigError(f"worldmodel: no usable training calls in {source} (empty, or every row bad: each is "
-                          f"named above)")
-    print0(f"real calls from {source}: {len(train_calls)} train, {len(heldout)} held out "
-           f"({search.calls} new tool calls, {time.time() - t0:.1f}s)")
-
-    # 2. fine-tune the world model: loss on observation tokens only
-    if init is None:  # the default, and in the tiny world an untrained model: a person should know which
-        untrained = " (untrained: the tiny world's base knows nothing yet)" if cfg.model.base == "tiny" else ""
-        print0(f"worldmodel: no worldmodel.init: fine-tuning the base model {base}{untrained}")
-    model, tokenizer = load_sharded(init or base, cfg.run, device, master_dtype(cfg.run), "fsdp" if wm.bf16 else "ddp",
-                                    wm.bf16)
-    shown = golds if wm.gold else None  # ZeroSearch: each prompt holds its question's gold answers
-    examples = [make_example(tokenizer, c, env, wm.history_max_tokens, shown) for c in train_calls]
-    metrics_path = os.path.join(cfg.run.dir, wm.out + ".metrics.jsonl")
-    model, log = train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metrics_path)
-    if rank == 0:
-        model.config.worldmodel_gold = wm.gold  # in config.json: WorldModelEnv.from_path serves it as trained
-        data.save_atomic(out_dir, model, tokenizer)
-        release_run(cfg.run.dir, wm.out)
-        print0(f"world model saved to {out_dir} ({time.time() - t0:.1f}s)")
-    barrier()
-    report = {"train_loss": log, "fidelity": {}}
-    if rank != 0 or not wm.eval_calls:
-        return report
-
+    report = {"fidelity": {}}
     # 3. fidelity on held-out real calls: queries the world model was trained on (seen) and not (unseen)
     unseen_path = wm.unseen or os.path.join(cfg.run.data_dir, "test.jsonl")
     extra = []
@@ -769,6 +686,65 @@ def main(argv=None):
             if rows:
                 rows = rng.sample(rows, min(wm.eval_questions, len(rows)))
                 report["end_to_end"][split] = end_to_end(agent_model, agent_tok, rows, cfg, environments)
+    return report
+
+
+def main(argv=None):
+    from transformers import AutoTokenizer
+    cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig,
+                       "worldmodel": WorldModelConfig}, argv, own="worldmodel", flags=RUN_FLAGS)
+    wm, env = cfg.worldmodel, cfg.env
+    init = model_path(wm.init, cfg.run.dir, f"worldmodel.init={wm.init!r}") if wm.init else None  # before any work
+    rank, world_size, device = setup_dist(cfg.run)
+    if wm.steps == 0:
+        print0("worldmodel: worldmodel.steps=0: nothing to do")
+        return None
+    start_logging(cfg.run, wm.out, cfg.to_dict(), rank)  # run.log: the metrics rows also go to wandb/tensorboard
+    ckpt = claim_and_resume(cfg.run.dir, wm.out, cfg.flags, rank)  # an earlier run's output, or a live run on out=
+    if nothing_left(cfg.run.dir, wm.out, ckpt, wm.steps, "worldmodel", rank):
+        return None
+    out_dir = os.path.join(cfg.run.dir, wm.out)
+    torch.manual_seed(cfg.run.seed)
+    if rank == 0:
+        data.base_model_path(cfg)  # build the tiny base once, before other ranks read it
+    barrier()
+    base = data.base_model_path(cfg)
+    policy_tok = AutoTokenizer.from_pretrained(base)  # the observation budget is counted in the policy's tokens
+    t0 = time.time()
+
+    # 1. real calls: logged (synthesis, RL, eval), or the oracle's queries through the real tool
+    search = SearchEnv(make_tool(env, cfg.run), policy_tok, env)
+    golds = golds_by_question(cfg.run.data_dir)
+    calls, source = real_calls(cfg, search, golds)
+    train_calls, heldout = split_calls(calls, wm.heldout_share, cfg.run.seed)
+    if not train_calls:
+        raise ConfigError(f"worldmodel: no usable training calls in {source} (empty, or every row bad: each is "
+                          f"named above)")
+    print0(f"real calls from {source}: {len(train_calls)} train, {len(heldout)} held out "
+           f"({search.calls} new tool calls, {time.time() - t0:.1f}s)")
+
+    # 2. fine-tune the world model: loss on observation tokens only
+    if init is None:  # the default, and in the tiny world an untrained model: a person should know which
+        untrained = " (untrained: the tiny world's base knows nothing yet)" if cfg.model.base == "tiny" else ""
+        print0(f"worldmodel: no worldmodel.init: fine-tuning the base model {base}{untrained}")
+    model, tokenizer = load_sharded(init or base, cfg.run, device, master_dtype(cfg.run), "fsdp" if wm.bf16 else "ddp",
+                                    wm.bf16)
+    shown = golds if wm.gold else None  # ZeroSearch: each prompt holds its question's gold answers
+    examples = [make_example(tokenizer, c, env, wm.history_max_tokens, shown) for c in train_calls]
+    metrics_path = os.path.join(cfg.run.dir, wm.out + ".metrics.jsonl")
+    model, log = train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metrics_path)
+    if rank == 0:
+        model.config.worldmodel_gold = wm.gold  # in config.json: WorldModelEnv.from_path serves it as trained
+        data.save_atomic(out_dir, model, tokenizer)
+        release_run(cfg.run.dir, wm.out)
+        print0(f"world model saved to {out_dir} ({time.time() - t0:.1f}s)")
+    barrier()
+    if rank != 0 or not wm.eval_calls:
+        return {"train_loss": log, "fidelity": {}}
+
+    # 3., 4. the report: fidelity on held-out real calls, then the agent end to end
+    report = {"train_loss": log, **fidelity_report(cfg, model, tokenizer, policy_tok, search, golds, train_calls,
+                                                   heldout, shown)}
     print_report(report)
     log_line(metrics_path, {"step": wm.steps, "final": True, **report_metrics(report)})
     with open(os.path.join(cfg.run.dir, wm.out + ".report.json"), "w") as f:

@@ -30,6 +30,22 @@ def test_group_advantages_sum_to_zero_within_each_group():
     assert torch.allclose(adv.sum(1), torch.zeros(6), atol=1e-4)
 
 
+
+def test_the_docstrings_worked_group_of_4():
+    """rl.py's worked group: rewards (1, 0, 0, 0) -> A = (+1.5, -0.5, -0.5, -0.5); on policy, grpo's gradient moves
+    each trajectory's mask-1 log-probs by A_i / (its token count x 4) and never touches its mask-0 observation."""
+    adv = rl.group_advantages(torch.tensor([1., 0., 0., 0.]), 4)
+    assert torch.allclose(adv, torch.tensor([1.5, -0.5, -0.5, -0.5]), atol=1e-5)
+    assert rl.group_advantages(torch.tensor([1., 0., 0., 0.]), 4, scale_std=False).tolist() == [0.75, -0.25, -0.25,
+                                                                                               -0.25]
+    mask = torch.tensor([[1., 1., 0., 0., 1.], [1., 1., 1., 0., 0.], [1., 0., 0., 0., 0.], [1., 1., 1., 1., 1.]])
+    logps = (-torch.rand(4, 5)).requires_grad_()
+    loss, _ = rl.grpo_loss(logps, logps.detach(), None, adv, mask, loss_type="grpo")
+    grad = torch.autograd.grad(loss, logps)[0]
+    expected = -adv.unsqueeze(1) * mask / (mask.sum(1, keepdim=True) * 4)
+    assert torch.allclose(grad, expected, atol=1e-6)
+    assert (grad[0, 2:4] == 0).all()  # trajectory 1's observation tokens
+
 def test_zero_variance_flags_every_member_of_uniform_groups():
     rewards = torch.tensor([1., 1., 0., 1., 0., 0.])
     assert rl.zero_variance(rewards, 2).tolist() == [True, True, False, False, True, True]

@@ -21,6 +21,7 @@ import data
 import sft
 import tools
 from conftest import finished
+from plumbing import cosine_lr
 from tools import EnvConfig
 
 ENV = EnvConfig()
@@ -143,11 +144,13 @@ def test_next_token_loss_is_the_masked_mean_of_cross_entropy():
 
 
 def test_lr_warms_up_then_follows_the_cosine_to_its_floor():
-    sc = sft.SFTConfig(warmup_steps=10, min_lr_ratio=0.1)
-    factors = [sft.lr_factor(s, sc, 110) for s in range(111)]
+    """plumbing.cosine_lr, the schedule of sft.py (a LambdaLR factor, peak 1) and worldmodel.py (the lr itself)."""
+    factors = [cosine_lr(s, 110, 10, 0.1) for s in range(111)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[60] == pytest.approx(0.1 + 0.9 * 0.5)
     assert factors[110] == pytest.approx(0.1)
+    lrs = [cosine_lr(s, 110, 10, 0.1, peak=3e-3) for s in range(111)]
+    assert lrs[3] == 3e-3 * 4 / 10 and lrs[60] == 3e-3 * factors[60]  # the same float operations as before
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
 
 
