@@ -27,9 +27,10 @@ import torch
 
 import data
 import eval as ev
-from plumbing import resolve_model
+from config import ConfigError, RunConfig, cli, load_config
+from plumbing import load_model, resolve_model
 from rollout import rollout
-from tools import ConfigError, EnvConfig, RunConfig, cli, load_config, load_model
+from tools import EnvConfig, make_environment
 
 
 @dataclass
@@ -94,13 +95,12 @@ def find_model(cfg):
 
 
 def main(argv=None):
-    import worldmodel
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "chat": ChatConfig}, argv,
                       own="chat")
     path = find_model(cfg)  # a missing folder: one line saying what is there
     model, tokenizer = load_model(path, cfg.run)
     model.eval()
-    environment = worldmodel.make_environment(cfg.env, cfg.run, tokenizer)  # real, a world-model LM, or None
+    environment = make_environment(cfg.env, cfg.run, tokenizer)  # real, a world-model LM, or None
     where = {"real": f"the real tool ({cfg.env.tool})", "policy": "its own simulation (env.env=policy)",
              "worldmodel": f"the world-model LM {cfg.env.worldmodel}"}.get(cfg.env.env, cfg.env.env)
     print(f"chat: {path}, searching with {where}", file=sys.stderr, flush=True)

@@ -42,8 +42,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from plumbing import print0, progress
-from tools import RunConfig, EnvConfig, ConfigError, RunError, cli, load_config, make_tool
-from tools import SearchEnv, build_prompt, check_rows, parse, partial_write, read_jsonl, reward
+from config import RunConfig, ConfigError, RunError, check_rows, cli, load_config, partial_write, read_jsonl
+from tools import EnvConfig, SearchEnv, action_text, answer_text, backoff, build_prompt, make_tool, parse, reward
 
 
 @dataclass
@@ -340,6 +340,16 @@ def load_qa(source, split="test", on_bad="skip", limit=None):
     return rows[:limit] if limit else rows
 
 
+def golds_by_question(data_dir, splits=("train", "dev", "test")):
+    """question -> golden answers, from the QA files of the data dir (logged calls carry no answers)."""
+    out = {}
+    for name in splits:
+        path = os.path.join(data_dir, f"{name}.jsonl")
+        if os.path.exists(path):
+            out.update({r["question"]: r["golden_answers"] for r in load_qa(path)})
+    return out
+
+
 # -----------------------------------------------------------------------------
 # 3. The offline Wikipedia corpus
 
@@ -583,6 +593,62 @@ def completion_text(segments):
     return "".join(s["text"] for s in segments)
 
 
+def oracle_facts(row, world, people):
+    """The facts behind a question, each as (sentence, query that finds it, text the observation must hold), and
+    the conclusion drawn from them ("" when the last fact is the answer)."""
+    a = people[row["queries"][0]]
+    b = people.get(row["queries"][1]) if len(row["queries"]) > 1 else None
+    born = lambda p: (f" {p['name']} was born in {p['city']}.", p["name"],
+                      f"{p['name']} was born in {p['city']} in {p['year']}.")
+    works = lambda p: (f" {p['name']} works for {p['company']}.", p["name"], f"{p['name']} works for {p['company']}.")
+    year = lambda p: (f" {p['name']} was born in {p['year']}.", p["name"],
+                      f"{p['name']} was born in {p['city']} in {p['year']}.")
+    kind = row["kind"]
+    if kind == "city":
+        return [born(a)], ""
+    if kind == "employer":
+        return [works(a)], ""
+    if kind == "country":
+        country = world["city_country"][a["city"]]
+        located = (f" {a['city']} is a city in {country}.", a["city"], f"{a['city']} is a city in {country}.")
+        return [born(a), located], ""
+    if kind == "comparison":
+        first, second = (a, b) if a["year"] < b["year"] else (b, a)
+        return [year(a), year(b)], f" {first['name']} was born earlier than {second['name']}."
+    return [works(a), works(b)], f" The answer is {row['golden_answers'][0]}."
+
+
+def oracle_guess(row, world, people, rng):
+    """A wrong no-tool attempt at a question, consistent with itself: (sentences, answer); draws from rng."""
+    a = people[row["queries"][0]]
+    b = people.get(row["queries"][1]) if len(row["queries"]) > 1 else None
+    cities, companies = list(world["city_country"]), list(world["company_city"])
+    other = lambda pool, right: rng.choice([x for x in pool if x != right])
+    kind, gold = row["kind"], row["golden_answers"][0]
+    if kind == "city":
+        city = other(cities, a["city"])
+        return [" I know this one.", f" {a['name']} was born in {city}."], city
+    if kind == "employer":
+        company = other(companies, a["company"])
+        return [" I know this one.", f" {a['name']} works for {company}."], company
+    if kind == "country":
+        country = world["city_country"][a["city"]]
+        city = rng.choice([c for c in cities if world["city_country"][c] != country])
+        wrong = world["city_country"][city]
+        return [" I know this one.", f" {a['name']} was born in {city}.", f" {city} is a city in {wrong}."], wrong
+    if kind == "comparison":
+        early, late = (a, b) if a["year"] < b["year"] else (b, a)  # the guess swaps who came first
+        y1 = rng.randint(1900, 1998)
+        y2 = rng.randint(y1 + 1, 1999)
+        return [" I know this one.", f" {early['name']} was born in {y2}.", f" {late['name']} was born in {y1}.",
+                f" {late['name']} was born earlier than {early['name']}."], late["name"]
+    same = gold == "no"  # the guess flips the answer
+    ca = rng.choice(companies)
+    cb = ca if same else other(companies, ca)
+    return [" I know this one.", f" {a['name']} works for {ca}.", f" {b['name']} works for {cb}.",
+            f" The answer is {'yes' if same else 'no'}."], "yes" if same else "no"
+
+
 class Oracle:
     """The tiny world's scripted teacher. One question row -> its cot, coa and pair rows."""
 
@@ -590,37 +656,10 @@ class Oracle:
         self.world, self.env, self.search, self.rng = world, env_cfg, search, rng
         self.tokenizer, self.imperfect_share = tokenizer, imperfect_share
         self.people = {p["name"]: p for p in world["people"]}
-        self.cities = list(world["city_country"])
-        self.companies = list(world["company_city"])
-
-    # the facts behind each question kind, as (sentence, query that finds it, text the observation must hold)
-    def facts(self, row):
-        a = self.people[row["queries"][0]]
-        b = self.people.get(row["queries"][1]) if len(row["queries"]) > 1 else None
-        born = lambda p: (f" {p['name']} was born in {p['city']}.", p["name"],
-                          f"{p['name']} was born in {p['city']} in {p['year']}.")
-        works = lambda p: (f" {p['name']} works for {p['company']}.", p["name"], f"{p['name']} works for {p['company']}.")
-        year = lambda p: (f" {p['name']} was born in {p['year']}.", p["name"],
-                          f"{p['name']} was born in {p['city']} in {p['year']}.")
-        kind = row["kind"]
-        if kind == "city":
-            return [born(a)], ""
-        if kind == "employer":
-            return [works(a)], ""
-        if kind == "country":
-            country = self.world["city_country"][a["city"]]
-            return [born(a), (f" {a['city']} is a city in {country}.", a["city"], f"{a['city']} is a city in {country}.")], ""
-        if kind == "comparison":
-            first, second = (a, b) if a["year"] < b["year"] else (b, a)
-            return [year(a), year(b)], f" {first['name']} was born earlier than {second['name']}."
-        return [works(a), works(b)], f" The answer is {row['golden_answers'][0]}."
-
-    def answer(self, gold):
-        return f" {self.env.think_close} {self.env.answer_open}{gold}}}"
 
     def act(self, row, segments, query, before=""):
         """One real search appended to segments; the trajectory so far is the context the call log keeps."""
-        add(segments, "model", f" {self.env.action_open} {query} {self.env.action_close}")
+        add(segments, "model", action_text(query, self.env))
         context = build_prompt(self.tokenizer, row["question"], self.env) + before + completion_text(segments)
         obs = self.search([query], [context])[0]
         add(segments, "env", obs)
@@ -629,7 +668,7 @@ class Oracle:
     def searching(self, row, opener, imperfect=None, before=""):
         """opener, then one search per fact, each fact read from its observation; None if BM25 missed one.
         before: the text already written ahead of opener (a pair's prefix), for the call log only."""
-        facts, conclusion = self.facts(row)
+        facts, conclusion = oracle_facts(row, self.world, self.people)
         segments = add([], "model", opener)
         for i, (sentence, query, needed) in enumerate(facts):
             if i == 0 and imperfect == "vague":  # a surname alone: often someone else's document comes back
@@ -645,63 +684,35 @@ class Oracle:
             add(segments, "model", " I should check.")
             self.act(row, segments, facts[0][1], before)
             add(segments, "model", " I will answer now.")
-        return add(segments, "model", self.answer(row["golden_answers"][0]))
+        return add(segments, "model", answer_text(self.env, row["golden_answers"][0]))
 
     def closed_book(self, row):
         """A right no-tool attempt as sentences: the facts from memory."""
-        facts, conclusion = self.facts(row)
+        facts, conclusion = oracle_facts(row, self.world, self.people)
         sentences = [" I know this one."] + [s for s, _, _ in facts] + ([conclusion] if conclusion else [])
         return sentences, row["golden_answers"][0]
-
-    def guess(self, row):
-        """A wrong no-tool attempt, consistent with itself."""
-        a = self.people[row["queries"][0]]
-        b = self.people.get(row["queries"][1]) if len(row["queries"]) > 1 else None
-        other = lambda pool, right: self.rng.choice([x for x in pool if x != right])
-        kind, gold = row["kind"], row["golden_answers"][0]
-        if kind == "city":
-            city = other(self.cities, a["city"])
-            return [" I know this one.", f" {a['name']} was born in {city}."], city
-        if kind == "employer":
-            company = other(self.companies, a["company"])
-            return [" I know this one.", f" {a['name']} works for {company}."], company
-        if kind == "country":
-            country = self.world["city_country"][a["city"]]
-            city = self.rng.choice([c for c in self.cities if self.world["city_country"][c] != country])
-            wrong = self.world["city_country"][city]
-            return [" I know this one.", f" {a['name']} was born in {city}.", f" {city} is a city in {wrong}."], wrong
-        if kind == "comparison":
-            early, late = (a, b) if a["year"] < b["year"] else (b, a)  # the guess swaps who came first
-            y1 = self.rng.randint(1900, 1998)
-            y2 = self.rng.randint(y1 + 1, 1999)
-            return [" I know this one.", f" {early['name']} was born in {y2}.", f" {late['name']} was born in {y1}.",
-                    f" {late['name']} was born earlier than {early['name']}."], late["name"]
-        same = gold == "no"  # the guess flips the answer
-        ca = self.rng.choice(self.companies)
-        cb = ca if same else other(self.companies, ca)
-        return [" I know this one.", f" {a['name']} works for {ca}.", f" {b['name']} works for {cb}.",
-                f" The answer is {'yes' if same else 'no'}."], "yes" if same else "no"
 
     def __call__(self, row):
         base = {k: row[k] for k in ("id", "question", "golden_answers", "kind", "needs_search")}
         out = []
         sentences, gold = self.closed_book(row)
-        cot = add([], "model", "".join(sentences) + self.answer(gold))
+        cot = add([], "model", "".join(sentences) + answer_text(self.env, gold))
         out.append({**base, "type": "cot", "segments": cot})
         if row["needs_search"]:
             imperfect = None
             if self.rng.random() < self.imperfect_share:
                 imperfect = self.rng.choice(["vague", "wasted"])
-                if len(self.facts(row)[0]) + 1 > self.env.max_actions:
+                if len(oracle_facts(row, self.world, self.people)[0]) + 1 > self.env.max_actions:
                     imperfect = None
             coa = self.searching(row, " I need to search for this.", imperfect)
             if coa is not None:
                 out.append({**base, "type": "coa", "segments": coa, "imperfect": imperfect or ""})
-            sentences, guess = self.guess(row)
+            sentences, guess = oracle_guess(row, self.world, self.people, self.rng)
         # CoT+A: cut the no-tool attempt after a sentence (never after its last); search or go on from there
         cut = self.rng.randint(1, len(sentences) - 1)
         prefix = add([], "model", "".join(sentences[:cut]))
-        no_search = add([], "model", "".join(sentences[cut:]) + self.answer(guess if row["needs_search"] else gold))
+        no_search = add([], "model", "".join(sentences[cut:]) +
+                        answer_text(self.env, guess if row["needs_search"] else gold))
         search = self.searching(row, " I should check.", before=completion_text(prefix))
         if search is not None:
             chosen, rejected = (search, no_search) if row["needs_search"] else (no_search, search)
@@ -752,9 +763,7 @@ def endpoint_complete(cfg, prompt, max_tokens):
     body = {"model": cfg.synth.api_model, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": cfg.synth.temperature, "top_p": cfg.synth.top_p, "stop": [cfg.env.action_close]}
     error = None
-    for attempt in range(cfg.synth.retries + 1):
-        if attempt:
-            time.sleep(0.5 * 2 ** (attempt - 1))
+    for _ in backoff(cfg.synth.retries, 0.5):
         try:
             r = requests.post(url, json=body, timeout=cfg.synth.timeout_s,
                               headers={"Authorization": f"Bearer {key}"} if key else {})
@@ -873,7 +882,7 @@ def judged(row, group, env):
 
 def synthesize(cfg, tokenizer=None):
     """Write <synth>/<split>.jsonl for each split and <synth>/stats.json; returns the stats."""
-    from tools import load_model
+    from plumbing import load_model
     out_dir = synth_dir(cfg)
     os.makedirs(out_dir, exist_ok=True)
     teacher, model = cfg.synth.teacher, None

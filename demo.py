@@ -63,7 +63,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import eval as ev
-from tools import SECTIONS, ConfigError, EnvConfig, RunConfig, cli, help_text, load_config, read_jsonl, show_help
+from config import SECTIONS, ConfigError, RunConfig, cli, help_text, load_config, read_argv, read_jsonl, show_help
+from tools import EnvConfig
 
 # Quick mode: a small world and a few steps per stage, enough to exercise every code path in about a minute.
 QUICK = {
@@ -462,7 +463,8 @@ def show_one(cfg, model_dir, kind="country", tries=16):
     eval.py does."""
     import torch
     from rollout import rollout
-    from tools import SearchEnv, load_model, make_tool
+    from plumbing import load_model
+    from tools import SearchEnv, make_tool
     model, tokenizer = load_model(model_dir, cfg.run)
     rows = ev.data.load_qa(os.path.join(cfg.run.data_dir, "test.jsonl"))
     rows = [r for r in rows if r.get("kind") == kind][:tries] or rows[:1]
@@ -569,29 +571,14 @@ def parse_flags(argv):
     the help."""
     if "--help" in argv or "-h" in argv:
         show_help(help_text(all_sections(), flags=FLAGS, doc=__doc__, prog="demo.py"))
-    quick, readme, pretrain, n_seeds, jobs, rest = False, False, False, 1, 2, []
-    it = iter(argv)
-    for a in it:
-        if a == "--quick":
-            quick = True
-        elif a == "--readme":
-            readme = True
-        elif a == "--pretrain":
-            pretrain = True
-        elif a in ("--seeds", "--jobs"):
-            text = next(it, "")
-            if not text.isdigit() or int(text) < 1:
-                raise ConfigError(f"config: {a} takes a whole number >= 1, got {text!r}")
-            n_seeds, jobs = (int(text), jobs) if a == "--seeds" else (n_seeds, int(text))
-        elif a == "--config":
-            rest += [a, next(it, "")]
-        elif a.startswith("--"):
-            raise ConfigError(f"config: unknown flag {a} (demo.py takes --config, --seeds N, --jobs N, --quick, "
-                              f"--readme, --pretrain)")
-        else:
-            rest.append(a)
-    config_path = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--config"), "configs/tiny.yaml")
-    overrides = [a for a in rest if "=" in a]
+    config_path, overrides, given = read_argv(argv, FLAGS)  # the stages' own parser: the same flags and errors
+    for name in ("seeds", "jobs"):
+        text = given.get(name, "1")
+        if not text.isdigit() or int(text) < 1:
+            raise ConfigError(f"config: --{name} takes a whole number >= 1, got {text!r}")
+    n_seeds, jobs = int(given.get("seeds", 1)), int(given.get("jobs", 2))
+    quick, readme, pretrain = "quick" in given, "readme" in given, "pretrain" in given
+    config_path = config_path or "configs/tiny.yaml"
     stray = [o for o in overrides if o.split("=", 1)[0].split(".")[0] not in SECTIONS or "." not in o.split("=")[0]]
     if stray:  # each stage takes its own sections only: these would be dropped in silence
         raise ConfigError(f"config: {', '.join(stray)} names no section (section.key=value; {', '.join(SECTIONS)})")

@@ -63,9 +63,11 @@ from dataclasses import dataclass
 import torch
 
 import data
-from plumbing import barrier, claim_run, print0, progress, release_run, resolve_model, setup_dist
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, cli, exact_match, extract_boxed,
-                   f1_score, lenient_match, load_config, load_model, make_tool, parse, truncation_warning)
+from plumbing import (barrier, check_worldmodel_folder, claim_run, load_model, print0, progress, release_run,
+                      resolve_model, setup_dist)
+from config import ConfigError, RunConfig, cli, load_config
+from tools import (EnvConfig, SearchEnv, action_text, answer_text, backoff, build_prompt, exact_match, extract_boxed,
+                   f1_score, lenient_match, loss_mask, make_environment, observation_body, parse, truncation_warning)
 
 
 @dataclass
@@ -117,15 +119,6 @@ def load_questions(cfg, source=None):
     return data.load_qa(source, limit=cfg.eval.limit or None)
 
 
-def make_environment(cfg, tokenizer):
-    """The environment rollout() talks to, by env.env: the real tool (with eval.log_calls), the policy itself
-    (None), or a world-model LM: worldmodel.make_environment."""
-    if cfg.env.env == "real":
-        return SearchEnv(make_tool(cfg.env, cfg.run), tokenizer, cfg.env, log_path=cfg.eval.log_calls or None)
-    import worldmodel
-    return worldmodel.make_environment(cfg.env, cfg.run, tokenizer)
-
-
 # -----------------------------------------------------------------------------
 # Running the model: the agent, the no-tool baseline, the two workflow baselines
 
@@ -167,10 +160,10 @@ class Trace:
         self.finish, self.answer, self.done = "length", None, False
 
     def add(self, ids, who, logps=None):
-        """Append tokens; who = 'model' (mask 1, trained on) or 'env' (mask 0, written by the loop/tool)."""
+        """Append tokens; who = 'model' (trained on) or 'env' (written by the loop/tool): tools.loss_mask."""
         ids = [int(t) for t in ids]
         self.ids += ids
-        self.mask += [1 if who == "model" else 0] * len(ids)
+        self.mask += loss_mask(who, len(ids))
         self.logps += [float(x) for x in logps] if logps is not None else [0.0] * len(ids)
 
     def episode(self, tokenizer):
@@ -185,18 +178,11 @@ def encode(tokenizer, text):
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def count_calls(trace, environment, n):
-    if getattr(environment, "simulated", False):
-        trace.sim_calls += n
-    else:
-        trace.real_calls += n
-
-
 def call_context(tokenizer, question, query, env_cfg):
     """The context a loop-made call hands the environment, shaped as rollout's: the CoA prompt, then the action.
     From it a SearchEnv log and a world model read the question (tools.split_context); the bare question would
     come back as history with an empty question."""
-    return build_prompt(tokenizer, question, env_cfg) + f" {env_cfg.action_open} {query} {env_cfg.action_close}"
+    return build_prompt(tokenizer, question, env_cfg) + action_text(query, env_cfg)
 
 
 def workflow_queries(row):
@@ -209,8 +195,8 @@ def workflow_queries(row):
 def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
     """Search first, then answer. The loop (not the model) writes the actions and their observations (mask 0);
     the model then writes its reasoning and answer. If it starts another action, the action is cut and the answer
-    forced with the same note as rollout's action limit: the model never decides to search."""
-    from rollout import encode_prompt
+    forced (tools.answer_text's opener, as at rollout's action limit): the model never decides to search."""
+    from rollout import count_calls, encode_prompt
     if environment is None:
         raise ConfigError("the fixed workflow needs a tool: env.env=real or worldmodel")
     traces = []
@@ -224,7 +210,7 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
     observations = iter(environment(flat, contexts)) if flat else iter(())
     for trace, qs in zip(traces, queries):
         for q in qs:
-            trace.add(encode(tokenizer, f" {env_cfg.action_open} {q} {env_cfg.action_close}"), "env")
+            trace.add(encode(tokenizer, action_text(q, env_cfg)), "env")
             trace.add(encode(tokenizer, " " + next(observations)), "env")
             trace.actions.append(q)
         count_calls(trace, environment, len(qs))
@@ -238,7 +224,7 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
         if env_cfg.action_open in text:  # cut at the action opener: keep the tokens before it
             keep = cut_before(tokenizer, ids, env_cfg.action_open)
             trace.add(ids[:keep], "model", logps[:keep])
-            trace.add(encode(tokenizer, f" {env_cfg.think_close} {env_cfg.answer_open}"), "env")
+            trace.add(encode(tokenizer, answer_text(env_cfg)), "env")
             again.append(trace)
         else:
             trace.add(ids, "model", logps)
@@ -322,6 +308,7 @@ def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
     interrupts). Tool text is environment-written (mask 0). At env.max_actions searches the loop asks for the
     answer with a forced 'Action: Finish['.
     """
+    from rollout import count_calls
     if environment is None:
         raise ConfigError("the ReAct workflow needs a tool: env.env=real or worldmodel")
     traces = [Trace(row, encode(tokenizer, react_prompt(tokenizer, row["question"])))
@@ -355,7 +342,7 @@ def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
             results = environment([q for _, q in searching],
                                   [call_context(tokenizer, t.row["question"], q, env_cfg) for t, q in searching])
             for (trace, query), obs in zip(searching, results):
-                body = strip_tags(obs, env_cfg)
+                body = observation_body(obs, env_cfg, every_tag=True)
                 head = "" if tokenizer.decode(trace.ids[-4:]).rstrip().endswith("Observation:") else "\nObservation:"
                 trace.add(encode(tokenizer, f"{head} {body}\nThought:"), "env")
                 trace.actions.append(query)
@@ -389,10 +376,6 @@ def run_direct(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
         answer = re.sub(r"^(the )?answer( is)?\s*:?\s*", "", text.split("\n")[0], flags=re.I).rstrip(".").strip()
         trace.answer, trace.finish = answer or None, "answer" if answer else "eos"
     return [with_answer(t.episode(tokenizer), t.answer) for t in traces]
-
-
-def strip_tags(observation, env_cfg):
-    return observation.replace(env_cfg.obs_open, "").replace(env_cfg.obs_close, "").strip()
 
 
 def with_answer(ep, answer):
@@ -510,14 +493,15 @@ def judge_one(record, ecfg, key=None):
     body = {"model": ecfg.judge_model, "temperature": 0, "max_tokens": 3,
             "messages": [{"role": "system", "content": JUDGE_PROMPT}, {"role": "user", "content": user}]}
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    for attempt in range(3):
+    for _ in backoff(2, 0.2):
         try:
             r = requests.post(ecfg.judge_url, json=body, headers=headers, timeout=ecfg.judge_timeout_s)
             r.raise_for_status()
             text = r.json()["choices"][0]["message"]["content"]
             return 1.0 if text.strip().lower().startswith("yes") else 0.0
         except (requests.RequestException, ValueError, KeyError, IndexError, TypeError):
-            time.sleep(0.2 * 2 ** attempt)
+            pass
+    time.sleep(0.8)  # the backoff's next step: the worker waits before it asks a failing judge about another record
     return None
 
 
@@ -574,7 +558,7 @@ def evaluate(model, tokenizer, rows, cfg):
             episodes = run_agent(model, tokenizer, rows, notool_env(env_cfg), environment, ecfg,
                                  generator)
     else:
-        environment = make_environment(cfg, tokenizer)
+        environment = make_environment(env_cfg, cfg.run, tokenizer, log_path=ecfg.log_calls or None)
         if isinstance(environment, SearchEnv):
             environment.limit_failures(ecfg.max_tool_failures, "eval.max_tool_failures", "eval: ")
         style = "agent" if ecfg.mode == "agent" else ecfg.workflow
@@ -727,7 +711,6 @@ def main(argv=None):
     if rank == 0:  # two evals on one tag at once, or an earlier eval's results: refused, not silently replaced
         claim_run(out_dir, lock_tag, cfg.flags, outputs)
     if cfg.env.env == "worldmodel" and cfg.env.worldmodel and ecfg.mode != "notool":  # before the policy loads
-        from worldmodel import check_worldmodel_folder
         check_worldmodel_folder(cfg.env.worldmodel)
     model, tokenizer = load_model(path, cfg.run, device=device)
     model.eval()

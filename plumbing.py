@@ -1,6 +1,8 @@
 """
 plumbing.py -- what every trainer (sft.py, rl.py, worldmodel.py) and eval.py share, none of it AutoCoA itself:
 
+  models              load_model / load_tokenizer (any HF causal LM by folder, stage name or hub id; a missing or
+                      incomplete folder is one line naming the stage that writes it), pick_device, pick_dtype
   distributed setup   setup_dist (torchrun ranks, gloo on CPU / nccl on GPU), wrap_model (DDP, or FSDP2 with a
                       bf16 MixedPrecisionPolicy, on one process too), all_reduce / all_mean, print0, barrier
   LoRA                add_lora (peft adapters on the decoder's linear projections), base_dtype, is_lora, hf_model,
@@ -47,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tools import ConfigError, master_dtype, partial_write, pick_dtype
+from config import ConfigError, RunConfig, partial_write
 
 
 # -----------------------------------------------------------------------------
@@ -166,7 +168,6 @@ def load_sharded(path, run, device, dtype, strategy="ddp", bf16=False, prepare=N
     device, every rank shards it, and each receives its shards from rank 0 by broadcast (then the buffers, such as
     the rotary frequencies, which the state dict leaves out; LoRA adapters are rank 0's too). DDP, none, or one
     process: as before."""
-    from tools import load_model
     prepare = prepare or (lambda model: model)
     if not (is_dist() and (strategy == "fsdp" or bf16)):
         model, tokenizer = load_model(path, run, device=device, dtype=dtype)
@@ -236,6 +237,129 @@ def unwrap(model):
 
 
 # -----------------------------------------------------------------------------
+# Models: any HF causal LM by path or name, on the run's device in the run's dtype (here, beside load_sharded,
+# which builds on load_model: tools.py and config.py stay free of torch)
+
+def pick_device(run):
+    if run.device != "auto":
+        return torch.device(run.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(run, device):
+    if run.dtype != "auto":
+        return getattr(torch, run.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def master_dtype(run):
+    """The dtype trained weights are kept in: run.dtype, or float32 for "auto" (bf16 compute, where asked, comes
+    from FSDP2's MixedPrecisionPolicy over these fp32 masters)."""
+    return getattr(torch, run.dtype) if run.dtype != "auto" else torch.float32
+
+
+def is_hub_id(name):
+    """An owner/name the hub could hold (a path such as runs/tiny/sft123 or ./x is not one)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith(".") and \
+        not os.path.isdir(name.split("/")[0])  # runs/sft2 with a runs/ folder here: a local path
+
+
+def missing_model(path, what="model"):
+    """The one-line error for a model folder that is not there: which folder, and which script writes it."""
+    name = os.path.basename(os.path.normpath(path))
+    writer = ("rl.py (rl.out=NAME)" if name.startswith("rl") else "worldmodel.py (worldmodel.out=NAME)"
+              if name.startswith("worldmodel") else "sft.py (sft.out=NAME)" if name.startswith(("sft", "cot"))
+              else "the stage whose out= is NAME").replace("NAME", name)
+    return ConfigError(f"{what}: no model folder {path!r} ({writer} writes it; demo.py runs every stage)")
+
+
+MODEL_FILES = (("config.json", ("config.json",)),  # what from_pretrained needs in a folder, and the files that give it
+               ("weights (model.safetensors)", ("model.safetensors", "model.safetensors.index.json",
+                                                "pytorch_model.bin", "pytorch_model.bin.index.json")),
+               ("tokenizer (tokenizer.json)", ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                               "vocab.json")))
+
+
+def check_model_folder(path, what="model"):
+    """path, once it holds what from_pretrained needs (MODEL_FILES); else a one-line ConfigError naming what is
+    missing (transformers says it in a long traceback, and only once the run has loaded everything else)."""
+    if os.path.isfile(os.path.join(path, "meta.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{path} is a checkpoint to resume from, not a model folder: the run's model is "
+                          f"{os.path.dirname(os.path.normpath(path)).removesuffix('.ckpt')} (written when it ends)")
+    missing = [name for name, files in MODEL_FILES if not any(os.path.isfile(os.path.join(path, f)) for f in files)]
+    if missing:
+        raise ConfigError(f"{what}: {path!r} is not a model folder: it has no {' and no '.join(missing)}")
+    return path
+
+
+def check_worldmodel_folder(path):
+    """path, once it is a folder worldmodel.py wrote: its config.json records worldmodel_gold (main sets it), which a
+    policy's folder lacks. A policy there would serve as a simulator without a word."""
+    check_model_folder(path, "env.worldmodel")
+    with open(os.path.join(path, "config.json")) as f:
+        if "worldmodel_gold" not in json.load(f):
+            raise ConfigError(f"env.worldmodel: {path!r} is not a world model (its config.json has no worldmodel_gold, "
+                              f"which worldmodel.py writes; a policy's folder?)")
+    return path
+
+
+def model_path(name, run_dir, what="model"):
+    """The folder a config's model name means: a folder, a stage output <run_dir>/<name>, or an owner/name hub
+    id; anything else, or a folder that is not a model, is a ConfigError naming the folder expected under run_dir,
+    before any hub call."""
+    staged = os.path.join(run_dir, name)
+    if os.path.isdir(name):
+        return check_model_folder(name, what)
+    if os.path.isdir(staged):
+        return check_model_folder(staged, what)
+    if is_hub_id(name):
+        return name
+    raise missing_model(staged if os.sep not in name else name, what)
+
+
+def load_model(path, run=None, device=None, dtype=None):
+    """(model, tokenizer) from an HF folder or hub name; the tokenizer as load_tokenizer gives it."""
+    from transformers import AutoModelForCausalLM
+    tokenizer = load_tokenizer(path)
+    run = run or RunConfig()
+    device = device or pick_device(run)
+    dtype = dtype or pick_dtype(run, device)
+    if device.type == "meta":  # the structure without the weights (plumbing.load_sharded: FSDP2 ranks but rank 0)
+        from transformers import AutoConfig
+        with device:
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return model, tokenizer
+
+
+def load_tokenizer(path):
+    """The tokenizer of an HF folder or hub name as every script uses it: padding on the left (rollout.py needs
+    it), EOS as the pad token where it has none.
+
+    A path that is not a folder and not a hub id (or a hub id not cached while HF_HUB_OFFLINE=1) is a one-line
+    ConfigError before any hub call: offline, transformers would retry the hub for minutes and never say which
+    local folder was meant.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    if not os.path.isdir(path) and (not is_hub_id(path) or (
+            constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(path, "config.json"), str))):
+        raise missing_model(path)
+    if os.path.isdir(path):
+        check_model_folder(path)
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:  # a hub name the hub cannot serve (no network, a typo, a gated model): transformers' cause
+        if os.path.isdir(path):
+            raise
+        raise ConfigError(f"model: cannot load {path!r} from the Hugging Face hub: {str(e).splitlines()[0]}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# -----------------------------------------------------------------------------
 # LoRA (peft, lora_rank > 0 in sft.py and rl.py): low-rank adapters on every linear projection of the decoder train,
 # the base stays frozen. So the base is held in its compute dtype (bf16 on GPU: half the bytes of fp32 masters) with
 # no gradients or AdamW state of its own, and rl.py's reference is the same model with the adapters off (no copy).
@@ -257,8 +381,8 @@ def add_lora(model, rank, alpha):
 
 
 def base_dtype(run, device, lora_rank):
-    """The dtype a trainer loads its model in: fp32 masters (tools.master_dtype) to fine-tune every weight; under
-    LoRA the frozen base's compute dtype (tools.pick_dtype: bf16 on GPU, fp32 on CPU), the adapters being fp32."""
+    """The dtype a trainer loads its model in: fp32 masters (master_dtype) to fine-tune every weight; under
+    LoRA the frozen base's compute dtype (pick_dtype: bf16 on GPU, fp32 on CPU), the adapters being fp32."""
     return pick_dtype(run, device) if lora_rank else master_dtype(run)
 
 
@@ -584,7 +708,7 @@ def claim_run(run_dir, out, flags, outputs=TRAINER_OUTPUTS):
 
     - another live process holds the lock: ConfigError naming its PID. fcntl locks die with their process: a
       killed run may leave the file, holding its dead PID, but never a held lock, and the next run takes it over;
-      a run that ends removes its file (release_run), and so does one stopped by an error or a signal (tools.cli);
+      a run that ends removes its file (release_run), and so does one stopped by an error or a signal (config.cli);
     - <out> + each of `outputs` (a trainer's: <out>/, <out>.ckpt/, <out>.metrics.jsonl) exist, and neither --resume
       nor --overwrite was given: ConfigError saying how to do either (a fresh run would replace them);
     - --overwrite: they are deleted now, and the run starts over.
@@ -642,7 +766,7 @@ def release_run(run_dir, out):
 
 
 def stop_runs(signal_name=None):
-    """Release every lock this process holds: its run stopped on an error or a signal (tools.cli). With a signal,
+    """Release every lock this process holds: its run stopped on an error or a signal (config.cli). With a signal,
     returns what the person who sent it needs next: each stopped trainer's newest checkpoint and the command that
     continues from it (the steps after it are lost)."""
     notes = []
@@ -783,7 +907,6 @@ def resolve_model(init, cfg, key):
     base (the first stage's, built here in the tiny world), an existing path, a stage output under run.dir, or a
     hub name."""
     from data import base_model_path
-    from tools import model_path
     if init == "base":
         return base_model_path(cfg)
     return model_path(init, cfg.run.dir, f"{key}={init!r}")

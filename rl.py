@@ -148,9 +148,9 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resu
                       resume_run, save_checkpoint, save_pretrained, setup_dist, start_logging, unwrap)
 from plumbing import (add_token_weighted, backward_global, clip_grad_norm, grad_sync, max_over_ranks, pad,
                       token_weighted_means)
-from plumbing import is_lora, load_trainee, plain_copy
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, cli, load_config, make_tool, master_dtype,
-                   model_path, parse, reward, truncation_warning)
+from plumbing import check_worldmodel_folder, is_lora, load_trainee, master_dtype, model_path, plain_copy
+from config import ConfigError, RunConfig, cli, load_config
+from tools import EnvConfig, SearchEnv, make_environment, make_tool, parse, reward, truncation_warning
 
 
 @dataclass
@@ -349,11 +349,10 @@ def step_env(step, rcfg, env_cfg):
     return env_cfg.env
 
 
-def make_environment(kind, env_cfg, run, tokenizer, cache):
-    """The callable rollout.py sends queries to for this kind of step (worldmodel.make_environment), built once."""
-    if kind not in cache:
-        from worldmodel import make_environment as build  # SearchEnv, None (policy) or the world-model LM
-        cache[kind] = build(dataclasses.replace(env_cfg, env=kind), run, tokenizer)
+def step_environment(kind, env_cfg, run, tokenizer, cache):
+    """The callable rollout.py sends queries to for this kind of step (tools.make_environment), built once."""
+    if kind not in cache:  # SearchEnv, None (policy) or the world-model LM
+        cache[kind] = make_environment(dataclasses.replace(env_cfg, env=kind), run, tokenizer)
     return cache[kind]
 
 
@@ -663,7 +662,6 @@ def main(argv=None):
     torch.manual_seed(run.seed)
     init = model_path(rcfg.init, run.dir, f"rl.init={rcfg.init!r}")  # a folder, or a stage name: sft2, sft123, ...
     if env_cfg.worldmodel:  # a policy folder there would be refused only at the first simulated step
-        from worldmodel import check_worldmodel_folder
         check_worldmodel_folder(env_cfg.worldmodel)
     out_dir, ckpt_dir = os.path.join(run.dir, rcfg.out), os.path.join(run.dir, rcfg.out + ".ckpt")
     ckpt = claim_and_resume(run.dir, rcfg.out, cfg.flags, rank)  # an earlier run's output, or a live run on out=
@@ -694,7 +692,7 @@ def main(argv=None):
         t0 = time.time()
         # this rank's prompts (prompt i goes to rank i % world_size), in the environment of the schedule
         kind = step_env(step, rcfg, env_cfg)
-        environment = make_environment(kind, env_cfg, run, tokenizer, envs)
+        environment = step_environment(kind, env_cfg, run, tokenizer, envs)
         prompts = step_prompts(train_rows if kind == env_cfg.env else sim_rows, step, rcfg.prompts_per_step, run.seed)
         prompt_index = list(range(rank, rcfg.prompts_per_step, world_size))
         generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + step * 1009 + rank)

@@ -23,8 +23,9 @@ Environments (env_cfg.env):
 
 A sequence ends at EOS ("eos"), at the closing brace of its \\boxed{} answer after </think> ("answer"), at
 env_cfg.max_new_tokens completion tokens, observations included ("length"), or when it writes one action more
-than env_cfg.max_actions: that action is not run, the loop appends NOTE (" I have searched enough. </think>
-\\boxed{") and the model writes the answer ("max_actions"; the paper's Algorithm 1 forces an answer the same way).
+than env_cfg.max_actions: that action is not run, the loop appends NOTE and tools.answer_text's opener
+(" I have searched enough. </think> \\boxed{") and the model writes the answer ("max_actions"; the paper's
+Algorithm 1 forces an answer the same way).
 With env_cfg.limit_observation set (and max_actions above 0: 0 is closed-book), such an action is not run either,
 but it gets that text as its observation (tags included, mask 0; the paper's code: "Reach the limit of search
 times.") and the model goes on: it must answer, and the length budget still ends it.
@@ -72,9 +73,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tools import FailureLimit, ToolError, build_prompt, extract_boxed
+from tools import FailureLimit, ToolError, answer_text, build_prompt, extract_boxed, failed_observation, loss_mask
+from tools import observation_text
 
-NOTE = " I have searched enough. {think_close} {answer_open}"  # appended when the action limit is hit
+NOTE = " I have searched enough."  # then tools.answer_text: appended when the action limit is hit
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Episode:
     golds: list  # gold answers
     prompt_ids: list  # the prompt, tokenized once (encode_prompt)
     ids: list = field(default_factory=list)  # completion ids: model and environment tokens in order
-    mask: list = field(default_factory=list)  # 1 = the model wrote it (trained on), 0 = the environment wrote it
+    mask: list = field(default_factory=list)  # 1 = the model wrote it (trained on), 0 = the environment (loss_mask)
     logps: list = field(default_factory=list)  # log-prob of each completion token when sampled; 0.0 where mask==0
     actions: list = field(default_factory=list)  # queries sent to the environment, in order
     real_calls: int = 0  # calls answered by the real tool
@@ -431,7 +433,7 @@ def run_loop(model, tokenizer, episodes, rules, temperature, top_p, generator, s
             for row, token, logp in zip(group, tokens.tolist(), logps.tolist()):
                 ep, own = row.episode, row.in_obs < 0  # a self-written observation is the environment's
                 ep.ids.append(token)
-                ep.mask.append(1 if own else 0)
+                ep.mask += loss_mask("model" if own else "env", 1)
                 ep.logps.append(logp if own else 0.0)
                 row.feed = [token]
                 # 3) stops and actions, from the token just written
@@ -459,14 +461,25 @@ def query_of(tokenizer, ep, start, env_cfg):
     return query.strip() if opened else None
 
 
-def call_environment(environment, queries, contexts, env_cfg):
-    """Observation strings for the queries; a failing or malformed environment gives the failed observation
-    (as SearchEnv does for its tool) unless env.on_error=raise."""
+def count_calls(ep, environment, n=1):
+    """Count n calls on an Episode (or eval's Trace): a world model's (`simulated = True`) or the real tool's."""
+    if getattr(environment, "simulated", False):
+        ep.sim_calls += n
+    else:
+        ep.real_calls += n
+
+
+def call_environment(environment, episodes, tokenizer, env_cfg):
+    """Observation strings for the episodes' last actions (each sees its trajectory so far as its context), the
+    calls counted; a failing or malformed environment gives the failed observation (as SearchEnv does for its
+    tool) unless env.on_error=raise."""
+    queries = [ep.actions[-1] for ep in episodes]
+    contexts = [tokenizer.decode(ep.prompt_ids + ep.ids) for ep in episodes]
     try:
         obs = environment(queries, contexts)
         if not isinstance(obs, (list, tuple)) or len(obs) != len(queries) or not all(isinstance(o, str) for o in obs):
             raise ToolError(f"environment returned {type(obs).__name__}, expected a list of {len(queries)} strings")
-        return list(obs)
+        obs = list(obs)
     except FailureLimit:
         raise  # too many failed calls for the run: it stops, whatever on_error says
     except Exception as e:
@@ -474,7 +487,23 @@ def call_environment(environment, queries, contexts, env_cfg):
             if isinstance(e, ToolError):
                 raise  # as it is: `raise e from e` would make it its own cause
             raise ToolError(f"{type(e).__name__}: {e}") from e
-        return [f"{env_cfg.obs_open} search failed: {type(e).__name__} {env_cfg.obs_close}"] * len(queries)
+        obs = [failed_observation(type(e).__name__, env_cfg)] * len(queries)
+    for ep in episodes:
+        count_calls(ep, environment)
+    return obs
+
+
+def observation_ids(tokenizer, obs, env_cfg, open_ids, close_ids):
+    """An observation tokenized once, under the budget obs_max_tokens (+ its tags); the closer is kept."""
+    ids = tokenizer.encode(obs, add_special_tokens=False)
+    cap = env_cfg.obs_max_tokens + len(open_ids) + len(close_ids) + 8
+    return ids if len(ids) <= cap else ids[:cap - len(close_ids)] + close_ids
+
+
+def finish(row, why):
+    """End a row (Episode.finish says why); False, so an after_token can `return finish(...)`: no action."""
+    row.episode.finish, row.done = why, True
+    return False
 
 
 class CoARules:
@@ -482,23 +511,22 @@ class CoARules:
 
     def __init__(self, tokenizer, env_cfg, environment, max_new):
         self.tok, self.env, self.environment, self.max_new = tokenizer, env_cfg, environment, max_new
-        self.simulated = environment is None or bool(getattr(environment, "simulated", False))
         self.tags = Tags(tokenizer, [env_cfg.action_close, env_cfg.think_close, env_cfg.obs_close, "}"])
         encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-        self.note_ids = encode(NOTE.format(think_close=env_cfg.think_close, answer_open=env_cfg.answer_open))
+        self.note_ids = encode(NOTE + answer_text(env_cfg))
         self.obs_open_ids, self.obs_close_ids = encode(env_cfg.obs_open), encode(env_cfg.obs_close)
         # max_actions=0 is closed-book (the no-tool baseline, the knowledge probe): no observation at all, the answer
         # is forced whatever limit_observation says
         limit = env_cfg.limit_observation.strip() if env_cfg.max_actions else ""
-        self.limit_ids = encode(f"{env_cfg.obs_open} {limit} {env_cfg.obs_close}") if limit else []
+        self.limit_ids = encode(observation_text(limit, env_cfg)) if limit else []
 
     def after_token(self, row, token):
         """Stops, and True when the row just closed an action."""
         ep, env, tags = row.episode, self.env, self.tags
         if token == self.tok.eos_token_id:
-            return self.finish(row, "eos")
+            return finish(row, "eos")
         if len(ep.ids) >= self.max_new:
-            return self.finish(row, "length")
+            return finish(row, "length")
         if row.in_obs >= 0:  # policy env: the policy is writing its own observation
             if tags.can_end(token) and tags.just_wrote(ep.ids, row.in_obs, env.obs_close):
                 row.in_obs, row.start = -1, len(ep.ids)
@@ -511,7 +539,7 @@ class CoARules:
             return False
         if row.answer_from >= 0:  # after </think>: the answer ends with the brace that closes \boxed{
             if extract_boxed(self.tok.decode(ep.ids[row.answer_from:]), env.answer_open) is not None:
-                return self.finish(row, "max_actions" if row.forced else "answer")
+                return finish(row, "max_actions" if row.forced else "answer")
             return False
         if tags.just_wrote(ep.ids, row.start, env.think_close):
             row.answer_from = len(ep.ids)
@@ -543,37 +571,20 @@ class CoARules:
                 calls.append(row)
         if not calls:
             return
-        contexts = [self.tok.decode(r.episode.prompt_ids + r.episode.ids) for r in calls]
-        observations = call_environment(self.environment, [r.episode.actions[-1] for r in calls], contexts, self.env)
-        for row, obs in zip(calls, observations):
-            if self.simulated:
-                row.episode.sim_calls += 1
-            else:
-                row.episode.real_calls += 1
-            self.add_env(row, self.observation_ids(obs))
+        for row, obs in zip(calls, call_environment(self.environment, [r.episode for r in calls], self.tok, self.env)):
+            self.add_env(row, observation_ids(self.tok, obs, self.env, self.obs_open_ids, self.obs_close_ids))
             row.start = len(row.episode.ids)
 
-    def observation_ids(self, obs):
-        """An observation tokenized once, under the budget obs_max_tokens (+ its tags); the closer is kept."""
-        ids = self.tok.encode(obs, add_special_tokens=False)
-        cap = self.env.obs_max_tokens + len(self.obs_open_ids) + len(self.obs_close_ids) + 8
-        return ids if len(ids) <= cap else ids[:cap - len(self.obs_close_ids)] + self.obs_close_ids
-
     def add_env(self, row, ids):
-        """Environment ids (mask 0) go after the pending token, cut to the length budget."""
+        """Environment ids (tools.loss_mask: 0) go after the pending token, cut to the length budget."""
         ep = row.episode
         ids = ids[:self.max_new - len(ep.ids)]
         ep.ids += ids
-        ep.mask += [0] * len(ids)
+        ep.mask += loss_mask("env", len(ids))
         ep.logps += [0.0] * len(ids)
         row.feed += ids
         if len(ep.ids) >= self.max_new:
-            self.finish(row, "length")
-
-    @staticmethod
-    def finish(row, why):
-        row.episode.finish, row.done = why, True
-        return False
+            finish(row, "length")
 
 
 @torch.no_grad()

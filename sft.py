@@ -83,7 +83,8 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resu
                       save_checkpoint, setup_dist, start_logging, unwrap)
 from plumbing import backward_global, clip_grad_norm, collate, cosine_lr, grad_sync, max_over_ranks, sum_over_ranks
 from plumbing import load_trainee, resolve_model
-from tools import ConfigError, build_prompt, cli, read_jsonl
+from config import ConfigError, cli, read_jsonl
+from tools import build_prompt, loss_mask
 
 
 @dataclass
@@ -160,11 +161,11 @@ def encode_texts(tokenizer, texts, cache=None):
 
 
 def encode_segments(tokenizer, segments, observation_mask=True, cache=None):
-    """(ids, mask) of a list of segments, each tokenized on its own; mask 0 on env segments if observation_mask."""
+    """(ids, mask) of a list of segments, each tokenized on its own; the mask is tools.loss_mask's, by who wrote it."""
     ids, mask = [], []
     for seg, piece in zip(segments, encode_texts(tokenizer, [seg["text"] for seg in segments], cache)):
         ids += piece
-        mask += [0 if (seg["who"] == "env" and observation_mask) else 1] * len(piece)
+        mask += loss_mask(seg["who"], len(piece), observation_mask)
     return ids, mask
 
 
@@ -466,7 +467,9 @@ def finish(ddp_model, tokenizer, cfg, out, steps, metrics_path, device, rank, wo
 
 def main(argv=None):
     from data import ModelConfig
-    from tools import EnvConfig, RunConfig, load_config, load_tokenizer
+    from config import RunConfig, load_config
+    from plumbing import load_tokenizer
+    from tools import EnvConfig
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per run: ours
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": ModelConfig, "sft": SFTConfig}, argv, own="sft",

@@ -1,6 +1,6 @@
 """
-tools.py -- the small module every stage shares: config, the CoA format, the parser, the search tools,
-rewards and metrics, model loading.
+tools.py -- the Chain-of-Action format and the tool: the tags, the prompt, the parser, the reward, the search
+backends and the one environment factory, make_environment.
 
 The Chain-of-Action (CoA) format (AutoCoA, arXiv 2503.06580, Sec. 3). One trajectory, the default tags:
 
@@ -15,240 +15,28 @@ The parser below turns any text (however broken) into (actions, answer, format_o
 1 for a correct boxed answer and 0 otherwise, and 0 whenever the format is broken (no </think>, an action
 after </think>, no boxed answer).
 
-Search tools share one batched interface, `tool(queries) -> [[passage, ...], ...]`:
-  - BM25Search: bm25s over a local corpus JSONL ({"id", "contents"}, title on the first line), index cached on disk;
-  - HTTPSearch: a Search-R1 / FlashRAG retrieval server (POST /retrieve), one deadline per call, retries and backoff.
-SearchEnv wraps a tool into the environment rollout.py talks to: queries in, observation strings out, calls counted.
+Search tools, `tool(queries) -> [[passage, ...], ...]`: BM25Search (bm25s over a corpus JSONL, index cached on
+disk) or server.HTTPSearch (a Search-R1 retrieval server). What rollout.py sends queries to, `environment(queries,
+contexts) -> observations`, comes from make_environment, by env.env: real -> SearchEnv (a tool, its calls counted
+and logged), worldmodel -> WorldModelEnv (an LM writes the observation), policy -> None (the policy writes it).
 
-The retrieval server (last section) serves a corpus in that same wire format, BM25 or dense (e5 + faiss):
-    python tools.py serve --corpus data/wiki/corpus.jsonl --port 8000     # then env.tool=http everywhere
-    python tools.py serve --corpus ... --workers 32 --timeout_s 30         # worker threads, per-request deadline
-    python tools.py serve --retriever e5 --corpus wiki-18.jsonl --index e5_Flat.index --device cuda   # the paper's
-
-Not here: the world model environment (worldmodel.py), generation (rollout.py), training (sft.py, rl.py).
+Not here: the config machinery (config.py), model loading (plumbing.py), generation (rollout.py), training the
+world model (worldmodel.py) or the policy (sft.py, rl.py).
 """
-import contextlib
-import dataclasses
-import difflib
-import functools
-import http.client
-import inspect
-import io
 import json
 import os
 import re
 import shutil
-import signal
 import string
 import sys
-import textwrap
-import threading
 import time
-import tokenize
-import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 
-import yaml
+from config import ConfigError, RunError, read_jsonl
 
 # -----------------------------------------------------------------------------
-# Config: one YAML file, one section per stage; each section is a dataclass owned by the file that uses it.
-# Precedence: dataclass defaults < YAML < command line `section.key=value` (or `key=value` for the script's own
-# section). Unknown sections, unknown keys and wrong types raise with the name in the message.
-
-SECTIONS = ("run", "env", "world", "model", "synth", "sft", "worldmodel", "rl", "eval", "chat")
-
-
-class ConfigError(ValueError):
-    """A usage or config error: the script's fault is the user's input, so it ends with one line, not a traceback."""
-
-
-class RunError(RuntimeError):
-    """A run stopped by what it depends on, not by a bug: the retrieval server failing, a full disk. One line."""
-
-
-def write_failure(error):
-    """The OS's own words for a failed write ("no space left on device", "permission denied"), from an OSError
-    anywhere in the exception's chain (torch.save reports one as "unexpected pos", with the OSError as its context)
-    or from a writer's message ("... (os error 28)": safetensors); None when the error is not the OS's."""
-    e = error
-    while e is not None:
-        if isinstance(e, OSError) and e.errno:
-            return os.strerror(e.errno).lower()
-        e = e.__cause__ or e.__context__
-    found = re.search(r"\(os error (\d+)\)", str(error))
-    return os.strerror(int(found.group(1))).lower() if found else None
-
-
-@contextlib.contextmanager
-def partial_write(tmp, what):
-    """Around writing `tmp` (a file or folder renamed into place afterwards): when the block fails, tmp is removed
-    (a full disk stays full otherwise), and a failed write becomes a one-line RunError naming `what` and the cause."""
-    try:
-        yield
-    except Exception as e:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
-        cause = write_failure(e)
-        if cause is None:
-            raise
-        raise RunError(f"cannot write {what}: {cause}") from e
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that both unwind a run the same way (tools.cli)."""
-
-
-def cli(main, argv=None):
-    """Run an entry point's main(argv): a ConfigError prints its one line to stderr and exits with status 2
-    (the convention of argparse and of Unix tools for bad usage), a RunError its one line and status 1; any other
-    exception keeps its traceback. SIGINT (Ctrl-C) and SIGTERM end it with one line, saying for a trainer which
-    checkpoint is newest and which command resumes from it, and status 130 / 143 (128 + the signal, as a shell
-    reports a killed command). Whatever ends it, the locks of its runs are released (plumbing.stop_runs)."""
-    def stop(signum, frame):
-        raise Stopped()
-    if not sys.stderr.isatty():  # a log file: transformers' own bars (loading, saving weights) are redraws too
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    main_thread = threading.current_thread() is threading.main_thread()  # only it may set a signal handler
-    before = signal.signal(signal.SIGTERM, stop) if main_thread else None
-    name = os.path.basename(sys.argv[0])
-    try:
-        return main(argv)
-    except (ConfigError, RunError) as e:
-        stop_runs()
-        print(f"{name}: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-    except KeyboardInterrupt as e:
-        signal_name = "SIGTERM" if isinstance(e, Stopped) else "SIGINT"
-        note = stop_runs(signal_name)
-        if int(os.environ.get("RANK", 0)) == 0:
-            end_bar = "\n" if sys.stderr.isatty() else ""  # a terminal's progress bar is a line left open
-            print(f"{end_bar}{name}: stopped by {signal_name}" + (f"; {note}" if note else ""), file=sys.stderr,
-                  flush=True)
-        sys.exit(143 if isinstance(e, Stopped) else 130)
-    finally:
-        stop_runs()  # a traceback too: the lock file goes with the run
-        if main_thread:
-            signal.signal(signal.SIGTERM, before)
-
-
-def stop_runs(signal_name=None):
-    """plumbing.stop_runs where plumbing is loaded (plumbing imports tools: a script that never imported it holds
-    no lock)."""
-    plumbing = sys.modules.get("plumbing")
-    return plumbing.stop_runs(signal_name) if plumbing else ""
-
-
-def read_key_values(cls, argv, who):
-    """key=value arguments over a dataclass of defaults (the benches' small configs) -> a dict, each value parsed
-    to its field's type; --help prints the keys (help_text) and exits; an unknown key or a bad value is a
-    ConfigError."""
-    argv = list(argv)
-    if "--help" in argv or "-h" in argv:
-        show_help(help_text({"": cls}, doc=getattr(sys.modules.get("__main__"), "__doc__", None)))
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
-    values = {}
-    for item in argv:
-        key, _, value = item.partition("=")
-        if key not in types:
-            raise ConfigError(f"{who}: unknown argument {key!r} (known: {', '.join(types)})")
-        values[key] = parse_value(value, types[key], key)
-    return dataclasses.asdict(cls(**values))
-
-
-# --help: a script's flags and every key of its config sections with type, default and meaning. The meaning is
-# the field's trailing `# comment` in its dataclass (a comment line indented under the field continues it; one
-# at the field's indent is a heading), read from the source, so the help cannot drift from the code
-# (tests/test_tools.py checks that every field of every section has one).
-
-@functools.lru_cache(maxsize=None)
-def field_help(cls):
-    """{field name: its comment} of a config dataclass, from its source."""
-    source = textwrap.dedent(inspect.getsource(cls))
-    names = {f.name for f in dataclasses.fields(cls)}
-    fields_at = {}  # source row -> (field, indent)
-    for row, line in enumerate(source.splitlines(), 1):
-        m = re.match(r"( *)(\w+) *:", line)
-        if m and m.group(2) in names:
-            fields_at[row] = (m.group(2), len(m.group(1)))
-    out, last = {}, None
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type != tokenize.COMMENT:
-            continue
-        (row, col), text, alone = tok.start, tok.string.lstrip("#").strip(), not tok.line[:tok.start[1]].strip()
-        if row in fields_at:
-            last = fields_at[row]
-            out[last[0]] = text
-        elif alone and last and col > last[1]:
-            out[last[0]] += " " + text
-        elif alone:
-            last = None
-    return out
-
-
-def show_help(text):
-    """Print a --help and exit 0, also when the reader stops early (`--help | head`: a broken pipe, no traceback)."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would raise again
-    raise SystemExit(0)
-
-
-def help_text(sections, own=None, flags=None, doc=None, prog=None):
-    """The --help of a script: usage, the first paragraph of its docstring, its flags, then per section every key
-    as `section.key  type = default  meaning`."""
-    prog = prog or os.path.relpath(sys.argv[0])
-    flags = flags if isinstance(flags, dict) else dict.fromkeys(flags or (), "")
-    usage = " ".join(["usage: python", prog, "[--config FILE]" if any(sections) else "",
-                      *(f"[--{f}]" for f in flags), "[key=value ...]"])
-    lines = [" ".join(usage.split())]
-    if doc:
-        lines += ["", doc.strip().split("\n\n")[0]]
-    described = {"--config FILE": "YAML, one mapping per section: its values replace the defaults below, and "
-                                  "key=value arguments replace both"} if any(sections) else {}
-    described.update({f"--{name}": meaning for name, meaning in flags.items()})
-    described["-h, --help"] = "print this help and exit"
-    lines += ["", "flags:"] + [textwrap.fill(meaning, 118, initial_indent=f"  {name:<16}", subsequent_indent=" " * 18)
-                               for name, meaning in described.items()]
-    for name, cls in sections.items():
-        if name:
-            lines += ["", f"{name}:" + (f" (a bare key=value means {name}.key)" if name == own else "")]
-        else:
-            lines += ["", "keys:"]
-        meanings = field_help(cls)
-        for f in dataclasses.fields(cls):
-            default = repr(f.default) if len(repr(f.default)) < 60 else repr(f.default)[:50] + "...'"
-            key = f"  {name + '.' if name else ''}{f.name}  {f.type.__name__} = {default}"
-            text = meanings.get(f.name, "")
-            if len(key) > 44:
-                lines += [key, textwrap.fill(text, 118, initial_indent=" " * 46, subsequent_indent=" " * 46)]
-            else:
-                lines.append(textwrap.fill(text, 118, initial_indent=f"{key:<46}", subsequent_indent=" " * 46))
-    if doc:
-        lines += ["", f"The docstring at the top of {prog} explains what it does and how."]
-    return "\n".join(lines)
-
-
-@dataclass
-class RunConfig:
-    name: str = "tiny"  # every artifact of this pipeline goes under <runs_dir>/<name>/
-    runs_dir: str = "runs"  # where run folders live
-    seed: int = 0  # the seed of the world, the initialisation, the data order and sampling
-    data_dir: str = "data/tiny"  # corpus.jsonl, train/dev/test.jsonl (data.py writes them for the tiny world)
-    device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
-    log: str = "none"  # none | wandb | tensorboard: also send the metrics JSONL rows there (plumbing.start_logging)
-
-    CHOICES = {"device": ("auto", "cpu", "cuda", "cuda:N"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-               "log": ("none", "wandb", "tensorboard")}
-
-    @property
-    def dir(self):
-        return os.path.join(self.runs_dir, self.name)
-
+# The settings of the CoA format and of the environment (the config's env section)
 
 @dataclass
 class EnvConfig:
@@ -293,161 +81,6 @@ class EnvConfig:
               "timeout_s": "(0, inf)", "retries": "[0, 100]", "max_actions": "[0, inf)", "max_new_tokens": "[1, inf)",
               "truncation_warn": "[0, 1]"}
     CHOICES = {"env": ("real", "policy", "worldmodel"), "tool": ("bm25", "http"), "on_error": ("observe", "raise")}
-
-
-def parse_value(text, typ, name):
-    """Parse a command-line string into the dataclass field's type."""
-    try:
-        value = yaml.safe_load(text) if typ is not str else text
-    except yaml.YAMLError:
-        raise ConfigError(f"config: {name}={text!r} is not a value") from None
-    return check_type(value, typ, name)
-
-
-def check_type(value, typ, name):
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
-        raise ConfigError(f"config: {name} must be {typ.__name__}, got {value!r}")
-    return value
-
-
-def unknown_key(section, key, known):
-    """The error for a key no section field has: the closest known ones, not the whole list of them."""
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(f'{section}.{k}' for k in close)}?" if close else \
-        f"python {os.path.basename(sys.argv[0])} --help lists them"
-    return ConfigError(f"config: unknown key '{section}.{key}' ({hint})")
-
-
-def build(cls, values, section):
-    """A dataclass from a dict, refusing unknown keys, wrong types, values out of their range and strings that are
-    none of their choices."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in values.items():
-        if key not in fields:
-            raise unknown_key(section, key, fields)
-        values[key] = check_type(value, fields[key].type, f"{section}.{key}")
-    return check_ranges(cls(**values), section)
-
-
-# A section's numbers have ranges, written as intervals in the class attribute RANGES (not a field):
-#     RANGES = {"group_size": "[2, inf)", "sim_share": "[0, 1]", "lr": "(0, inf)"}
-# "[" and "]" include the bound, "(" and ")" exclude it. build() checks them before any work, so a bad value is a
-# one-line ConfigError, never a traceback (group_size=0) or a silent no-op (steps=-1).
-# A string that names one of a few things has its choices in the class attribute CHOICES, beside RANGES:
-#     CHOICES = {"loss_type": ("grpo", "dapo", "dr_grpo")}
-# checked by build() too, so a typo (reward=bleu, reward=EM) is refused before any model loads, naming the key the
-# user typed, instead of falling through to some default branch. A choice ending in ":N" takes any index (cuda:1).
-INTERVAL = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])")
-
-
-def check_ranges(obj, section):
-    """obj, once each value named in its class's RANGES lies in its interval and each named in its CHOICES is one
-    of them; else a ConfigError naming the key."""
-    for key, interval in getattr(obj, "RANGES", {}).items():
-        value = getattr(obj, key)
-        opening, low, high, closing = INTERVAL.fullmatch(interval).groups()
-        above = value >= float(low) if opening == "[" else value > float(low)
-        below = value <= float(high) if closing == "]" else value < float(high)
-        if not (above and below):
-            raise ConfigError(f"config: {section}.{key}={value!r} is out of range: it must be in {interval}")
-    for key, choices in getattr(obj, "CHOICES", {}).items():
-        value = getattr(obj, key)
-        if value not in choices and re.sub(r":\d+$", ":N", value) not in choices:
-            close = difflib.get_close_matches(value.lower(), choices, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"config: {section}.{key}={value!r} is none of {' | '.join(choices)}{hint}")
-    return obj
-
-
-def load_config(sections, argv=None, own=None, flags=()):
-    """Read --config FILE and key=value overrides into one dataclass per section.
-
-    sections: {"run": RunConfig, "sft": SFTConfig, ...}, what this script needs; own: the section that a bare
-    `key=value` belongs to; flags: {name: meaning} of the --flags this script takes (any other is refused: a typo
-    such as --resum must not start a run that wipes the one it meant to resume). --help (-h) prints help_text
-    and exits 0. Returns a SimpleNamespace with one attribute
-    per section plus .path and .flags. Other sections in the file are checked by name only (their script
-    checks their keys). Every error is a ConfigError.
-    """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--help" in argv or "-h" in argv:
-        show_help(help_text(sections, own, flags, getattr(sys.modules.get("__main__"), "__doc__", None)))
-    path, overrides, given = None, [], []
-    while argv:
-        arg = argv.pop(0)
-        if arg == "--config":
-            if not argv:
-                raise ConfigError("config: --config needs a file")
-            path = argv.pop(0)
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif "=" in arg:
-            overrides.append(arg.lstrip("-"))
-        elif arg.startswith("--"):
-            given.append(arg[2:])
-        else:
-            raise ConfigError(f"config: cannot read argument {arg!r} (use --config FILE and key=value)")
-    unknown = [f"--{f}" for f in given if f not in flags]
-    if unknown:
-        known = ", ".join(f"--{f}" for f in flags) or "none"
-        raise ConfigError(f"config: unknown flag {', '.join(unknown)} (this script takes: {known})")
-    raw = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f)
-        except OSError as e:
-            raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config: {path} is not UTF-8 text (byte {e.start})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config: {path} is not valid YAML: {' '.join(str(e).split())}") from None
-        if raw is None:  # an empty file is a wrong or cut-short one far more often than a wish for the defaults
-            raise ConfigError(f"config: {path} is empty (no settings): to run on the defaults, leave --config out")
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config: {path} must be a mapping of sections")
-    for name, body in raw.items():
-        if name not in SECTIONS:
-            raise ConfigError(f"config: unknown section '{name}' in {path} (known: {', '.join(SECTIONS)})")
-        if not isinstance(body, dict):
-            raise ConfigError(f"config: section '{name}' in {path} must be a mapping")
-    values = {name: dict(raw.get(name) or {}) for name in sections}
-    for item in overrides:
-        key, text = item.split("=", 1)
-        name, _, key = key.rpartition(".")
-        name = name or own
-        if name not in sections:
-            raise ConfigError(f"config: override '{item}' names no section of this script ({', '.join(sections)})")
-        fields = {f.name: f.type for f in dataclasses.fields(sections[name])}
-        if key not in fields:
-            raise unknown_key(name, key, fields)
-        values[name][key] = parse_value(text, fields[key], f"{name}.{key}")
-    cfg = {name: build(cls, values[name], name) for name, cls in sections.items()}
-    return _Namespace(cfg, path=path, flags=given)
-
-
-class _Namespace(dict):
-    """cfg.sft.lr reads like a module of globals; dict() of it is what goes into a checkpoint."""
-
-    def __init__(self, sections, path=None, flags=()):
-        super().__init__(sections)
-        self.path, self.flags = path, list(flags)
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to_dict(self):
-        return {name: dataclasses.asdict(section) for name, section in self.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -545,6 +178,43 @@ def find_actions(think, env):
     return actions
 
 
+def action_text(query, env):
+    """An action as a trajectory holds it, with the space before it: " <begin_search> query </end_search>"."""
+    return f" {env.action_open} {query} {env.action_close}"
+
+
+def observation_text(body, env):
+    """An observation as the environment writes it, right after the action: "<search_result> body </search_result>"."""
+    return f"{env.obs_open} {body} {env.obs_close}"
+
+
+def failed_observation(cause, env):
+    """The observation of a failed search (a tool's error, a broken environment): the model reads why, and goes on."""
+    return observation_text(f"search failed: {cause}", env)
+
+
+def observation_body(text, env, every_tag=False):
+    """The text inside an observation's tags (no closing tag: up to the end). every_tag: every tag taken out, wherever
+    it stands, as eval's ReAct loop reads the tool's observations (the same text where the body holds no tag)."""
+    if every_tag:
+        return text.replace(env.obs_open, "").replace(env.obs_close, "").strip()
+    text = text.split(env.obs_open, 1)[1] if env.obs_open in text else text
+    return text.split(env.obs_close, 1)[0].strip()
+
+
+def answer_text(env, answer=None):
+    """The end of the reasoning and the answer, " </think> \\boxed{answer}"; None: the opener (a forced answer)."""
+    opener = f" {env.think_close} {env.answer_open}"
+    return opener if answer is None else f"{opener}{answer}}}"
+
+
+def loss_mask(who, n, observation_mask=True):
+    """The mask of n tokens `who` wrote (1 = trained on): the one definition sft.py, rollout.py and eval.py use. "env"
+    is all the model did not write (observations, self-written ones included: no policy log-prob is owed for them,
+    and a model trained on them learns to write its own evidence; forced text). SFT-3: observation_mask=False."""
+    return [0 if who == "env" and observation_mask else 1] * n
+
+
 # -----------------------------------------------------------------------------
 # Rewards and metrics: SQuAD normalisation, EM, F1, the paper's lenient match, several gold answers.
 
@@ -636,46 +306,6 @@ class ToolError(RunError):
 class FailureLimit(ToolError):
     """More of a run's tool calls failed than it allows (SearchEnv.limit_failures): the run stops, whatever
     env.on_error says (rollout.py lets it through)."""
-
-
-NOT_JSON = object()  # stands for a line that does not parse
-NOT_UTF8 = object()  # stands for a line whose bytes are not UTF-8 text
-
-
-def check_rows(placed, check, what="row", on_bad="skip", warn=print):
-    """Keep the (place, row) pairs that `check(row)` finds nothing wrong with (it returns a reason or None).
-
-    A bad row is reported as "place: ...", then skipped (on_bad='skip') or raised as a ConfigError ('raise').
-    """
-    good = []
-    for place, row in placed:
-        problem = "not JSON" if row is NOT_JSON else "not UTF-8 text" if row is NOT_UTF8 else check(row)
-        if problem and on_bad == "raise":
-            raise ConfigError(f"{place}: bad {what}: {problem}")
-        if problem:
-            warn(f"warning: {place}: skipped bad {what}: {problem}")
-        else:
-            good.append((place, row))
-    return good
-
-
-def read_jsonl(path, check, what="row", on_bad="skip", warn=print):
-    """[(place, row)] of a JSONL file ("file:line", row), checked by check_rows; blank lines are ignored.
-
-    Lines are read as bytes and decoded one by one, so undecodable bytes are a bad row with its file and line.
-    """
-    def load(line):
-        try:
-            return json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            return NOT_UTF8
-        except ValueError:
-            return NOT_JSON
-    if os.path.isdir(path):
-        raise ConfigError(f"{path} is a folder, not a JSONL file")
-    with open(path, "rb") as f:
-        placed = [(f"{path}:{n}", load(line)) for n, line in enumerate(f, 1) if line.strip()]
-    return check_rows(placed, check, what, on_bad, warn)
 
 
 def check_corpus_row(row):
@@ -770,126 +400,24 @@ class BM25Search:
         return [[self.docs[i]["contents"] for i in row] for row in self.search(queries, k)[0]]
 
 
-class HTTPSearch:
-    """Client of a Search-R1 / FlashRAG retrieval server: POST {url} {"queries", "topk", "return_scores"}.
-
-    The reply is {"result": [[{"document": {"contents": ...}, "score": ...}, ...], ...]} (Search-R1) or
-    [[{"contents": ...}, ...], ...]. One call has one deadline, `timeout_s`, for everything: connecting, sending and
-    reading the whole reply, retries and their exponential backoff included, so a server that trickles its reply
-    a byte at a time costs at most timeout_s (a per-read timeout never fires on it). Then ToolError, naming the URL
-    and the cause of the last try.
-    """
-
-    def __init__(self, url, timeout_s=10.0, retries=2, backoff_s=0.5):
-        self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
-
-    def __call__(self, queries, k=2):
-        deadline = time.monotonic() + self.timeout_s
-        body = json.dumps({"queries": list(queries), "topk": k, "return_scores": True}).encode()
-        error, tries = None, 0
-        while tries <= self.retries and (not tries or time.monotonic() < deadline):
-            if tries:
-                time.sleep(min(self.backoff_s * 2 ** (tries - 1), max(0.0, deadline - time.monotonic())))
-            tries += 1
-            try:
-                return self._passages(json.loads(post(self.url, body, deadline)), len(queries))
-            except (OSError, http.client.HTTPException, ValueError) as e:
-                error = e
-        cause = failure_cause(error)
-        detail = f" ({error})" if str(error) != cause else ""
-        raise ToolError(f"retrieval server {self.url} failed after {tries} tr{'ies' if tries > 1 else 'y'} "
-                        f"within {self.timeout_s:g}s: {cause}{detail}", cause)
-
-    @staticmethod
-    def _passages(reply, n):
-        rows = reply.get("result") if isinstance(reply, dict) else reply
-        if not isinstance(rows, list) or len(rows) != n:
-            raise ValueError(f"malformed reply: expected a list of {n} results")
-        out = []
-        for row in rows:
-            passages = []
-            for hit in row if isinstance(row, list) else []:
-                doc = hit.get("document", hit) if isinstance(hit, dict) else {}
-                if isinstance(doc, dict) and isinstance(doc.get("contents"), str):
-                    passages.append(doc["contents"])
-            out.append(passages)
-        return out
-
-
-class HTTPStatusError(OSError):
-    """A reply whose status is not 2xx."""
-
-    def __init__(self, status):
-        super().__init__(f"HTTP {status}")
-        self.status = status
-
-
-def post(url, body, deadline):
-    """POST a JSON body and return the reply's body, all of it done by `deadline` (time.monotonic()) or
-    TimeoutError: every socket operation waits only for the time left, so no way of answering slowly can stretch
-    the call. One connection per call (Connection: close)."""
-    import socket
-    parts = urllib.parse.urlsplit(url)
-    host, https = parts.hostname, parts.scheme == "https"
-
-    def left():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("deadline passed")
-        return remaining
-    with socket.create_connection((host, parts.port or (443 if https else 80)), timeout=left()) as sock:
-        if https:
-            import ssl
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        head = (f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-        sock.settimeout(left())
-        sock.sendall(head.encode() + body)
-        reply = http.client.HTTPResponse(_DeadlineReader(sock, left))
-        reply.begin()  # the status line and headers, then the body: Content-Length, chunked or up to the close
-        data = reply.read()
-    if not 200 <= reply.status < 300:
-        raise HTTPStatusError(reply.status)
-    return data
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket's reads for http.client, each one waiting only for the time left (`left()`)."""
-
-    def __init__(self, sock, left):
-        self.sock, self.left = sock, left
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        self.sock.settimeout(self.left())
-        return self.sock.recv_into(buffer)
-
-    def makefile(self, mode):
-        return io.BufferedReader(self)
-
-
-def failure_cause(error):
-    """The short cause of a failed HTTP search, as a person would say it."""
-    if isinstance(error, HTTPStatusError):
-        return f"HTTP {error.status}"
-    if isinstance(error, TimeoutError):  # socket.timeout is TimeoutError
-        return "timeout"
-    if isinstance(error, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(error, (OSError, http.client.HTTPException)):
-        return "connection failed"
-    if isinstance(error, ValueError):  # json's JSONDecodeError and a UnicodeDecodeError are ValueErrors
-        return "bad JSON" if "malformed reply" not in str(error) else "malformed reply"
-    return type(error).__name__
+def backoff(retries, backoff_s, deadline=None):
+    """Try numbers 1 .. 1 + retries for a `for tries in backoff(...)` loop that returns on success, sleeping
+    backoff_s * 2 ** (n - 1) before retry n; past `deadline` (time.monotonic()) no retry starts and no sleep runs.
+    The retry loop of server.HTTPSearch, data.py's endpoint teacher and eval.py's judge."""
+    for n in range(retries + 1):
+        if n:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            delay = backoff_s * 2 ** (n - 1)
+            time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
+        yield n + 1
 
 
 def make_tool(env, run=None):
     if env.tool == "bm25":
         return BM25Search(env.corpus or os.path.join(run.data_dir if run else "data/tiny", "corpus.jsonl"))
     if env.tool == "http":
+        from server import HTTPSearch  # server.py imports this module (BM25Search for its bm25 retriever)
         return HTTPSearch(env.url, env.timeout_s, env.retries)
     raise ConfigError(f"config: env.tool must be bm25 or http, got {env.tool!r}")
 
@@ -913,7 +441,7 @@ def format_observation(passages, tokenizer, env, numbered=None):
     ids = tokenizer.encode(" " + body, add_special_tokens=False)
     if len(ids) > env.obs_max_tokens:
         body = tokenizer.decode(ids[:env.obs_max_tokens]).strip()
-    return f"{env.obs_open} {body.strip()} {env.obs_close}"
+    return observation_text(body.strip(), env)
 
 
 def split_context(context, tokenizer, env):
@@ -970,7 +498,7 @@ class SearchEnv:
             with self.lock:
                 self.failures += len(queries)
                 self.last_error = str(e) or cause
-            observations = [f"{self.env.obs_open} search failed: {cause} {self.env.obs_close}"] * len(queries)
+            observations = [failed_observation(cause, self.env)] * len(queries)
             if self.log_path:
                 self.log(queries, contexts or [""] * len(queries), observations, error=cause)
             if self.limit:
@@ -998,545 +526,112 @@ class SearchEnv:
 
 
 # -----------------------------------------------------------------------------
-# Models: any HF causal LM by path or name
+# The world model as an environment: an LM (worldmodel.py trains it) writes the observation of each query
 
-def pick_device(run):
-    import torch
-    if run.device != "auto":
-        return torch.device(run.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def interaction_history(history, env):
+    """The earlier (action, observation) pairs of a trajectory's text, canonically spaced; thoughts dropped.
 
-
-def pick_dtype(run, device):
-    import torch
-    if run.dtype != "auto":
-        return getattr(torch, run.dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def master_dtype(run):
-    """The dtype trained weights are kept in: run.dtype, or float32 for "auto" (bf16 compute, where asked, comes
-    from FSDP2's MixedPrecisionPolicy over these fp32 masters)."""
-    import torch
-    return getattr(torch, run.dtype) if run.dtype != "auto" else torch.float32
-
-
-def is_hub_id(name):
-    """An owner/name the hub could hold (a path such as runs/tiny/sft123 or ./x is not one)."""
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith(".") and \
-        not os.path.isdir(name.split("/")[0])  # runs/sft2 with a runs/ folder here: a local path
-
-
-def missing_model(path, what="model"):
-    """The one-line error for a model folder that is not there: which folder, and which script writes it."""
-    name = os.path.basename(os.path.normpath(path))
-    writer = ("rl.py (rl.out=NAME)" if name.startswith("rl") else "worldmodel.py (worldmodel.out=NAME)"
-              if name.startswith("worldmodel") else "sft.py (sft.out=NAME)" if name.startswith(("sft", "cot"))
-              else "the stage whose out= is NAME").replace("NAME", name)
-    return ConfigError(f"{what}: no model folder {path!r} ({writer} writes it; demo.py runs every stage)")
-
-
-MODEL_FILES = (("config.json", ("config.json",)),  # what from_pretrained needs in a folder, and the files that give it
-               ("weights (model.safetensors)", ("model.safetensors", "model.safetensors.index.json",
-                                                "pytorch_model.bin", "pytorch_model.bin.index.json")),
-               ("tokenizer (tokenizer.json)", ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                                               "vocab.json")))
-
-
-def check_model_folder(path, what="model"):
-    """path, once it holds what from_pretrained needs (MODEL_FILES); else a one-line ConfigError naming what is
-    missing (transformers says it in a long traceback, and only once the run has loaded everything else)."""
-    if os.path.isfile(os.path.join(path, "meta.json")) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"{path} is a checkpoint to resume from, not a model folder: the run's model is "
-                          f"{os.path.dirname(os.path.normpath(path)).removesuffix('.ckpt')} (written when it ends)")
-    missing = [name for name, files in MODEL_FILES if not any(os.path.isfile(os.path.join(path, f)) for f in files)]
-    if missing:
-        raise ConfigError(f"{what}: {path!r} is not a model folder: it has no {' and no '.join(missing)}")
-    return path
-
-
-def model_path(name, run_dir, what="model"):
-    """The folder a config's model name means: a folder, a stage output <run_dir>/<name>, or an owner/name hub
-    id; anything else, or a folder that is not a model, is a ConfigError naming the folder expected under run_dir,
-    before any hub call."""
-    staged = os.path.join(run_dir, name)
-    if os.path.isdir(name):
-        return check_model_folder(name, what)
-    if os.path.isdir(staged):
-        return check_model_folder(staged, what)
-    if is_hub_id(name):
-        return name
-    raise missing_model(staged if os.sep not in name else name, what)
-
-
-def load_model(path, run=None, device=None, dtype=None):
-    """(model, tokenizer) from an HF folder or hub name; the tokenizer as load_tokenizer gives it."""
-    from transformers import AutoModelForCausalLM
-    tokenizer = load_tokenizer(path)
-    run = run or RunConfig()
-    device = device or pick_device(run)
-    dtype = dtype or pick_dtype(run, device)
-    if device.type == "meta":  # the structure without the weights (plumbing.load_sharded: FSDP2 ranks but rank 0)
-        from transformers import AutoConfig
-        with device:
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return model, tokenizer
-
-
-def load_tokenizer(path):
-    """The tokenizer of an HF folder or hub name as every script uses it: padding on the left (rollout.py needs
-    it), EOS as the pad token where it has none.
-
-    A path that is not a folder and not a hub id (or a hub id not cached while HF_HUB_OFFLINE=1) is a one-line
-    ConfigError before any hub call: offline, transformers would retry the hub for minutes and never say which
-    local folder was meant.
+    A trailing action without its observation (the call being answered) is not part of the history.
     """
-    from huggingface_hub import constants, try_to_load_from_cache
-    if not os.path.isdir(path) and (not is_hub_id(path) or (
-            constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(path, "config.json"), str))):
-        raise missing_model(path)
-    if os.path.isdir(path):
-        check_model_folder(path)
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:  # a hub name the hub cannot serve (no network, a typo, a gated model): transformers' cause
-        if os.path.isdir(path):
-            raise
-        raise ConfigError(f"model: cannot load {path!r} from the Hugging Face hub: {str(e).splitlines()[0]}") from None
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    pattern = (re.escape(env.action_open) + r"(.*?)" + re.escape(env.action_close) + r"\s*(" +
+               re.escape(env.obs_open) + r".*?" + re.escape(env.obs_close) + ")")
+    return "".join(f"{action_text(q.strip(), env)}{obs}" for q, obs in re.findall(pattern, history, flags=re.S))
 
 
-# -----------------------------------------------------------------------------
-# The retrieval server: python tools.py serve --corpus data/wiki/corpus.jsonl --port 8000
-#
-# The Search-R1 / FlashRAG wire format, the one HTTPSearch reads, over any corpus JSONL:
-#     POST /retrieve {"queries": ["...", ...], "topk": 3, "return_scores": true}
-#     -> {"result": [[{"document": {"id": "12", "contents": "Title\ntext"}, "score": 7.1}, ...], ...]}
-#        (return_scores false: the documents alone, as Search-R1 does);
-#     GET /health -> {"docs", "retriever", "cut", "dropped"} (the last two: PoolServer's counts).
-# bm25 (default): BM25Search, its index built once and cached beside the corpus, loaded memory-mapped.
-# e5: an e5-style encoder (mean pooling, "query: " / "passage: " prefixes, unit vectors) and a faiss exact
-# inner-product (Flat) index; needs faiss (`pip install faiss-cpu`, or faiss-gpu: an optional extra). The paper's
-# retriever over wiki-18 is Search-R1's prebuilt e5-base-v2 Flat index, so nothing encodes 21M passages here:
-#     huggingface-cli download PeterJinGo/wiki-18-e5-index part_aa part_ab --repo-type dataset --local-dir wiki18
-#     huggingface-cli download PeterJinGo/wiki-18-corpus wiki-18.jsonl.gz --repo-type dataset --local-dir wiki18
-#     cat wiki18/part_* > wiki18/e5_Flat.index && gzip -d wiki18/wiki-18.jsonl.gz
-#     python tools.py serve --retriever e5 --corpus wiki18/wiki-18.jsonl --index wiki18/e5_Flat.index --device cuda
-# --device cuda puts the encoder on the GPU (fp16, as Search-R1 does) and, where faiss-gpu is installed, the index
-# on every visible GPU (fp16, sharded; CUDA_VISIBLE_DEVICES picks them), else faiss searches on the CPU.
-# Without --index, the corpus is encoded once (on --device) and the index cached beside it.
-# Connections: one front thread reads each request in full (headers and body) before a worker takes it, so clients
-# that send slowly or not at all hold no worker; one deadline, --timeout_s from a connection's opening or its
-# previous reply, closes a connection whose request is not complete by then ("cut"). --workers threads answer
-# complete requests; a client gone before its reply is counted ("dropped"), never a traceback.
-# Retrieval, with no lock: bm25 is called from the workers at once (bm25s only reads its index: the same answers
-# from 8 threads as alone, and a batch of queries costs bm25s no less per query than one). e5 goes through a Batcher:
-# one thread calls the retriever, and the requests that queue meanwhile are searched together in its next call
-# (--max_batch queries at most): one encoder forward and one pass of faiss over the index for all of them, what a
-# GPU wants, and what an exact (Flat) index on the CPU needs (each search reads every vector); faiss's GPU indexes
-# also take one calling thread only (faiss's wiki, "Threads and asynchronous calls"), so e5 on cuda refuses 0.
-# --max_batch 1: one request a call, in order of arrival; 0: the workers call the retriever directly.
-# A body over --max_bytes is refused with 413, anything malformed with 400 and a JSON {"error"}; a failure inside
-# retrieval is a 500 with its message (for every request searched in that call), and the server keeps serving.
-# Not here: reranking, building approximate (HNSW/IVF) indexes, chunked request bodies, Expect: 100-continue
-# (answered only once the body is in: a client that waits for it sends its body after its own wait); the corpus is
-# held in memory (wiki-18's 21M rows: tens of GB of RAM).
-
-class DenseSearch:
-    """e5-style dense retrieval: mean-pooled unit embeddings, exact inner-product search with faiss."""
-
-    def __init__(self, corpus_path, model_name="intfloat/e5-base-v2", batch_size=64, device="cpu", index_path=None):
-        import faiss
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-        self.torch, self.device, self.batch_size = torch, device, batch_size
-        self.docs = read_corpus(corpus_path)
-        path = index_path or f"{corpus_path}.{os.path.basename(model_name.rstrip('/'))}.faiss"
-        built = index_path or (os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(corpus_path))
-        if built:
-            self.index = faiss.read_index(path)
-            if self.index.ntotal != len(self.docs):  # vector i is row i: another corpus's index answers garbage
-                raise ConfigError(f"serve: index {path} holds {self.index.ntotal} vectors, corpus {corpus_path} "
-                                  f"{len(self.docs)} rows: they must come from the same corpus")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name)
-        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-        self.model = AutoModel.from_pretrained(model_name, dtype=dtype).to(device).eval()
-        if not built:
-            vectors = self.encode(["passage: " + d["contents"] for d in self.docs])
-            self.index = faiss.IndexFlatIP(vectors.shape[1])
-            self.index.add(vectors)
-            faiss.write_index(self.index, path + ".tmp")
-            os.replace(path + ".tmp", path)
-        self.faiss_gpus = faiss.get_num_gpus() if str(device).startswith("cuda") else 0  # faiss-cpu: 0
-        if self.faiss_gpus:
-            options = faiss.GpuMultipleClonerOptions()
-            options.useFloat16, options.shard = True, True  # wiki-18's 21M x 768 fp32 vectors are 64 GB
-            self.index = faiss.index_cpu_to_all_gpus(self.index, co=options)
-
-    def encode(self, texts):
-        """(n, d) float32 numpy of unit vectors: the mean of the last hidden states over real tokens."""
-        out = []
-        with self.torch.no_grad():
-            for i in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True, max_length=256,
-                                       return_tensors="pt").to(self.device)
-                hidden = self.model(**batch).last_hidden_state.float()  # (B, T, d)
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-                pooled = (hidden * mask).sum(1) / mask.sum(1)
-                out.append(self.torch.nn.functional.normalize(pooled, dim=-1).cpu())
-        return self.torch.cat(out).numpy()
-
-    def search(self, queries, k):
-        scores, idx = self.index.search(self.encode(["query: " + q for q in queries]), k)
-        return idx.tolist(), scores.tolist()
+def wm_prompt_ids(tokenizer, question, history, query, env, history_max_tokens, answers=None):
+    """Ids of `Question: q\\n<history> <begin_search> query </end_search>`; the history is cut from the left.
+    With answers (a gold-shown world model) the question line is followed by `Answer: a1 | a2\\n`."""
+    shown = f"Answer: {' | '.join(answers)}\n" if answers is not None else ""
+    head = tokenizer.encode(f"Question: {question}\n{shown}", add_special_tokens=False)
+    past = tokenizer.encode(interaction_history(history, env), add_special_tokens=False)
+    past = past[-history_max_tokens:] if history_max_tokens > 0 else []
+    return head + past + tokenizer.encode(action_text(query, env), add_special_tokens=False)
 
 
-class Batcher:
-    """search(queries, k) for many threads through one: the requests that wait while a search runs are searched
-    together in the next call (at most max_batch queries, a request never split), each reply its own rows."""
-
-    def __init__(self, search, max_batch=512):
-        import queue
-        import threading
-        self.search, self.max_batch, self.jobs = search, max_batch, queue.Queue()
-        threading.Thread(target=self.run, daemon=True).start()
-
-    def __call__(self, queries, k):
-        import threading
-        job = {"queries": queries, "k": k, "done": threading.Event()}
-        self.jobs.put(job)
-        job["done"].wait()
-        if "error" in job:
-            raise job["error"]
-        return job["idx"], job["scores"]
-
-    def run(self):
-        import queue
-        while True:
-            jobs = [self.jobs.get()]
-            while sum(len(j["queries"]) for j in jobs) < self.max_batch:
-                try:
-                    jobs.append(self.jobs.get_nowait())
-                except queue.Empty:
-                    break
-            for k in {j["k"] for j in jobs}:  # one call per topk, so each query gets exactly its own top k
-                same = [j for j in jobs if j["k"] == k]
-                try:
-                    idx, scores = self.search([q for j in same for q in j["queries"]], k)
-                except Exception as e:  # every request of this call answers with it (a 500); the thread lives on
-                    for j in same:
-                        j["error"] = e
-                    idx = scores = []
-                start = 0
-                for j in same:
-                    n = len(j["queries"])
-                    j["idx"], j["scores"] = idx[start:start + n], scores[start:start + n]
-                    start += n
-                    j["done"].set()
+def shown_answers(golds, question):
+    """The gold answers a gold-shown world model's prompt holds (None: golds is None, a plain world model). A
+    question without any is an error: a prompt without them is one the model was never trained on."""
+    if golds is None:
+        return None
+    if not golds.get(question):
+        raise ConfigError(f"worldmodel: no gold answer known for the question {question!r}, and this world model is "
+                          f"shown one (worldmodel.gold=true; served, it knows run.data_dir/train.jsonl's only)")
+    return golds[question]
 
 
-def check_request(body, max_queries, max_topk):
-    """(queries, topk, return_scores) of a decoded /retrieve body, or ValueError with what is wrong."""
-    if not isinstance(body, dict):
-        raise ValueError("body must be a JSON object")
-    queries, topk = body.get("queries"), body.get("topk", 3)
-    if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
-        raise ValueError("'queries' must be a list of strings")
-    if len(queries) > max_queries:
-        raise ValueError(f"at most {max_queries} queries per request, got {len(queries)}")
-    if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= max_topk:
-        raise ValueError(f"'topk' must be an integer from 1 to {max_topk}")
-    return queries, topk, bool(body.get("return_scores", False))
+class WorldModelEnv:
+    """A world-model LM served like tools.SearchEnv: `(queries, contexts) -> observations`, tags included.
+
+    contexts are the trajectories' text so far (prompt + completion); the question and earlier calls are read
+    from them. The observation body is cut to env.obs_max_tokens tokens of the *policy's* tokenizer, the same
+    budget as the real tool's observations. golds (question -> answers): a gold-shown world model (ZeroSearch),
+    its prompts hold the answers of the trajectory's question.
+    """
+    simulated = True
+
+    def __init__(self, model, wm_tokenizer, env, tokenizer=None, history_max_tokens=256, batch_size=32, golds=None):
+        self.model, self.wm_tokenizer, self.env = model.eval(), wm_tokenizer, env
+        self.tokenizer = tokenizer or wm_tokenizer  # the policy's: contexts and the token budget are in its terms
+        self.history_max_tokens, self.batch_size, self.golds = history_max_tokens, batch_size, golds
+        self.calls = 0  # simulated calls, one per query
+
+    @classmethod
+    def from_path(cls, path, env, tokenizer, run, **kwargs):
+        """The folder alone says whether it was trained with gold answers (worldmodel.gold, in its config.json);
+        then the golds come from run.data_dir's training questions only: RL-1 asks those, and an eval run on dev or
+        test questions with this environment stops at its first call instead of showing the simulator the answers."""
+        from data import golds_by_question  # data.py imports this module
+        from plumbing import check_worldmodel_folder, load_model  # plumbing (torch) only where a model is loaded
+        check_worldmodel_folder(path)
+        model, wm_tokenizer = load_model(path, run)
+        gold_shown = getattr(model.config, "worldmodel_gold", False)
+        golds = golds_by_question(run.data_dir, ("train",)) if gold_shown else None
+        return cls(model, wm_tokenizer, env, tokenizer, golds=golds, **kwargs)
+
+    def prompt(self, question, history, query):
+        return wm_prompt_ids(self.wm_tokenizer, question, history, query, self.env, self.history_max_tokens,
+                             shown_answers(self.golds, question))
+
+    def __call__(self, queries, contexts=None):
+        queries = [q.strip()[:self.env.max_query_chars] for q in queries]
+        contexts = contexts or [""] * len(queries)
+        self.calls += len(queries)
+        prompts = [self.prompt(*split_context(context, self.tokenizer, self.env), query)
+                   for query, context in zip(queries, contexts)]
+        return [self.finish(text) for text in self.write(prompts)]
+
+    def write(self, prompts):
+        """Raw generated texts, in batches."""
+        from rollout import generate  # rollout.py imports this module: read at the first simulated call
+        texts = []
+        for i in range(0, len(prompts), self.batch_size):
+            outs, _ = generate(self.model, self.wm_tokenizer, prompts[i:i + self.batch_size],
+                               self.env.obs_max_tokens + 8, [self.env.obs_close])
+            texts += [self.wm_tokenizer.decode(o, skip_special_tokens=False) for o in outs]
+        return texts
+
+    def finish(self, text):
+        """A well-formed observation within the real tool's token budget, whatever the model wrote."""
+        text = text.replace(self.wm_tokenizer.eos_token, "")
+        return format_observation([observation_body(text, self.env)], self.tokenizer, self.env, numbered=False)
 
 
-def make_handler(retriever, docs, name, max_bytes=1 << 20, max_queries=1024, max_topk=100):
-    """The request handler class, bound to one retriever: search(queries, k) -> (indices, scores), called from
-    several worker threads at once (a Batcher makes any retriever safe for that).
-    It answers one request that PoolServer has read in full: from memory, into memory."""
-    from http.server import BaseHTTPRequestHandler
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive: a client's requests reuse one connection
-
-        def setup(self):
-            self.connection, data = self.request
-            self.rfile, self.wfile = io.BytesIO(data), io.BytesIO()
-
-        def handle(self):  # one request: the next one on this connection is the front's to read
-            self.handle_one_request()
-
-        def finish(self):  # the worker sends wfile's bytes
-            pass
-
-        def reply(self, code, obj):
-            data = json.dumps(obj, ensure_ascii=False).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            if self.path != "/health":
-                return self.reply(404, {"error": "GET /health or POST /retrieve"})
-            self.reply(200, {"docs": len(docs), "retriever": name, **self.server.counts})
-
-        def do_POST(self):
-            if self.path != "/retrieve":
-                return self.reply(404, {"error": "POST /retrieve"})
-            try:
-                size = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                size = None
-            if size is None or size < 0:
-                self.close_connection = True  # where the body ends is unknown: this connection cannot be reused
-                return self.reply(411 if "Content-Length" not in self.headers else 400,
-                                  {"error": f"a Content-Length from 0 to {max_bytes} is required"})
-            if size > max_bytes:
-                self.close_connection = True  # the body is not read: this connection cannot be reused
-                return self.reply(413, {"error": f"request body over {max_bytes} bytes"})
-            try:
-                queries, topk, with_scores = check_request(json.loads(self.rfile.read(size)), max_queries, max_topk)
-            except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-                return self.reply(400, {"error": str(e)})
-            k = min(topk, len(docs))
-            try:
-                idx, scores = retriever(queries, k) if queries and k else ([[]] * len(queries),) * 2
-            except Exception as e:  # a retrieval failure answers this request, the server lives on
-                return self.reply(500, {"error": f"{type(e).__name__}: {e}"})
-            result = []
-            for n, row in enumerate(idx):
-                hits = [docs[i] for i in row]
-                result.append([{"document": d, "score": float(s)} for d, s in zip(hits, scores[n])]
-                              if with_scores else hits)
-            self.reply(200, {"result": result})
-
-        def log_message(self, *args):  # one line per request would drown the console under load
-            pass
-
-    return Handler
+def make_environment(env, run, tokenizer, log_path=None):
+    """The environment env.env names: real -> SearchEnv (its calls appended to log_path, when given),
+    worldmodel -> WorldModelEnv(env.worldmodel), policy -> None (the policy writes its own observations in
+    rollout.py)."""
+    if env.env == "real":
+        return SearchEnv(make_tool(env, run), tokenizer, env, log_path=log_path)
+    if env.env == "worldmodel":
+        if not env.worldmodel:
+            raise ConfigError("config: env.env=worldmodel needs env.worldmodel (a world-model folder)")
+        return WorldModelEnv.from_path(env.worldmodel, env, tokenizer, run)
+    if env.env == "policy":
+        return None
+    raise ConfigError(f"config: env.env must be real, policy or worldmodel, got {env.env!r}")
 
 
-def request_size(data, max_bytes, max_head=1 << 16):
-    """Bytes of the first whole request in `data` (headers and body), or None while it is incomplete. A request
-    whose headers outgrow max_head, or whose Content-Length is not one from 0 to max_bytes, is whole at the end of
-    its headers: the handler refuses it without its body."""
-    blank = re.search(rb"\r?\n\r?\n", data)  # the blank line after the headers (http.server takes bare LFs too)
-    if not blank:
-        return len(data) if len(data) > max_head else None
-    found = re.search(rb"\ncontent-length:[ \t]*([0-9]+)[ \t]*\r?\n", data[:blank.end()], re.IGNORECASE)
-    size = int(found.group(1)) if found and int(found.group(1)) <= max_bytes else 0
-    return blank.end() + size if len(data) >= blank.end() + size else None
-
-
-class PoolServer:
-    """A listening socket, one front thread (serve_forever) and `workers` threads.
-
-    The front owns every connection that is not being answered: a selector reads what each client sends until its
-    request is whole (request_size), then a worker takes it; so a client that trickles, stalls or idles holds no
-    worker, however many there are. One deadline per request: timeout_s after the connection opened or its previous
-    reply was sent, an incomplete request is closed. A worker runs the handler, sends the reply (bounded by
-    timeout_s as a whole: sendall's timeout) and gives a keep-alive connection back to the front."""
-
-    def __init__(self, address, handler, workers=32, timeout_s=30.0, max_bytes=1 << 20):
-        import queue
-        import socket
-        import threading
-        self.socket = socket.create_server(address, backlog=1024)  # a burst waits in the backlog, never reset
-        self.socket.setblocking(False)
-        self.server_address = self.socket.getsockname()
-        self.handler, self.timeout_s, self.max_bytes = handler, timeout_s, max_bytes
-        self.whole, self.returned = queue.Queue(), queue.Queue()  # requests for the workers; connections back
-        self.wake, self.waker = socket.socketpair()  # a worker's byte wakes the front to take a connection back
-        self.counts, self.count_lock = {"cut": 0, "dropped": 0}, threading.Lock()
-        for _ in range(workers):  # daemon threads: serve_forever's end ends the server
-            threading.Thread(target=self.work, daemon=True).start()
-
-    def serve_forever(self):
-        import selectors
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.socket, selectors.EVENT_READ)
-        self.selector.register(self.wake, selectors.EVENT_READ)
-        self.open = {}  # connection -> [address, bytes received, deadline]
-        while True:
-            first = min((c[2] for c in self.open.values()), default=time.monotonic() + 1)
-            for key, _ in self.selector.select(max(0.0, first - time.monotonic())):
-                if key.fileobj is self.socket:
-                    self.accept()
-                elif key.fileobj is self.wake:
-                    self.wake.recv(4096)
-                    while not self.returned.empty():
-                        self.watch(*self.returned.get())
-                else:
-                    self.receive(key.fileobj)
-            now = time.monotonic()
-            for sock in [s for s, c in self.open.items() if c[2] <= now]:
-                self.count("cut", bool(self.open[sock][1]))  # an idle keep-alive connection is closed, not cut
-                self.selector.unregister(sock)
-                del self.open[sock]
-                self.close(sock)
-
-    def accept(self):
-        while True:
-            try:
-                sock, address = self.socket.accept()
-            except BlockingIOError:
-                return
-            except OSError:  # out of file descriptors: the rest wait in the backlog until some close
-                time.sleep(0.05)
-                return
-            self.watch(sock, address, b"")
-
-    def watch(self, sock, address, data):
-        """Read this connection's next request (data: what it sent already), due timeout_s from now."""
-        import selectors
-        sock.setblocking(False)
-        self.open[sock] = [address, data, time.monotonic() + self.timeout_s]
-        self.selector.register(sock, selectors.EVENT_READ)
-        self.hand_over(sock)
-
-    def receive(self, sock):
-        try:
-            data = sock.recv(1 << 16)
-        except OSError:  # reset by the client
-            data = b""
-        if not data:  # the client hung up
-            self.selector.unregister(sock)
-            del self.open[sock]
-            return self.close(sock)
-        self.open[sock][1] += data
-        self.hand_over(sock)
-
-    def hand_over(self, sock):
-        address, data, _ = self.open[sock]
-        size = request_size(data, self.max_bytes)
-        if size is not None:
-            self.selector.unregister(sock)
-            del self.open[sock]
-            self.whole.put((sock, address, data))
-
-    def work(self):
-        while True:
-            sock, address, data = self.whole.get()
-            try:
-                handler = self.handler((sock, data), address, self)
-                sock.settimeout(self.timeout_s)  # the whole reply: a client that does not read it is cut off
-                sock.sendall(handler.wfile.getvalue())
-            except OSError:  # the client left (reset, broken pipe) or would not take its reply in time
-                self.count("dropped")
-                self.close(sock)
-                continue
-            except Exception:  # a bug in the handler: its traceback, and the worker lives on
-                import traceback
-                traceback.print_exc()
-                self.close(sock)
-                continue
-            if handler.close_connection:
-                self.close(sock)
-            else:  # keep-alive: the front reads the next request, with what the client sent past this one
-                self.returned.put((sock, address, handler.rfile.read()))
-                self.waker.send(b"\0")
-
-    def count(self, what, n=1):
-        with self.count_lock:
-            self.counts[what] += n
-
-    @staticmethod
-    def close(sock):
-        import socket
-        try:
-            sock.shutdown(socket.SHUT_WR)  # the reply goes out before the close, even with unread input
-        except OSError:
-            pass
-        sock.close()
-
-    def server_close(self):
-        self.socket.close()
-
-
-def serve(argv=None):
-    """Listen, build or load the index, then serve until interrupted; prints the URL and the index size."""
-    import argparse
-    ap = argparse.ArgumentParser(prog="python tools.py serve", description="Search-R1-style retrieval server")
-    ap.add_argument("--corpus", required=True, help="corpus JSONL with {'id', 'contents'} rows")
-    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    ap.add_argument("--port", type=int, default=8000, help="0 = any free port (the URL printed says which)")
-    ap.add_argument("--retriever", default="bm25", choices=["bm25", "e5"],
-                    help="bm25 (index cached beside the corpus) or e5 (dense: an encoder and faiss)")
-    ap.add_argument("--model", default="intfloat/e5-base-v2", help="encoder for --retriever e5")
-    ap.add_argument("--index", default=None, help="a prebuilt faiss index of the corpus for --retriever e5 "
-                    "(Search-R1's e5_Flat.index for wiki-18.jsonl); default: encode the corpus once, cache it")
-    ap.add_argument("--device", default="cpu", help="encoder device for --retriever e5 (cuda: faiss-gpu too)")
-    ap.add_argument("--max_bytes", type=int, default=1 << 20, help="largest request body (bigger: 413)")
-    ap.add_argument("--workers", type=int, default=32, help="threads answering whole requests")
-    ap.add_argument("--max_batch", type=int, default=None, help="most queries searched in one retriever call, "
-                    "for the requests that wait (0: each worker calls the retriever; default: 0 for bm25, 512 for e5)")
-    ap.add_argument("--timeout_s", type=float, default=30.0,
-                    help="a request not whole this long after its connection opened (or its previous reply) "
-                         "is closed; also the bound on sending a reply")
-    args = ap.parse_args(argv)
-    if min(args.workers, args.max_bytes) < 1 or (args.max_batch or 0) < 0 or args.timeout_s <= 0:
-        raise ConfigError("serve: --workers and --max_bytes must be >= 1, --max_batch >= 0, --timeout_s > 0")
-    if not os.path.exists(args.corpus):
-        raise ConfigError(f"serve: no corpus file {args.corpus!r}")
-    if args.index and not os.path.isfile(args.index):
-        raise ConfigError(f"serve: no index file {args.index!r}")
-    max_batch = args.max_batch if args.max_batch is not None else 512 if args.retriever == "e5" else 0
-    if args.retriever == "e5" and args.device.startswith("cuda") and max_batch == 0:
-        raise ConfigError("serve: --retriever e5 on cuda needs --max_batch >= 1 (one thread calls the GPU)")
-    t0 = time.time()
-    server = listen(args)  # before the index loads: a busy port fails at once, not after minutes of loading
-    if args.retriever == "bm25":
-        tool = BM25Search(args.corpus, mmap=True)
-        size, where = _dir_bytes(args.corpus + ".bm25"), ""
-    else:
-        try:
-            tool = DenseSearch(args.corpus, args.model, device=args.device, index_path=args.index)
-        except ImportError as e:
-            raise ConfigError(f"serve: --retriever e5 needs faiss and transformers ({e}); pip install faiss-cpu")
-        size = tool.index.ntotal * tool.index.d * 4
-        where = f", faiss on {tool.faiss_gpus} GPU(s)" if tool.faiss_gpus else ", faiss on the CPU"
-    retriever = Batcher(tool.search, max_batch) if max_batch else tool.search
-    server.handler = make_handler(retriever, tool.docs, args.retriever, args.max_bytes)
-    host, port = server.server_address[:2]
-    print(f"serve: {args.retriever} over {len(tool.docs)} docs, index {size / 2**20:.1f} MiB{where}, "
-          f"ready in {time.time() - t0:.1f}s", flush=True)
-    print(f"serve: http://{host}:{port}/retrieve", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
-def listen(args):
-    """The PoolServer on --host:--port, or a one-line RunError in the OS's words (a port in use: errno 98)."""
-    try:
-        return PoolServer((args.host, args.port), None, args.workers, args.timeout_s, args.max_bytes)
-    except OSError as e:
-        import errno
-        hint = " (another server? pick another --port, or 0 for any free one)" if e.errno == errno.EADDRINUSE else ""
-        cause = os.strerror(e.errno) if (e.errno or 0) > 0 else "the host name does not resolve"  # < 0: getaddrinfo
-        raise RunError(f"serve: cannot listen on {args.host}:{args.port}: {cause}{hint}")
-
-
-def _dir_bytes(path):
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-if __name__ == "__main__":
-    USAGE = ("usage: python tools.py serve --corpus PATH [--port 8000] [--host 127.0.0.1] [--retriever bm25|e5]\n"
-             "       (python tools.py serve --help: every option; the rest of tools.py is a library)")
-    if sys.argv[1:2] in (["--help"], ["-h"]):
-        print(USAGE)
-    elif sys.argv[1:2] != ["serve"]:
-        raise SystemExit(USAGE)
-    else:
-        cli(serve, sys.argv[2:])
+if __name__ == "__main__":  # a library, imported by every stage: say what to run instead
+    print("tools.py is a library (the CoA format, the search tools, make_environment), not a script: the retrieval "
+          "server is python server.py --help; the pipeline, python demo.py --help")
+    sys.exit(0 if sys.argv[1:] in ([], ["-h"], ["--help"]) else 2)

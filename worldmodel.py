@@ -40,9 +40,10 @@ Data: real calls as JSONL rows {"question", "history" (the trajectory's text so 
 keeps <run.data_dir>/synth/calls_train.jsonl (the default source). With `calls=oracle` they are made here
 instead, by sending each training question's oracle queries to the real tool.
 
-Served as an environment (`WorldModelEnv`): the same call signature as tools.SearchEnv, `(queries, contexts) ->
-observations`, tags included, body cut to the same env.obs_max_tokens of the policy's tokenizer; batched, greedy,
-KV-cached; `simulated = True`; it counts its calls, so every run can report real vs simulated calls.
+Served as an environment (tools.WorldModelEnv; tools.make_environment builds it for env.env=worldmodel): the same
+call signature as tools.SearchEnv, `(queries, contexts) -> observations`, tags included, body cut to the same
+env.obs_max_tokens of the policy's tokenizer; batched, greedy, KV-cached; `simulated = True`; it counts its calls, so
+every run can report real vs simulated calls.
 
 The fidelity report, on held-out real calls, split into queries the world model has seen in training (entities
 it could have memorised) and queries it has not:
@@ -92,9 +93,11 @@ from plumbing import (RUN_FLAGS, all_mean, barrier, claim_and_resume, cosine_lr,
                       log_line, nothing_left, plain_copy, print0, progress, progress_bar, release_run, resume_run,
                       save_checkpoint, setup_dist, start_logging)
 from rollout import generate
-from tools import (ConfigError, EnvConfig, RunConfig, SearchEnv, build_prompt, check_model_folder, cli,
-                   format_observation, load_config, load_model, make_tool, master_dtype, model_path, normalize_answer,
-                   parse, read_jsonl, reward, split_context, token_f1)
+from config import ConfigError, RunConfig, cli, load_config, read_jsonl
+from plumbing import load_model, master_dtype, model_path
+from tools import (EnvConfig, SearchEnv, WorldModelEnv, action_text, build_prompt, format_observation, make_tool,
+                   normalize_answer, observation_body, parse, read_corpus, reward, shown_answers, token_f1,
+                   wm_prompt_ids)
 
 
 @dataclass
@@ -171,50 +174,15 @@ def oracle_calls(rows, search):
         live = [i for i, r in enumerate(rows) if len(r.get("queries", [])) > hop]
         queries = [rows[i]["queries"][hop] for i in live]
         for i, query, obs in zip(live, queries, search(queries)):
-            histories[i] += f" {action_text(query, search.env)}"
+            histories[i] += action_text(query, search.env)
             calls.append({"question": rows[i]["question"], "history": histories[i], "query": query,
                           "observation": obs})
             histories[i] += obs  # rollout.py appends the observation right after the action
     return calls
 
 
-def action_text(query, env):
-    return f"{env.action_open} {query} {env.action_close}"
-
-
-def interaction_history(history, env):
-    """The earlier (action, observation) pairs of a trajectory's text, canonically spaced; thoughts dropped.
-
-    A trailing action without its observation (the call being answered) is not part of the history.
-    """
-    pattern = (re.escape(env.action_open) + r"(.*?)" + re.escape(env.action_close) + r"\s*(" +
-               re.escape(env.obs_open) + r".*?" + re.escape(env.obs_close) + ")")
-    return "".join(f" {action_text(q.strip(), env)}{obs}" for q, obs in re.findall(pattern, history, flags=re.S))
-
-
 # -----------------------------------------------------------------------------
 # The world model's examples: prompt ids (masked) + observation ids (trained)
-
-def wm_prompt_ids(tokenizer, question, history, query, env, history_max_tokens, answers=None):
-    """Ids of `Question: q\\n<history> <begin_search> query </end_search>`; the history is cut from the left.
-    With answers (a gold-shown world model) the question line is followed by `Answer: a1 | a2\\n`."""
-    shown = f"Answer: {' | '.join(answers)}\n" if answers is not None else ""
-    head = tokenizer.encode(f"Question: {question}\n{shown}", add_special_tokens=False)
-    past = tokenizer.encode(interaction_history(history, env), add_special_tokens=False)
-    past = past[-history_max_tokens:] if history_max_tokens > 0 else []
-    return head + past + tokenizer.encode(" " + action_text(query, env), add_special_tokens=False)
-
-
-def shown_answers(golds, question):
-    """The gold answers a gold-shown world model's prompt holds (None: golds is None, a plain world model). A
-    question without any is an error: a prompt without them is one the model was never trained on."""
-    if golds is None:
-        return None
-    if not golds.get(question):
-        raise ConfigError(f"worldmodel: no gold answer known for the question {question!r}, and this world model is "
-                          f"shown one (worldmodel.gold=true; served, it knows run.data_dir/train.jsonl's only)")
-    return golds[question]
-
 
 def make_example(tokenizer, call, env, history_max_tokens, golds=None):
     """(prompt_ids, target_ids): the target is the observation then eos, tokenized on its own like rollout.py.
@@ -235,94 +203,6 @@ def collate(examples, pad_id):
 def batch_at(step, n_examples, batch_size, seed):
     """The example indices of a step: a pure function of (seed, step), so a resumed run sees the same data."""
     return random.Random(seed * 1_000_003 + step).sample(range(n_examples), min(batch_size, n_examples))
-
-
-# -----------------------------------------------------------------------------
-# Serving: the world model as an environment (generation is rollout.generate: batched, KV-cached)
-
-def observation_body(text, env):
-    """The text between the observation tags (a missing closing tag: up to the end)."""
-    text = text.split(env.obs_open, 1)[1] if env.obs_open in text else text
-    return text.split(env.obs_close, 1)[0].strip()
-
-
-class WorldModelEnv:
-    """A world-model LM served like tools.SearchEnv: `(queries, contexts) -> observations`, tags included.
-
-    contexts are the trajectories' text so far (prompt + completion); the question and earlier calls are read
-    from them. The observation body is cut to env.obs_max_tokens tokens of the *policy's* tokenizer, the same
-    budget as the real tool's observations. golds (question -> answers): a gold-shown world model (ZeroSearch),
-    its prompts hold the answers of the trajectory's question.
-    """
-    simulated = True
-
-    def __init__(self, model, wm_tokenizer, env, tokenizer=None, history_max_tokens=256, batch_size=32, golds=None):
-        self.model, self.wm_tokenizer, self.env = model.eval(), wm_tokenizer, env
-        self.tokenizer = tokenizer or wm_tokenizer  # the policy's: contexts and the token budget are in its terms
-        self.history_max_tokens, self.batch_size, self.golds = history_max_tokens, batch_size, golds
-        self.calls = 0  # simulated calls, one per query
-
-    @classmethod
-    def from_path(cls, path, env, tokenizer, run, **kwargs):
-        """The folder alone says whether it was trained with gold answers (worldmodel.gold, in its config.json);
-        then the golds come from run.data_dir's training questions only: RL-1 asks those, and an eval run on dev or
-        test questions with this environment stops at its first call instead of showing the simulator the answers."""
-        check_worldmodel_folder(path)
-        model, wm_tokenizer = load_model(path, run)
-        gold_shown = getattr(model.config, "worldmodel_gold", False)
-        golds = golds_by_question(run.data_dir, ("train",)) if gold_shown else None
-        return cls(model, wm_tokenizer, env, tokenizer, golds=golds, **kwargs)
-
-    def prompt(self, question, history, query):
-        return wm_prompt_ids(self.wm_tokenizer, question, history, query, self.env, self.history_max_tokens,
-                             shown_answers(self.golds, question))
-
-    def __call__(self, queries, contexts=None):
-        queries = [q.strip()[:self.env.max_query_chars] for q in queries]
-        contexts = contexts or [""] * len(queries)
-        self.calls += len(queries)
-        prompts = [self.prompt(*split_context(context, self.tokenizer, self.env), query)
-                   for query, context in zip(queries, contexts)]
-        return [self.finish(text) for text in self.write(prompts)]
-
-    def write(self, prompts):
-        """Raw generated texts, in batches."""
-        texts = []
-        for i in range(0, len(prompts), self.batch_size):
-            outs, _ = generate(self.model, self.wm_tokenizer, prompts[i:i + self.batch_size],
-                               self.env.obs_max_tokens + 8, [self.env.obs_close])
-            texts += [self.wm_tokenizer.decode(o, skip_special_tokens=False) for o in outs]
-        return texts
-
-    def finish(self, text):
-        """A well-formed observation within the real tool's token budget, whatever the model wrote."""
-        text = text.replace(self.wm_tokenizer.eos_token, "")
-        return format_observation([observation_body(text, self.env)], self.tokenizer, self.env, numbered=False)
-
-
-def check_worldmodel_folder(path):
-    """path, once it is a folder worldmodel.py wrote: its config.json records worldmodel_gold (main sets it), which a
-    policy's folder lacks. A policy there would serve as a simulator without a word."""
-    check_model_folder(path, "env.worldmodel")
-    with open(os.path.join(path, "config.json")) as f:
-        if "worldmodel_gold" not in json.load(f):
-            raise ConfigError(f"env.worldmodel: {path!r} is not a world model (its config.json has no worldmodel_gold, "
-                              f"which worldmodel.py writes; a policy's folder?)")
-    return path
-
-
-def make_environment(env, run, tokenizer):
-    """The environment env.env names: real -> SearchEnv, worldmodel -> WorldModelEnv(env.worldmodel),
-    policy -> None (the policy writes its own observations in rollout.py)."""
-    if env.env == "real":
-        return SearchEnv(make_tool(env, run), tokenizer, env)
-    if env.env == "worldmodel":
-        if not env.worldmodel:
-            raise ConfigError("config: env.env=worldmodel needs env.worldmodel (a world-model folder)")
-        return WorldModelEnv.from_path(env.worldmodel, env, tokenizer, run)
-    if env.env == "policy":
-        return None
-    raise ConfigError(f"config: env.env must be real, policy or worldmodel, got {env.env!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -405,7 +285,6 @@ def observation_nll(model, examples, pad_id, batch_size=32):
 
 
 def corpus_entities(env, run):
-    from tools import read_corpus
     path = env.corpus or os.path.join(run.data_dir, "corpus.jsonl")
     return {name for doc in read_corpus(path) for name in entities(doc["contents"])}
 
@@ -484,7 +363,7 @@ def contexts_of(calls, tokenizer, env):
     for c in calls:
         history = c["history"]
         if not history.rstrip().endswith(env.action_close):  # a log written without contexts
-            history += " " + action_text(c["query"], env)
+            history += action_text(c["query"], env)
         out.append(build_prompt(tokenizer, c["question"], env) + history)
     return out
 
@@ -612,16 +491,6 @@ def report_metrics(report):
     return row
 
 
-def golds_by_question(data_dir, splits=("train", "dev", "test")):
-    """question -> golden answers, from the QA files of the data dir (logged calls carry no answers)."""
-    out = {}
-    for name in splits:
-        path = os.path.join(data_dir, f"{name}.jsonl")
-        if os.path.exists(path):
-            out.update({r["question"]: r["golden_answers"] for r in data.load_qa(path)})
-    return out
-
-
 def real_calls(cfg, search, golds):
     """(calls, source): logged real calls, or the oracle's through `search`; each with its golden answers."""
     source = cfg.worldmodel.calls
@@ -714,7 +583,7 @@ def main(argv=None):
 
     # 1. real calls: logged (synthesis, RL, eval), or the oracle's queries through the real tool
     search = SearchEnv(make_tool(env, cfg.run), policy_tok, env)
-    golds = golds_by_question(cfg.run.data_dir)
+    golds = data.golds_by_question(cfg.run.data_dir)
     calls, source = real_calls(cfg, search, golds)
     train_calls, heldout = split_calls(calls, wm.heldout_share, cfg.run.seed)
     if not train_calls:

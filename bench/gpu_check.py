@@ -194,7 +194,8 @@ def load_safetensors(folder):
 
 
 def load_qwen7b_rl():
-    from tools import EnvConfig, RunConfig, load_config
+    from config import RunConfig, load_config
+    from tools import EnvConfig
     return load_config({"run": RunConfig, "env": EnvConfig, "rl": rl.RLConfig},
                        ["--config", os.path.join(ROOT, "configs", "qwen7b.yaml")], own="rl").rl
 

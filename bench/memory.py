@@ -59,7 +59,7 @@ import plumbing  # noqa: E402
 import rl  # noqa: E402
 import sft  # noqa: E402
 from rollout import Episode, RowCache, forward_chunk  # noqa: E402
-from tools import ConfigError, check_ranges, cli, read_key_values  # noqa: E402
+from config import ConfigError, check_ranges, cli, read_key_values  # noqa: E402
 
 GB = 1e9
 SHAPES = {  # Qwen2Config fields; untied embeddings, as DeepSeek-R1-Distill-Qwen-7B and -1.5B have

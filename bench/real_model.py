@@ -43,7 +43,7 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools import cli, read_key_values  # noqa: E402
+from config import cli, read_key_values  # noqa: E402
 
 
 @dataclass
@@ -86,7 +86,8 @@ def read_jsonl(path):
 def prepare_data(config, overrides=()):
     """The tiny world and the oracle's SFT data, observations budgeted in SmolLM2 tokens; the model folder."""
     import data
-    from tools import EnvConfig, RunConfig, load_config
+    from config import RunConfig, load_config
+    from tools import EnvConfig
     from transformers import AutoTokenizer
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "world": data.WorldConfig, "model": data.ModelConfig,
                        "synth": data.SynthConfig}, ["--config", config, *overrides], own="world")
@@ -137,7 +138,7 @@ def same(a, b, rtol=1e-4, atol=1e-6):
 def main(argv=None):
     args = read_key_values(Args, sys.argv[1:] if argv is None else argv, "real_model")
     os.chdir(ROOT)
-    from tools import RunConfig, load_config
+    from config import RunConfig, load_config
     cfg = ["--config", args["config"]] + ([f"run.name={args['name']}"] if args["name"] else [])
     run = load_config({"run": RunConfig}, cfg).run
     log_dir = os.path.join(run.dir, args["tag"] + ".logs")

@@ -30,8 +30,9 @@ import torch  # noqa: E402
 
 import rl  # noqa: E402
 from rollout import rollout  # noqa: E402
-from tools import (ConfigError, EnvConfig, RunConfig, build_prompt, cli, load_model, read_key_values,  # noqa: E402
-                   reward)
+from config import ConfigError, RunConfig, cli, read_key_values  # noqa: E402
+from plumbing import load_model  # noqa: E402
+from tools import EnvConfig, build_prompt, reward  # noqa: E402
 
 
 @dataclass

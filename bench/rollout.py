@@ -57,7 +57,9 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList  # n
 
 import data  # noqa: E402
 import rollout as R  # noqa: E402
-from tools import EnvConfig, RunConfig, SearchEnv, load_config, load_model, read_corpus  # noqa: E402
+from config import RunConfig, load_config  # noqa: E402
+from plumbing import load_model  # noqa: E402
+from tools import EnvConfig, SearchEnv, answer_text, read_corpus  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -70,7 +72,7 @@ class Script:
         enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
         open_, close = enc(env.action_open + " "), enc(env.action_close)  # an action: opener, query, closer
         self.turns = [open_ + [None] * free + close for _ in range(turns)]
-        self.turns.append([None] * free + enc(f" {env.think_close} {env.answer_open}") + [None] * answer + enc("}"))
+        self.turns.append([None] * free + enc(answer_text(env)) + [None] * answer + enc("}"))
         self.steps = [s for turn in self.turns for s in turn]
         texts = [tok.decode([i]) for i in range(len(tok))]
         special = set(tok.all_special_ids)

@@ -1,5 +1,5 @@
 """
-bench/serve.py -- the retrieval server (python tools.py serve) under load, on loopback only: queries/s and latency
+bench/serve.py -- the retrieval server (python server.py) under load, on loopback only: queries/s and latency
 percentiles with many concurrent clients, against the same BM25 index called in-process (the baseline: what the
 HTTP layer costs), plus the time to build the index from scratch.
 
@@ -15,7 +15,7 @@ What is timed:
             equal to the query alone.
   slow      `slow_clients` (64) clients each send one byte of an endless request head every `slow_every_s` (5 s) for
             `slow_s` (40 s; the server cuts each off at its --timeout_s, 30 s, and it connects again) while a normal
-            client sends one query every `normal_every_s` through tools.HTTPSearch (deadline 10 s, no retry): how
+            client sends one query every `normal_every_s` through HTTPSearch (deadline 10 s, no retry): how
             many it got answered, how many within 2 s, its p50/max latency. The target: all, each within 2 s. Every
             slow socket is closed at the end.
   lock      the `server` load, and RL's shape: `ranks` (8) clients each sending requests of `rank_queries` (48
@@ -48,6 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import requests  # noqa: E402
 
+from server import HTTPSearch  # noqa: E402
+from config import cli, read_key_values  # noqa: E402
 import tools  # noqa: E402
 
 
@@ -159,7 +161,7 @@ def slow_phase(url, args, queries):
     slow = threading.Thread(target=lambda: made.append(trickle(port_of(url), args["slow_clients"],
                                                               args["slow_every_s"], stop)))
     slow.start()
-    client, latencies, t_end = tools.HTTPSearch(url, timeout_s=10, retries=0), [], time.time() + args["slow_s"]
+    client, latencies, t_end = HTTPSearch(url, timeout_s=10, retries=0), [], time.time() + args["slow_s"]
     try:
         time.sleep(min(2.0, args["slow_s"]))  # every slow client connected first
         for query in queries:
@@ -195,7 +197,7 @@ def compare_lock(urls, args, docs):
 
 
 def main(argv=None):
-    args = tools.read_key_values(Args, sys.argv[1:] if argv is None else argv, "config")
+    args = read_key_values(Args, sys.argv[1:] if argv is None else argv, "config")
     if not os.path.exists(args["corpus"]):
         import data
         print("wiki corpus docs:", data.build_wiki_corpus(args["corpus"]))
@@ -270,4 +272,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    tools.cli(main)
+    cli(main)

@@ -30,9 +30,10 @@ import torch  # noqa: E402
 import data  # noqa: E402
 from eval import WHEN_TO_ACT, well_known, when_to_act  # noqa: E402
 from rollout import rollout  # noqa: E402
-from tools import EnvConfig, RunConfig, cli, load_config, load_model, model_path, read_key_values, reward  # noqa: E402
+from config import RunConfig, cli, load_config, read_key_values  # noqa: E402
+from plumbing import load_model, model_path  # noqa: E402
+from tools import EnvConfig, make_environment, reward  # noqa: E402
 from rl import popular_rows  # noqa: E402
-from worldmodel import make_environment  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import data  # noqa: E402
+from config import ConfigError, cli, read_key_values  # noqa: E402
 import tools  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from test_synth import start_teacher, synth_config  # noqa: E402
@@ -47,10 +48,10 @@ class Args:
 
 
 def main(argv=None):
-    args = tools.read_key_values(Args, sys.argv[1:] if argv is None else argv, "config")
+    args = read_key_values(Args, sys.argv[1:] if argv is None else argv, "config")
     levels = [int(x) for x in args["levels"].split(",") if x.strip()]
     if not levels or min(levels) < 1 or args["latency_s"] <= 0 or args["samples"] < 1 or args["waves"] < 1:
-        raise tools.ConfigError("config: levels must be positive integers, latency_s > 0, samples and waves >= 1")
+        raise ConfigError("config: levels must be positive integers, latency_s > 0, samples and waves >= 1")
     from transformers import AutoTokenizer
     root = tempfile.mkdtemp(prefix="bench_synth_")
     cfg = tiny_config(root)
@@ -91,4 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    tools.cli(main)
+    cli(main)

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)  # tests share 2 cores; small models are not faster with more threads
 
 import data  # noqa: E402
-from tools import EnvConfig, RunConfig, load_config  # noqa: E402
+from config import RunConfig, load_config  # noqa: E402
+from tools import EnvConfig  # noqa: E402
 
 
 def pytest_configure(config):

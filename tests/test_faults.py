@@ -22,7 +22,8 @@ import eval as ev
 import plumbing
 import rl
 from test_rl import read_metrics, rl_argv, searching_rollout
-from tools import ConfigError, FailureLimit, RunError, cli
+from config import ConfigError, RunError, cli
+from tools import FailureLimit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -223,7 +224,7 @@ import torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import plumbing
 from test_faults import tiny_trainer
-from tools import RunError
+from config import RunError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
 model, optimizer = tiny_trainer({base!r})
 plumbing.save_checkpoint({ckpts!r}, 1, model, optimizer)
@@ -322,14 +323,15 @@ def test_an_empty_or_unusable_qa_file_is_one_line_and_exit_2(tiny_root, tiny_bas
 def test_a_corpus_row_without_contents_stops_the_server_in_one_line_naming_file_and_line(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"id": "1", "contents": "Ada\\nAda was born in Lorn."}\n{"id": "2", "text": "no contents"}\n')
-    proc = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", str(corpus), "--port", "0"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "server.py", "--corpus", str(corpus), "--port", "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith(f"tools.py: {corpus}:2: bad corpus row: needs 'id' and a string 'contents'")
+    assert proc.stderr.startswith(f"server.py: {corpus}:2: bad corpus row: needs 'id' and a string 'contents'")
 
 
 def test_config_ranges_are_checked_before_any_work():
-    from tools import EnvConfig, load_config
+    from config import load_config
+    from tools import EnvConfig
     cfg = load_config({"rl": rl.RLConfig, "env": EnvConfig}, ["group_size=2", "sim_share=1", "env.max_actions=0"],
                       own="rl")
     assert (cfg.rl.group_size, cfg.rl.sim_share, cfg.env.max_actions) == (2, 1.0, 0)  # the bounds themselves pass

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import plumbing
-from tools import ConfigError, cli
+from config import ConfigError, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -150,7 +150,7 @@ def test_a_value_that_is_none_of_its_choices_is_one_line_naming_the_key_before_a
 
 
 def test_a_choice_typed_in_capitals_suggests_the_one_meant_and_a_device_index_is_a_choice():
-    from tools import RunConfig, build
+    from config import RunConfig, build
     from rl import RLConfig
     with pytest.raises(ConfigError, match=r"rl.reward='EM' is none of em \| f1 \| lenient \(did you mean em\?\)"):
         build(RLConfig, {"reward": "EM"}, "rl")
@@ -258,12 +258,11 @@ def test_a_hub_name_the_hub_cannot_serve_is_one_line_naming_it(monkeypatch):
     """No network, a typo or a gated model: transformers' OSError (a 40-line traceback after its retries) becomes
     one line with its first line as the cause."""
     import transformers
-    import tools
 
     def unreachable(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # online: the hub is asked
-    with pytest.raises(tools.ConfigError, match=r"^model: cannot load 'org/model' from the Hugging Face hub: We "
-                                                r"couldn't connect to 'https://huggingface.co' to load the files.$"):
-        tools.load_tokenizer("org/model")
+    with pytest.raises(ConfigError, match=r"^model: cannot load 'org/model' from the Hugging Face hub: We "
+                                          r"couldn't connect to 'https://huggingface.co' to load the files.$"):
+        plumbing.load_tokenizer("org/model")

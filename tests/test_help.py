@@ -16,7 +16,7 @@ import demo
 import eval as ev
 import rl
 import sft
-import tools
+from config import ConfigError, SECTIONS, cli, field_help, read_key_values
 import worldmodel
 from test_rollout import ForcedHead
 
@@ -34,19 +34,19 @@ def bench(name):
 
 def test_every_field_of_every_config_section_has_a_help_line():
     sections = demo.all_sections()
-    assert set(sections) | {"chat"} == set(tools.SECTIONS)
+    assert set(sections) | {"chat"} == set(SECTIONS)
     classes = [*sections.values(), chat.ChatConfig, *(bench(b).Args for b in BENCHES)]
     for cls in classes:
-        meanings = tools.field_help(cls)
+        meanings = field_help(cls)
         missing = [f.name for f in dataclasses.fields(cls) if len(meanings.get(f.name, "")) < 3]
         assert not missing, f"{cls.__name__}: no `# meaning` comment for {missing}"
 
 
 def test_a_continued_comment_joins_its_field_and_a_heading_does_not():
-    meanings = tools.field_help(rl.RLConfig)
+    meanings = field_help(rl.RLConfig)
     assert meanings["max_tool_failures"].endswith("1 = never stop (the failures are still counted)")
     assert "schedule" not in meanings["eval_every"]  # `# schedule` is the heading of the fields below it
-    assert "a name with a file <qa_dir>/<name>.jsonl" in tools.field_help(ev.EvalConfig)["data"]
+    assert "a name with a file <qa_dir>/<name>.jsonl" in field_help(ev.EvalConfig)["data"]
 
 
 @pytest.mark.parametrize("main, sections", [
@@ -56,7 +56,7 @@ def test_a_continued_comment_joins_its_field_and_a_heading_does_not():
     (demo.main, tuple(demo.all_sections()))])
 def test_help_lists_every_key_with_type_default_and_meaning_and_exits_0(main, sections, capsys):
     with pytest.raises(SystemExit) as stop:
-        tools.cli(main, ["--config", "nope.yaml", "--help"])  # help first: nothing else is read
+        cli(main, ["--config", "nope.yaml", "--help"])  # help first: nothing else is read
     out = capsys.readouterr().out
     assert stop.value.code == 0 and out.startswith("usage: python ")
     classes = demo.all_sections() | {"chat": chat.ChatConfig}
@@ -80,16 +80,37 @@ def test_bench_help_lists_its_keys(name, capsys):
 
 
 def test_bench_keys_keep_their_types():
-    args = tools.read_key_values(bench("serve").Args, ["clients=3", "time_limit_s=2"], "config")
+    args = read_key_values(bench("serve").Args, ["clients=3", "time_limit_s=2"], "config")
     assert args["clients"] == 3 and args["time_limit_s"] == 2.0 and args["topk"] == 3
-    with pytest.raises(tools.ConfigError, match="unknown argument 'client'"):
-        tools.read_key_values(bench("serve").Args, ["client=3"], "config")
+    with pytest.raises(ConfigError, match="unknown argument 'client'"):
+        read_key_values(bench("serve").Args, ["client=3"], "config")
 
 
-@pytest.mark.parametrize("script, says", [("rollout.py", "python chat.py asks"), ("tools.py", "tools.py serve --help")])
-def test_library_files_answer_help(script, says):
-    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("script, args, says", [("rollout.py", ["--help"], "python chat.py asks"),
+                                                ("tools.py", ["--help"], "python server.py --help"),
+                                                ("tools.py", [], "tools.py is a library")])
+def test_library_files_answer_help(script, args, says):
+    done = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and says in done.stdout
+
+
+@pytest.mark.parametrize("script, own", [("rl.py", "rl"), ("data.py", "world"), ("chat.py", "chat")])
+def test_help_gives_an_example_and_the_scripts_own_keys_before_the_shared_ones(script, own):
+    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    example, flags = lines.index("for example:"), lines.index("flags:")
+    assert lines[example + 1].startswith(f"  python {script} --config configs/")  # a command from its docstring
+    own_at = next(i for i, line in enumerate(lines) if line.startswith(f"{own}: (a bare key=value means {own}.key)"))
+    shared_at = next(i for i, line in enumerate(lines) if line.startswith("shared sections (run, env"))
+    assert example < flags < own_at < shared_at < lines.index("run:") < lines.index("env:")
+
+
+def test_demo_reads_its_flags_with_the_stages_reader():
+    assert demo.parse_flags(["--seeds", "2", "--quick", "run.seed=1"]) == (True, 2, 2, False, False,
+                                                                          "configs/tiny.yaml", ["run.seed=1"])
+    assert demo.parse_flags(["--config=configs/x.yaml", "--jobs", "1"])[2:6] == (1, False, False, "configs/x.yaml")
+    with pytest.raises(ConfigError, match=r"--seeds takes a whole number >= 1, got '0'"):
+        demo.parse_flags(["--seeds", "0"])
 
 
 def test_help_read_in_part_ends_quietly():
@@ -111,7 +132,7 @@ def chat_argv(root, base, *extra):
 
 
 def test_chat_prints_the_trajectory_with_the_real_tools_text_told_apart(tiny_root, tiny_base, monkeypatch, capsys):
-    from tools import load_model as real_load
+    from plumbing import load_model as real_load
     person = next(r for r in data.load_qa(f"{tiny_root}/data/test.jsonl") if r["kind"] == "city")
     name = person["queries"][0]
 
@@ -140,7 +161,7 @@ def test_chat_asks_one_question_a_line_until_an_empty_one(tiny_root, tiny_base, 
 
 def test_chat_on_a_missing_model_is_one_line(tiny_root, capsys):
     with pytest.raises(SystemExit) as stop:
-        tools.cli(chat.main, chat_argv(tiny_root, "rl", "question=hi"))
+        cli(chat.main, chat_argv(tiny_root, "rl", "question=hi"))
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "chat.init='rl': no model folder" in err
     assert f"nothing is trained under {tiny_root}/runs/chat yet (make demo trains every stage" in err

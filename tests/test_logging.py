@@ -13,7 +13,7 @@ import pytest
 
 import plumbing
 import sft
-from tools import ConfigError, RunConfig
+from config import ConfigError, RunConfig
 
 
 class FakeWandb(types.ModuleType):

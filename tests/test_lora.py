@@ -15,7 +15,8 @@ import plumbing
 import rl
 import sft
 from tests.test_rl import ROOT, fake_episodes, read_metrics, rl_argv
-from tools import RunConfig, load_model
+from config import RunConfig
+from plumbing import load_model
 
 CPU = torch.device("cpu")
 

@@ -73,6 +73,6 @@ def test_fake_tensor_peak_agrees_with_a_real_step_and_adam_takes_16_bytes_a_para
 
 
 def test_memory_bench_refuses_an_unknown_setup_in_one_line(memory):
-    from tools import ConfigError
+    from config import ConfigError
     with pytest.raises(ConfigError, match="unknown setup or shape"):
         memory.main(["setups=fsdp,zero3"])

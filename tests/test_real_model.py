@@ -22,7 +22,8 @@ import rl
 import rollout as R
 import sft
 from test_rollout import ForcedHead
-from tools import EnvConfig, SearchEnv, load_model, make_tool
+from plumbing import load_model
+from tools import EnvConfig, SearchEnv, make_tool
 
 
 @pytest.fixture(scope="module")

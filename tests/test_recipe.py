@@ -23,7 +23,8 @@ import pytest
 import data
 from conftest import SMALL_WORLD, send_json, tiny_config
 from test_serve import ROOT, start_server, stop_server
-from tools import EnvConfig, RunConfig, load_config
+from config import RunConfig, load_config
+from tools import EnvConfig
 
 ENV = EnvConfig()
 SETS = ("nq", "triviaqa", "hotpotqa", "2wiki", "musique", "bamboogle")
@@ -153,9 +154,9 @@ def test_the_readme_recipe_runs_end_to_end_at_toy_scale(tmp_path):
             if words[0] == "torchrun":
                 words = ["python"] + words[words.index(next(w for w in words if w.endswith(".py"))):]
             assert words[0] == "python", command
-            if words[1:3] == ["tools.py", "serve"]:
-                assert words[-1] == "&" and words[3] == "--corpus" and words[5:7] == ["--port", str(port)]
-                server, url = start_server(words[4], *words[5:-1])  # its --port replaces start_server's 0
+            if words[1] == "server.py":
+                assert words[-1] == "&" and words[2] == "--corpus" and words[4:6] == ["--port", str(port)]
+                server, url = start_server(words[3], *words[4:-1])  # its --port replaces start_server's 0
                 assert url == f"http://127.0.0.1:{port}/retrieve"
             else:
                 if words[1] != "sft.py":  # every command that searches goes to the server
@@ -166,7 +167,7 @@ def test_the_readme_recipe_runs_end_to_end_at_toy_scale(tmp_path):
         if server:
             stop_server(server)
         teacher.shutdown()
-    assert ran == ["tools.py", "data.py", "sft.py", "sft.py", "sft.py", "rl.py", "eval.py"]
+    assert ran == ["server.py", "data.py", "sft.py", "sft.py", "sft.py", "rl.py", "eval.py"]
 
     synth = [json.loads(line) for line in open(f"{root}/data/synth/train.jsonl")]
     kinds = {r["type"] for r in synth}

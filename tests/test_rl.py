@@ -250,7 +250,7 @@ WORKER = """
 import sys, torch
 sys.path.insert(0, {root!r})
 import plumbing, rl
-from tools import RunConfig
+from config import RunConfig
 from tests.test_rl import fake_episodes
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(1)
@@ -318,7 +318,8 @@ def read_metrics(runs_dir, out="rl"):
 def test_rollout_logps_are_what_the_training_forward_recomputes(tiny_cfg, tiny_base):
     """rollout.py's recorded log-probs are the old log-probs of the loss: on-policy, the ratio must be 1."""
     from rollout import rollout
-    from tools import SearchEnv, make_tool, load_model
+    from plumbing import load_model
+    from tools import SearchEnv, make_tool
     model, tokenizer = load_model(tiny_base, tiny_cfg.run)
     env = SearchEnv(make_tool(tiny_cfg.env, tiny_cfg.run), tokenizer, tiny_cfg.env)
     rows = [json.loads(line) for line in open(os.path.join(tiny_cfg.run.data_dir, "train.jsonl"))][:3]
@@ -335,7 +336,8 @@ def test_at_temperature_0_6_recorded_logps_are_the_tempered_ones_the_update_scor
     recomputes it), rl.token_logps at 0.6 scores the same on the collated ids (the first ratio of a step is 1),
     and both differ from temperature 1's (the samples come from the tempered distribution, not the raw one)."""
     from rollout import rollout
-    from tools import SearchEnv, make_tool, load_model
+    from plumbing import load_model
+    from tools import SearchEnv, make_tool
     model, tokenizer = load_model(tiny_base, tiny_cfg.run)
     env = SearchEnv(make_tool(tiny_cfg.env, tiny_cfg.run), tokenizer, tiny_cfg.env)
     rows = [json.loads(line) for line in open(os.path.join(tiny_cfg.run.data_dir, "train.jsonl"))][:3]
@@ -464,7 +466,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_root, tiny_base, tm
 
 
 def test_a_typo_or_a_rerun_never_wipes_an_earlier_runs_checkpoints(tiny_root, tiny_base, tmp_path):
-    from tools import ConfigError
+    from config import ConfigError
     ckpt = tmp_path / "t" / "rl.ckpt" / "step_000002"
     ckpt.mkdir(parents=True)
     with pytest.raises(ConfigError, match="unknown flag --resum"):
@@ -475,7 +477,7 @@ def test_a_typo_or_a_rerun_never_wipes_an_earlier_runs_checkpoints(tiny_root, ti
 
 
 def test_a_missing_init_folder_names_the_folder_and_its_stage(tiny_root, tiny_base, tmp_path):
-    from tools import ConfigError
+    from config import ConfigError
     with pytest.raises(ConfigError, match=f"rl.init='sft123': no model folder '{tmp_path}/t/sft123' "
                                           f"\\(sft.py \\(sft.out=sft123\\) writes it"):
         rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "init=sft123"))
@@ -510,7 +512,7 @@ def test_a_retriever_that_is_down_stops_the_run_naming_url_and_cause(tiny_root, 
 
 def test_tool_failures_below_the_limit_are_counted_and_training_goes_on(tiny_root, tiny_base, tmp_path,
                                                                          monkeypatch):
-    import worldmodel
+    import tools
     from tools import ToolError
     calls = []
 
@@ -519,7 +521,7 @@ def test_tool_failures_below_the_limit_are_counted_and_training_goes_on(tiny_roo
         if len(calls) % 4 == 0:
             raise ToolError("retrieval server http://x/retrieve failed after 3 tries: HTTP 500", "HTTP 500")
         return [["Vexa was founded by Ada Brun."] for _ in queries]
-    monkeypatch.setattr(worldmodel, "make_tool", lambda env, run: flaky)
+    monkeypatch.setattr(tools, "make_tool", lambda env, run: flaky)
     searching_rollout(monkeypatch)
     rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=2", "eval_n=0", "env.max_actions=0", "save_every=0"))
     rows = read_metrics(tmp_path)
@@ -536,7 +538,8 @@ def test_bf16_on_one_process_trains_fp32_masters_and_rolls_out_with_bf16_weights
     from torch.distributed.tensor import DTensor
     from plumbing import wrap_model
     from rollout import rollout
-    from tools import SearchEnv, load_model, make_tool
+    from plumbing import load_model
+    from tools import SearchEnv, make_tool
     device = torch.device(device)
     cfg = rl.RLConfig(group_size=2, lr=1e-2, parallel="fsdp", bf16=True)
     model, tokenizer = load_model(tiny_base, tiny_cfg.run, device=device, dtype=torch.float32)

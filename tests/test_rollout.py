@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from rollout import NOTE, Episode, encode_prompt, generate, rollout, sample
-from tools import EnvConfig, SearchEnv, ToolError, build_prompt, extract_boxed, make_tool
+from tools import EnvConfig, SearchEnv, ToolError, answer_text, build_prompt, extract_boxed, make_tool
 
 
 @pytest.fixture(scope="module")
 def agent(tiny_base):
     """(model, tokenizer): the tiny model, weights x4, LM head untied with a bias towards the tags."""
-    from tools import load_model
+    from plumbing import load_model
     model, tok = load_model(tiny_base, device=torch.device("cpu"))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -88,8 +88,7 @@ def reference_rollout(model, tok, question, env, environment, max_new):
                 continue
             if len(actions) >= env.max_actions:
                 forced, answer_from = True, len(ids)
-                add_env(tok.encode(NOTE.format(think_close=env.think_close, answer_open=env.answer_open),
-                                   add_special_tokens=False))
+                add_env(tok.encode(NOTE + answer_text(env), add_special_tokens=False))
             else:
                 query = query.strip()
                 actions.append(query)
@@ -224,7 +223,7 @@ def test_action_limit_forces_an_answer(agent, questions, search):
     model, tok = agent
     env = dataclasses.replace(search[0], max_actions=0, max_new_tokens=80)
     episodes = rollout(model, tok, questions[:12], env, search[1])
-    note = NOTE.format(think_close=env.think_close, answer_open=env.answer_open)
+    note = NOTE + answer_text(env)
     forced = [ep for ep in episodes if ep.finish == "max_actions"]
     assert forced
     for ep in episodes:

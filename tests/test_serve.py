@@ -1,4 +1,4 @@
-"""The retrieval server (tools.py serve): a real subprocess on 127.0.0.1, queried by the project's own client,
+"""The retrieval server (server.py): a real subprocess on 127.0.0.1, queried by the project's own client,
 by rollout.py and by eval.py, next to the same BM25 index used in-process.
 
     .venv/bin/python -m pytest -q tests/test_serve.py
@@ -16,14 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from server import Batcher, DenseSearch, HTTPSearch, request_size
 import tools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def start_server(corpus, *extra, timeout_s=60):
-    """(process, url): `python tools.py serve` on a free loopback port; the URL is read from its output."""
-    proc = subprocess.Popen([sys.executable, "tools.py", "serve", "--corpus", corpus, "--port", "0", *extra],
+    """(process, url): `python server.py` on a free loopback port; the URL is read from its output."""
+    proc = subprocess.Popen([sys.executable, "server.py", "--corpus", corpus, "--port", "0", *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = queue.Queue()  # a reader thread, so a silent server cannot block the test past its deadline
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
@@ -96,7 +97,7 @@ QUERIES = ["Ada Brun", "born in", "which company", "", "zzzz unknown words", "?!
 def test_server_answers_the_project_client_like_the_in_process_index(server, corpus):
     local = tools.BM25Search(corpus)
     for k in (1, 3):
-        assert tools.HTTPSearch(server, timeout_s=5)(QUERIES, k=k) == local(QUERIES, k=k)
+        assert HTTPSearch(server, timeout_s=5)(QUERIES, k=k) == local(QUERIES, k=k)
 
 
 def test_reply_has_the_search_r1_shape_with_and_without_scores(server, corpus):
@@ -149,7 +150,7 @@ def test_many_concurrent_clients_get_their_own_answers(server, corpus, max_batch
     batches = [[f"{q} {i}" for q in QUERIES[:1 + i % 3]] for i in range(48)]
     try:
         with ThreadPoolExecutor(16) as pool:  # 16 clients, each with its own connection, 48 requests in flight
-            answers = list(pool.map(lambda i: tools.HTTPSearch(url, timeout_s=10, retries=0)(batches[i], k=1 + i % 3),
+            answers = list(pool.map(lambda i: HTTPSearch(url, timeout_s=10, retries=0)(batches[i], k=1 + i % 3),
                                     range(48)))
     finally:
         if proc:
@@ -165,7 +166,7 @@ def test_requests_that_wait_are_searched_together_and_split_back():
         release.wait(5)  # the first call holds the retriever while the others queue
         return [[len(q)] for q in queries], [[float(k)] for _ in queries]
     for max_batch, want_calls in ((512, 3), (1, 5)):  # 1: one request a call, as behind a lock
-        batcher, release, calls = tools.Batcher(search, max_batch), threading.Event(), []
+        batcher, release, calls = Batcher(search, max_batch), threading.Event(), []
         with ThreadPoolExecutor(5) as pool:
             first = pool.submit(batcher, ["a"], 2)
             time.sleep(0.2)
@@ -183,7 +184,7 @@ def test_a_retrieval_failure_is_a_500_for_its_call_and_the_batcher_lives_on():
         if "boom" in queries:
             raise RuntimeError("encoder failed")
         return [[0] for _ in queries], [[1.0] for _ in queries]
-    batcher = tools.Batcher(search)
+    batcher = Batcher(search)
     with pytest.raises(RuntimeError, match="encoder failed"):
         batcher(["boom"], 1)
     assert batcher(["fine"], 1) == ([[0]], [[1.0]])
@@ -236,7 +237,7 @@ def test_slow_clients_more_than_the_workers_do_not_starve_a_normal_client(corpus
     slow.start()
     try:
         time.sleep(1.0)  # every slow client connected and sending
-        client, latencies = tools.HTTPSearch(url, timeout_s=2, retries=0), []
+        client, latencies = HTTPSearch(url, timeout_s=2, retries=0), []
         for i in range(8):
             t0 = time.time()
             assert client([f"{QUERIES[i % 3]} {i}"], k=1)
@@ -258,7 +259,7 @@ def test_slow_clients_more_than_the_workers_do_not_starve_a_normal_client(corpus
     (b"POST /retrieve HTTP/1.1\r\nHost: x", None),
 ])
 def test_a_request_is_whole_when_its_headers_and_body_are_in(data, size):
-    assert tools.request_size(data, max_bytes=10) == size
+    assert request_size(data, max_bytes=10) == size
 
 
 def test_negative_content_length_is_a_400_that_says_so(server):
@@ -269,7 +270,7 @@ def test_negative_content_length_is_a_400_that_says_so(server):
 
 
 def test_a_busy_port_is_one_line_and_exit_status_1(server, corpus):
-    r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", corpus, "--port", str(port_of(server))],
+    r = subprocess.run([sys.executable, "server.py", "--corpus", corpus, "--port", str(port_of(server))],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "cannot listen on 127.0.0.1" in r.stderr and "address already in use" in r.stderr.lower()
@@ -299,22 +300,23 @@ def test_clients_that_hang_up_before_their_reply_leave_no_traceback(corpus):
 
 
 def test_missing_corpus_and_dense_without_faiss_fail_in_one_line(tmp_path, corpus):
-    r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", str(tmp_path / "none.jsonl")], cwd=ROOT,
+    r = subprocess.run([sys.executable, "server.py", "--corpus", str(tmp_path / "none.jsonl")], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and r.stderr.strip() == f"tools.py: serve: no corpus file {str(tmp_path / 'none.jsonl')!r}"
+    missing = str(tmp_path / "none.jsonl")
+    assert r.returncode == 2 and r.stderr.strip() == f"server.py: serve: no corpus file {missing!r}"
     try:
         import faiss  # noqa: F401
         pytest.skip("faiss is installed: the dense retriever would load an encoder")
     except ImportError:
         pass
-    r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", corpus, "--retriever", "e5"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "server.py", "--corpus", corpus, "--retriever", "e5"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "pip install faiss-cpu" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_e5_on_cuda_keeps_one_thread_calling_the_gpu(corpus):
     """faiss's GPU indexes take one calling thread: --max_batch 0 (the workers call at once) is refused up front."""
-    r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", corpus, "--retriever", "e5",
+    r = subprocess.run([sys.executable, "server.py", "--corpus", corpus, "--retriever", "e5",
                         "--device", "cuda", "--max_batch", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().endswith("needs --max_batch >= 1 (one thread calls the GPU)")
 
@@ -371,7 +373,7 @@ def test_dense_server_answers_like_the_in_process_dense_index(encoder, corpus, t
     docs = tools.read_corpus(corpus)[:40]
     with open(small, "w") as f:
         f.writelines(json.dumps(d) + "\n" for d in docs)
-    local = tools.DenseSearch(small, encoder)
+    local = DenseSearch(small, encoder)
     assert os.path.exists(f"{small}.{os.path.basename(encoder)}.faiss")  # cached for the server to load
     texts = [d["contents"] for d in docs[:10]]
     idx, scores = local.search(texts, 3)
@@ -397,7 +399,7 @@ def test_a_prebuilt_index_is_served_as_is_and_one_of_another_corpus_is_one_line(
     small = str(tmp_path / "wiki-18.jsonl")
     with open(small, "w") as f:
         f.writelines(json.dumps(d) + "\n" for d in docs)
-    local = tools.DenseSearch(small, encoder)
+    local = DenseSearch(small, encoder)
     prebuilt = str(tmp_path / "e5_Flat.index")
     os.replace(f"{small}.{os.path.basename(encoder)}.faiss", prebuilt)
     texts = [d["contents"] for d in docs[:5]]
@@ -411,7 +413,7 @@ def test_a_prebuilt_index_is_served_as_is_and_one_of_another_corpus_is_one_line(
     assert sorted(os.listdir(tmp_path)) == ["e5_Flat.index", "wiki-18.jsonl"]  # no cache encoded beside it
     with open(small, "w") as f:  # the corpus changed under the index
         f.writelines(json.dumps(d) + "\n" for d in docs[:20])
-    r = subprocess.run([sys.executable, "tools.py", "serve", "--corpus", small, "--retriever", "e5", "--model", encoder,
+    r = subprocess.run([sys.executable, "server.py", "--corpus", small, "--retriever", "e5", "--model", encoder,
                         "--index", prebuilt, "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "holds 30 vectors" in r.stderr and "20 rows" in r.stderr

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import data
 import sft
+from config import ConfigError
 import tools
 from conftest import finished
 from plumbing import cosine_lr
@@ -194,7 +195,7 @@ def test_a_trajectory_longer_than_max_len_is_dropped_and_counted_never_cut(tiny_
     pairs = sft.build_examples(rows, "sft1", tokenizer, ENV, 10 ** 6)
     short = min(sft.longest(p) for p in pairs)
     assert all(sft.longest(p) <= short for p in sft.build_examples(rows, "sft1", tokenizer, ENV, short))
-    with pytest.raises(tools.ConfigError, match="every trajectory is longer than sft.max_len=4"):
+    with pytest.raises(ConfigError, match="every trajectory is longer than sft.max_len=4"):
         sft.build_examples(rows, "sft2", tokenizer, ENV, 4)
 
 
@@ -341,5 +342,5 @@ def test_bf16_on_one_process_saves_bf16_weights_that_moved(tiny_root, tiny_base,
     assert all(math.isfinite(x) for x in losses(tmp_path, "sft2"))
     shard = torch.load(tmp_path / "t" / "sft2.ckpt" / "step_000001" / "model_rank_0.pt")  # the rank's shard
     assert shard.keys() == base.keys() and all(v.dtype == torch.float32 for v in shard.values())
-    with pytest.raises(tools.ConfigError, match="sft.bf16=true needs sft.parallel=fsdp"):
+    with pytest.raises(ConfigError, match="sft.bf16=true needs sft.parallel=fsdp"):
         sft.main(sft_args(tiny_root, tiny_base, str(tmp_path), small_train, "bf16=true"))

@@ -14,9 +14,9 @@ import pytest
 
 import data
 import sft
-import tools
 from conftest import send_json
-from tools import EnvConfig, RunConfig, SearchEnv, load_config, make_tool, parse, reward
+from config import ConfigError, RunConfig, RunError, cli, load_config
+from tools import EnvConfig, SearchEnv, make_tool, parse, reward
 
 ENV = EnvConfig()
 
@@ -166,7 +166,7 @@ def test_hf_teacher_through_rollout_keeps_only_right_trajectories(tiny_root, tin
                        "run.device=cpu")
     try:
         stats = data.synthesize(cfg)
-    except tools.ConfigError as e:  # an untrained model is rarely right: keeping nothing is the one-line error
+    except ConfigError as e:  # an untrained model is rarely right: keeping nothing is the one-line error
         assert "kept no row of the 6 dev questions" in str(e) and not os.path.exists(f"{tmp_path}/hf/dev.jsonl")
         return
     assert stats["dev"]["questions"] == 6
@@ -239,7 +239,7 @@ def test_endpoint_teacher_that_is_down_fails_with_a_clear_error(tiny_root, tiny_
     cfg = synth_config(tiny_root, "synth.teacher=http://127.0.0.1:9", f"synth.out={tmp_path}/down",
                        "synth.splits=dev", "synth.limit=40", "synth.retries=0", "synth.concurrency=2")
     # stops at the 10th question, not after all 40
-    with pytest.raises(tools.RunError, match="10 of the first 10 questions: teacher endpoint http://127.0.0.1:9/v1/"
+    with pytest.raises(RunError, match="10 of the first 10 questions: teacher endpoint http://127.0.0.1:9/v1/"
                                              "completions failed after 1 tries: .*Connection refused"):
         data.synthesize(cfg, AutoTokenizer.from_pretrained(tiny_base))
 
@@ -261,7 +261,7 @@ def test_a_teacher_that_keeps_no_rows_is_one_line_and_exit_2_before_writing(tiny
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with pytest.raises(SystemExit) as stop:
-            tools.cli(data.main, ["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data",
+            cli(data.main, ["--config", "configs/tiny.yaml", f"run.data_dir={tiny_root}/data",
                                   f"model.base={tiny_base}", "--synth", f"synth.out={tmp_path}/none",
                                   f"synth.teacher=http://127.0.0.1:{server.server_port}", "synth.splits=dev",
                                   "synth.samples=1", "synth.limit=5"])

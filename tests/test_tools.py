@@ -1,4 +1,4 @@
-"""tools.py: the parser, metrics, reward, config and the search clients.
+"""tools.py: the parser, metrics, reward and the search tools; config.py's loader; server.py's HTTP client.
 
     .venv/bin/python -m pytest -q tests/test_tools.py
 """
@@ -10,8 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from server import HTTPSearch
+from plumbing import load_model, model_path
 import tools
-from tools import ConfigError, EnvConfig, RunConfig, exact_match, extract_boxed, f1_score, lenient_match, parse, reward
+from config import ConfigError, RunConfig, cli, load_config, read_argv, read_jsonl
+from tools import EnvConfig, exact_match, extract_boxed, f1_score, lenient_match, parse, reward
 
 ENV = EnvConfig()
 TAGS = [ENV.think_open, ENV.think_close, ENV.action_open, ENV.action_close, ENV.obs_open, ENV.obs_close,
@@ -178,7 +181,7 @@ def write_yaml(tmp_path, text):
 
 def test_config_file_then_overrides(tmp_path):
     path = write_yaml(tmp_path, "run:\n  seed: 3\nenv:\n  topk: 5\n")
-    cfg = tools.load_config({"run": RunConfig, "env": EnvConfig}, ["--config", path, "env.topk=7", "seed=4"],
+    cfg = load_config({"run": RunConfig, "env": EnvConfig}, ["--config", path, "env.topk=7", "seed=4"],
                             own="run")
     assert cfg.run.seed == 4 and cfg.env.topk == 7 and cfg.env.tool == "bm25"
     assert cfg.to_dict()["env"]["topk"] == 7
@@ -199,36 +202,46 @@ def test_config_file_then_overrides(tmp_path):
 ])
 def test_config_errors_name_the_culprit(tmp_path, yaml_text, argv, message):
     path = write_yaml(tmp_path, yaml_text)
-    with pytest.raises(tools.ConfigError, match=message):
-        tools.load_config({"run": RunConfig, "env": EnvConfig}, ["--config", path, *argv], own="run")
+    with pytest.raises(ConfigError, match=message):
+        load_config({"run": RunConfig, "env": EnvConfig}, ["--config", path, *argv], own="run")
 
 
 def test_missing_config_file_is_a_config_error(tmp_path):
-    with pytest.raises(tools.ConfigError, match="cannot read .*nope.yaml"):
-        tools.load_config({"run": RunConfig}, ["--config", str(tmp_path / "nope.yaml")])
+    with pytest.raises(ConfigError, match="cannot read .*nope.yaml"):
+        load_config({"run": RunConfig}, ["--config", str(tmp_path / "nope.yaml")])
 
 
 def test_only_the_flags_a_script_takes_are_accepted():
-    cfg = tools.load_config({"run": RunConfig}, ["--resume"], flags=("resume", "overwrite"))
+    cfg = load_config({"run": RunConfig}, ["--resume"], flags=("resume", "overwrite"))
     assert cfg.flags == ["resume"]
-    with pytest.raises(tools.ConfigError, match=r"unknown flag --resmue \(this script takes: --resume, --overwrite\)"):
-        tools.load_config({"run": RunConfig}, ["--resmue"], flags=("resume", "overwrite"))
+    with pytest.raises(ConfigError, match=r"unknown flag --resmue \(this script takes: --resume, --overwrite\)"):
+        load_config({"run": RunConfig}, ["--resmue"], flags=("resume", "overwrite"))
+
+
+def test_one_command_line_reader_serves_the_stages_and_the_demo_flags_with_a_value():
+    demo_flags = {"seeds N": "", "quick": ""}  # demo.py's kind: "--seeds N" takes the next word
+    argv = ["--config=c.yaml", "--seeds", "3", "--quick", "--run.seed=2", "sft.lr=1"]
+    assert read_argv(argv, demo_flags) == ("c.yaml", ["run.seed=2", "sft.lr=1"], {"seeds": "3", "quick": True})
+    with pytest.raises(ConfigError, match=r"unknown flag --quik \(this script takes: --seeds N, --quick\)"):
+        read_argv(["--quik"], demo_flags)
+    with pytest.raises(ConfigError, match="cannot read argument 'quick'"):
+        read_argv(["quick"], demo_flags)
 
 
 def test_cli_turns_a_config_error_into_one_line_and_exit_status_2(capsys):
     def main(argv):
-        tools.load_config({"run": RunConfig}, argv)
+        load_config({"run": RunConfig}, argv)
     with pytest.raises(SystemExit) as stop:
-        tools.cli(main, ["run.sead=1"])
+        cli(main, ["run.sead=1"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1
     assert "unknown key 'run.sead'" in err and "Traceback" not in err
     with pytest.raises(ZeroDivisionError):  # a real bug keeps its traceback
-        tools.cli(lambda argv: 1 / 0, [])
+        cli(lambda argv: 1 / 0, [])
 
 
 def test_int_config_value_is_accepted_for_float_field(tmp_path):
-    cfg = tools.load_config({"env": EnvConfig}, ["env.timeout_s=3"], own="env")
+    cfg = load_config({"env": EnvConfig}, ["env.timeout_s=3"], own="env")
     assert cfg.env.timeout_s == 3.0 and isinstance(cfg.env.timeout_s, float)
 
 
@@ -291,13 +304,13 @@ def server():
 
 def test_http_search_returns_passages(server):
     Handler.mode = "ok"
-    out = tools.HTTPSearch(server, timeout_s=2)(["a", "b"], k=2)
+    out = HTTPSearch(server, timeout_s=2)(["a", "b"], k=2)
     assert out == [["doc about a"] * 2, ["doc about b"] * 2]
 
 
 def test_http_search_retries_then_succeeds(server):
     Handler.mode = "flaky"
-    out = tools.HTTPSearch(server, timeout_s=2, retries=2, backoff_s=0.01)(["a"], k=1)
+    out = HTTPSearch(server, timeout_s=2, retries=2, backoff_s=0.01)(["a"], k=1)
     assert out == [["doc about a"]] and Handler.hits == 2
 
 
@@ -306,7 +319,7 @@ def test_http_search_fails_clearly_within_bounded_time(server, mode, tries):
     Handler.mode = mode
     t0 = time.time()
     with pytest.raises(tools.ToolError, match=f"failed after {tries} tr"):
-        tools.HTTPSearch(server, timeout_s=0.3, retries=1, backoff_s=0.01)(["a"], k=1)
+        HTTPSearch(server, timeout_s=0.3, retries=1, backoff_s=0.01)(["a"], k=1)
     assert time.time() - t0 < 0.6  # the deadline is the whole call's: a slow first try leaves no time for a retry
 
 
@@ -316,7 +329,7 @@ def test_a_trickling_reply_costs_one_deadline_however_slowly_it_comes(server):
     Handler.mode = "trickle"
     t0 = time.time()
     with pytest.raises(tools.ToolError) as failed:
-        tools.HTTPSearch(server, timeout_s=1.0, retries=2, backoff_s=0.01)(["a"], k=1)
+        HTTPSearch(server, timeout_s=1.0, retries=2, backoff_s=0.01)(["a"], k=1)
     assert time.time() - t0 < 1.5 and failed.value.cause == "timeout" and server in str(failed.value)
 
 
@@ -326,7 +339,7 @@ def test_http_search_server_down():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(tools.ToolError, match="retrieval server"):
-        tools.HTTPSearch(f"http://127.0.0.1:{port}/retrieve", timeout_s=0.5, retries=1, backoff_s=0.01)(["a"])
+        HTTPSearch(f"http://127.0.0.1:{port}/retrieve", timeout_s=0.5, retries=1, backoff_s=0.01)(["a"])
 
 
 class WordTokenizer:
@@ -416,7 +429,7 @@ def test_bm25_build_and_query_never_import_jax(tmp_path):
 def test_http_failure_names_its_cause_and_the_url(server, mode, cause):
     Handler.mode = mode
     with pytest.raises(tools.ToolError) as failed:
-        tools.HTTPSearch(server, timeout_s=0.3, retries=0)(["a"], k=1)
+        HTTPSearch(server, timeout_s=0.3, retries=0)(["a"], k=1)
     assert failed.value.cause == cause and server in str(failed.value) and cause in str(failed.value)
 
 
@@ -426,14 +439,14 @@ def test_http_failure_of_a_server_that_is_down_says_connection_refused():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(tools.ToolError) as failed:
-        tools.HTTPSearch(f"http://127.0.0.1:{port}/retrieve", timeout_s=0.5, retries=0)(["a"])
+        HTTPSearch(f"http://127.0.0.1:{port}/retrieve", timeout_s=0.5, retries=0)(["a"])
     assert failed.value.cause == "connection refused"
 
 
 def test_failed_calls_are_counted_shown_and_logged_with_their_cause(server, tmp_path):
     Handler.mode = "500"
     log = tmp_path / "calls.jsonl"
-    env = tools.SearchEnv(tools.HTTPSearch(server, timeout_s=1, retries=0), WordTokenizer(), EnvConfig(), str(log))
+    env = tools.SearchEnv(HTTPSearch(server, timeout_s=1, retries=0), WordTokenizer(), EnvConfig(), str(log))
     obs = env(["q1", "q2"])
     assert obs == ["<search_result> search failed: HTTP 500 </search_result>"] * 2
     assert (env.calls, env.failures) == (2, 2) and server in env.last_error
@@ -453,7 +466,7 @@ def test_undecodable_bytes_are_a_bad_row_with_file_and_line(tmp_path):
     good = json.dumps({"id": "1", "question": "q?", "golden_answers": ["a"]}).encode()
     path.write_bytes(good + b"\n" + b'{"id": "2", "question": "caf\xe9?", "golden_answers": ["a"]}\n' + good + b"\n")
     warnings = []
-    rows = tools.read_jsonl(str(path), lambda row: None, warn=warnings.append)
+    rows = read_jsonl(str(path), lambda row: None, warn=warnings.append)
     assert len(rows) == 2 and warnings == [f"warning: {path}:2: skipped bad row: not UTF-8 text"]
     assert len(data.load_qa(str(path))) == 2  # the QA reader skips it too, and says where
     with pytest.raises(ValueError, match=f"{path}:2: bad QA row: not UTF-8 text"):
@@ -469,13 +482,13 @@ def test_a_missing_model_folder_is_one_line_before_any_hub_call(tmp_path, monkey
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", hub)
     run_dir = str(tmp_path / "runs" / "tiny")
     for path in (f"{run_dir}/sft123", "sft123", "./sft123"):
-        with pytest.raises(tools.ConfigError, match=f"no model folder '{path}' \\(sft.py \\(sft.out=sft123\\)"):
-            tools.load_model(path)
-    with pytest.raises(tools.ConfigError, match=f"rl.init='sft123': no model folder '{run_dir}/sft123' .*sft.py"):
-        tools.model_path("sft123", run_dir, "rl.init='sft123'")
-    with pytest.raises(tools.ConfigError, match=f"'{run_dir}/rl_sim' \\(rl.py \\(rl.out=rl_sim\\)"):
-        tools.model_path("rl_sim", run_dir)
-    assert tools.model_path("Qwen/Qwen2.5-7B", run_dir) == "Qwen/Qwen2.5-7B"  # a hub id is left to the hub
+        with pytest.raises(ConfigError, match=f"no model folder '{path}' \\(sft.py \\(sft.out=sft123\\)"):
+            load_model(path)
+    with pytest.raises(ConfigError, match=f"rl.init='sft123': no model folder '{run_dir}/sft123' .*sft.py"):
+        model_path("sft123", run_dir, "rl.init='sft123'")
+    with pytest.raises(ConfigError, match=f"'{run_dir}/rl_sim' \\(rl.py \\(rl.out=rl_sim\\)"):
+        model_path("rl_sim", run_dir)
+    assert model_path("Qwen/Qwen2.5-7B", run_dir) == "Qwen/Qwen2.5-7B"  # a hub id is left to the hub
 
 
 def test_bm25_gives_no_passage_for_a_query_that_matches_nothing(tmp_path):

@@ -1,4 +1,5 @@
-"""worldmodel.py: the real-call log, the world model's data and loss, the served environment, fidelity metrics."""
+"""worldmodel.py: the real-call log, the world model's data and loss, fidelity metrics; the served environment
+(tools.WorldModelEnv, tools.make_environment)."""
 import dataclasses
 import json
 import os
@@ -8,8 +9,11 @@ import pytest
 import torch
 
 import data
+import tools
 import worldmodel as wmod
-from tools import ConfigError, EnvConfig, SearchEnv, build_prompt, load_model, make_tool
+from config import ConfigError
+from plumbing import load_model
+from tools import EnvConfig, SearchEnv, build_prompt, make_tool
 
 ENV = EnvConfig()
 
@@ -34,7 +38,7 @@ def test_search_env_logs_one_row_per_real_call_with_question_and_history(tiny_cf
     env = SearchEnv(make_tool(ENV, tiny_cfg.run), tok, ENV, log_path=str(log))
     corpus = open(f"{tiny_cfg.run.data_dir}/corpus.jsonl")
     people = [json.loads(line)["contents"].split("\n")[0] for line in corpus][:2]
-    contexts = [build_prompt(tok, f"Where was {p} born?", ENV) + f" I should check. {wmod.action_text(p, ENV)}"
+    contexts = [build_prompt(tok, f"Where was {p} born?", ENV) + " I should check." + tools.action_text(p, ENV)
                 for p in people]
     obs = env(people, contexts)
     rows = wmod.read_calls(str(log))
@@ -61,10 +65,10 @@ def test_oracle_calls_carry_earlier_calls_as_history(tiny_cfg, base):
     calls = wmod.oracle_calls(rows, search)
     assert search.calls == len(calls) == 6
     first, second = [c for c in calls if c["question"] == rows[0]["question"]]
-    assert first["history"] == f" {wmod.action_text(first['query'], ENV)}"  # the text so far, as SearchEnv logs it
+    assert first["history"] == tools.action_text(first['query'], ENV)  # the text so far, as SearchEnv logs it
     assert second["query"] == rows[0]["queries"][1]
-    assert second["history"] == f"{first['history']}{first['observation']} {wmod.action_text(second['query'], ENV)}"
-    assert wmod.interaction_history(second["history"], ENV) == f"{first['history']}{first['observation']}"
+    assert second["history"] == f"{first['history']}{first['observation']}{tools.action_text(second['query'], ENV)}"
+    assert tools.interaction_history(second["history"], ENV) == f"{first['history']}{first['observation']}"
     assert wmod.oracle_calls([], search) == [] and search.calls == 6  # an empty question file: no calls
 
 
@@ -72,8 +76,8 @@ def test_history_keeps_calls_and_drops_thoughts_and_the_pending_action():
     obs = "<search_result> Ada Brun\nAda Brun was born in Lorn. </search_result>"
     text = (f" I need to search. <begin_search> Ada Brun </end_search>{obs} Now the city. "
             "<begin_search> Lorn </end_search>")
-    assert wmod.interaction_history(text, ENV) == f" <begin_search> Ada Brun </end_search>{obs}"
-    assert wmod.interaction_history(" just thinking", ENV) == ""
+    assert tools.interaction_history(text, ENV) == f" <begin_search> Ada Brun </end_search>{obs}"
+    assert tools.interaction_history(" just thinking", ENV) == ""
 
 
 def test_example_trains_on_the_observation_tokens_only(base):
@@ -149,23 +153,23 @@ def test_mean_metrics_averages_where_a_metric_applies():
 def test_served_environment_returns_well_formed_observations_for_a_batch(base):
     model, tok = base
     env = dataclasses.replace(ENV, obs_max_tokens=6)
-    world = wmod.WorldModelEnv(model, tok, env, tok, batch_size=2)
+    world = tools.WorldModelEnv(model, tok, env, tok, batch_size=2)
     queries = ["Ada Brun", "Lorn", "Olo Vess"]
-    contexts = [build_prompt(tok, f"Where was {q} born?", env) + " " + wmod.action_text(q, env) for q in queries]
+    contexts = [build_prompt(tok, f"Where was {q} born?", env) + tools.action_text(q, env) for q in queries]
     obs = world(queries, contexts)
     assert len(obs) == 3 and world.calls == 3 and world.simulated
     for o in obs:  # an untrained model writes anything: the format and the budget hold all the same
         assert o.startswith(env.obs_open) and o.endswith(env.obs_close)
-        assert len(tok.encode(" " + wmod.observation_body(o, env), add_special_tokens=False)) <= 6
+        assert len(tok.encode(" " + tools.observation_body(o, env), add_special_tokens=False)) <= 6
     assert world(queries[1:2], contexts[1:2]) == obs[1:2]  # batched = alone (greedy, per-row KV cache)
 
 
 def test_config_picks_the_environment(tiny_cfg, tiny_base, base):
     _, tok = base
-    real = wmod.make_environment(dataclasses.replace(ENV, env="real"), tiny_cfg.run, tok)
+    real = tools.make_environment(dataclasses.replace(ENV, env="real"), tiny_cfg.run, tok)
     assert isinstance(real, SearchEnv) and not real.simulated
     with pytest.raises(ValueError, match="env.worldmodel: .* is not a world model .*a policy's folder"):
-        wmod.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=tiny_base), tiny_cfg.run, tok)
+        tools.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=tiny_base), tiny_cfg.run, tok)
     folder = os.path.join(tiny_cfg.run.dir, "plain_worldmodel")  # the untrained base, marked as worldmodel.py marks
     if not os.path.exists(folder):
         shutil.copytree(tiny_base, folder)
@@ -173,13 +177,13 @@ def test_config_picks_the_environment(tiny_cfg, tiny_base, base):
             config = json.load(f)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump({**config, "worldmodel_gold": False}, f)
-    world = wmod.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=folder), tiny_cfg.run, tok)
-    assert isinstance(world, wmod.WorldModelEnv) and world.simulated and world.golds is None  # a plain world model
-    assert wmod.make_environment(dataclasses.replace(ENV, env="policy"), tiny_cfg.run, tok) is None
+    world = tools.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=folder), tiny_cfg.run, tok)
+    assert isinstance(world, tools.WorldModelEnv) and world.simulated and world.golds is None  # a plain world model
+    assert tools.make_environment(dataclasses.replace(ENV, env="policy"), tiny_cfg.run, tok) is None
     with pytest.raises(ValueError, match="env.worldmodel"):
-        wmod.make_environment(dataclasses.replace(ENV, env="worldmodel"), tiny_cfg.run, tok)
+        tools.make_environment(dataclasses.replace(ENV, env="worldmodel"), tiny_cfg.run, tok)
     with pytest.raises(ValueError, match="real, policy or worldmodel"):
-        wmod.make_environment(dataclasses.replace(ENV, env="oracle"), tiny_cfg.run, tok)
+        tools.make_environment(dataclasses.replace(ENV, env="oracle"), tiny_cfg.run, tok)
 
 
 def test_knowledge_curve_buckets_people_by_popularity_and_scores_a_faithful_simulator_1(tiny_cfg, base):
@@ -230,11 +234,11 @@ def test_gold_world_model_folder_is_served_with_the_gold_of_the_trajectorys_ques
     wmod.main(wm_argv(tiny_root, tiny_base, "wm_gold", f"calls={calls}", "steps=2", "batch_size=4", "eval_calls=0",
                       "gold=true"))
     folder = os.path.join(tiny_root, "runs", "wm_gold", "worldmodel")  # rl.py's env.worldmodel=<folder>, nothing else
-    world = wmod.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=folder), tiny_cfg.run, tok)
+    world = tools.make_environment(dataclasses.replace(ENV, env="worldmodel", worldmodel=folder), tiny_cfg.run, tok)
     row = data.load_qa(os.path.join(tiny_cfg.run.data_dir, "train.jsonl"))[0]
     prompts = []  # generation stubbed out: what is checked is the prompt the served path builds
     world.write = lambda batch: prompts.extend(batch) or ["<search_result> x </search_result>"] * len(batch)
-    context = lambda q: build_prompt(tok, q, ENV) + " " + wmod.action_text("Ada Brun", ENV)
+    context = lambda q: build_prompt(tok, q, ENV) + tools.action_text("Ada Brun", ENV)
     world(["Ada Brun"], [context(row["question"])])
     shown = f"Question: {row['question']}\nAnswer: {' | '.join(row['golden_answers'])}\n"
     assert tok.decode(prompts[0]).startswith(shown)
@@ -263,7 +267,7 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_root, tiny_base, bf16, 
 
 def test_init_names_a_stage_folder_under_the_run_and_a_missing_one_is_one_clear_error(tiny_root, tiny_base):
     import shutil
-    from tools import ConfigError
+    from config import ConfigError
     run_dir = os.path.join(tiny_root, "runs", "wminit")
     start = os.path.join(run_dir, "sft123")  # a stand-in policy: the base with one weight changed
     shutil.copytree(tiny_base, start, dirs_exist_ok=True)
