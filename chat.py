@@ -8,6 +8,8 @@ env.worldmodel=PATH). It prints the prompt and the trajectory with the environme
 model's (colour on a terminal, else the environment's text in [[...]]), then the answer as eval.py scores it and
 the calls spent.
 
+    python chat.py --config configs/tiny.yaml run.data_dir=data/tiny/seed0 init=runs/tiny/seed0/rl_simreal \
+        question="In which country was Suvelom Rilor born?"    # after make demo: its final model (its last line)
     python chat.py --config configs/tiny.yaml init=rl question="In which country was Suvelom Rilor born?"
     python chat.py --config configs/tiny.yaml init=sft123          # interactive: one question a line, empty ends
     python chat.py --config configs/tiny.yaml init=rl env.env=policy                 # the model simulates the tool
@@ -16,6 +18,8 @@ the calls spent.
 
 Not here: a dialogue (every question starts afresh, as in training), scoring against gold answers (eval.py).
 """
+import glob
+import os
 import sys
 from dataclasses import dataclass
 
@@ -23,7 +27,7 @@ import torch
 
 import data
 import eval as ev
-from config import RunConfig, cli, load_config
+from config import ConfigError, RunConfig, cli, load_config
 from plumbing import load_model, resolve_model
 from rollout import rollout
 from tools import EnvConfig, make_environment
@@ -69,10 +73,31 @@ def ask(model, tokenizer, question, cfg, environment):
     return episode
 
 
+def find_model(cfg):
+    """The model chat.init names (plumbing.resolve_model). A bare stage name with nothing behind it is a one-line error
+    that says what is there instead: make demo writes each seed's models one level down (<run.dir>/seed0/rl_simreal,
+    its world in <run.data_dir>/seed0), so after it the default `rl` finds nothing under <run.dir>."""
+    init, run_dir = cfg.chat.init, cfg.run.dir
+    if os.sep in init or init == "base" or os.path.isdir(init) or os.path.isdir(os.path.join(run_dir, init)):
+        return resolve_model(init, cfg, "chat.init")
+    finals = sorted(glob.glob(os.path.join(run_dir, "seed*", "rl_simreal", "config.json")))  # the demo's last stage
+    found = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(run_dir, "*", "config.json")))
+    if finals:
+        final = os.path.dirname(finals[0])
+        seed = os.path.basename(os.path.dirname(final))
+        hint = (f"make demo's final model is {final}: give init={final} run.data_dir="
+                f"{os.path.join(cfg.run.data_dir, seed)} (the corpus of its seed's world)")
+    elif found:
+        hint = f"the models under {run_dir}: {', '.join(found)}"
+    else:
+        hint = f"nothing is trained under {run_dir} yet (make demo trains every stage, then prints the chat command)"
+    raise ConfigError(f"chat.init={init!r}: no model folder {os.path.join(run_dir, init)!r}; {hint}")
+
+
 def main(argv=None):
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": data.ModelConfig, "chat": ChatConfig}, argv,
                       own="chat")
-    path = resolve_model(cfg.chat.init, cfg, "chat.init")  # a missing folder: one line naming its stage
+    path = find_model(cfg)  # a missing folder: one line saying what is there
     model, tokenizer = load_model(path, cfg.run)
     model.eval()
     environment = make_environment(cfg.env, cfg.run, tokenizer)  # real, a world-model LM, or None

@@ -9,8 +9,8 @@ data.py -- stage 0: the data and models every later stage starts from.
        comparison  "Who was born earlier, Ada Brun or Olo Vess?"                2 hops
        yesno       "Do Ada Brun and Olo Vess work for the same company?"       2 hops
    `world.kinds` picks the kinds asked; configs/tiny.yaml asks the first three only: on comparison and yes/no
-   the 1M-parameter model stayed at 0.00 and at chance in every stage (it copies neither two names nor two years
-   and does not compare them), so they measured nothing but noise.
+   the 1M-parameter model stayed at nothing and at chance in every stage (it copies neither two names nor two
+   years and does not compare them), so they measured nothing but noise (docs/tiny_world.md, "The tiny world").
    Test questions ask about people that no training question mentions, so only a search can answer them. A few
    *famous* people are asked about again and again in training, so a model can learn their facts by heart: on
    them a good agent answers without searching. That contrast is what makes "when to act" learnable.

@@ -3,7 +3,8 @@ demo.py -- the whole AutoCoA pipeline on the tiny world, in one command, ending 
 
     make demo                                            # = python demo.py --config configs/tiny.yaml (seed 0)
     python demo.py --config configs/tiny.yaml --seeds 3  # seeds 0, 1, 2: mean and spread per cell
-    python demo.py --config configs/tiny.yaml --seeds 3 --readme   # ... and rewrite the README's results
+    python demo.py --config configs/tiny.yaml --seeds 3 --readme   # ... and rewrite docs/results.md and the README's
+                                                                   # headline table and trajectory
     python demo.py --config configs/tiny.yaml --quick    # tiny sizes, a few steps each (what the tests run)
     python demo.py --config configs/tiny.yaml --jobs 1   # one core (default 2: independent stages side by side)
     python demo.py --config configs/tiny.yaml --pretrain # the tiny model reads its world first (runs/tiny_pretrain)
@@ -39,9 +40,11 @@ runs/<name>/results.md (the Table-1-shaped table, mean and standard deviation ov
 the stage times, and the knowledge curve: by how often pre-training repeated a person, the policy's closed-book
 accuracy and how often each simulator's observation keeps the birth city), runs/<name>/rl_curves.png and
 accuracy_by_stage.png (the first seed's), and prints one complete trajectory of the final model on a held-out
-question, the model's tokens and the environment's told apart. With --readme the README's results section (between
-its two marker lines) gets the table, its trajectory section the trajectory, and docs/ the two plots; with
---pretrain too, its own "pretrain results" section gets the table and docs/ the plots as pretrain_*.png.
+question, the model's tokens and the environment's told apart; its last line is the command that asks that model a
+question of your own (chat.py). With --readme docs/results.md's results section (between its two marker lines) gets
+the tables, the README's headline section EM and real calls per method and its trajectory section the trajectory,
+and docs/ the two plots; with --pretrain, docs/results.md's own "pretrain results" section gets the tables and docs/
+the plots as pretrain_*.png.
 
 A training step whose output folder already exists is skipped (delete runs/<name>/ to start over; the evals always
 run); a stage script that is missing is reported and its rows stay empty.
@@ -86,16 +89,14 @@ ROWS = [("no tool", "cot", "notool"), ("workflow", "sft2", "workflow"), ("SFT-2"
         ("+RL real only", "rl_real", "agent"), ("+RL world-model LM then real", "rl_wm", "agent"),
         ("+RL gold-shown world model then real", "rl_zs", "agent")]
 HERE = os.path.dirname(os.path.abspath(__file__))
-README, DOCS = os.path.join(HERE, "README.md"), os.path.join(HERE, "docs")  # what --readme rewrites
+README, DOCS = os.path.join(HERE, "README.md"), os.path.join(HERE, "docs")  # what --readme rewrites (docs/results.md)
 RL_RUNS = {"rl_sim": 1.0, "rl_simreal": 5 / 6, "rl_real": 0.0, "rl_wm": 5 / 6, "rl_zs": 5 / 6,
            "rl_rl2": 0.0}  # out -> simulated share
-# --pretrain (the tiny model reads its world first; see the README's "What the model knows before it acts")
+# --pretrain (the tiny model reads its world first; see docs/tiny_world.md, "What the model knows before it acts")
 REPLAY = "sft.pretrain_share=0.25"  # CoT and SFT-2: a quarter of the stream replays pre-training documents
-# SFT-3: half the stream replayed, 4x the default steps. Chosen on training prompts and dev (bench/sim_rewards.py:
-# a search on a needs-search question ends right, simulation vs real; dev EM), seeds 0/1/2: 800 steps at 0.5
-# 0.56/0.80, 0.36/0.67, 0.48/0.64, dev 0.935/0.665/0.780; 800 at 0.75 0.45/0.64, 0.38/0.64, 0.29/0.55, dev
-# 0.845/0.595/0.660; 800 at 0.25 0.78/0.89, 0.48/0.79, 0.52/0.75, dev 0.820/0.680/0.850; 800 at 0.5 with lr 1e-3
-# 0.48/0.80, 0.32/0.66, 0.35/0.65, dev 0.860/0.635/0.785; 400 at 0.5 (last version) 0.38/0.72, 0.22/0.47, 0.25/0.56
+# SFT-3: half the stream replayed, 4x the default steps. Chosen over seeds 0, 1, 2 on training prompts and dev
+# (bench/sim_rewards.py: how often a search on a needs-search question ends right, simulation vs real; dev EM) against
+# other shares, lr and lengths: the sweep is in docs/tiny_world.md, "Why tiny.yaml sets what it sets"
 SFT3_REPLAY = ["sft.pretrain_share=0.5", "sft.sft3_steps=800"]
 SIM_PROMPTS = "rl.sim_popular=30"  # RL-1 prompts: questions about people pre-training repeated 30+ times
 RL_STEPS = {"rl_rl2": 1 / 6}  # share of rl.steps the run takes (others: all): RL-2 alone = rl_simreal's real steps
@@ -351,6 +352,17 @@ def results_table(rows):
     return "\n".join(lines)
 
 
+def headline_table(rows):
+    """Markdown for the README's front page: per method, test EM, actions per question and real calls in RL, each
+    cell as in results_table (the full table, with EM by kind and the when-to-act errors, is docs/results.md's)."""
+    lines = ["| method | test EM | actions/q | real calls in RL |", "|---|---|---|---|"]
+    for label, _, _ in ROWS:
+        r = rows.get(label)
+        if r is not None:
+            lines.append(f"| {label} | {cell(r['em'], 3)} | {cell(r['actions'])} | {cell(r['real_calls_rl'], 0)} |")
+    return "\n".join(lines)
+
+
 def f1_differs(rows):
     """Whether an F1 column would say anything EM does not: in the tiny world the gold answers are one word, so F1
     differs from EM only when some model answers in several words; then the table shows it."""
@@ -362,47 +374,75 @@ def smooth(xs, window=5):
     return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
 
 
-def plot(results, run_dir, out_dir):
-    """rl_curves.png (reward and EM per RL step, one line per schedule) and accuracy_by_stage.png of one seed's
-    run_dir, written to out_dir."""
+def plot(results, run_dir, out_dir, seeds=(0,), quick=False):
+    """rl_curves.png and accuracy_by_stage.png of one seed's run_dir (the first of `seeds`), written to out_dir;
+    quick-mode plots are marked QUICK (their numbers mean nothing)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    paths = []
-    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for out, share in RL_RUNS.items():
-        metrics = rl_metrics(run_dir, out)
+    paths = [os.path.join(out_dir, "rl_curves.png"), os.path.join(out_dir, "accuracy_by_stage.png")]
+    for path, fig in zip(paths, (plot_curves(plt, run_dir, seeds[0]), plot_accuracy(plt, results, seeds))):
+        if quick:  # a reader who finds the file alone must not take it for a result
+            fig.text(0.5, 0.5, "QUICK", fontsize=90, color="red", alpha=0.15, rotation=20, ha="center", va="center")
+            fig.text(0.5, 0.3, "--quick: a check that the code runs; its numbers mean nothing", fontsize=12,
+                     color="red", alpha=0.5, ha="center", va="center")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def switch_step(runs):
+    """The first real step of the simulated-then-real runs ({out: metrics rows}), or None when none ran."""
+    return next((r["step"] for out, rows in runs.items() if 0 < RL_RUNS[out] < 1 for r in rows
+                 if r.get("env") == "real"), None)
+
+
+def plot_curves(plt, run_dir, seed):
+    """Reward and EM per RL step, one line per schedule named as in the table, the simulated-to-real switch marked.
+    RL-2 alone (the control) runs only the real steps, so it is drawn where those steps fall in the other runs."""
+    labels = {folder: label for label, folder, _ in ROWS}
+    runs = {out: rl_metrics(run_dir, out) for out in RL_RUNS}
+    switch = switch_step(runs)
+    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4.6))
+    for out, metrics in runs.items():
         rows = [r for r in metrics if "reward" in r]
-        if rows:
-            label = f"{out} ({share:.0%} simulated)"
-            steps = [r["step"] for r in rows]
-            raw, = ax_r.plot(steps, [r["reward"] for r in rows], alpha=0.25)
-            ax_r.plot(steps, smooth([r["reward"] for r in rows]), color=raw.get_color(), label=label)
-            line, = ax_e.plot(steps, smooth([r["em"] for r in rows]), label=label, color=raw.get_color())
-            held = [r for r in metrics if "eval_em" in r]  # held-out EM at the eval points
-            ax_e.plot([r["step"] for r in held], [r["eval_em"] for r in held], "o--", color=line.get_color())
+        if not rows:
+            continue
+        shift, label, style = 0, labels.get(out, out), "-"
+        if out == "rl_rl2" and switch is not None:  # its step 1 is the others' first real step
+            shift, label, style = switch - rows[0]["step"], label + ", at the real steps", "--"
+        steps = [r["step"] + shift for r in rows]
+        raw, = ax_r.plot(steps, [r["reward"] for r in rows], alpha=0.25)
+        ax_r.plot(steps, smooth([r["reward"] for r in rows]), style, color=raw.get_color(), label=label)
+        ax_e.plot(steps, smooth([r["em"] for r in rows]), style, color=raw.get_color(), label=label)
+        held = [r for r in metrics if "eval_em" in r]  # held-out EM at the eval points
+        ax_e.plot([r["step"] + shift for r in held], [r["eval_em"] for r in held], "o--", color=raw.get_color())
     for ax, name, title in ((ax_r, "reward", "training-batch reward (faint: per step; bold: mean of 5)"),
                             (ax_e, "EM", "EM (line: training batch, mean of 5; dots: held-out dev)")):
+        if switch is not None:  # before it the simulated runs never call the real tool: a jump here is the switch
+            ax.axvline(switch - 0.5, color="gray", linestyle=":")
+            ax.text(switch - 0.5, 0.99, "5/6 runs: simulated | real", transform=ax.get_xaxis_transform(),
+                    ha="center", va="top", fontsize=7, color="dimgray")
         ax.set_xlabel("RL step"), ax.set_ylabel(name), ax.set_title(title, fontsize=9), ax.grid(alpha=0.3)
-    ax_r.legend(fontsize=8)
-    fig.suptitle("GRPO from SFT-1&2&3: simulated steps (the policy writes its own observations) vs real tool",
-                 fontsize=10)
+    ax_r.legend(fontsize=7)
+    fig.suptitle(f"GRPO from SFT-1&2&3, seed {seed}: steps in a simulated environment (the policy or a world model "
+                 f"writes the observations), then the real tool", fontsize=10)
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "rl_curves.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def plot_accuracy(plt, results, seeds):
+    """Held-out test EM of each row's model, one bar per row in table order, for the first seed."""
     labels = [label for label, _, _ in ROWS if label in results]
     fig, ax = plt.subplots(figsize=(10, 3.8))
     bars = ax.bar(range(len(labels)), [results[k]["em"] for k in labels], color="tab:blue")
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_title("held-out test EM by stage (greedy, real tool)", fontsize=10)
+    spread = f"; the table: mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
+    ax.set_title(f"held-out test EM by stage, seed {seeds[0]} (greedy, real tool){spread}", fontsize=10)
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("test EM"), ax.set_ylim(0, 1), ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "accuracy_by_stage.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-    return paths
+    return fig
 
 
 FINAL = "+RL simulated then real"  # the paper's recipe: its trajectory ends the demo
@@ -418,8 +458,9 @@ def final_model(results, run_dir):
 
 
 def show_one(cfg, model_dir, kind="country", tries=16):
-    """One trajectory of model_dir on a held-out 2-hop question, as text: the first of `tries` such test questions
-    that it answers right (a walk-through reads better on a success), else the first one. Scored as eval.py does."""
+    """(question, text): one trajectory of model_dir on a held-out 2-hop question, the first of `tries` such test
+    questions that it answers right (a walk-through reads better on a success), else the first one. Scored as
+    eval.py does."""
     import torch
     from rollout import rollout
     from plumbing import load_model
@@ -432,9 +473,20 @@ def show_one(cfg, model_dir, kind="country", tries=16):
         episodes = rollout(model, tokenizer, rows, cfg.env, env)
     ev.score(episodes, rows, cfg.env, 1)  # fills each episode.reward
     i = next((i for i, ep in enumerate(episodes) if ep.reward == 1.0), 0)
-    return (f"question ({rows[i]['id']}, {rows[i].get('kind')}; the first of {len(rows)} such test questions "
-            f"{'it answers right' if episodes[i].reward else '(none answered right)'}): {rows[i]['question']}  "
-            f"gold: {rows[i]['golden_answers']}\n{ev.show_trajectory(episodes[i], tokenizer, color=False)}")
+    return rows[i]["question"], (
+        f"question ({rows[i]['id']}, {rows[i].get('kind')}; the first of {len(rows)} such test questions "
+        f"{'it answers right' if episodes[i].reward else '(none answered right)'}): {rows[i]['question']}  "
+        f"gold: {rows[i]['golden_answers']}\n{ev.show_trajectory(episodes[i], tokenizer, color=False)}")
+
+
+def chat_command(config_path, overrides, data_dir, model_dir, question):
+    """What to run next: the chat.py command line that asks model_dir a question, with the interpreter that ran the
+    demo (.venv/bin/python after make demo) and the seed's data (chat.py searches that world's corpus). The user's
+    run.*/env.* overrides come along (a device, a tool), but not run.data_dir: the seed's replaces it."""
+    python = os.path.relpath(sys.executable)
+    keep = [o for o in overrides if o.split(".", 1)[0] in ("run", "env") and not o.startswith("run.data_dir=")]
+    return shlex.join([python if not python.startswith("..") else "python", "chat.py", "--config", config_path, *keep,
+                       f"run.data_dir={data_dir}", f"init={model_dir}"]) + f" question={shlex.quote(question)}"
 
 
 def commit():
@@ -482,7 +534,8 @@ def run_seed(config_path, overrides, quick, seed, jobs, pretrain=False):
 
 
 def write_readme(path, text, part="results"):
-    """Replace what stands between the README's two markers of `part` (results, trajectory) with text."""
+    """Replace what stands between the two markers of `part` (results, headline, trajectory) in the markdown file at
+    path (the README or docs/results.md) with text."""
     begin, end = f"<!-- {part}: begin (written by demo.py --readme) -->", f"<!-- {part}: end -->"
     with open(path) as f:
         readme = f.read()
@@ -497,8 +550,8 @@ def write_readme(path, text, part="results"):
 FLAGS = {"seeds N": "run seeds run.seed .. run.seed+N-1, each its own world and model; cells: mean ± std (default 1)",
          "jobs N": "independent stages side by side, one core each (default 2)",
          "quick": "a small world and a few steps per stage: checks that the code runs (its numbers mean nothing)",
-         "readme": "rewrite the README's results and trajectory sections and docs/*.png from this run (--pretrain: its "
-                   "own section and docs/pretrain_*.png)",
+         "readme": "rewrite docs/results.md's tables, the README's headline table and trajectory, and docs/*.png "
+                   "from this run (--pretrain: its own section of docs/results.md and docs/pretrain_*.png)",
          "pretrain": "pre-train on the world's corpus first, with replay and RL-1 on popular prompts "
                      "(runs/<name>_pretrain)"}
 
@@ -573,17 +626,23 @@ def main(argv=None):
         f.write(f"# AutoCoA on the tiny world ({'quick' if quick else 'full'} demo)\n\n{section}\n"
                 f"Stage times (s): {json.dumps(times)}\n")
     first_dir, first_results = runs[0][0].run_dir, runs[0][1]
-    plots = plot(first_results, first_dir, cfg.run.dir) if first_results else []
+    plots = plot(first_results, first_dir, cfg.run.dir, seeds, quick) if first_results else []
     print("plots:", ", ".join(plots))
     label, model_dir = final_model(first_results, first_dir)
     if model_dir:
-        shown = show_one(load_config({"run": RunConfig, "env": EnvConfig}, runs[0][0].argv(())), model_dir)
+        seed_cfg = load_config({"run": RunConfig, "env": EnvConfig}, runs[0][0].argv(()))
+        question, shown = show_one(seed_cfg, model_dir)
         print(f"\n== one held-out trajectory of the final model ({label}, seed {seeds[0]}):\n{shown}")
-    if readme:  # the table, the plots (docs/) and the trajectory, all from this run
-        # --pretrain has its own section and plots beside the default pipeline's; the trajectory stays the default's
-        write_readme(README, section, "pretrain results" if pretrain else "results")
+    if readme:  # the tables, the plots (docs/), the headline and the trajectory, all from this run
+        # --pretrain has its own section and plots beside the default pipeline's; the README stays the default's
+        write_readme(os.path.join(DOCS, "results.md"), section, "pretrain results" if pretrain else "results")
         for path in plots:
             shutil.copyfile(path, os.path.join(DOCS, ("pretrain_" if pretrain else "") + os.path.basename(path)))
+        if not pretrain:
+            write_readme(README, f"Held-out test EM, actions per question and real tool calls spent in RL; {over} "
+                         f"(greedy, real tool). Written by `{command}` on commit {sha}. Every column, the "
+                         f"simulators' fidelity and the knowledge curve: docs/results.md.\n\n{headline_table(rows)}",
+                         "headline")
         if model_dir and not pretrain:
             write_readme(README, f"The final model ({label}), seed {seeds[0]}, commit "
                          f"{sha}:\n\n```\n{shown}\n```", "trajectory")
@@ -593,6 +652,9 @@ def main(argv=None):
     print(QUICK_NOTE if quick else "", flush=True)
     print(f"demo done in {time.time() - t0:.0f}s; results in {os.path.join(cfg.run.dir, 'results.md')} and "
           f"results.json")
+    if model_dir:  # the last line: what to run next, a command that works as printed
+        print(f"next: ask the final model ({label}, seed {seeds[0]}) a question of your own (no question=: one a "
+              f"line):\n{chat_command(config_path, overrides, seed_cfg.run.data_dir, model_dir, question)}", flush=True)
     return rows
 
 

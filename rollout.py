@@ -261,7 +261,8 @@ class StaticCache(RowCache):
 
 class StaticDecoder:
     """The decode step with static shapes, for a GPU where an eager step is bound by launches and Python rather
-    than by reading the weights (issue 14: 35 ms a step on an H200 where one read of the weights takes 0.65 ms).
+    than by reading the weights (issue 14 measured an eager step at many times one read of the weights on an H200:
+    docs/benchmarks.md, bench/rollout.py).
     A CUDA graph records the kernels of one step and replays them with a single launch; that needs every tensor
     the step touches to keep its address and shape, hence the preallocated StaticCache and persistent buffers.
 

@@ -6,13 +6,14 @@ Every other training number of this project comes from a 1M-parameter model with
 is one token. Here the tags are plain text of 3 to 5 pieces, the prompt is a chat template and EOS is <|im_end|>:
 the path a user's `rl.py --config configs/qwen7b.yaml` takes, on the one real model that is at hand offline.
 
-    python bench/real_model.py                        # the whole run, configs/smollm2_tiny.yaml (~33 min, 1 core)
-    python bench/real_model.py name=smoke sft_steps=1 sft3_steps=1 rl_steps=1 sim_steps=1 eval_n=4   # ~6 min
+    python bench/real_model.py                        # the whole run, configs/smollm2_tiny.yaml (about half an hour)
+    python bench/real_model.py name=smoke sft_steps=1 sft3_steps=1 rl_steps=1 sim_steps=1 eval_n=4   # minutes
 (name: the run's folder under runs/, default the config's run.name; the data is shared)
 
-The sizes fit a CPU: one SFT step of 8 oracle trajectories (~145 tokens each, 80 of them the chat prompt) takes ~18 s
-on one core, so SFT-2 is 40 steps (the loss is near 0.05 after 10; 40 leave no format errors), GRPO 20 steps of
-4 prompts x 4 (the issue asks >= 10; more steps let the first and last five be compared), SFT-3 10 steps.
+The sizes fit a CPU: an SFT step of 8 oracle trajectories (~145 tokens each, 80 of them the chat prompt) takes
+seconds on one core, so SFT-2 is 40 steps (the loss levels off within 10; 40 leave no format errors), GRPO 20 steps
+of 4 prompts x 4 (the issue asks >= 10; more steps let the first and last five be compared), SFT-3 10 steps. The
+times measured, and the run's results: docs/benchmarks.md and docs/real_model.md.
 
 Phases, each one subprocess (so its wall time and peak memory, ru_maxrss, are its own):
   data      the tiny world and the oracle's SFT data (observations cut with SmolLM2's tokenizer), the converted model

@@ -36,20 +36,7 @@ read (parameter bytes / the card's memory bandwidth: BANDWIDTH by torch.cuda.get
 
 Targets (issue 3): (a) >= 3x the throughput of (b); time(a) <= 1.25 x time(c). Ends with one JSON line.
 
-Measured 2026-11-25 on the shared 2-core CPU box (load average 7-12 from other jobs, so absolute numbers are
-noisy; the ratios are side by side), batch 16, ~150-token observations, identical ids from (a) and (b):
-    tiny, 1 thread, median of 3      3 calls: a/b 1.99x, a/c time 1.01, c/b 2.02x   (a) 933 tok/s
-                                      4 calls: a/b 2.35x, a/c 0.92;  5 calls: 2.55x, 0.89;  6 calls: 2.97x, 0.86
-    SmolLM2-135M, 2 threads, 1 run  3 calls (--free 8 --answer 2): a/b 2.04x, a/c time 0.60, c/b 1.22x
-The a/c target holds. The a/b target is missed at 3 calls because it is out of reach for any loop that does
-(a)'s work: the floor (c) itself is only ~2x (b) there. On CPU a forward costs about its token count, and (b)
-re-prefills ~2.2x the tokens (a) feeds at 3 calls; the gap grows with every call (quadratic for (b)). Inside
-(a) (tiny, 3 calls): chunk forwards 0.68 s, one-token decode forwards 0.62 s, everything else (sampling,
-stop checks, tool, bookkeeping) 0.09 s, i.e. ~7%.
-
-CPU only, not the issue-14 target (2026-11-26, same shared box, 1 thread, tiny fp32, batch 16, 3 calls, 1 repeat):
-(a) 1450 tok/s, (s) 1405, (b) 785, (d) 740, (c) 1662, (e) 1398; decode step (a) 4.62 ms, (s) 4.70 ms; ids a vs s
-16/16. On CPU the static step runs eagerly, so (s) ~ (a) is expected: the graphs are what a GPU needs.
+The last measurements, what they show and why the static path exists: docs/benchmarks.md.
 """
 import argparse
 import contextlib

@@ -356,20 +356,52 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
     assert os.path.isdir(os.path.join(run_dir, "seed0", "sft123"))
     saved = json.loads(first)
     assert saved["seeds"] == [0] and saved["rows"] == json.loads(json.dumps(rows))
-    readme, docs = tmp_path / "README.md", tmp_path / "docs"  # --readme: table, trajectory and plots written
-    readme.write_text("".join(f"<!-- {part}: begin (written by demo.py --readme) -->\nSTALE\n<!-- {part}: end -->\n"
-                              for part in ("results", "trajectory")))
+    check_the_next_command(printed, tmp_path, capsys)
+    readme, docs = tmp_path / "README.md", tmp_path / "docs"  # --readme: tables, headline, trajectory, plots written
+    markers = lambda *parts: "".join(f"<!-- {part}: begin (written by demo.py --readme) -->\nSTALE\n"
+                                     f"<!-- {part}: end -->\n" for part in parts)
+    readme.write_text(markers("headline", "trajectory"))
     docs.mkdir()
+    (docs / "results.md").write_text(markers("results"))
     monkeypatch.setattr(demo, "README", str(readme))
     monkeypatch.setattr(demo, "DOCS", str(docs))
     _, second = run("b", "--readme")  # everything again from nothing, in other folders: the same bytes
     assert first == second
-    written = readme.read_text()
-    assert "STALE" not in written and "| +RL real only |" in written and "| +RL-2 alone (control) |" in written
+    written, results = readme.read_text(), (docs / "results.md").read_text()
+    assert "STALE" not in written + results and "| +RL real only |" in results
+    assert "| +RL-2 alone (control) |" in results
+    assert "| method | test EM | actions/q | real calls in RL |" in written and "| +RL real only | " in written
     # the trajectory of the final model (6 steps a stage need not search: show_trajectory's own test marks [[...]])
     assert "The final model (+RL simulated then real), seed 0" in written and "question (test-" in written
-    assert "--quick run.data_dir=" in written and " run.device=cpu --readme` on commit" in written
-    assert sorted(os.listdir(docs)) == ["accuracy_by_stage.png", "rl_curves.png"]
+    assert "--quick run.data_dir=" in results and " run.device=cpu --readme` on commit" in results
+    assert sorted(os.listdir(docs)) == ["accuracy_by_stage.png", "results.md", "rl_curves.png"]
+
+
+def check_the_next_command(printed, tmp_path, capsys):
+    """The quick demo's last line is a chat.py command that answers as printed; the README's next command, its two
+    folders mapped onto the quick run's, names the same model and data and answers too; a bare `init=rl` (the
+    folder stage-by-stage runs write) is one line naming the demo's final model."""
+    import os
+    import re
+    import shlex
+    import chat
+    from config import ConfigError
+    argv = shlex.split(printed.strip().splitlines()[-1])
+    assert argv[1] == "chat.py" and len(chat.main(argv[2:])) == 1
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        head = f.read().split("\n")[:40]  # the first screen says what to run next
+    line = next(i for i, text in enumerate(head) if text.startswith(".venv/bin/python chat.py"))
+    readme = shlex.split(head[line].rstrip("\\") + head[line + 1])
+    mapped = [a.replace("=runs/tiny/", f"={tmp_path}/a/runs/tiny_quick/").replace("=data/tiny/",
+                                                                                   f"={tmp_path}/a/data/")
+              for a in readme[2:]]
+    key = lambda args, name: next(a for a in args if a.startswith(name))
+    assert [key(mapped, k) for k in ("run.data_dir=", "init=")] == [key(argv, k) for k in ("run.data_dir=", "init=")]
+    assert readme[:4] == [".venv/bin/python", "chat.py", "--config", "configs/tiny.yaml"]
+    assert len(chat.main(mapped + ["run.device=cpu"])) == 1
+    with pytest.raises(ConfigError, match=re.escape(f"make demo's final model is {key(argv, 'init=')[5:]}")):
+        chat.main(argv[2:-2] + ["init=rl", f"run.runs_dir={tmp_path}/a/runs", "run.name=tiny_quick"])
+    capsys.readouterr()
 
 
 def test_demo_aggregates_seeds_into_mean_and_spread():

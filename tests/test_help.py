@@ -163,4 +163,5 @@ def test_chat_on_a_missing_model_is_one_line(tiny_root, capsys):
     with pytest.raises(SystemExit) as stop:
         cli(chat.main, chat_argv(tiny_root, "rl", "question=hi"))
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.count("\n") == 1 and "rl.py" in err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "chat.init='rl': no model folder" in err
+    assert f"nothing is trained under {tiny_root}/runs/chat yet (make demo trains every stage" in err
