@@ -385,7 +385,7 @@ def check_the_next_command(printed, tmp_path, capsys):
     import re
     import shlex
     import chat
-    from tools import ConfigError
+    from config import ConfigError
     argv = shlex.split(printed.strip().splitlines()[-1])
     assert argv[1] == "chat.py" and len(chat.main(argv[2:])) == 1
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
