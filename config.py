@@ -31,6 +31,7 @@ import signal
 import sys
 import textwrap
 import threading
+import time
 import tokenize
 from dataclasses import dataclass
 
@@ -122,6 +123,19 @@ def stop_runs(signal_name=None):
     no lock)."""
     plumbing = sys.modules.get("plumbing")
     return plumbing.stop_runs(signal_name) if plumbing else ""
+
+
+def backoff(retries, backoff_s, deadline=None):
+    """Try numbers 1 .. 1 + retries for a `for tries in backoff(...)` loop that returns on success, sleeping
+    backoff_s * 2 ** (n - 1) before retry n; past `deadline` (time.monotonic()) no retry starts and no sleep runs.
+    A failed dependency retried: the loop of server.HTTPSearch, data.py's endpoint teacher and eval.py's judge."""
+    for n in range(retries + 1):
+        if n:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            delay = backoff_s * 2 ** (n - 1)
+            time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
+        yield n + 1
 
 
 def read_key_values(cls, argv, who):
@@ -462,3 +476,17 @@ def read_jsonl(path, check, what="row", on_bad="skip", warn=print):
         placed = [(f"{path}:{n}", load(line)) for n, line in enumerate(f, 1) if line.strip()]
     return check_rows(placed, check, what, on_bad, warn)
 
+
+def check_corpus_row(row):
+    if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("contents"), str):
+        return "needs 'id' and a string 'contents'"
+    return None
+
+
+def read_corpus(path):
+    """Corpus JSONL rows {"id", "contents"}; a bad line is a ConfigError with file and line number."""
+    rows = [{"id": str(row["id"]), "contents": row["contents"]}
+            for _, row in read_jsonl(path, check_corpus_row, "corpus row", on_bad="raise")]
+    if not rows:
+        raise ConfigError(f"{path}: no corpus rows (an empty file)")
+    return rows

@@ -42,8 +42,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from plumbing import print0, progress
-from config import RunConfig, ConfigError, RunError, check_rows, cli, load_config, partial_write, read_jsonl
-from tools import EnvConfig, SearchEnv, action_text, answer_text, backoff, build_prompt, make_tool, parse, reward
+from config import (ConfigError, RunConfig, RunError, backoff, check_rows, cli, load_config, partial_write,
+                    read_jsonl)
+from tools import EnvConfig, SearchEnv, action_text, answer_text, build_prompt, make_tool, parse, reward
 
 
 @dataclass

@@ -63,11 +63,12 @@ from dataclasses import dataclass
 import torch
 
 import data
+from config import ConfigError, RunConfig, backoff, cli, load_config
 from plumbing import (barrier, check_worldmodel_folder, claim_run, load_model, print0, progress, release_run,
                       resolve_model, setup_dist)
-from config import ConfigError, RunConfig, cli, load_config
-from tools import (EnvConfig, SearchEnv, action_text, answer_text, backoff, build_prompt, exact_match, extract_boxed,
-                   f1_score, lenient_match, loss_mask, make_environment, observation_body, parse, truncation_warning)
+from rollout import Episode, count_calls, encode_prompt, generate, rollout, truncation_warning
+from tools import (EnvConfig, SearchEnv, action_text, answer_text, build_prompt, exact_match, extract_boxed,
+                   f1_score, lenient_match, loss_mask, make_environment, observation_body, parse)
 
 
 @dataclass
@@ -124,7 +125,6 @@ def load_questions(cfg, source=None):
 
 def run_agent(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
     """rollout() over batches of questions; episodes come back in row order, samples adjacent."""
-    from rollout import rollout
     episodes = []
     for batch in progress(rows, ecfg.batch_size, "eval", environment):
         episodes += rollout(model, tokenizer, batch, env_cfg, environment, group_size=ecfg.samples,
@@ -141,7 +141,6 @@ def notool_env(env_cfg):
 def generate_batch(model, tokenizer, prompts, max_new_tokens, stop_strings, ecfg, generator, desc="eval",
                    environment=None):
     """rollout.generate over batches: prompts (lists of ids) -> [(ids, logps)] in order."""
-    from rollout import generate
     out = []
     for batch in progress(prompts, ecfg.batch_size, desc, environment, unit="seq"):
         ids, logps = generate(model, tokenizer, batch, max_new_tokens, stop_strings=stop_strings,
@@ -167,7 +166,6 @@ class Trace:
         self.logps += [float(x) for x in logps] if logps is not None else [0.0] * len(ids)
 
     def episode(self, tokenizer):
-        from rollout import Episode
         return Episode(question=self.row["question"], golds=list(self.row["golden_answers"]),
                        prompt_ids=self.prompt_ids, ids=self.ids, mask=self.mask, logps=self.logps,
                        actions=self.actions, real_calls=self.real_calls, sim_calls=self.sim_calls,
@@ -196,7 +194,6 @@ def run_fixed_workflow(model, tokenizer, rows, env_cfg, environment, ecfg, gener
     """Search first, then answer. The loop (not the model) writes the actions and their observations (mask 0);
     the model then writes its reasoning and answer. If it starts another action, the action is cut and the answer
     forced (tools.answer_text's opener, as at rollout's action limit): the model never decides to search."""
-    from rollout import count_calls, encode_prompt
     if environment is None:
         raise ConfigError("the fixed workflow needs a tool: env.env=real or worldmodel")
     traces = []
@@ -308,7 +305,6 @@ def run_react(model, tokenizer, rows, env_cfg, environment, ecfg, generator):
     interrupts). Tool text is environment-written (mask 0). At env.max_actions searches the loop asks for the
     answer with a forced 'Action: Finish['.
     """
-    from rollout import count_calls
     if environment is None:
         raise ConfigError("the ReAct workflow needs a tool: env.env=real or worldmodel")
     traces = [Trace(row, encode(tokenizer, react_prompt(tokenizer, row["question"])))

@@ -142,7 +142,7 @@ from dataclasses import dataclass
 import torch
 
 from data import load_qa, pretrain_repeats, save_atomic
-from rollout import rollout
+from rollout import rollout, truncation_warning
 from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resume, full_state_dict,
                       latest_checkpoint, load_sharded, log_line, nothing_left, print0, progress_bar, release_run,
                       resume_run, save_checkpoint, save_pretrained, setup_dist, start_logging, unwrap)
@@ -150,7 +150,7 @@ from plumbing import (add_token_weighted, backward_global, clip_grad_norm, grad_
                       token_weighted_means)
 from plumbing import check_worldmodel_folder, is_lora, load_trainee, master_dtype, model_path, plain_copy
 from config import ConfigError, RunConfig, cli, load_config
-from tools import EnvConfig, SearchEnv, make_environment, make_tool, parse, reward, truncation_warning
+from tools import EnvConfig, SearchEnv, make_environment, make_tool, parse, reward
 
 
 @dataclass

@@ -588,6 +588,14 @@ class CoARules:
 
 
 @torch.no_grad()
+def truncation_warning(share, env, where):
+    """One line when more than env.truncation_warn of the trajectories stopped at the length budget, else ""."""
+    if share <= env.truncation_warn:
+        return ""
+    return (f"{where}: warning: {share:.0%} of trajectories stopped at env.max_new_tokens={env.max_new_tokens} "
+            f"(observations included), more than env.truncation_warn={env.truncation_warn:g}: raise max_new_tokens")
+
+
 def rollout(model, tokenizer, rows, env_cfg, environment, group_size=1, temperature=0.0, top_p=1.0,
             max_new_tokens=None, generator=None):
     """Sample group_size trajectories per question row (group members adjacent); see the module docstring.

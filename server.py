@@ -48,8 +48,8 @@ import re
 import time
 import urllib.parse
 
-from config import ConfigError, RunError, cli
-from tools import BM25Search, ToolError, backoff, read_corpus
+from config import ConfigError, RunError, backoff, cli, read_corpus
+from tools import BM25Search, ToolError
 
 # -----------------------------------------------------------------------------
 # The client: a Search-R1 / FlashRAG retrieval server as a search tool, `tool(queries) -> [[passage, ...], ...]`

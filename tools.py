@@ -29,11 +29,10 @@ import re
 import shutil
 import string
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from config import ConfigError, RunError, read_jsonl
+from config import ConfigError, RunError, read_corpus
 
 # -----------------------------------------------------------------------------
 # The settings of the CoA format and of the environment (the config's env section)
@@ -308,21 +307,6 @@ class FailureLimit(ToolError):
     env.on_error says (rollout.py lets it through)."""
 
 
-def check_corpus_row(row):
-    if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("contents"), str):
-        return "needs 'id' and a string 'contents'"
-    return None
-
-
-def read_corpus(path):
-    """Corpus JSONL rows {"id", "contents"}; a bad line is a ConfigError with file and line number."""
-    rows = [{"id": str(row["id"]), "contents": row["contents"]}
-            for _, row in read_jsonl(path, check_corpus_row, "corpus row", on_bad="raise")]
-    if not rows:
-        raise ConfigError(f"{path}: no corpus rows (an empty file)")
-    return rows
-
-
 def import_bm25s():
     """bm25s, imported with `jax` hidden. bm25s.selection imports jax when it can and runs a top-k on it at import
     time (its fast backend); on a GPU box JAX then preallocates 75% of the card's memory, which training needs.
@@ -400,19 +384,6 @@ class BM25Search:
         return [[self.docs[i]["contents"] for i in row] for row in self.search(queries, k)[0]]
 
 
-def backoff(retries, backoff_s, deadline=None):
-    """Try numbers 1 .. 1 + retries for a `for tries in backoff(...)` loop that returns on success, sleeping
-    backoff_s * 2 ** (n - 1) before retry n; past `deadline` (time.monotonic()) no retry starts and no sleep runs.
-    The retry loop of server.HTTPSearch, data.py's endpoint teacher and eval.py's judge."""
-    for n in range(retries + 1):
-        if n:
-            if deadline is not None and time.monotonic() >= deadline:
-                return
-            delay = backoff_s * 2 ** (n - 1)
-            time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
-        yield n + 1
-
-
 def make_tool(env, run=None):
     if env.tool == "bm25":
         return BM25Search(env.corpus or os.path.join(run.data_dir if run else "data/tiny", "corpus.jsonl"))
@@ -420,14 +391,6 @@ def make_tool(env, run=None):
         from server import HTTPSearch  # server.py imports this module (BM25Search for its bm25 retriever)
         return HTTPSearch(env.url, env.timeout_s, env.retries)
     raise ConfigError(f"config: env.tool must be bm25 or http, got {env.tool!r}")
-
-
-def truncation_warning(share, env, where):
-    """One line when more than env.truncation_warn of the trajectories stopped at the length budget, else ""."""
-    if share <= env.truncation_warn:
-        return ""
-    return (f"{where}: warning: {share:.0%} of trajectories stopped at env.max_new_tokens={env.max_new_tokens} "
-            f"(observations included), more than env.truncation_warn={env.truncation_warn:g}: raise max_new_tokens")
 
 
 def format_observation(passages, tokenizer, env, numbered=None):

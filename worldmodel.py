@@ -93,10 +93,10 @@ from plumbing import (RUN_FLAGS, all_mean, barrier, claim_and_resume, cosine_lr,
                       log_line, nothing_left, plain_copy, print0, progress, progress_bar, release_run, resume_run,
                       save_checkpoint, setup_dist, start_logging)
 from rollout import generate
-from config import ConfigError, RunConfig, cli, load_config, read_jsonl
+from config import ConfigError, RunConfig, cli, load_config, read_corpus, read_jsonl
 from plumbing import load_model, master_dtype, model_path
 from tools import (EnvConfig, SearchEnv, WorldModelEnv, action_text, build_prompt, format_observation, make_tool,
-                   normalize_answer, observation_body, parse, read_corpus, reward, shown_answers, token_f1,
+                   normalize_answer, observation_body, parse, reward, shown_answers, token_f1,
                    wm_prompt_ids)
 
 

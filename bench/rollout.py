@@ -57,9 +57,9 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList  # n
 
 import data  # noqa: E402
 import rollout as R  # noqa: E402
-from config import RunConfig, load_config  # noqa: E402
+from config import RunConfig, load_config, read_corpus  # noqa: E402
 from plumbing import load_model  # noqa: E402
-from tools import EnvConfig, SearchEnv, answer_text, read_corpus  # noqa: E402
+from tools import EnvConfig, SearchEnv, answer_text  # noqa: E402
 
 
 # -----------------------------------------------------------------------------

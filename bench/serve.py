@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import requests  # noqa: E402
 
 from server import HTTPSearch  # noqa: E402
-from config import cli, read_key_values  # noqa: E402
+from config import cli, read_corpus, read_key_values  # noqa: E402
 import tools  # noqa: E402
 
 
@@ -201,7 +201,7 @@ def main(argv=None):
     if not os.path.exists(args["corpus"]):
         import data
         print("wiki corpus docs:", data.build_wiki_corpus(args["corpus"]))
-    docs = tools.read_corpus(args["corpus"])
+    docs = read_corpus(args["corpus"])
     with tempfile.TemporaryDirectory() as tmp:  # a fresh build, leaving the cached index alone
         t0 = time.perf_counter()
         tools.BM25Search(args["corpus"], index_dir=os.path.join(tmp, "index"))

@@ -11,6 +11,7 @@ import torch
 import data
 from plumbing import load_model
 from config import ConfigError, RunConfig
+import config
 import tools
 from conftest import tiny_config
 
@@ -83,7 +84,7 @@ def test_test_questions_ask_only_about_unseen_or_famous_people(tiny_cfg):
 
 def test_gold_answers_follow_from_the_corpus(tiny_cfg):
     """Each answer is derivable from the documents: the world and its corpus agree."""
-    docs = {d["id"]: d["contents"] for d in tools.read_corpus(os.path.join(tiny_cfg.run.data_dir, "corpus.jsonl"))}
+    docs = {d["id"]: d["contents"] for d in config.read_corpus(os.path.join(tiny_cfg.run.data_dir, "corpus.jsonl"))}
     text = "\n".join(docs.values())
     for row in read(os.path.join(tiny_cfg.run.data_dir, "test.jsonl")):
         if row["kind"] in ("city", "employer"):
@@ -135,7 +136,7 @@ def test_bad_corpus_row_names_file_and_line(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"id": 1, "contents": "ok"}\n{"id": 2}\n')
     with pytest.raises(ValueError, match=r"c.jsonl:2: bad corpus row"):
-        tools.read_corpus(str(corpus))
+        config.read_corpus(str(corpus))
 
 
 def test_malformed_qa_rows_are_reported_then_skipped_or_refused(tmp_path, capsys):

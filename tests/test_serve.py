@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from server import Batcher, DenseSearch, HTTPSearch, request_size
+import config
 import tools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +102,7 @@ def test_server_answers_the_project_client_like_the_in_process_index(server, cor
 
 
 def test_reply_has_the_search_r1_shape_with_and_without_scores(server, corpus):
-    docs = {d["id"]: d["contents"] for d in tools.read_corpus(corpus)}
+    docs = {d["id"]: d["contents"] for d in config.read_corpus(corpus)}
     reply = requests.post(server, json={"queries": ["born", "city", "Ada Brun"], "topk": 2,
                                         "return_scores": True}).json()
     assert [len(row) for row in reply["result"]] == [2, 2, 0]  # no name of this world: nothing, not 2 of score 0
@@ -370,7 +371,7 @@ def encoder(tiny_base, tmp_path_factory):
 
 def test_dense_server_answers_like_the_in_process_dense_index(encoder, corpus, tmp_path):
     small = str(tmp_path / "corpus.jsonl")  # 40 documents: a random encoder is slow enough on one core
-    docs = tools.read_corpus(corpus)[:40]
+    docs = config.read_corpus(corpus)[:40]
     with open(small, "w") as f:
         f.writelines(json.dumps(d) + "\n" for d in docs)
     local = DenseSearch(small, encoder)
@@ -395,7 +396,7 @@ def test_dense_server_answers_like_the_in_process_dense_index(encoder, corpus, t
 def test_a_prebuilt_index_is_served_as_is_and_one_of_another_corpus_is_one_line(encoder, corpus, tmp_path):
     """--index (Search-R1's e5_Flat.index for wiki-18.jsonl): the server searches that file and encodes no passage
     (it writes no cache of its own); an index whose size is not the corpus's stops the server in one line."""
-    docs = tools.read_corpus(corpus)[:30]
+    docs = config.read_corpus(corpus)[:30]
     small = str(tmp_path / "wiki-18.jsonl")
     with open(small, "w") as f:
         f.writelines(json.dumps(d) + "\n" for d in docs)
