@@ -587,7 +587,6 @@ class CoARules:
             finish(row, "length")
 
 
-@torch.no_grad()
 def truncation_warning(share, env, where):
     """One line when more than env.truncation_warn of the trajectories stopped at the length budget, else ""."""
     if share <= env.truncation_warn:
@@ -596,6 +595,7 @@ def truncation_warning(share, env, where):
             f"(observations included), more than env.truncation_warn={env.truncation_warn:g}: raise max_new_tokens")
 
 
+@torch.no_grad()
 def rollout(model, tokenizer, rows, env_cfg, environment, group_size=1, temperature=0.0, top_p=1.0,
             max_new_tokens=None, generator=None):
     """Sample group_size trajectories per question row (group members adjacent); see the module docstring.

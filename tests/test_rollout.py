@@ -159,6 +159,22 @@ def test_rollout_with_tool_calls_equals_from_scratch_reference(agent, questions,
     assert any(ep.actions for ep in episodes)  # the tool really was called
 
 
+def test_rollout_builds_no_autograd_graph_whoever_calls_it(agent, questions, search):
+    """rollout() turns gradients off itself: a caller outside torch.no_grad (synthesis with a local teacher, the
+    world model's report, the benches) would otherwise keep every step's activations alive through the KV cache."""
+    model, tok = agent
+    env, environment = search
+    seen = []
+    head = model.get_output_embeddings()  # rollout calls the decoder and the head, not model.forward
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(torch.is_grad_enabled()))
+    try:
+        assert torch.is_grad_enabled()
+        rollout(model, tok, questions[:2], env, environment)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)
+
+
 def test_rollout_covers_every_finish_reason(agent, questions, search):
     model, tok = agent
     env, environment = search
