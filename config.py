@@ -101,7 +101,6 @@ def cli(main, argv=None):
     try:
         return main(argv)
     except (ConfigError, RunError) as e:
-        stop_runs()
         print(f"{name}: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
     except KeyboardInterrupt as e:

@@ -213,13 +213,15 @@ def is_fsdp(model):
     return isinstance(model, FSDPModule)
 
 
-def plain_copy(model, state_dict, device):
-    """The HF model with whole, plain weights: the model itself, or under FSDP2 a copy holding state_dict (the
-    gathered weights of full_state_dict, in their dtype); None on the ranks full_state_dict gave nothing. A LoRA
-    model comes back with its adapters merged into the weights (peft's merge_and_unload, in place: call it when
-    training is over), so its folder loads with from_pretrained like any other."""
+def plain_copy(model, device, dtype=None):
+    """The HF model with whole, plain weights: the model itself, or under FSDP2 a copy on rank 0 holding the
+    weights full_state_dict gathers in dtype (a collective: every rank calls this; the other ranks get None). Only
+    FSDP2 gathers: the model itself needs no copy of its weights. A LoRA model comes back with its adapters merged
+    into the weights (peft's merge_and_unload, in place: call it when training is over), so its folder loads with
+    from_pretrained like any other."""
     if not is_fsdp(model):
         return merge_lora(unwrap(model))
+    state_dict = full_state_dict(model, dtype)
     if not state_dict:
         return None
     from transformers import AutoModelForCausalLM

@@ -150,7 +150,7 @@ from plumbing import (add_token_weighted, backward_global, clip_grad_norm, grad_
                       token_weighted_means)
 from plumbing import check_worldmodel_folder, is_lora, load_trainee, master_dtype, model_path, plain_copy
 from config import ConfigError, RunConfig, cli, load_config
-from tools import EnvConfig, SearchEnv, make_environment, make_tool, parse, reward
+from tools import REWARDS, EnvConfig, SearchEnv, make_environment, make_tool, parse, reward
 
 
 @dataclass
@@ -225,7 +225,7 @@ class RLConfig:
               "max_tool_failures": "[0, 1]", "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
               "log_every": "[1, inf)", "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
     CHOICES = {"sim_env": ("auto", "policy", "worldmodel"), "loss_type": ("grpo", "dapo", "dr_grpo"),
-               "reward": ("em", "f1", "lenient"), "parallel": ("ddp", "fsdp")}
+               "reward": tuple(REWARDS), "parallel": ("ddp", "fsdp")}
 
 
 # -----------------------------------------------------------------------------
@@ -601,10 +601,14 @@ def save_final(model, tokenizer, out_dir, rank, dtype=None):
     """The trained policy as an HF folder (full weights gathered from FSDP2 shards, in dtype), written atomically;
     under LoRA the adapters merged into the weights, on the CPU (a second copy of a 7B model would not fit beside
     the first)."""
+    if is_lora(model):
+        final = plain_copy(model, torch.device("cpu"), dtype)  # FSDP2: every rank takes part
+        if rank == 0:
+            save_atomic(out_dir, final, tokenizer)
+        barrier()
+        return
     state_dict = full_state_dict(model, dtype)
-    if rank == 0 and is_lora(model):
-        save_atomic(out_dir, plain_copy(model, state_dict, torch.device("cpu")), tokenizer)
-    elif rank == 0:
+    if rank == 0:
         class Weights:  # save_atomic calls save_pretrained on each object it is given
             def save_pretrained(self, path):
                 save_pretrained(model, path, state_dict)

@@ -635,12 +635,12 @@ class StopRules:
     def after_token(self, row, token):
         ep = row.episode
         if token == self.tok.eos_token_id:
-            ep.finish, row.done = "eos", True
-        elif len(ep.ids) >= self.max_new:
-            ep.finish, row.done = "length", True
-        elif self.stop_strings and self.tags.can_end(token) and \
+            return finish(row, "eos")
+        if len(ep.ids) >= self.max_new:
+            return finish(row, "length")
+        if self.stop_strings and self.tags.can_end(token) and \
                 any(self.tags.just_wrote(ep.ids, 0, s) for s in self.stop_strings):
-            ep.finish, row.done = "stop", True
+            return finish(row, "stop")
         return False
 
 

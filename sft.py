@@ -78,13 +78,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resume, full_state_dict, is_dist,
+from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resume, is_dist,
                       log_line, nothing_left, plain_copy, print0, progress_bar, release_run, resume_run,
                       save_checkpoint, setup_dist, start_logging, unwrap)
 from plumbing import backward_global, clip_grad_norm, collate, cosine_lr, grad_sync, max_over_ranks, sum_over_ranks
-from plumbing import load_trainee, resolve_model
-from config import ConfigError, cli, read_jsonl
-from tools import build_prompt, loss_mask
+from plumbing import load_tokenizer, load_trainee, resolve_model
+from config import ConfigError, RunConfig, cli, load_config, read_jsonl
+from data import ModelConfig, save_atomic
+from tools import EnvConfig, build_prompt, loss_mask
 
 
 @dataclass
@@ -447,7 +448,6 @@ def shared_init(sc, cfg, rank):
 
 def finish(ddp_model, tokenizer, cfg, out, steps, metrics_path, device, rank, world_size):
     """Held-out metrics on the model as it trained (every rank its share), then the output folder."""
-    from data import save_atomic
     run, sc = cfg.run, cfg.sft
     heldout = sc.heldout or os.path.join(run.data_dir, "synth", "dev.jsonl")
     if heldout != "none" and os.path.exists(heldout):
@@ -456,20 +456,16 @@ def finish(ddp_model, tokenizer, cfg, out, steps, metrics_path, device, rank, wo
         if rank == 0:
             log_line(metrics_path, {"step": steps, "final": True, **metrics})
         print0("sft: held-out", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
-    state_dict = full_state_dict(ddp_model, torch.bfloat16 if sc.bf16 else None)  # FSDP2: every rank takes part
+    final = plain_copy(ddp_model, device, torch.bfloat16 if sc.bf16 else None)  # FSDP2: every rank takes part
     if rank == 0:
         out_dir = os.path.join(run.dir, out)
-        save_atomic(out_dir, plain_copy(ddp_model, state_dict, device), tokenizer)
+        save_atomic(out_dir, final, tokenizer)
         print0(f"sft: wrote {out_dir}")
         release_run(run.dir, out)
     barrier()  # the process group stays up: a pipeline may call main() again in this process
 
 
 def main(argv=None):
-    from data import ModelConfig
-    from config import RunConfig, load_config
-    from plumbing import load_tokenizer
-    from tools import EnvConfig
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per run: ours
     cfg = load_config({"run": RunConfig, "env": EnvConfig, "model": ModelConfig, "sft": SFTConfig}, argv, own="sft",

@@ -89,7 +89,7 @@ import torch
 
 import data
 import plumbing
-from plumbing import (RUN_FLAGS, all_mean, barrier, claim_and_resume, cosine_lr, full_state_dict, load_sharded,
+from plumbing import (RUN_FLAGS, all_mean, barrier, claim_and_resume, cosine_lr, load_sharded,
                       log_line, nothing_left, plain_copy, print0, progress, progress_bar, release_run, resume_run,
                       save_checkpoint, setup_dist, start_logging)
 from rollout import generate
@@ -312,10 +312,9 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metri
     if wm.batch_size < world_size:
         raise ConfigError(f"config: worldmodel.batch_size={wm.batch_size} is smaller than the {world_size} ranks")
     model.train()
-    ddp_model = model  # wrapped (DDP, or FSDP2 with bf16) by load_sharded
     optimizer = torch.optim.AdamW(model.parameters(), lr=wm.lr, weight_decay=wm.weight_decay, betas=(0.9, 0.95))
     ckpt_dir = os.path.join(cfg.run.dir, wm.out + ".ckpt")
-    start = resume_run(ckpt, ckpt_dir, ddp_model, optimizer, None, metrics_path, "worldmodel", rank)["step"]
+    start = resume_run(ckpt, ckpt_dir, model, optimizer, None, metrics_path, "worldmodel", rank)["step"]
     log, t_last = [], time.time()
     bar = progress_bar(range(start, wm.steps), initial=start, total=wm.steps, disable=rank != 0, desc="worldmodel")
     for step in bar:
@@ -324,7 +323,7 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metri
             group["lr"] = lr
         batch = batch_at(step, len(examples), wm.batch_size, cfg.run.seed)[rank::world_size]
         ids, attn, labels = (t.to(device) for t in collate([examples[i] for i in batch], tokenizer.pad_token_id))
-        loss = ddp_model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"world model loss is {loss.item()} at step {step}; lower worldmodel.lr")
         optimizer.zero_grad(set_to_none=True)
@@ -340,9 +339,9 @@ def train(cfg, model, tokenizer, examples, device, rank, world_size, ckpt, metri
         if step % wm.log_every == 0 or step == wm.steps - 1:
             log.append((step, mean))
         if (wm.save_every and (step + 1) % wm.save_every == 0) or step == wm.steps - 1:
-            save_checkpoint(ckpt_dir, step + 1, ddp_model, optimizer, meta={"config": cfg.to_dict()},
+            save_checkpoint(ckpt_dir, step + 1, model, optimizer, meta={"config": cfg.to_dict()},
                             keep=wm.keep_ckpts)
-    final = plain_copy(ddp_model, full_state_dict(ddp_model, torch.bfloat16 if wm.bf16 else None), device)
+    final = plain_copy(model, device, torch.bfloat16 if wm.bf16 else None)
     return (final.eval() if final is not None else None), log  # FSDP2: rank 0's only
 
 
