@@ -32,6 +32,7 @@ import atexit
 import contextlib
 import copy
 import fcntl
+import gc
 import glob
 import hashlib
 import json
@@ -68,10 +69,18 @@ def setup_dist(run=None):
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
-        # Torn down before the interpreter exits: left to static destructors, gloo's threads sometimes end the
-        # process with "terminate called without an active exception" (SIGABRT, exit -6) after a clean run.
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        atexit.register(end_dist)
     return rank, world_size, device
+
+
+def end_dist():
+    """At exit, while Python is still whole: free the wrapped models no one holds any more (DDP and FSDP2 keep the
+    process group and its pending work alive), then destroy the group. Left to the interpreter's teardown, gloo's
+    threads sometimes end a finished run with "terminate called without an active exception" (SIGABRT, exit -6).
+    A script should hold its models in a function's locals, as the trainers' main() do, not in module globals."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_dist():

@@ -29,16 +29,23 @@ import plumbing, sft
 from config import RunConfig
 from safetensors.torch import load_file
 torch.set_num_threads(1)
-rank, world_size, device = plumbing.setup_dist(RunConfig(device="cpu"))
-real, devices = plumbing.load_model, []
-plumbing.load_model = lambda path, run, device, dtype: devices.append(device.type) or real(path, run, device, dtype)
-model, _ = plumbing.load_sharded({base!r}, RunConfig(device="cpu"), device, torch.float32, "fsdp")
-whole = plumbing.full_state_dict(model)
-folder = load_file({base!r} + "/model.safetensors")
-print(json.dumps({{"rank": rank, "read": devices, "equal": rank > 0 or all(torch.equal(whole[k], folder[k])
-                                                                         for k in folder)}}), flush=True)
-for args in json.loads(sys.argv[1]):
-    sft.main(args)
+
+def main():  # the models are locals, freed before plumbing.end_dist tears the group down at exit
+    rank, world_size, device = plumbing.setup_dist(RunConfig(device="cpu"))
+    real, devices = plumbing.load_model, []
+    plumbing.load_model = lambda path, run, device, dtype: devices.append(device.type) or real(path, run, device, dtype)
+    model, _ = plumbing.load_sharded({base!r}, RunConfig(device="cpu"), device, torch.float32, "fsdp")
+    whole = plumbing.full_state_dict(model)
+    folder = load_file({base!r} + "/model.safetensors")
+    line = json.dumps({{"rank": rank, "read": devices, "equal": rank > 0 or all(torch.equal(whole[k], folder[k])
+                                                                               for k in folder)}})
+    sys.stdout.write(line + "\\n")  # one write: print's text and newline, written apart, interleave across ranks
+    sys.stdout.flush()
+    for args in json.loads(sys.argv[1]):
+        sft.main(args)
+
+
+main()
 """
 
 

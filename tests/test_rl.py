@@ -254,26 +254,31 @@ from config import RunConfig
 from tests.test_rl import fake_episodes
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(1)
-rank, world_size, device = plumbing.setup_dist(RunConfig(device="cpu"))
-for parallel, loss_type in [(p, l) for p in {parallel!r} for l in ("grpo", "dapo", "dr_grpo")]:
-    cfg = rl.RLConfig(group_size=2, updates_per_step=2, micro_batch=2, kl_coef=0.1, entropy_coef=0.01,
-                      loss_type=loss_type, drop_zero_var=True, grad_clip=0.0, parallel=parallel)
-    model = AutoModelForCausalLM.from_pretrained({base!r})
-    ref = AutoModelForCausalLM.from_pretrained({base!r}).requires_grad_(False)
-    episodes = fake_episodes(model, 16, 3, model.config.vocab_size)  # 8 prompts x 2: the global batch
-    rewards = torch.tensor([1., 0., 1., 1., 0., 1., 0., 0., 1., 0., 0., 1., 1., 1., 0., 1.])
-    model = plumbing.wrap_model(model, device, parallel)
-    ref = plumbing.wrap_model(ref, device, "fsdp" if parallel == "fsdp" else "none")  # no gradients: never DDP
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # SGD: the update is the gradient itself, scale included
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    prompt_index = list(range(rank, 8, world_size))  # this rank's prompts, as main() shards them
-    mine = [episodes[2 * p + j] for p in prompt_index for j in range(2)]
-    mine_r = torch.stack([rewards[2 * p + j] for p in prompt_index for j in range(2)])
-    totals = {{"skipped": 0, "bad_in_row": 0}}
-    rl.learn(model, ref, opt, sched, mine, mine_r, prompt_index, cfg, 16, 0, device, totals)  # 2 updates
-    state_dict = plumbing.full_state_dict(model)  # a collective under FSDP2
-    if rank == 0:
-        torch.save(state_dict, f"{out}.{{parallel}}.{{loss_type}}")
+
+def main():  # the models are locals, freed before plumbing.end_dist tears the group down at exit
+    rank, world_size, device = plumbing.setup_dist(RunConfig(device="cpu"))
+    for parallel, loss_type in [(p, l) for p in {parallel!r} for l in ("grpo", "dapo", "dr_grpo")]:
+        cfg = rl.RLConfig(group_size=2, updates_per_step=2, micro_batch=2, kl_coef=0.1, entropy_coef=0.01,
+                          loss_type=loss_type, drop_zero_var=True, grad_clip=0.0, parallel=parallel)
+        model = AutoModelForCausalLM.from_pretrained({base!r})
+        ref = AutoModelForCausalLM.from_pretrained({base!r}).requires_grad_(False)
+        episodes = fake_episodes(model, 16, 3, model.config.vocab_size)  # 8 prompts x 2: the global batch
+        rewards = torch.tensor([1., 0., 1., 1., 0., 1., 0., 0., 1., 0., 0., 1., 1., 1., 0., 1.])
+        model = plumbing.wrap_model(model, device, parallel)
+        ref = plumbing.wrap_model(ref, device, "fsdp" if parallel == "fsdp" else "none")  # no gradients: never DDP
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # SGD: the update is the gradient itself, scale included
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        prompt_index = list(range(rank, 8, world_size))  # this rank's prompts, as main() shards them
+        mine = [episodes[2 * p + j] for p in prompt_index for j in range(2)]
+        mine_r = torch.stack([rewards[2 * p + j] for p in prompt_index for j in range(2)])
+        totals = {{"skipped": 0, "bad_in_row": 0}}
+        rl.learn(model, ref, opt, sched, mine, mine_r, prompt_index, cfg, 16, 0, device, totals)  # 2 updates
+        state_dict = plumbing.full_state_dict(model)  # a collective under FSDP2
+        if rank == 0:
+            torch.save(state_dict, f"{out}.{{parallel}}.{{loss_type}}")
+
+
+main()
 """
 
 
