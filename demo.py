@@ -489,6 +489,25 @@ def chat_command(config_path, overrides, data_dir, model_dir, question):
                        f"run.data_dir={data_dir}", f"init={model_dir}"]) + f" question={shlex.quote(question)}"
 
 
+def float_path(jobs):
+    """What decides the floats besides the seed: the CPU, ATen's kernel set (ATEN_CPU_CAPABILITY lowers it), the
+    threads each stage gets (--jobs) and torch's version. The same path and seeds give the same results.json, bit for
+    bit; another path is another draw (docs/results.md, "Draws": bench/draws.py runs seeds on two paths)."""
+    import platform
+    import torch
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        cpu = ""
+    return {"cpu": cpu or platform.processor() or platform.machine(), "jobs": jobs, "torch": torch.__version__,
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def path_text(path):
+    return f"{path['cpu']}, ATen {path['aten_cpu_capability']}, --jobs {path['jobs']}, torch {path['torch']}"
+
+
 def commit():
     """The commit the code ran on (+ '-dirty' when tracked files differ from it), or 'unknown'."""
     try:
@@ -596,7 +615,7 @@ def main(argv=None):
     if pretrain:  # its own runs: the demo skips a stage whose output exists, and these differ from the default's
         overrides, cfg = [*overrides, f"run.name={cfg.run.name}_pretrain"], None
         cfg = load()
-    t0, sha = time.time(), commit()  # the code as it starts: later edits to the tree did not run
+    t0, sha, path = time.time(), commit(), float_path(jobs)  # the code as it starts: later edits did not run
     seeds = [cfg.run.seed + i for i in range(n_seeds)]
     runs = [run_seed(config_path, overrides, quick, seed, jobs, pretrain) for seed in seeds]
     rows = gather([seed_cells(results, p.run_dir) for p, results in runs])
@@ -612,15 +631,17 @@ def main(argv=None):
     print("stage times (s):", json.dumps(times))
     os.makedirs(cfg.run.dir, exist_ok=True)
     with open(os.path.join(cfg.run.dir, "results.json.tmp"), "w") as f:  # no times: the same seeds, the same file
-        json.dump({"commit": sha, "quick": quick, "seeds": seeds, "rows": rows, "fidelity": fidelity,
-                   "knowledge": knowledge}, f, indent=1, sort_keys=True)
+        json.dump({"commit": sha, "quick": quick, "seeds": seeds, "float_path": path, "rows": rows,
+                   "fidelity": fidelity, "knowledge": knowledge}, f, indent=1, sort_keys=True)
     os.replace(os.path.join(cfg.run.dir, "results.json.tmp"), os.path.join(cfg.run.dir, "results.json"))
     command = "python demo.py " + shlex.join(argv)  # as given: --readme only when it was
+    if os.environ.get("ATEN_CPU_CAPABILITY"):  # another float path, asked for by the caller
+        command = f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} {command}"
     over = (f"mean ± standard deviation over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else
             f"one seed ({seeds[0]}): no spread")
     section = (f"Held-out test EM by question kind, EM{', F1' if f1_differs(rows) else ''}, format-error rate, "
                f"actions per question, the when-to-act errors and real tool calls spent in RL; {over} (greedy, real "
-               f"tool). Written by `{command}` on commit {sha}.\n\n"
+               f"tool). Written by `{command}` on commit {sha}, float path {path_text(path)}.\n\n"
                + (QUICK_NOTE + "\n\n" if quick else "") + f"{table}\n\n{table_note(rows)}\n")
     with open(os.path.join(cfg.run.dir, "results.md"), "w") as f:
         f.write(f"# AutoCoA on the tiny world ({'quick' if quick else 'full'} demo)\n\n{section}\n"

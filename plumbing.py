@@ -421,6 +421,15 @@ def all_reduce(values, op=None):
     return t.tolist()
 
 
+def broadcast0(value):
+    """Rank 0's python object on every rank (each rank passes its own; only rank 0's is kept)."""
+    if not is_dist():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder)
+    return holder[0]
+
+
 def all_mean(value):
     """Mean of a python float over ranks (for logging)."""
     return all_reduce([float(value)])[0] / (dist.get_world_size() if is_dist() else 1)
@@ -542,7 +551,7 @@ def save_pretrained(model, path, state_dict):
         config.save_pretrained(path)
 
 
-def save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=None, meta=None, keep=2):
+def save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=None, meta=None, keep=2, also_keep=None):
     """Write <ckpt_dir>/step_<step:06d>/ atomically; every rank must call it. Returns the folder.
 
     Nothing is gathered: under FSDP2 each rank writes its own shard of the parameters that train
@@ -552,7 +561,8 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=None, meta=None,
     rank 0 then records every file's size and hash in manifest.json, which load time checks (resume_checkpoint).
     Everything goes to step_XXXXXX.tmp first and is renamed once all ranks are done, so a killed run leaves either
     a whole checkpoint or none; a failed write (a full disk) removes the .tmp folder and is one line naming the
-    folder and the cause, and the earlier checkpoints stay as they were. Only the newest `keep` are kept.
+    folder and the cause, and the earlier checkpoints stay as they were. Only the newest `keep` are kept, and the
+    one of step `also_keep` (sft.py's best dev step).
     """
     rank = dist.get_rank() if is_dist() else 0
     final = os.path.join(ckpt_dir, f"step_{step:06d}")
@@ -584,7 +594,8 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, scheduler=None, meta=None,
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in list_checkpoints(ckpt_dir)[:-keep] if keep else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if also_keep is None or os.path.basename(old) != f"step_{also_keep:06d}":
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 

@@ -67,6 +67,7 @@ reference model (the formula above, as in the paper's stage-1 loss).
 lora_rank > 0 trains LoRA adapters (peft, plumbing.add_lora) in fp32 on a frozen base in its compute dtype (bf16
 on GPU): one GPU at 7B. Not here: sequence packing (length bucketing instead), evaluation by generation (eval.py).
 """
+import dataclasses
 import json
 import math
 import os
@@ -82,10 +83,11 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resu
                       log_line, nothing_left, plain_copy, print0, progress_bar, release_run, resume_run,
                       save_checkpoint, setup_dist, start_logging, unwrap)
 from plumbing import backward_global, clip_grad_norm, collate, cosine_lr, grad_sync, max_over_ranks, sum_over_ranks
-from plumbing import load_tokenizer, load_trainee, resolve_model
+from plumbing import broadcast0, load_checkpoint, load_tokenizer, load_trainee, resolve_model
 from config import ConfigError, RunConfig, cli, load_config, read_jsonl
 from data import ModelConfig, save_atomic
-from tools import EnvConfig, build_prompt, loss_mask
+from rollout import rollout
+from tools import EnvConfig, build_prompt, loss_mask, make_environment, reward
 
 
 @dataclass
@@ -125,6 +127,14 @@ class SFTConfig:
     keep_ckpts: int = 2  # newest checkpoints kept
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen base (plumbing.add_lora; one GPU at 7B);
                         # the output folder holds them merged into the weights; 0 = every weight trains
+    eval_every: int = 0  # sft2/sft3 (the stages that act): steps between greedy dev evals (real tool, eval_n
+                         # questions of <run.data_dir>/dev.jsonl), each with a checkpoint: the curve (dev_em, per kind,
+                         # in the metrics), and the output is the weights of the step with the best dev EM (the first
+                         # of equals); 0 = none, the output is the last step's
+    eval_n: int = 200  # dev questions per eval
+    patience: int = 0  # with eval_every: the stage ends after this many evals without a new best dev EM, once the best
+                       # has reached stop_em (a draw still on the copy plateau keeps training); 0 = every step runs
+    stop_em: float = 0.9
     lora_alpha: float = 32.0  # LoRA: the adapters' output is scaled by lora_alpha / lora_rank; one alpha for every
                               # rank keeps the best lr about the same across ranks ("LoRA Without Regret", which
                               # also finds it ~10x full fine-tuning's lr)
@@ -136,7 +146,8 @@ class SFTConfig:
               "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "bucket_batches": "[1, inf)", "max_len": "[2, inf)",
               "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
               "pretrain_share": "[0, 1)", "pretrain_steps": "[0, inf)",
-              "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
+              "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)",
+              "eval_every": "[0, inf)", "eval_n": "[1, inf)", "patience": "[0, inf)", "stop_em": "[0, 1]"}
     CHOICES = {"stage": ("pretrain", "cot", "sft1", "sft2", "sft3"), "parallel": ("ddp", "fsdp", "none")}
 
 
@@ -410,6 +421,46 @@ def heldout_metrics(model, tokenizer, env, rows, device, batch_size, max_len, ra
     return out
 
 
+@torch.no_grad()
+def dev_em(model, tokenizer, rows, env, environment):
+    """Greedy EM on dev questions with the real tool, overall and per question kind: the curve that shows the
+    model leaving the copy plateau (rank 0 alone; a pretrained model's dev set is small enough)."""
+    was_training = model.training
+    model.eval()
+    episodes = rollout(model, tokenizer, rows, env, environment)
+    model.train(was_training)
+    by_kind = {}
+    for ep, row in zip(episodes, rows):
+        by_kind.setdefault(row.get("kind", "all"), []).append(reward(ep.text, row["golden_answers"], env, "em"))
+    out = {"dev_em": sum(map(sum, by_kind.values())) / len(rows)}
+    return out | ({f"dev_em_{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())} if len(by_kind) > 1 else {})
+
+
+class DevBest:
+    """sft.eval_every's bookkeeping: the best dev EM so far and its step, and the early stop (sft.patience evals
+    without a new best, once the best has reached sft.stop_em). Rebuilt from the metrics log on --resume."""
+
+    def __init__(self, patience, stop_em, metrics_path=None):
+        self.patience, self.stop_em = patience, stop_em
+        self.em, self.step, self.since = -1.0, None, 0
+        if metrics_path and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                for row in map(json.loads, f):
+                    if "dev_em" in row and not row.get("final"):
+                        self.update(row["step"], row["dev_em"])
+
+    def update(self, step, em):
+        """Record step's dev EM; True when it is a new best."""
+        if em > self.em:
+            self.em, self.step, self.since = em, step, 0
+            return True
+        self.since += 1
+        return False
+
+    def stop(self):
+        return bool(self.patience) and self.em >= self.stop_em and self.since >= self.patience
+
+
 # -----------------------------------------------------------------------------
 # The whole stage
 
@@ -505,8 +556,23 @@ def main(argv=None):
            f"({sum(e['cot'] for e in examples)} cot), {len(stream.epoch(0))} batches/epoch, {steps} steps "
            f"({steps / len(stream.epoch(0)):.2f} epochs), {world_size} rank(s) on {device}")
 
+    # the dev curve (sft.eval_every): greedy, the real tool, on rank 0 while the others wait
+    curve = None
+    if sc.stage not in ("sft2", "sft3"):  # cot, sft1 and pretrain never act alone: dev EM does not measure them
+        sc = dataclasses.replace(sc, eval_every=0)
+    if sc.eval_every:
+        if world_size > 1 and sc.parallel == "fsdp":
+            raise ConfigError("config: sft.eval_every runs on rank 0 alone: not with parallel=fsdp on several ranks")
+        if rank == 0:
+            from data import load_qa
+            real = dataclasses.replace(env, env="real")
+            curve = (load_qa(os.path.join(run.data_dir, "dev.jsonl"))[:sc.eval_n], real,
+                     make_environment(real, run, tokenizer))
+
     # 3) resume: weights, optimizer, scheduler, RNG; the data position follows from the step
-    start = resume_run(ckpt, ckpt_dir, ddp_model, optimizer, scheduler, metrics_path, "sft", rank)["step"]
+    meta = resume_run(ckpt, ckpt_dir, ddp_model, optimizer, scheduler, metrics_path, "sft", rank)
+    start, last = (steps if meta.get("stopped") else meta["step"]), meta["step"]  # one sft.patience stopped: done
+    best = DevBest(sc.patience, sc.stop_em, metrics_path if sc.eval_every else None)
 
     # 4) the loop (from_pretrained hands the model over in eval mode: activation checkpointing acts in train mode)
     ddp_model.train()
@@ -526,12 +592,29 @@ def main(argv=None):
                "tok_s": stats["tokens"] / max(now - t_last, 1e-9)}
         t_last = now
         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_s']:.0f}")
+        evaluated = sc.eval_every and ((step + 1) % sc.eval_every == 0 or step + 1 == steps)
+        stop, last = False, step + 1
+        if evaluated:
+            if curve:
+                row |= dev_em(unwrap(ddp_model), tokenizer, *curve)
+                print0(f"sft: step {step + 1} dev EM " + " ".join(f"{k[7:] or 'all'} {v:.3f}" for k, v in
+                                                                   row.items() if k.startswith("dev_em")))
+            best.update(step + 1, broadcast0(row.get("dev_em")))
+            stop = best.stop()
         if rank == 0:
             log_line(metrics_path, row)
         # the last step's too: --resume of a finished run knows it is finished, and more steps= continue it
-        if (sc.save_every and (step + 1) % sc.save_every == 0) or step + 1 == steps:
+        if (sc.save_every and (step + 1) % sc.save_every == 0) or step + 1 == steps or evaluated:
             save_checkpoint(ckpt_dir, step + 1, ddp_model, optimizer, scheduler, keep=sc.keep_ckpts,
-                            meta={"config": cfg.to_dict(), "init": init, "data_position": [epoch, index + 1]})
+                            meta={"config": cfg.to_dict(), "init": init, "data_position": [epoch, index + 1],
+                                  "stopped": stop}, also_keep=best.step)
+        if stop:
+            print0(f"sft: stopped at step {step + 1}: {best.since} dev evals without a new best "
+                   f"({best.em:.3f} at step {best.step}; sft.patience={sc.patience})")
+            break
+    if best.step is not None and best.step != last:  # the output: the weights of the best dev step
+        load_checkpoint(os.path.join(ckpt_dir, f"step_{best.step:06d}"), ddp_model)
+        print0(f"sft: the output is step {best.step}'s weights, the best dev EM ({best.em:.3f})")
 
     # 5) held-out metrics, then the output folder
     finish(ddp_model, tokenizer, cfg, out, steps, metrics_path, device, rank, world_size)

@@ -214,7 +214,7 @@ def small_train(tiny_synth, tmp_path_factory):
 def sft_args(tiny_root, tiny_base, runs_dir, data, *extra):
     return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run.data_dir={tiny_root}/data",
             f"run.runs_dir={runs_dir}", "run.name=t", f"init={tiny_base}", f"data={data}", "batch_size=8",
-            "device_batch_size=4", "warmup_steps=2", "heldout=none", "run.device=cpu", *extra]
+            "device_batch_size=4", "warmup_steps=2", "heldout=none", "run.device=cpu", "eval_every=0", *extra]
 
 
 def run_sft(runs, workdir, nproc=1):
@@ -344,3 +344,60 @@ def test_bf16_on_one_process_saves_bf16_weights_that_moved(tiny_root, tiny_base,
     assert shard.keys() == base.keys() and all(v.dtype == torch.float32 for v in shard.values())
     with pytest.raises(ConfigError, match="sft.bf16=true needs sft.parallel=fsdp"):
         sft.main(sft_args(tiny_root, tiny_base, str(tmp_path), small_train, "bf16=true"))
+
+
+# -----------------------------------------------------------------------------
+# the dev curve and the best dev step (sft.eval_every, sft.patience)
+
+def test_dev_best_keeps_the_first_best_and_stops_only_past_stop_em(tmp_path):
+    best = sft.DevBest(patience=2, stop_em=0.5)
+    assert [best.update(s, em) for s, em in ((10, 0.2), (20, 0.2), (30, 0.1), (40, 0.1))] == [True, False, False,
+                                                                                            False]
+    assert (best.step, best.em, best.since) == (10, 0.2, 3) and not best.stop()  # still on the plateau: no stop
+    assert best.update(50, 0.6) and not best.stop()
+    best.update(60, 0.6)  # an equal is not a new best: the earlier weights stay the output
+    assert not best.stop()
+    best.update(70, 0.55)
+    assert best.stop() and best.step == 50
+    assert not sft.DevBest(patience=0, stop_em=0.0).stop()  # patience 0: every step runs
+    log = tmp_path / "m.jsonl"  # --resume rebuilds it from the metrics log (the final held-out row ignored)
+    log.write_text("".join(json.dumps(r) + "\n" for r in ({"step": 1, "loss": 1.0}, {"step": 2, "dev_em": 0.3},
+                                                           {"step": 4, "dev_em": 0.7}, {"step": 6, "dev_em": 0.1},
+                                                           {"step": 6, "final": True, "dev_em": 0.9})))
+    again = sft.DevBest(1, 0.5, str(log))
+    assert (again.step, again.em, again.since, again.stop()) == (4, 0.7, 1, True)
+
+
+def test_eval_every_logs_the_dev_curve_stops_on_patience_and_outputs_the_best_steps_weights(
+        tiny_root, tiny_base, small_train, tmp_path, capsys):
+    """sft2 with a dev eval every 2 steps: dev EM (overall and per kind) in the metrics, a checkpoint at each eval,
+    the best one kept past keep_ckpts, the stop where DevBest says, and the output = the best step's weights;
+    --resume of the stopped run trains nothing more. cot never evaluates (it does not act)."""
+    args = lambda *x: sft_args(tiny_root, tiny_base, str(tmp_path), small_train, "stage=sft2", "steps=12",
+                               "eval_every=2", "eval_n=6", "patience=1", "stop_em=0", "keep_ckpts=1", "lr=3e-3",
+                               "save_every=0", *x)
+    sft.main(args())
+    rows = [r for r in metrics(tmp_path, "sft2") if "dev_em" in r]
+    assert [r["step"] for r in rows][:2] == [2, 4] and all(0 <= r["dev_em"] <= 1 for r in rows)
+    assert any(k.startswith("dev_em_") for k in rows[0])  # per question kind
+    expect = sft.DevBest(1, 0.0)
+    for r in rows:
+        expect.update(r["step"], r["dev_em"])
+        if expect.stop():
+            break
+    assert rows[-1]["step"] == r["step"] < 12  # stopped by patience, not by the step count
+    assert len(losses(tmp_path, "sft2")) == r["step"]
+    out = capsys.readouterr().out
+    assert f"stopped at step {r['step']}" in out
+    ckpt = tmp_path / "t" / "sft2.ckpt"
+    kept = sorted(os.listdir(ckpt))
+    assert f"step_{expect.step:06d}" in kept and f"step_{r['step']:06d}" in kept and len(kept) <= 2
+    best = torch.load(ckpt / f"step_{expect.step:06d}" / "model.pt", weights_only=True)
+    last = torch.load(ckpt / f"step_{r['step']:06d}" / "model.pt", weights_only=True)
+    final = weights(tmp_path / "t" / "sft2")
+    assert any(not torch.equal(best[k], last[k]) for k in best)  # the two steps differ ...
+    assert all(torch.equal(final[k], best[k]) for k in final if k in best)  # ... and the output is the best one's
+    sft.main(args("--resume"))
+    assert len(losses(tmp_path, "sft2")) == r["step"]  # stopped is finished: nothing trained again
+    sft.main(args("stage=cot", "out=cot"))
+    assert not any("dev_em" in r for r in metrics(tmp_path, "cot"))
