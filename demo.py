@@ -35,7 +35,9 @@ each can be run alone with the same arguments):
                    no tool (the CoT model, searching switched off) and a fixed workflow (SFT-2's weights behind a
                    retrieve-then-read loop: one search with the question, then the model answers, never searching)
 
-It writes runs/<name>/results.json (per-seed values of every cell: the same seeds give the same file, bit for bit),
+It writes runs/<name>/results.json (per-seed values of every cell and the float path they ran on, float_path: the
+same seeds on the same CPU kind, ATen kernel set and --jobs give the same file, bit for bit; another float path is
+another draw, see bench/draws.py),
 runs/<name>/results.md (the Table-1-shaped table, mean and standard deviation over the seeds, the commit it ran on,
 the stage times, and the knowledge curve: by how often pre-training repeated a person, the policy's closed-book
 accuracy and how often each simulator's observation keeps the birth city), runs/<name>/rl_curves.png and

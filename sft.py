@@ -52,20 +52,25 @@ next-token loss on the model's tokens, and the perplexity of the real observatio
     python sft.py --config configs/tiny.yaml stage=sft2 init=sft1 out=sft12     # -> runs/tiny/sft12 (SFT-1&2)
     python sft.py --config configs/tiny.yaml stage=sft3 init=sft12 out=sft123   # -> runs/tiny/sft123 (SFT-1&2&3)
     python sft.py --config configs/tiny.yaml stage=sft2 --resume          # after a crash: the same weights
+    python sft.py --config configs/tiny.yaml stage=sft2 init=cot eval_every=0   # the last step's weights, no dev curve
     torchrun --nproc_per_node 2 sft.py --config configs/tiny.yaml         # 2 CPU processes (gloo), same losses
     python sft.py --config configs/tiny.yaml run.device=cuda parallel=fsdp bf16=true   # one GPU, bf16 compute
 
-Measured on the tiny world (configs/tiny.yaml, greedy, real tool, 300 test questions; `demo.py --seeds 3`):
-SFT-2 from the CoT model, 900 steps of 16: EM 0.937 / 0.967 / 0.970 (seeds 0/1/2) against 0.063 / 0.037 / 0.043
-for the CoT-only model (stage cot, 600 steps); SFT-1&2 0.993 / 0.953 / 0.977; SFT-1&2&3 0.967 / 0.943 / 0.910.
-Dev EM first sits on a plateau (the model has not yet learnt to copy facts from observations) and leaves it
-somewhere between 400 and 700 steps, seed by seed (at 32 a step, seed 1 after 600 steps: dev EM 0.54).
+Model selection on dev (eval_every, sft2 and sft3 only): every eval_every steps the model answers eval_n dev
+questions greedily with the real tool (rank 0, a checkpoint each time); the metrics log gets dev EM overall and
+per question kind, the output folder gets the weights of the step with the best dev EM (the first of equals), and
+with patience > 0 the stage ends `patience` evals after its best once that best has reached stop_em. Why, on the
+tiny world (configs/tiny.yaml, dev EM every 50 steps; docs/tiny_world.md): dev EM leaves the copy plateau between
+~350 and ~750 steps, draw by draw, then swings by about 0.1 from one eval to the next while the lr is high (seed 0:
+1.000 at step 600, 0.890 at 700), the wrong answers being skipped searches ("I know this one" for an unseen person
+who shares a famous person's first name); SFT-3 at lr 3e-3 swings further (0.215 -> 0.985 -> 0.725). The last
+step is then a draw from the swing, and another CPU's float path draws another one.
 
 Departures from the paper: the tiny world's CoT data comes from a scripted teacher, not a reasoning model;
 sft1's pairs may have an empty prefix with real teachers (data.py); the DPO-style term has no beta and no
 reference model (the formula above, as in the paper's stage-1 loss).
 lora_rank > 0 trains LoRA adapters (peft, plumbing.add_lora) in fp32 on a frozen base in its compute dtype (bf16
-on GPU): one GPU at 7B. Not here: sequence packing (length bucketing instead), evaluation by generation (eval.py).
+on GPU): one GPU at 7B. Not here: sequence packing (length bucketing instead), the full evaluation (eval.py).
 """
 import dataclasses
 import json

@@ -64,9 +64,9 @@ def run_demo(seeds, name, capability, readme):
     subprocess.run(cmd, cwd=HERE, env=env, check=True)
 
 
-def draws(name):
-    """[(label, {row: {metric: value}})] per seed of runs/<name>/results.json."""
-    with open(os.path.join(HERE, "runs", name, "results.json")) as f:
+def draws(run_dir):
+    """([(label, {row: {metric: value}})] per seed, commit, float path) of <run_dir>/results.json."""
+    with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     path = res.get("float_path", {})
     tag = f"{path.get('aten_cpu_capability', '?')}/jobs {path.get('jobs', '?')}"
@@ -83,8 +83,9 @@ def mean_sd(xs):
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
 
 
-def report(main, other):
-    (mine, sha, path), (theirs, sha2, path2) = draws(main), draws(other)
+def report(main_dir, other_dir):
+    """The table of every draw of the two runs, the mean and spread over all, and the findings' counts (markdown)."""
+    (mine, sha, path), (theirs, sha2, path2) = draws(main_dir), draws(other_dir)
     every = mine + theirs
     head = ["draw", *ROWS, "SFT-2 min kind", *[f"F{k}" for k in FINDINGS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -118,7 +119,7 @@ def main(argv):
     if not f["report"]:
         run_demo(int(f["seeds"]), "tiny", None, f["readme"])
         run_demo(int(f["other-seeds"]), other, f["other"], False)
-    text = report("tiny", other)
+    text = report(os.path.join(HERE, "runs", "tiny"), os.path.join(HERE, "runs", other))
     print(text)
     if f["readme"]:
         write_readme(os.path.join(HERE, "docs", "results.md"), text + "\n\nWritten by `python bench/draws.py "

@@ -365,15 +365,22 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
     (docs / "results.md").write_text(markers("results"))
     monkeypatch.setattr(demo, "README", str(readme))
     monkeypatch.setattr(demo, "DOCS", str(docs))
-    _, second = run("b", "--readme")  # everything again from nothing, in other folders: the same bytes
-    assert first == second
+    # everything again from nothing, in other folders, with a second seed: seed 0's cells are the same bits (make
+    # demo's seed 0 is seed 0 of the multi-seed run), and the float path they ran on is written beside them
+    _, second = run("b", "--seeds", "2", "--readme")
+    first, second = json.loads(first), json.loads(second)
+    assert second["seeds"] == [0, 1] and first["float_path"] == second["float_path"]
+    assert first["float_path"]["jobs"] == 2 and first["float_path"]["aten_cpu_capability"]
+    assert {label: {m: v[0] for m, v in cells.items()} for label, cells in second["rows"].items()} == \
+        {label: {m: v[0] for m, v in cells.items()} for label, cells in first["rows"].items()}
     written, results = readme.read_text(), (docs / "results.md").read_text()
     assert "STALE" not in written + results and "| +RL real only |" in results
     assert "| +RL-2 alone (control) |" in results
     assert "| method | test EM | actions/q | real calls in RL |" in written and "| +RL real only | " in written
     # the trajectory of the final model (6 steps a stage need not search: show_trajectory's own test marks [[...]])
     assert "The final model (+RL simulated then real), seed 0" in written and "question (test-" in written
-    assert "--quick run.data_dir=" in results and " run.device=cpu --readme` on commit" in results
+    assert "--quick run.data_dir=" in results and " run.device=cpu --seeds 2 --readme` on commit" in results
+    assert "float path " in results and "seeds 0, 1" in written
     assert sorted(os.listdir(docs)) == ["accuracy_by_stage.png", "results.md", "rl_curves.png"]
 
 
