@@ -295,11 +295,13 @@ def knowledge_cells(run_dir):
 
 
 def gather(per_seed):
-    """[{row: {metric: v}}] over seeds -> {row: {metric: [v per seed]}}, for the rows every seed has."""
+    """[{row: {metric: v}}] over seeds -> {row: {metric: [v per seed]}}, for the rows every seed has; a metric a
+    seed lacks (a question kind its test split has none of) is None there."""
     rows = {}
-    for label, metrics in (per_seed[0] if per_seed else {}).items():
+    for label in (per_seed[0] if per_seed else {}):
         if all(label in cells for cells in per_seed):
-            rows[label] = {m: [cells[label][m] for cells in per_seed] for m in metrics}
+            metrics = dict.fromkeys(m for cells in per_seed for m in cells[label])
+            rows[label] = {m: [cells[label].get(m) for cells in per_seed] for m in metrics}
     return rows
 
 

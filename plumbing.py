@@ -421,6 +421,33 @@ def all_reduce(values, op=None):
     return t.tolist()
 
 
+@contextlib.contextmanager
+def generation_mode(model):
+    """The module rollout.py should call (rl.py's rollouts and evals, sft.py's dev curve). FSDP2: gather every shard
+    once for the whole rollout (ranks generate different lengths, so per-forward all-gathers would deadlock), then
+    free them. DDP: the inner module."""
+    from torch.distributed.fsdp import FSDPModule
+    was_training = model.training
+    model.eval()
+    if isinstance(model, FSDPModule):
+        with torch.no_grad():  # FSDP2 sets itself up at the root's first forward; unshard() needs that done
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
+        model.set_reshard_after_forward(False)
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.unshard()
+    try:
+        with torch.no_grad():
+            yield unwrap(model)
+    finally:
+        if isinstance(model, FSDPModule):
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+            model.set_reshard_after_forward(True)
+        model.train(was_training)
+
+
 def broadcast0(value):
     """Rank 0's python object on every rank (each rank passes its own; only rank 0's is kept)."""
     if not is_dist():

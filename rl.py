@@ -148,7 +148,8 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resu
                       resume_run, save_checkpoint, save_pretrained, setup_dist, start_logging, unwrap)
 from plumbing import (add_token_weighted, backward_global, clip_grad_norm, grad_sync, max_over_ranks, pad,
                       token_weighted_means)
-from plumbing import check_worldmodel_folder, is_lora, load_trainee, master_dtype, model_path, plain_copy
+from plumbing import (check_worldmodel_folder, generation_mode, is_lora, load_trainee, master_dtype, model_path,
+                      plain_copy)
 from config import ConfigError, RunConfig, cli, load_config
 from tools import REWARDS, EnvConfig, SearchEnv, make_environment, make_tool, parse, reward
 
@@ -548,32 +549,6 @@ def build_models(rcfg, run, device, init):
         ref, _ = load_sharded(init, run, device, ref_dtype, "fsdp" if rcfg.parallel == "fsdp" else "none", rcfg.bf16)
         ref.eval().requires_grad_(False)  # no gradients: FSDP2 shards it like the policy, never DDP
     return model, ref, tokenizer
-
-
-@contextlib.contextmanager
-def generation_mode(model):
-    """The module rollout.py should call. FSDP2: gather every shard once for the whole rollout (ranks generate
-    different lengths, so per-forward all-gathers would deadlock), then free them. DDP: the inner module."""
-    from torch.distributed.fsdp import FSDPModule
-    was_training = model.training
-    model.eval()
-    if isinstance(model, FSDPModule):
-        with torch.no_grad():  # FSDP2 sets itself up at the root's first forward; unshard() needs that done
-            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
-        model.set_reshard_after_forward(False)
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                m.unshard()
-    try:
-        with torch.no_grad():
-            yield unwrap(model)
-    finally:
-        if isinstance(model, FSDPModule):
-            for m in model.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
-            model.set_reshard_after_forward(True)
-        model.train(was_training)
 
 
 def evaluate(model, tokenizer, rows, cfg, environment, rank, world_size):

@@ -88,7 +88,7 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resu
                       log_line, nothing_left, plain_copy, print0, progress_bar, release_run, resume_run,
                       save_checkpoint, setup_dist, start_logging, unwrap)
 from plumbing import backward_global, clip_grad_norm, collate, cosine_lr, grad_sync, max_over_ranks, sum_over_ranks
-from plumbing import broadcast0, load_checkpoint, load_tokenizer, load_trainee, resolve_model
+from plumbing import broadcast0, generation_mode, load_checkpoint, load_tokenizer, load_trainee, resolve_model
 from config import ConfigError, RunConfig, cli, load_config, read_jsonl
 from data import ModelConfig, save_atomic
 from rollout import rollout
@@ -139,7 +139,7 @@ class SFTConfig:
     eval_n: int = 200  # dev questions per eval
     patience: int = 0  # with eval_every: the stage ends after this many evals without a new best dev EM, once the best
                        # has reached stop_em (a draw still on the copy plateau keeps training); 0 = every step runs
-    stop_em: float = 0.9
+    stop_em: float = 0.9  # the dev EM the best must reach before sft.patience may end the stage
     lora_alpha: float = 32.0  # LoRA: the adapters' output is scaled by lora_alpha / lora_rank; one alpha for every
                               # rank keeps the best lr about the same across ranks ("LoRA Without Regret", which
                               # also finds it ~10x full fine-tuning's lr)
@@ -430,10 +430,8 @@ def heldout_metrics(model, tokenizer, env, rows, device, batch_size, max_len, ra
 def dev_em(model, tokenizer, rows, env, environment):
     """Greedy EM on dev questions with the real tool, overall and per question kind: the curve that shows the
     model leaving the copy plateau (rank 0 alone; a pretrained model's dev set is small enough)."""
-    was_training = model.training
-    model.eval()
-    episodes = rollout(model, tokenizer, rows, env, environment)
-    model.train(was_training)
+    with generation_mode(model) as policy:  # FSDP2 (bf16=true): the shards gathered once for the whole rollout
+        episodes = rollout(policy, tokenizer, rows, env, environment)
     by_kind = {}
     for ep, row in zip(episodes, rows):
         by_kind.setdefault(row.get("kind", "all"), []).append(reward(ep.text, row["golden_answers"], env, "em"))
@@ -601,7 +599,7 @@ def main(argv=None):
         stop, last = False, step + 1
         if evaluated:
             if curve:
-                row |= dev_em(unwrap(ddp_model), tokenizer, *curve)
+                row |= dev_em(ddp_model, tokenizer, *curve)
                 print0(f"sft: step {step + 1} dev EM " + " ".join(f"{k[7:] or 'all'} {v:.3f}" for k, v in
                                                                    row.items() if k.startswith("dev_em")))
             best.update(step + 1, broadcast0(row.get("dev_em")))

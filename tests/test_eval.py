@@ -371,8 +371,9 @@ def test_quick_demo_writes_table_plots_trajectory_and_the_same_results_twice(tmp
     first, second = json.loads(first), json.loads(second)
     assert second["seeds"] == [0, 1] and first["float_path"] == second["float_path"]
     assert first["float_path"]["jobs"] == 2 and first["float_path"]["aten_cpu_capability"]
-    assert {label: {m: v[0] for m, v in cells.items()} for label, cells in second["rows"].items()} == \
-        {label: {m: v[0] for m, v in cells.items()} for label, cells in first["rows"].items()}
+    seed0 = lambda res: {label: {m: v[0] for m, v in cells.items() if v[0] is not None}
+                         for label, cells in res["rows"].items()}  # None: a kind seed 0's test split lacks
+    assert seed0(second) == seed0(first)
     written, results = readme.read_text(), (docs / "results.md").read_text()
     assert "STALE" not in written + results and "| +RL real only |" in results
     assert "| +RL-2 alone (control) |" in results
