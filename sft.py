@@ -90,7 +90,7 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resu
 from plumbing import backward_global, clip_grad_norm, collate, cosine_lr, grad_sync, max_over_ranks, sum_over_ranks
 from plumbing import broadcast0, generation_mode, load_checkpoint, load_tokenizer, load_trainee, resolve_model
 from config import ConfigError, RunConfig, cli, load_config, read_jsonl
-from data import ModelConfig, save_atomic
+from data import ModelConfig, load_qa, save_atomic
 from rollout import rollout
 from tools import EnvConfig, build_prompt, loss_mask, make_environment, reward
 
@@ -567,7 +567,6 @@ def main(argv=None):
         if world_size > 1 and sc.parallel == "fsdp":
             raise ConfigError("config: sft.eval_every runs on rank 0 alone: not with parallel=fsdp on several ranks")
         if rank == 0:
-            from data import load_qa
             real = dataclasses.replace(env, env="real")
             curve = (load_qa(os.path.join(run.data_dir, "dev.jsonl"))[:sc.eval_n], real,
                      make_environment(real, run, tokenizer))

@@ -22,7 +22,7 @@ import sys
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-from demo import write_readme  # noqa: E402  (the marker-section writer --readme uses)
+from demo import cell, write_readme  # noqa: E402  (demo's mean ± std cell and its marker-section writer)
 
 ROWS = {"workflow": "workflow", "SFT-2": "SFT-2", "SFT-1&2": "SFT-1&2", "SFT-1&2&3": "SFT-1&2&3",
         "RL real": "+RL real only", "RL-2 alone": "+RL-2 alone (control)", "sim then real": "+RL simulated then real",
@@ -79,10 +79,6 @@ def findings(rows):
     return {k: rows[a]["em"] - rows[b]["em"] for k, (a, b) in FINDINGS.items() if a in rows and b in rows}
 
 
-def mean_sd(xs):
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
-
-
 def report(main_dir, other_dir):
     """The table of every draw of the two runs, the mean and spread over all, and the findings' counts (markdown)."""
     (mine, sha, path), (theirs, sha2, path2) = draws(main_dir), draws(other_dir)
@@ -95,9 +91,9 @@ def report(main_dir, other_dir):
         lines.append("| " + " | ".join([label, *[f"{rows[r]['em']:.3f}" if r in rows else "-" for r in ROWS],
                                         f"{low:.2f}", *[f"{f[k]:+.3f}" if k in f else "-" for k in FINDINGS]]) + " |")
     lines.append("| " + " | ".join([f"all {len(every)}: mean ± std",
-                                    *[mean_sd([r[x]["em"] for _, r in every]) for x in ROWS],
-                                    mean_sd([min(r["SFT-2"][f"em_{k}"] for k in KINDS) for _, r in every]),
-                                    *[mean_sd([findings(r)[k] for _, r in every]) for k in FINDINGS]]) + " |")
+                                    *[cell([r[x]["em"] for _, r in every], 3) for x in ROWS],
+                                    cell([min(r["SFT-2"][f"em_{k}"] for k in KINDS) for _, r in every], 3),
+                                    *[cell([findings(r)[k] for _, r in every], 3) for k in FINDINGS]]) + " |")
     held = {k: sum(findings(r)[k] >= BAR[k] for _, r in every) for k in BAR}
     shared = [(a, b) for (la, a), (lb, b) in zip(mine, theirs)]  # the same seeds on the two paths
     moved = {x: statistics.mean(abs(a[x]["em"] - b[x]["em"]) for a, b in shared) for x in ROWS}
