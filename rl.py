@@ -106,8 +106,9 @@ Metrics (<run.dir>/<out>.metrics.jsonl, one line per step): env, reward, em, act
 real_calls / sim_calls / tool_failures (this step and running totals), zero_var (share of groups with one
 reward), trajectories, truncated (share stopped at env.max_new_tokens: their answers were cut; above
 env.truncation_warn the step says so in one line), kl, clip_frac, ratio, entropy (when used), loss, grad_norm,
-tokens_per_s (model tokens), rollout_s, step_s; eval_em, eval_format, eval_actions, eval_truncated (greedy,
-held-out, real tool) before the first and after the last step.
+tokens_per_s (model tokens), rollout_s, step_s; eval_em, eval_format, eval_actions, eval_truncated, eval_em_<kind>,
+eval_s (greedy, held-out, real tool: the curve to watch, as the training reward moves with each step's prompt mix)
+before the first step, every eval_every steps and after the last.
 
 Departures from the paper, by default (configs/qwen7b.yaml sets the paper's): the reward is binary EM
 (reward=lenient is the paper's lenient match); a search past env.max_actions forces the answer
@@ -170,8 +171,13 @@ class RLConfig:
     sim_popular: int = 0  # simulated steps draw their prompts from questions about people whose document the
                           # pre-training corpus (<run.data_dir>/pretrain.jsonl) repeats at least this often: where
                           # the simulator knows the world (0 = every training question)
+    sim_train: str = ""  # QA JSONL the simulated steps draw their prompts from; empty = train's. E.g. the questions
+                         # SFT-3 trained on: the people whose facts the policy's own simulation can know
     sim_env: str = "auto"  # simulated environment: auto (worldmodel if env.worldmodel is set, else policy) | policy
                            # | worldmodel
+    hop2_repeat: int = 1  # each training question whose oracle searched twice or more (its "queries") is drawn this
+                          # many times an epoch: where most prompts are 1-hop, one search wins and the second hop
+                          # is unlearnt (tiny world: 71% 1-hop). Rows without "queries" (real QA sets): no change
     # rollout
     prompts_per_step: int = 16  # prompts per step, all ranks together (the paper: 48)
     group_size: int = 4  # trajectories per prompt (the paper: 5)
@@ -222,7 +228,7 @@ class RLConfig:
               "eps_low": "[0, 1]", "eps_high": "[0, inf)", "kl_coef": "[0, inf)", "entropy_coef": "[0, inf)",
               "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
               "updates_per_step": "[1, inf)", "micro_batch": "[1, inf)", "max_bad_steps": "[1, inf)",
-              "sim_popular": "[0, inf)",
+              "sim_popular": "[0, inf)", "hop2_repeat": "[1, inf)",
               "max_tool_failures": "[0, 1]", "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
               "log_every": "[1, inf)", "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
     CHOICES = {"sim_env": ("auto", "policy", "worldmodel"), "loss_type": ("grpo", "dapo", "dr_grpo"),
@@ -553,23 +559,33 @@ def build_models(rcfg, run, device, init):
 
 def evaluate(model, tokenizer, rows, cfg, environment, rank, world_size):
     """Greedy held-out EM, format rate, actions per question and the share stopped at the length budget, over all
-    ranks (each rank its shard)."""
+    ranks (each rank its shard); where the rows name their kind (the tiny world's city/employer/country), the EM of
+    each kind too (eval_em_<kind>): a skill RL unlearns, such as the second hop, shows there first."""
+    t0 = time.time()
     mine = rows[rank::world_size]
+    kinds = sorted({row.get("kind", "all") for row in rows})  # from all the rows: every rank reduces the same list
     env_cfg = dataclasses.replace(cfg.env, env="real")
     em = fmt = acts = cut = 0.0
+    by_kind = {k: [0.0, 0] for k in kinds}  # kind -> [EM sum, questions]
     if mine:
         with generation_mode(model) as policy:
             episodes = rollout_chunks(policy, tokenizer, mine, env_cfg, environment, cfg.rl.rollout_batch, 1,
                                       temperature=0.0)
         for ep, row in zip(episodes, mine):
             parsed = parse(ep.text, cfg.env)
-            em += reward(ep.text, row["golden_answers"], cfg.env, "em")
+            right = reward(ep.text, row["golden_answers"], cfg.env, "em")
+            em += right
+            by_kind[row.get("kind", "all")][0] += right
+            by_kind[row.get("kind", "all")][1] += 1
             fmt += parsed.format_ok
             acts += len(ep.actions)
             cut += ep.finish == "length"
-    em, fmt, acts, cut, n = all_reduce([em, fmt, acts, cut, len(mine)])
-    return {"eval_em": em / max(n, 1), "eval_format": fmt / max(n, 1), "eval_actions": acts / max(n, 1),
-            "eval_truncated": cut / max(n, 1)}
+    em, fmt, acts, cut, n, *per_kind = all_reduce([em, fmt, acts, cut, len(mine), *sum(by_kind.values(), [])])
+    out = {"eval_em": em / max(n, 1), "eval_format": fmt / max(n, 1), "eval_actions": acts / max(n, 1),
+           "eval_truncated": cut / max(n, 1), "eval_s": time.time() - t0}
+    if len(kinds) > 1:
+        out.update({f"eval_em_{k}": per_kind[2 * i] / max(per_kind[2 * i + 1], 1) for i, k in enumerate(kinds)})
+    return out
 
 
 def save_final(model, tokenizer, out_dir, rank, dtype=None):
@@ -593,11 +609,13 @@ def save_final(model, tokenizer, out_dir, rank, dtype=None):
 
 def load_rows(rcfg, run):
     """(training rows, the simulated steps' rows, held-out rows for the eval in the log)."""
-    train_path = rcfg.train or os.path.join(run.data_dir, "train.jsonl")
-    train_rows = load_qa(train_path)
-    if not train_rows:  # step_prompts would divide by zero
-        raise ConfigError(f"rl: {train_path}: no usable QA rows (empty, or every row bad: each is named above)")
-    sim_rows = popular_rows(train_rows, run.data_dir, rcfg.sim_popular)
+    def rows_of(path):  # hop2_repeat: a 2-hop question is drawn that many times an epoch
+        rows = [row for row in load_qa(path) for _ in range(rcfg.hop2_repeat if len(row.get("queries", ())) > 1 else 1)]
+        if not rows:  # step_prompts would divide by zero
+            raise ConfigError(f"rl: {path}: no usable QA rows (empty, or every row bad: each is named above)")
+        return rows
+    train_rows = rows_of(rcfg.train or os.path.join(run.data_dir, "train.jsonl"))
+    sim_rows = popular_rows(rows_of(rcfg.sim_train) if rcfg.sim_train else train_rows, run.data_dir, rcfg.sim_popular)
     eval_rows = load_qa(rcfg.eval or os.path.join(run.data_dir, "dev.jsonl"))[:rcfg.eval_n] if rcfg.eval_n else []
     return train_rows, sim_rows, eval_rows
 

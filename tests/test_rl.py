@@ -167,6 +167,7 @@ def test_unknown_loss_type_is_refused():
 # -----------------------------------------------------------------------------
 # The update on the tiny model
 
+import collections  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -177,6 +178,8 @@ from types import SimpleNamespace  # noqa: E402
 
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
+
+import data  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -406,6 +409,36 @@ def test_schedule_runs_simulated_steps_first_and_counts_calls(tiny_root, tiny_ba
     for key in ("reward", "em", "actions", "sim_calls", "kl", "clip_frac", "tokens_per_s"):
         assert key in steps[-1]
     assert os.path.exists(os.path.join(tmp_path, "t", "rl", "model.safetensors"))
+
+
+def test_dev_curve_logs_each_kind_every_eval_every_steps_and_the_kinds_make_the_whole(tiny_root, tiny_base,
+                                                                                        tmp_path):
+    """eval_every=2 over 4 steps: the held-out curve at steps 0, 2 and 4, each point with the EM of every question
+    kind, weighted by the kinds' counts into eval_em (the same greedy answers, split)."""
+    rl.main(rl_argv(tiny_root, tiny_base, tmp_path, "steps=4", "eval_every=2", "eval_n=12", "save_every=0"))
+    evals = [r for r in read_metrics(tmp_path) if "eval_em" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    dev = data.load_qa(os.path.join(tiny_root, "data", "dev.jsonl"))[:12]
+    counts = collections.Counter(r["kind"] for r in dev)
+    assert len(counts) > 1
+    for r in evals:
+        assert sorted(k for k in r if k.startswith("eval_em_")) == sorted(f"eval_em_{k}" for k in counts)
+        whole = sum(r[f"eval_em_{k}"] * n for k, n in counts.items()) / 12
+        assert abs(whole - r["eval_em"]) < 1e-9
+
+
+def test_hop2_repeat_draws_each_two_hop_question_that_many_times_an_epoch(tiny_root):
+    """hop2_repeat=3: a question whose oracle searched twice (two queries) is in the epoch's stream three times,
+    a 1-hop one once; the step prompts of one epoch hold them in that proportion."""
+    run = SimpleNamespace(data_dir=os.path.join(tiny_root, "data"))
+    plain, _, _ = rl.load_rows(rl.RLConfig(eval_n=0), run)
+    more, _, _ = rl.load_rows(rl.RLConfig(eval_n=0, hop2_repeat=3), run)
+    two_hop = [r for r in plain if len(r.get("queries", ())) > 1]
+    assert 0 < len(two_hop) < len(plain)
+    assert len(more) == len(plain) + 2 * len(two_hop)
+    epoch = rl.step_prompts(more, 0, len(more), seed=0)
+    assert collections.Counter(r["id"] for r in epoch) == collections.Counter(
+        {r["id"]: 3 if r in two_hop else 1 for r in plain})
 
 
 def test_rollout_batch_decodes_whole_groups_per_call_and_keeps_row_order(monkeypatch):
