@@ -259,8 +259,8 @@ def sim_check(log):
 
 
 TEST_ROWS = {"before": "SmolLM2-135M-Instruct, untrained", "after_sft2": "+ SFT-2",
-             "after_sft3": "+ SFT-2 + SFT-3 (the RL start)", "after_rl": "+ GRPO, real tool (RL-2 alone)",
-             "after_rl_sim": "+ GRPO, simulated steps then the same real steps"}
+             "after_sft3": "+ SFT-2 + SFT-3 (the RL start)", "after_rl": "+ GRPO, {rl_steps} real steps (RL-2 alone)",
+             "after_rl_sim": "+ GRPO, {sim_steps} simulated steps then {sim_real_steps} real"}
 
 
 def kinds(by_kind):
@@ -291,7 +291,7 @@ def write_report(r, path):
     for tag, name in TEST_ROWS.items():
         if tag in r["test"]:
             e = r["test"][tag]
-            lines.append(f"| {name} | {e['em']:.2f} | {e['format_error']:.2f} | {e['actions']:.2f} | "
+            lines.append(f"| {name.format(**a)} | {e['em']:.2f} | {e['format_error']:.2f} | {e['actions']:.2f} | "
                          f"{kinds(e['by_kind'])} |")
     cell = lambda c: f"{c['em']:.2f} ({kinds(c['by_kind'])})" if c else ""  # noqa: E731
     g = r["rise"]

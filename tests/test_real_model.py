@@ -11,6 +11,7 @@ would not show on the tiny model (one id per tag). For a trajectory of the tiny 
 
     .venv/bin/python -m pytest -q tests/test_real_model.py
 """
+import json
 import os
 import re
 
@@ -161,3 +162,32 @@ def test_smollm2_rollout_logps_are_what_the_training_forward_recomputes(smol_pat
     with torch.no_grad():
         logps, _ = rl.token_logps(model, input_ids, attention, T)
     assert torch.allclose(logps * mask, old, atol=2e-4), (logps * mask - old).abs().max()
+
+
+def test_report_lines_up_the_two_curves_by_real_steps_and_gives_the_rise_with_its_standard_error(tmp_path):
+    """bench/real_model.py's report on hand-made curves: rl_sim's points are shifted by its simulated steps (its
+    start and its point after them both at 0 real steps), and the rise is end - start with the binomial standard
+    error of two independent samples of n questions."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import real_model
+    point = lambda step, em: {"step": step, "em": em, "by_kind": {"city": em}}  # noqa: E731
+    r = {"args": {"sim_steps": 2}, "rl": {"dev": [point(0, 0.5), point(4, 0.6), point(8, 0.8)]},
+         "rl_sim": {"dev": [point(0, 0.5), point(2, 0.4), point(6, 0.7)]}}
+    rows = [(label, a and a["em"], b and b["em"]) for label, a, b in real_model.dev_rows(r)]
+    assert rows == [("0 (the RL start)", 0.5, 0.5), ("0 (rl_sim: after its 2 simulated steps)", None, 0.4),
+                    ("4", 0.6, 0.7), ("8", 0.8, None)]
+    g = real_model.rise(r["rl"]["dev"], 100)
+    assert abs(g["rise"] - 0.3) < 1e-12 and abs(g["se"] - ((0.25 + 0.16) / 100) ** 0.5) < 1e-12
+    # the SFT-3 subset: the first n training questions with a CoA trajectory, and every SFT row of theirs
+    data_dir = tmp_path / "data"
+    (data_dir / "synth").mkdir(parents=True)
+    qa = [{"id": f"q{i}", "question": f"Q{i}?", "golden_answers": ["A"]} for i in range(4)]
+    synth = [{"id": "q0", "type": "cot"}, {"id": "q1", "type": "coa"}, {"id": "q1", "type": "cot"},
+             {"id": "q2", "type": "coa"}, {"id": "q3", "type": "coa"}]
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+    (data_dir / "synth" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synth))
+    real_model.write_sft3_data(str(tmp_path / "run"), str(data_dir), 2)
+    read = lambda name: [json.loads(x) for x in (tmp_path / "run" / name).read_text().splitlines()]  # noqa: E731
+    assert [r["id"] for r in read("sft3_questions.jsonl")] == ["q1", "q2"]
+    assert read("sft3_data.jsonl") == synth[1:4]

@@ -441,6 +441,23 @@ def test_hop2_repeat_draws_each_two_hop_question_that_many_times_an_epoch(tiny_r
         {r["id"]: 3 if r in two_hop else 1 for r in plain})
 
 
+def test_sim_train_gives_the_simulated_steps_their_own_questions(tiny_root, tmp_path):
+    """sim_train=FILE: the simulated steps draw from FILE's questions (bench/real_model.py: the ones SFT-3 trained
+    on), the real steps from train's; a FILE with no usable row is a one-line error."""
+    run = SimpleNamespace(data_dir=os.path.join(tiny_root, "data"))
+    plain, sim_plain, _ = rl.load_rows(rl.RLConfig(eval_n=0), run)
+    assert sim_plain is plain
+    seen = os.path.join(tmp_path, "seen.jsonl")
+    with open(seen, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in plain[:3])
+    train, sim, _ = rl.load_rows(rl.RLConfig(eval_n=0, sim_train=seen), run)
+    assert train == plain and [r["id"] for r in sim] == [r["id"] for r in plain[:3]]
+    assert {r["id"] for r in rl.step_prompts(sim, 5, 4, seed=0)} <= {r["id"] for r in plain[:3]}
+    open(seen, "w").close()
+    with pytest.raises(rl.ConfigError, match="no usable QA rows"):
+        rl.load_rows(rl.RLConfig(eval_n=0, sim_train=seen), run)
+
+
 def test_rollout_batch_decodes_whole_groups_per_call_and_keeps_row_order(monkeypatch):
     calls = []
 
