@@ -476,6 +476,12 @@ def read_jsonl(path, check, what="row", on_bad="skip", warn=print):
     return check_rows(placed, check, what, on_bad, warn)
 
 
+def read_metrics(path):
+    """[(place, row)] of a metrics log; a line that is not a JSON object (a write cut by a kill or a full disk) is
+    named and skipped, so a run still resumes and a report still reads the rest."""
+    return read_jsonl(path, lambda row: None if isinstance(row, dict) else "not a JSON object", "metrics row")
+
+
 def check_corpus_row(row):
     if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("contents"), str):
         return "needs 'id' and a string 'contents'"

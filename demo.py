@@ -65,7 +65,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import eval as ev
-from config import SECTIONS, ConfigError, RunConfig, cli, help_text, load_config, read_argv, read_jsonl, show_help
+from config import SECTIONS, ConfigError, RunConfig, cli, help_text, load_config, read_argv, read_metrics, show_help
 from tools import EnvConfig
 
 # Quick mode: a small world and a few steps per stage, enough to exercise every code path in about a minute.
@@ -242,8 +242,7 @@ def rl_metrics(run_dir, out):
     path = os.path.join(run_dir, out + ".metrics.jsonl")
     if not os.path.exists(path):
         return []
-    placed = read_jsonl(path, lambda row: None if isinstance(row, dict) else "not a JSON object", "metrics row")
-    return [row for _, row in placed]
+    return [row for _, row in read_metrics(path)]
 
 
 def train_calls(run_dir, folder):

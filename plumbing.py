@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import ConfigError, RunConfig, partial_write
+from config import ConfigError, RunConfig, partial_write, read_metrics
 
 
 # -----------------------------------------------------------------------------
@@ -527,10 +527,9 @@ def truncate_log(path, step):
     if step == 0 and os.path.exists(path):
         os.remove(path)
     elif os.path.exists(path):
-        with open(path) as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        rows = [row for _, row in read_metrics(path) if row.get("step", 0) <= step]
         with open(path, "w") as f:
-            f.writelines(lines)
+            f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 # -----------------------------------------------------------------------------

@@ -89,7 +89,7 @@ from plumbing import (RUN_FLAGS, all_reduce, barrier, check_bf16, claim_and_resu
                       save_checkpoint, setup_dist, start_logging, unwrap)
 from plumbing import backward_global, clip_grad_norm, collate, cosine_lr, grad_sync, max_over_ranks, sum_over_ranks
 from plumbing import broadcast0, generation_mode, load_checkpoint, load_tokenizer, load_trainee, resolve_model
-from config import ConfigError, RunConfig, cli, load_config, read_jsonl
+from config import ConfigError, RunConfig, cli, load_config, read_jsonl, read_metrics
 from data import ModelConfig, load_qa, save_atomic
 from rollout import rollout
 from tools import EnvConfig, build_prompt, loss_mask, make_environment, reward
@@ -447,10 +447,9 @@ class DevBest:
         self.patience, self.stop_em = patience, stop_em
         self.em, self.step, self.since = -1.0, None, 0
         if metrics_path and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                for row in map(json.loads, f):
-                    if "dev_em" in row and not row.get("final"):
-                        self.update(row["step"], row["dev_em"])
+            for _, row in read_metrics(metrics_path):
+                if "dev_em" in row and not row.get("final"):
+                    self.update(row["step"], row["dev_em"])
 
     def update(self, step, em):
         """Record step's dev EM; True when it is a new best."""

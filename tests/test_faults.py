@@ -351,9 +351,12 @@ def test_config_ranges_are_checked_before_any_work():
 def test_a_signalled_trainer_names_its_newest_checkpoint_and_the_resume_command(tiny_root, tiny_base, tmp_path, signum,
                                                                                  status):
     argv = rl_argv(tiny_root, tiny_base, tmp_path, "steps=1000", "save_every=1", "eval_n=0", "--overwrite")
+    # Ctrl-C's default action, even where pytest itself was started in the background (`pytest &` in a script):
+    # there SIGINT is ignored, and a child inherits that
     proc = subprocess.Popen([sys.executable, "rl.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt_dir = tmp_path / "t" / "rl.ckpt"
     deadline = time.time() + 120
     while not (ckpt_dir / "step_000001").exists() and proc.poll() is None and time.time() < deadline:
@@ -376,3 +379,20 @@ def test_a_run_stopped_by_a_one_line_error_leaves_no_lock_behind(tiny_root, tiny
         cli(rl.main, rl_argv(tiny_root, tiny_base, tmp_path, f"train={empty}", "steps=1"))
     assert stop.value.code == 2 and "no usable QA rows" in capsys.readouterr().err
     assert not (tmp_path / "t" / "rl.lock").exists() and plumbing._LOCKS == {}
+
+
+def test_a_metrics_line_cut_by_a_kill_is_named_and_skipped_when_a_run_resumes(tmp_path, capsys):
+    """A kill or a full disk can leave the metrics log's last line half written: --resume (plumbing.truncate_log)
+    keeps the whole rows up to the checkpoint's step and names the broken line, and sft's dev-curve bookkeeping
+    (DevBest) rebuilds from the whole rows, where json.loads would have stopped the resume."""
+    import sft
+    log = tmp_path / "sft2.metrics.jsonl"
+    torn = '{"step": 1, "dev_em": 0.2}\n{"step": 2, "dev_em": 0.6}\n{"step": 3, "dev_em": 0.1}\n{"step": 4, "lo'
+    log.write_text(torn)
+    best = sft.DevBest(patience=1, stop_em=0.5, metrics_path=str(log))
+    assert (best.step, best.em, best.since) == (2, 0.6, 1)
+    assert f"{log}:4" in capsys.readouterr().out
+    plumbing.truncate_log(str(log), 2)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [{"step": 1, "dev_em": 0.2},
+                                                                          {"step": 2, "dev_em": 0.6}]
+    assert f"{log}:4" in capsys.readouterr().out
