@@ -575,8 +575,8 @@ def evaluate(model, tokenizer, rows, cfg, environment, rank, world_size):
             parsed = parse(ep.text, cfg.env)
             right = reward(ep.text, row["golden_answers"], cfg.env, "em")
             em += right
-            by_kind[row.get("kind", "all")][0] += right
-            by_kind[row.get("kind", "all")][1] += 1
+            cell = by_kind[row.get("kind", "all")]
+            cell[0], cell[1] = cell[0] + right, cell[1] + 1
             fmt += parsed.format_ok
             acts += len(ep.actions)
             cut += ep.finish == "length"

@@ -162,11 +162,10 @@ def write_sft3_data(run_dir, data_dir, n):
     (<run_dir>/sft3_questions.jsonl, the simulated steps' prompts) and all their SFT rows (sft3_data.jsonl)."""
     synth = read_jsonl(os.path.join(data_dir, "synth", "train.jsonl"))
     coa = {r["id"] for r in synth if r["type"] == "coa"}
-    ids = [r["id"] for r in read_jsonl(os.path.join(data_dir, "train.jsonl")) if r["id"] in coa][:n]
-    questions = {r["id"]: r for r in read_jsonl(os.path.join(data_dir, "train.jsonl"))}
+    questions = [r for r in read_jsonl(os.path.join(data_dir, "train.jsonl")) if r["id"] in coa][:n]
+    ids = {r["id"] for r in questions}
     os.makedirs(run_dir, exist_ok=True)
-    for name, rows in (("sft3_questions", [questions[i] for i in ids]),
-                       ("sft3_data", [r for r in synth if r["id"] in set(ids)])):
+    for name, rows in (("sft3_questions", questions), ("sft3_data", [r for r in synth if r["id"] in ids])):
         with open(os.path.join(run_dir, name + ".jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
