@@ -27,7 +27,9 @@ matching strings. Stages (sft.stage):
 
         over a stream with `cot_share` CoT rows (well-known facts, no search) and CoA rows for the rest.
   sft3  the same without the mask (m_t = 1 on every completion token): the model also learns to predict what
-        the search returns, its internal world model (used by rl.py's env=policy).
+        the search returns, its internal world model (used by rl.py's env=policy). Two knobs the paper does not
+        have (defaults: its plain SFT-3): obs_weight sets m_t on observation tokens (1 = no mask, 0 = SFT-2's
+        mask), sft3_cot_share SFT-3's own share of CoT rows (configs/tiny.yaml: 0.3 and 0, docs/tiny_world.md).
 
 Training: AdamW, cosine schedule with linear warm-up, gradient clipping, gradient accumulation
 (batch_size sequences per step over all ranks, device_batch_size per forward), length bucketing (batches are cut
@@ -140,6 +142,8 @@ class SFTConfig:
     patience: int = 0  # with eval_every: the stage ends after this many evals without a new best dev EM, once the best
                        # has reached stop_em (a draw still on the copy plateau keeps training); 0 = every step runs
     stop_em: float = 0.9  # the dev EM the best must reach before sft.patience may end the stage
+    sft3_cot_share: float = -1.0  # sft3's own cot_share; -1 = cot_share (the paper: SFT-3 trains on SFT-2's data)
+    obs_weight: float = 1.0  # sft3: weight of the observation tokens in L3 (1 = the paper's plain no-mask loss)
     lora_alpha: float = 32.0  # LoRA: the adapters' output is scaled by lora_alpha / lora_rank; one alpha for every
                               # rank keeps the best lr about the same across ranks ("LoRA Without Regret", which
                               # also finds it ~10x full fine-tuning's lr)
@@ -152,8 +156,12 @@ class SFTConfig:
               "save_every": "[0, inf)", "keep_ckpts": "[0, inf)",
               "pretrain_share": "[0, 1)", "pretrain_steps": "[0, inf)",
               "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)",
-              "eval_every": "[0, inf)", "eval_n": "[1, inf)", "patience": "[0, inf)", "stop_em": "[0, 1]"}
+              "eval_every": "[0, inf)", "eval_n": "[1, inf)", "patience": "[0, inf)", "stop_em": "[0, 1]",
+              "sft3_cot_share": "[-1, 1)", "obs_weight": "[0, 1]"}
     CHOICES = {"stage": ("pretrain", "cot", "sft1", "sft2", "sft3"), "parallel": ("ddp", "fsdp", "none")}
+
+    def stage_cot_share(self):
+        return self.sft3_cot_share if self.stage == "sft3" and self.sft3_cot_share >= 0 else self.cot_share
 
 
 # -----------------------------------------------------------------------------
@@ -177,17 +185,18 @@ def encode_texts(tokenizer, texts, cache=None):
     return [cache[t] for t in texts]
 
 
-def encode_segments(tokenizer, segments, observation_mask=True, cache=None):
+def encode_segments(tokenizer, segments, observation_weight=0, cache=None):
     """(ids, mask) of a list of segments, each tokenized on its own; the mask is tools.loss_mask's, by who wrote it."""
     ids, mask = [], []
     for seg, piece in zip(segments, encode_texts(tokenizer, [seg["text"] for seg in segments], cache)):
         ids += piece
-        mask += loss_mask(seg["who"], len(piece), observation_mask)
+        mask += loss_mask(seg["who"], len(piece), observation_weight)
     return ids, mask
 
 
-def encode_trajectory(tokenizer, env, question, segments, observation_mask=True, context=(), cache=None):
-    """{"ids", "mask"} of prompt + context + segments + EOS; mask 1 on the tokens the loss is taken on.
+def encode_trajectory(tokenizer, env, question, segments, observation_weight=0, context=(), cache=None):
+    """{"ids", "mask"} of prompt + context + segments + EOS; mask = each token's weight as a target (1 on the
+    model's tokens, observation_weight on the environment's, 0 on the prompt and context).
 
     The prompt is tokenized as rollout.encode_prompt does it. context: segments that are read but never trained
     on (a pair's shared prefix). mask[t] says whether ids[t] is a target (predicted from ids[:t]). Never cut: a
@@ -198,14 +207,14 @@ def encode_trajectory(tokenizer, env, question, segments, observation_mask=True,
     mask = [0] * len(ids)
     ctx_ids, _ = encode_segments(tokenizer, context, cache=cache)
     ids, mask = ids + ctx_ids, mask + [0] * len(ctx_ids)
-    seg_ids, seg_mask = encode_segments(tokenizer, segments, observation_mask, cache)
+    seg_ids, seg_mask = encode_segments(tokenizer, segments, observation_weight, cache)
     ids, mask = ids + seg_ids + [tokenizer.eos_token_id], mask + seg_mask + [1]
     return {"ids": ids, "mask": mask}
 
 
-def build_examples(rows, stage, tokenizer, env, max_len):
+def build_examples(rows, stage, tokenizer, env, max_len, obs_weight=1.0):
     """The stage's examples: {"ids", "mask"} (cot, sft2, sft3) or {"chosen", "rejected"} (sft1), plus "cot";
-    those longer than max_len are dropped and counted (drop_long)."""
+    those longer than max_len are dropped and counted (drop_long). obs_weight: sft3's weight of observation tokens."""
     out, cache = [], {}
     texts = [build_prompt(tokenizer, r["question"], env) for r in rows]
     texts += [s["text"] for r in rows for part in ("segments", "prefix", "chosen", "rejected") for s in r.get(part, [])]
@@ -213,17 +222,18 @@ def build_examples(rows, stage, tokenizer, env, max_len):
     for row in rows:
         if stage == "sft1":
             if row["type"] == "pair":
-                enc = lambda part: encode_trajectory(tokenizer, env, row["question"], row[part], True, row["prefix"],
+                enc = lambda part: encode_trajectory(tokenizer, env, row["question"], row[part], 0, row["prefix"],
                                                      cache)
                 out.append({"chosen": enc("chosen"), "rejected": enc("rejected"), "cot": False})
         elif row["type"] == "cot" and (stage == "cot" or not row.get("needs_search", True)):
             # sft2/3 mix in CoT of well-known facts only: closed-book CoT on questions that need a search would
             # teach the model to skip the search there
-            out.append({**encode_trajectory(tokenizer, env, row["question"], row["segments"], True, (), cache),
+            out.append({**encode_trajectory(tokenizer, env, row["question"], row["segments"], 0, (), cache),
                         "cot": True})
         elif row["type"] == "coa" and stage in ("sft2", "sft3"):
-            out.append({**encode_trajectory(tokenizer, env, row["question"], row["segments"], stage == "sft2", (),
-                                            cache), "cot": False})
+            weight = obs_weight if stage == "sft3" else 0
+            out.append({**encode_trajectory(tokenizer, env, row["question"], row["segments"], weight, (), cache),
+                        "cot": False})
     if not out:
         raise ConfigError(f"no training rows for stage {stage} (synthesise with: python data.py ... --synth)")
     return drop_long(out, max_len, f"stage {stage}")
@@ -304,7 +314,7 @@ class Stream:
 
     def epoch(self, e):
         if e not in self.cache:
-            self.cache = {e: epoch_order(self.examples, self.sc.stage, self.sc.cot_share, self.sc.batch_size,
+            self.cache = {e: epoch_order(self.examples, self.sc.stage, self.sc.stage_cot_share(), self.sc.batch_size,
                                          self.sc.bucket_batches, self.seed, e, self.sc.pretrain_share)}
             if not self.cache[e]:
                 raise ConfigError(f"fewer examples ({len(self.examples)}) than sft.batch_size ({self.sc.batch_size})")
@@ -399,8 +409,8 @@ def heldout_metrics(model, tokenizer, env, rows, device, batch_size, max_len, ra
     seqs, cache = [], {}
     for row in rows:
         if row["type"] == "coa" or (row["type"] == "cot" and not row.get("needs_search", True)):
-            plain = encode_trajectory(tokenizer, env, row["question"], row["segments"], True, (), cache)
-            full = encode_trajectory(tokenizer, env, row["question"], row["segments"], False, (), cache)
+            plain = encode_trajectory(tokenizer, env, row["question"], row["segments"], 0, (), cache)
+            full = encode_trajectory(tokenizer, env, row["question"], row["segments"], 1, (), cache)
             obs = [int(f and not p) for f, p in zip(full["mask"], plain["mask"])]  # the env segments' tokens
             seqs.append({"ids": plain["ids"], "mask": plain["mask"], "obs": obs})
     seqs = drop_long(seqs, max_len, "held-out rows")[rank::world_size]
@@ -473,7 +483,7 @@ def stage_examples(sc, run, env, tokenizer):
     if sc.stage == "pretrain":
         return pretrain_examples(read_pretrain(sc.data or pretrain), tokenizer, env, sc.max_len)
     examples = build_examples(read_synth(sc.data or os.path.join(run.data_dir, "synth", "train.jsonl")), sc.stage,
-                              tokenizer, env, sc.max_len)
+                              tokenizer, env, sc.max_len, sc.obs_weight)
     if sc.pretrain_share > 0 and sc.stage != "sft1":  # replay: pre-training documents join, drawn by popularity
         examples += [{**e, "doc": True} for e in pretrain_examples(read_pretrain(pretrain), tokenizer, env,
                                                                     sc.max_len)]

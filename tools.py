@@ -207,11 +207,12 @@ def answer_text(env, answer=None):
     return opener if answer is None else f"{opener}{answer}}}"
 
 
-def loss_mask(who, n, observation_mask=True):
-    """The mask of n tokens `who` wrote (1 = trained on): the one definition sft.py, rollout.py and eval.py use. "env"
-    is all the model did not write (observations, self-written ones included: no policy log-prob is owed for them,
-    and a model trained on them learns to write its own evidence; forced text). SFT-3: observation_mask=False."""
-    return [0 if who == "env" and observation_mask else 1] * n
+def loss_mask(who, n, observation_weight=0):
+    """The loss weights of n tokens `who` wrote (1 = trained on, 0 = masked): the one definition sft.py, rollout.py
+    and eval.py use. "env" is all the model did not write (observations, self-written ones included: no policy
+    log-prob is owed for them, and a model trained on them learns to write its own evidence; forced text), weighted
+    observation_weight: 0 everywhere but SFT-3 (sft.obs_weight; 1 = the paper's no mask)."""
+    return [observation_weight if who == "env" else 1] * n
 
 
 # -----------------------------------------------------------------------------

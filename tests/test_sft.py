@@ -56,7 +56,7 @@ def test_observation_mask_covers_exactly_the_env_segments(tiny_synth, tokenizer)
         assert ex["mask"][pos:pos + len(ids)] == [int(seg["who"] == "model")] * len(ids)
         pos += len(ids)
     assert ex["ids"][pos:] == [tokenizer.eos_token_id] and ex["mask"][pos:] == [1]
-    unmasked = sft.encode_trajectory(tokenizer, ENV, row["question"], row["segments"], observation_mask=False)
+    unmasked = sft.encode_trajectory(tokenizer, ENV, row["question"], row["segments"], observation_weight=1)
     assert unmasked["ids"] == ex["ids"] and unmasked["mask"] == [0] * n_prompt + [1] * (len(ex["ids"]) - n_prompt)
 
 
@@ -81,6 +81,24 @@ def test_sft2_mixes_only_well_known_cot_and_sft3_unmasks_observations(tiny_synth
     coa3 = [e for e in three if not e["cot"]]
     assert all(a["ids"] == b["ids"] for a, b in zip(coa2, coa3))
     assert sum(map(sum, (e["mask"] for e in coa3))) > sum(map(sum, (e["mask"] for e in coa2)))
+
+
+def test_sft3_weighs_observations_by_obs_weight_and_draws_its_own_cot_share(tiny_synth, tokenizer):
+    """sft.obs_weight: an observation token counts that much in L3 (the model's own tokens 1, as in SFT-2);
+    sft.sft3_cot_share: SFT-3's stream has its own share of CoT rows (0: CoA only), -1 keeps cot_share."""
+    rows = synth_rows(tiny_synth)
+    two = [e for e in sft.build_examples(rows, "sft2", tokenizer, ENV, 512) if not e["cot"]]
+    light = sft.build_examples(rows, "sft3", tokenizer, ENV, 512, obs_weight=0.3)
+    for a, b in zip(two, [e for e in light if not e["cot"]]):
+        assert a["ids"] == b["ids"] and 0 in a["mask"]
+        assert b["mask"] == [m if m else (0.3 if i >= a["mask"].index(1) else 0) for i, m in enumerate(a["mask"])]
+    share = lambda stage, **kw: sft.SFTConfig(stage=stage, cot_share=0.15, **kw).stage_cot_share()
+    assert share("sft3", sft3_cot_share=0.0) == 0.0 and share("sft2", sft3_cot_share=0.0) == 0.15
+    assert share("sft3") == 0.15
+    order = lambda stage, cot_share: [i for b in sft.epoch_order(light, stage, cot_share, 8, 4, seed=0, epoch=0)
+                                      for i in b]
+    assert any(light[i]["cot"] for i in order("sft3", 0.15))
+    assert not any(light[i]["cot"] for i in order("sft3", 0.0))
 
 
 # -----------------------------------------------------------------------------
