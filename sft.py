@@ -65,8 +65,9 @@ with patience > 0 the stage ends `patience` evals after its best once that best 
 tiny world (configs/tiny.yaml, dev EM every 50 steps; docs/tiny_world.md): dev EM leaves the copy plateau between
 ~350 and ~750 steps, draw by draw, then swings by about 0.1 from one eval to the next while the lr is high (seed 0:
 1.000 at step 600, 0.890 at 700), the wrong answers being skipped searches ("I know this one" for an unseen person
-who shares a famous person's first name); SFT-3 at lr 3e-3 swings further (0.215 -> 0.985 -> 0.725). The last
-step is then a draw from the swing, and another CPU's float path draws another one.
+who shares a famous person's first name); the paper's SFT-3 at lr 3e-3 swings further (0.215 -> 0.985 -> 0.725;
+configs/tiny.yaml's obs_weight and sft3_cot_share steady it). The last step is then a draw from the swing, and
+another CPU's float path draws another one.
 
 Departures from the paper: the tiny world's CoT data comes from a scripted teacher, not a reasoning model;
 sft1's pairs may have an empty prefix with real teachers (data.py); the DPO-style term has no beta and no
