@@ -5,7 +5,7 @@ then takes another path. This runs demo.py over seeds on this machine's path and
 kernel set (ATEN_CPU_CAPABILITY, read by torch at start-up), then prints every draw's row and finding, the mean and
 spread over all draws, and how far the other path moved the seeds both ran.
 
-    python bench/draws.py                 # demo --seeds 5 here (runs/tiny), then --seeds 3 under avx2 (runs/tiny_avx2)
+    python bench/draws.py                 # demo --seeds 3 under avx2 (runs/tiny_avx2), then --seeds 5 here (runs/tiny)
     python bench/draws.py --readme        # ... the demo's --readme too, and docs/results.md's "draws" section
     python bench/draws.py --report        # no training: read the two results.json and print
     python bench/draws.py --seeds 5 --other-seeds 3 --other avx2   # the defaults
@@ -112,9 +112,10 @@ def report(main_dir, other_dir):
 def main(argv):
     f = flags(argv)
     other = f"tiny_{f['other']}"
-    if not f["report"]:
-        run_demo(int(f["seeds"]), "tiny", None, f["readme"])
+    if not f["report"]:  # the other path first: --readme edits tracked files, and a demo started after it would
+        # record its commit as "-dirty"
         run_demo(int(f["other-seeds"]), other, f["other"], False)
+        run_demo(int(f["seeds"]), "tiny", None, f["readme"])
     text = report(os.path.join(HERE, "runs", "tiny"), os.path.join(HERE, "runs", other))
     print(text)
     if f["readme"]:
