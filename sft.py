@@ -162,6 +162,7 @@ class SFTConfig:
     CHOICES = {"stage": ("pretrain", "cot", "sft1", "sft2", "sft3"), "parallel": ("ddp", "fsdp", "none")}
 
     def stage_cot_share(self):
+        """The share of CoT rows in this stage's stream: sft3_cot_share for sft3 when set, else cot_share."""
         return self.sft3_cot_share if self.stage == "sft3" and self.sft3_cot_share >= 0 else self.cot_share
 
 
