@@ -53,7 +53,7 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import cli, read_key_values  # noqa: E402
+from config import cli, read_key_values, read_metrics  # noqa: E402
 
 
 @dataclass
@@ -95,11 +95,6 @@ def run_phase(name, cmd, log_dir):
     return seconds, usage.ru_maxrss / 1024
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def prepare_data(config, overrides=()):
     """The tiny world and the oracle's SFT data, observations budgeted in SmolLM2 tokens; the model folder."""
     import data
@@ -126,7 +121,7 @@ def eval_numbers(run_dir, tag):
 
 
 def sft_numbers(run_dir, out):
-    rows = [r for r in read_jsonl(os.path.join(run_dir, f"{out}.metrics.jsonl")) if not r.get("final")]
+    rows = [r for _, r in read_metrics(os.path.join(run_dir, f"{out}.metrics.jsonl")) if not r.get("final")]
     tokens = sum(r["tokens"] for r in rows)
     step_s = sum(r["tokens"] / r["tok_s"] for r in rows)
     return {"losses": [r["loss"] for r in rows], "tokens": tokens, "steps_s": step_s,
@@ -134,7 +129,7 @@ def sft_numbers(run_dir, out):
 
 
 def rl_numbers(run_dir, out):
-    all_rows = read_jsonl(os.path.join(run_dir, f"{out}.metrics.jsonl"))
+    all_rows = [r for _, r in read_metrics(os.path.join(run_dir, f"{out}.metrics.jsonl"))]
     rows = [r for r in all_rows if "reward" in r]
     rollout_s, step_s = sum(r["rollout_s"] for r in rows), sum(r["step_s"] for r in rows)
     tokens = sum(r["tokens_per_s"] * r["step_s"] for r in rows)  # the model's own tokens
@@ -160,9 +155,11 @@ def rise(dev, n):
 def write_sft3_data(run_dir, data_dir, n):
     """The first n training questions that have an oracle CoA trajectory: their QA rows
     (<run_dir>/sft3_questions.jsonl, the simulated steps' prompts) and all their SFT rows (sft3_data.jsonl)."""
-    synth = read_jsonl(os.path.join(data_dir, "synth", "train.jsonl"))
+    from data import load_qa
+    from sft import read_synth
+    synth = read_synth(os.path.join(data_dir, "synth", "train.jsonl"))
     coa = {r["id"] for r in synth if r["type"] == "coa"}
-    questions = [r for r in read_jsonl(os.path.join(data_dir, "train.jsonl")) if r["id"] in coa][:n]
+    questions = [r for r in load_qa(os.path.join(data_dir, "train.jsonl")) if r["id"] in coa][:n]
     ids = {r["id"] for r in questions}
     os.makedirs(run_dir, exist_ok=True)
     for name, rows in (("sft3_questions", questions), ("sft3_data", [r for r in synth if r["id"] in ids])):

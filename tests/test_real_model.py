@@ -183,8 +183,9 @@ def test_report_lines_up_the_two_curves_by_real_steps_and_gives_the_rise_with_it
     data_dir = tmp_path / "data"
     (data_dir / "synth").mkdir(parents=True)
     qa = [{"id": f"q{i}", "question": f"Q{i}?", "golden_answers": ["A"]} for i in range(4)]
-    synth = [{"id": "q0", "type": "cot"}, {"id": "q1", "type": "coa"}, {"id": "q1", "type": "cot"},
-             {"id": "q2", "type": "coa"}, {"id": "q3", "type": "coa"}]
+    row = lambda i, kind: {"id": f"q{i}", "type": kind, "question": f"Q{i}?", "golden_answers": ["A"],  # noqa: E731
+                           "segments": [{"who": "model", "text": "x"}]}
+    synth = [row(0, "cot"), row(1, "coa"), row(1, "cot"), row(2, "coa"), row(3, "coa")]
     (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
     (data_dir / "synth" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synth))
     real_model.write_sft3_data(str(tmp_path / "run"), str(data_dir), 2)
