@@ -48,23 +48,25 @@ def recipe():
 
 
 class Teacher(BaseHTTPRequestHandler):
-    """/v1/completions playing a teacher for the tiny world's "Where was X born?": every other sample searches the
-    person and answers from the observation, the others guess wrong from memory (so rejection sampling keeps
-    the searches and CoT+A pairs form); other questions: a wrong guess."""
-    samples = 0
+    """/v1/completions playing a teacher for the tiny world's "Where was X born?": of the samples of one prompt, every
+    other one searches the person and answers from the observation, the others guess wrong from memory (so rejection
+    sampling keeps the searches and CoT+A pairs form); other questions: a wrong guess. Counted per prompt, under a
+    lock: synthesis keeps many requests in flight, and the order they arrive in is the threads'."""
+    samples, lock = {}, threading.Lock()
 
     def do_POST(self):
         prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
         name = prompt.split("Where was ")[1].split(" born?")[0] if "Where was " in prompt else None
-        if ENV.obs_open not in prompt:
-            Teacher.samples += 1
         if name and ENV.obs_open in prompt:
             city = prompt.split(f"{name} was born in ")[1].split(" in ")[0].strip(" .")
             reply = f" {name} was born in {city}. {ENV.think_close} {ENV.answer_open}{city}}}"
-        elif name and Teacher.samples % 2:
-            reply = f" I need to search for this. {ENV.action_open} {name} "
         else:
-            reply = f" I know this one. {ENV.think_close} {ENV.answer_open}nowhere}}"
+            with Teacher.lock:
+                Teacher.samples[prompt] = n = Teacher.samples.get(prompt, 0) + 1
+            if name and n % 2:
+                reply = f" I need to search for this. {ENV.action_open} {name} "
+            else:
+                reply = f" I know this one. {ENV.think_close} {ENV.answer_open}nowhere}}"
         send_json(self, {"choices": [{"text": reply, "finish_reason": "stop"}]})
 
     def log_message(self, *args):
