@@ -236,8 +236,7 @@ def plain_copy(model, device, dtype=None):
     from transformers import AutoModelForCausalLM
     copy = AutoModelForCausalLM.from_config(hf_model(model).config, dtype=next(iter(state_dict.values())).dtype)
     if is_lora(model):  # the same adapters, so that the gathered state dict's names and shapes fit
-        from peft import get_peft_model
-        copy = get_peft_model(copy, unwrap(model).peft_config["default"])
+        copy = wrap_peft(copy, unwrap(model).peft_config["default"])
     copy.load_state_dict(state_dict)
     return merge_lora(copy).to(device)
 
@@ -383,10 +382,16 @@ def add_lora(model, rank, alpha):
     Their output is scaled by alpha / rank; B starts at zero, so the model starts as the base exactly. No dropout:
     it would make rl.py's ratio differ from 1 on policy. Adapters on a bf16 or fp16 base are kept in fp32 (peft's
     autocast_adapter_dtype), as the fp32 masters of full fine-tuning are: small updates vanish in bf16 weights."""
-    from peft import LoraConfig, get_peft_model
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0, bias="none",
-                        task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: a line per rank
+    from peft import LoraConfig
+    return wrap_peft(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0,
+                                       bias="none", task_type="CAUSAL_LM"))
+
+
+def wrap_peft(model, config):
+    """peft's get_peft_model, quiet: peft reads transformers' deprecated is_gradient_checkpointing (a FutureWarning
+    a rank, every time a model is wrapped)."""
+    from peft import get_peft_model
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, config)
 
