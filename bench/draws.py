@@ -14,6 +14,7 @@ Trained folders are reused (demo.py skips a stage whose output exists), so a sec
 numbered as in docs/results.md: 1 SFT-2 - workflow, 2 SFT-1&2 - SFT-2, 3 SFT-1&2&3 - SFT-1&2, 4 RL real only -
 SFT-1&2&3, 5 simulated then real - RL-2 alone, 6 gold-shown then real - RL-2 alone (test EM differences).
 """
+import argparse
 import json
 import os
 import statistics
@@ -35,19 +36,14 @@ BAR = {"1": 0.15, "4": 1e-9, "6": 1e-9}
 
 
 def flags(argv):
-    out = {"seeds": 5, "other-seeds": 3, "other": "avx2", "readme": False, "report": False}
-    it = iter(argv)
-    for a in it:
-        name = a[2:]
-        if name in ("readme", "report"):
-            out[name] = True
-        elif name in ("seeds", "other-seeds", "other"):
-            out[name] = next(it, None)
-            if out[name] is None:
-                sys.exit(f"bench/draws.py: --{name} needs a value")
-        else:
-            sys.exit(f"bench/draws.py: unknown argument {a!r} (see the docstring)")
-    return out
+    p = argparse.ArgumentParser(prog="bench/draws.py", allow_abbrev=False,
+                                description="the tiny world's story over seeds and float paths")
+    p.add_argument("--seeds", type=int, default=5, help="seeds on this machine's float path (runs/tiny)")
+    p.add_argument("--other-seeds", type=int, default=3, help="seeds under the other ATen kernel set")
+    p.add_argument("--other", default="avx2", help="the other path's ATEN_CPU_CAPABILITY (runs/tiny_<other>)")
+    p.add_argument("--readme", action="store_true", help="demo.py --readme, and docs/results.md's draws section")
+    p.add_argument("--report", action="store_true", help="no training: read the two results.json and print")
+    return p.parse_args(argv)
 
 
 def run_demo(seeds, name, capability, readme):
@@ -111,14 +107,14 @@ def report(main_dir, other_dir):
 
 def main(argv):
     f = flags(argv)
-    other = f"tiny_{f['other']}"
-    if not f["report"]:  # the other path first: --readme edits tracked files, and a demo started after it would
+    other = f"tiny_{f.other}"
+    if not f.report:  # the other path first: --readme edits tracked files, and a demo started after it would
         # record its commit as "-dirty"
-        run_demo(int(f["other-seeds"]), other, f["other"], False)
-        run_demo(int(f["seeds"]), "tiny", None, f["readme"])
+        run_demo(f.other_seeds, other, f.other, False)
+        run_demo(f.seeds, "tiny", None, f.readme)
     text = report(os.path.join(HERE, "runs", "tiny"), os.path.join(HERE, "runs", other))
     print(text)
-    if f["readme"]:
+    if f.readme:
         write_readme(os.path.join(HERE, "docs", "results.md"), text + "\n\nWritten by `python bench/draws.py "
                      + " ".join(argv) + "`.\n", "draws")
 

@@ -42,6 +42,11 @@ def test_report_gives_each_draw_its_findings_and_the_move_between_paths(tmp_path
     assert "2 seeds on test CPU, ATen AVX512, --jobs 2 (commit abc1234)" in text
 
 
-def test_unknown_argument_is_one_line():
-    with pytest.raises(SystemExit, match="unknown argument '--seed'"):
-        draws.flags(["--seed", "3"])
+def test_bad_flags_are_one_line_errors(capsys):
+    for argv, said in ((["--seed", "3"], "unrecognized arguments: --seed 3"),  # no prefix match for --seeds
+                       (["--seeds", "five"], "argument --seeds: invalid int value: 'five'")):
+        with pytest.raises(SystemExit) as e:
+            draws.flags(argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    f = draws.flags(["--seeds", "2", "--other-seeds", "1", "--other", "default", "--report"])
+    assert (f.seeds, f.other_seeds, f.other, f.report, f.readme) == (2, 1, "default", True, False)
