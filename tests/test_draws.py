@@ -50,3 +50,38 @@ def test_bad_flags_are_one_line_errors(capsys):
         assert e.value.code == 2 and said in capsys.readouterr().err
     f = draws.flags(["--seeds", "2", "--other-seeds", "1", "--other", "default", "--report"])
     assert (f.seeds, f.other_seeds, f.other, f.report, f.readme) == (2, 1, "default", True, False)
+
+
+def test_paper_protocol_evaluates_every_row_of_every_draw_on_its_own_float_path(tmp_path, monkeypatch):
+    """--paper: eval.py with 3 samples at 0.7 on each row's model of each draw, ATen capped for the other path's
+    draws only; the table and the findings' counts come from the summaries those evals write."""
+    runs = tmp_path / "runs"
+    a = results(runs / "tiny", "AVX512", [0.95, 0.90], [0.99, 0.99])
+    b = results(runs / "tiny_avx2", "AVX2", [0.93, 0.90], [0.99, 0.95])
+    sampled = {"sft123": 0.85, "rl_real": 0.93, "rl_rl2": 0.90, "rl_zs": 0.92}  # by model folder; the rest 0.80
+    calls = []
+
+    def fake_eval(cmd, cwd, env, capture_output, text):  # writes the summary eval.py would
+        over = dict(a.split("=", 1) for a in cmd if "=" in a)
+        calls.append((over, env.get("ATEN_CPU_CAPABILITY")))
+        em = sampled.get(over["eval.init"], 0.80) - 0.01 * int(over["run.seed"])
+        out = os.path.join(tmp_path, "runs", over["run.name"], "eval")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, over["eval.tag"] + ".summary.json"), "w") as f:
+            json.dump({"em": em, "by_kind": {k: {"em": em} for k in draws.KINDS}}, f)
+        return type("Done", (), {"returncode": 0, "stderr": ""})()
+
+    monkeypatch.setattr(draws, "HERE", str(tmp_path))
+    monkeypatch.setattr(draws.subprocess, "run", fake_eval)
+    text = draws.paper_report(a, b, "avx2", run=True)
+    assert len(calls) == 4 * len(draws.ROWS)  # 2 draws a path, every row
+    for over, capability in calls:
+        assert over["eval.samples"] == "3" and over["eval.temperature"] == "0.7" and over["eval.data"] == "test"
+        assert over["eval.tag"].endswith("_paper") and over["run.data_dir"] == f"data/{over['run.name']}"
+        assert capability == ("avx2" if over["run.name"].startswith("tiny_avx2/") else None)
+    assert {over["run.name"] for over, _ in calls} == {"tiny/seed0", "tiny/seed1", "tiny_avx2/seed0", "tiny_avx2/seed1"}
+    lines = [line for line in text.splitlines() if line.startswith("| AVX")]
+    assert lines[1].split(" | ")[4] == "0.840"  # SFT-1&2&3 on seed 1: 0.85 - 0.01
+    # F4 = 0.93 - 0.85 > 0 on every draw; F6 = 0.92 - 0.90 > 0 on every draw; F1 = 0.80 - 0.80 on none
+    assert "Finding 1 >= 0.15 on 0 of 4 draws, 4 > 0 on 4, 6 > 0 on 4." in text
+    assert draws.paper_report(a, b, "avx2", run=False) == text  # --report reads the same summaries back
