@@ -9,7 +9,7 @@ spread over all draws, and how far the other path moved the seeds both ran.
     python bench/draws.py --readme        # ... the demo's --readme too, and docs/results.md's "draws" section
     python bench/draws.py --report        # no training: read the two results.json and print
     python bench/draws.py --seeds 5 --other-seeds 3 --other avx2   # the defaults
-    python bench/draws.py --report --paper --readme   # + the same models under the paper's protocol (3 samples at 0.7)
+    python bench/draws.py --report --paper --readme   # no training; the models under the paper's protocol too
 
 Trained folders are reused (demo.py skips a stage whose output exists), so a second call only evaluates. Findings,
 numbered as in docs/results.md: 1 SFT-2 - workflow, 2 SFT-1&2 - SFT-2, 3 SFT-1&2&3 - SFT-1&2, 4 RL real only -
@@ -48,8 +48,8 @@ def flags(argv):
     p.add_argument("--other", default="avx2", help="the other path's ATEN_CPU_CAPABILITY (runs/tiny_<other>)")
     p.add_argument("--readme", action="store_true", help="demo.py --readme, and docs/results.md's draws section")
     p.add_argument("--report", action="store_true", help="no training: read the two results.json and print")
-    p.add_argument("--paper", action="store_true", help="also every draw's rows under the paper's protocol (3 samples "
-                   "at 0.7), evaluated now (read back with --report)")
+    p.add_argument("--paper", action="store_true", help="also evaluate every draw's models under the paper's protocol "
+                   "(3 samples at 0.7; with --report too, which skips the demos only)")
     return p.parse_args(argv)
 
 
@@ -125,29 +125,28 @@ def report(main_dir, other_dir):
     return text
 
 
-def paper_rows(name, seed, capability, run):
-    """{row: {"em", "em_<kind>"}} of one draw under the paper's protocol: eval.py on each row's model (run=True), or
-    the summaries an earlier call wrote (runs/<name>/seed<seed>/eval/<row>_paper.summary.json)."""
+def paper_rows(name, seed, capability):
+    """{row: {"em", "em_<kind>"}} of one draw under the paper's protocol: eval.py on each row's model, its summary read
+    back from runs/<name>/seed<seed>/eval/<row>_paper.summary.json."""
     folders = {label: (folder, mode) for label, folder, mode in DEMO_ROWS}
     out = {}
     for short, label in ROWS.items():
         folder, mode = folders[label]
         tag = slug(label) + "_paper"
-        if run:
-            done = subprocess.run([sys.executable, "eval.py", "--config", "configs/tiny.yaml", f"run.seed={seed}",
-                                   f"run.name={name}/seed{seed}", f"run.data_dir=data/{name}/seed{seed}",
-                                   f"eval.init={folder}", f"eval.mode={mode}", "eval.data=test", f"eval.tag={tag}",
-                                   *PAPER, "--overwrite"], cwd=HERE, env=path_env(capability), capture_output=True,
-                                  text=True)
-            if done.returncode:
-                sys.exit(f"bench/draws.py: eval of {name}/seed{seed}/{folder} failed:\n{done.stderr[-2000:]}")
+        done = subprocess.run([sys.executable, "eval.py", "--config", "configs/tiny.yaml", f"run.seed={seed}",
+                               f"run.name={name}/seed{seed}", f"run.data_dir=data/{name}/seed{seed}",
+                               f"eval.init={folder}", f"eval.mode={mode}", "eval.data=test", f"eval.tag={tag}", *PAPER,
+                               "--overwrite"], cwd=HERE, capture_output=True, text=True,
+                              env=path_env(capability) | {"OMP_NUM_THREADS": "1"})  # the same floats on any cores
+        if done.returncode:
+            sys.exit(f"bench/draws.py: eval of {name}/seed{seed}/{folder} failed:\n{done.stderr[-2000:]}")
         with open(os.path.join(HERE, "runs", name, f"seed{seed}", "eval", tag + ".summary.json")) as f:
             s = json.load(f)
         out[short] = {"em": s["em"], **{f"em_{k}": v["em"] for k, v in s["by_kind"].items()}}
     return out
 
 
-def paper_report(main_dir, other_dir, other, run):
+def paper_report(main_dir, other_dir, other):
     """report()'s table under the paper's protocol, for the same draws."""
     every = []
     for run_dir, capability in ((main_dir, None), (other_dir, other)):
@@ -156,7 +155,7 @@ def paper_report(main_dir, other_dir, other, run):
             seeds = json.load(f)["seeds"]
         for (label, _), seed in zip(draws(run_dir)[0], seeds):
             print(f"paper protocol: {name} seed {seed}", flush=True)
-            every.append((label, paper_rows(name, seed, capability, run)))
+            every.append((label, paper_rows(name, seed, capability)))
     return (table(every) + "\n\nThe same draws' models under the paper's protocol: test EM, the mean over 3 samples "
             "a question at temperature 0.7 (eval.samples=3 eval.temperature=0.7), real tool. Finding 1 >= 0.15 on "
             + held_text(every) + ".")
@@ -177,7 +176,7 @@ def main(argv):
                      + " ".join(argv) + "`.\n", "draws")
     if f.paper:
         sha = commit()  # the evals' code (the models' is in the table above)
-        text = paper_report(*dirs, f.other, not f.report)
+        text = paper_report(*dirs, f.other)
         print(text)
         if f.readme:
             write_readme(os.path.join(HERE, "docs", "results.md"), text + f" Evaluated on commit {sha} by `python "

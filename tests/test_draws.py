@@ -64,6 +64,7 @@ def test_paper_protocol_evaluates_every_row_of_every_draw_on_its_own_float_path(
     def fake_eval(cmd, cwd, env, capture_output, text):  # writes the summary eval.py would
         over = dict(a.split("=", 1) for a in cmd if "=" in a)
         calls.append((over, env.get("ATEN_CPU_CAPABILITY")))
+        assert env["OMP_NUM_THREADS"] == "1"  # one thread: the same floats on a machine with more cores
         em = sampled.get(over["eval.init"], 0.80) - 0.01 * int(over["run.seed"])
         out = os.path.join(tmp_path, "runs", over["run.name"], "eval")
         os.makedirs(out, exist_ok=True)
@@ -73,7 +74,7 @@ def test_paper_protocol_evaluates_every_row_of_every_draw_on_its_own_float_path(
 
     monkeypatch.setattr(draws, "HERE", str(tmp_path))
     monkeypatch.setattr(draws.subprocess, "run", fake_eval)
-    text = draws.paper_report(a, b, "avx2", run=True)
+    text = draws.paper_report(a, b, "avx2")
     assert len(calls) == 4 * len(draws.ROWS)  # 2 draws a path, every row
     for over, capability in calls:
         assert over["eval.samples"] == "3" and over["eval.temperature"] == "0.7" and over["eval.data"] == "test"
@@ -84,4 +85,3 @@ def test_paper_protocol_evaluates_every_row_of_every_draw_on_its_own_float_path(
     assert lines[1].split(" | ")[4] == "0.840"  # SFT-1&2&3 on seed 1: 0.85 - 0.01
     # F4 = 0.93 - 0.85 > 0 on every draw; F6 = 0.92 - 0.90 > 0 on every draw; F1 = 0.80 - 0.80 on none
     assert "Finding 1 >= 0.15 on 0 of 4 draws, 4 > 0 on 4, 6 > 0 on 4." in text
-    assert draws.paper_report(a, b, "avx2", run=False) == text  # --report reads the same summaries back
