@@ -71,14 +71,14 @@ def run_demo(seeds, name, capability, readme):
 
 
 def draws(run_dir):
-    """([(label, {row: {metric: value}})] per seed, commit, float path) of <run_dir>/results.json."""
+    """([(label, {row: {metric: value}})] per seed, commit, float path, seeds) of <run_dir>/results.json."""
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     path = res.get("float_path", {})
     tag = f"{path.get('aten_cpu_capability', '?')}/jobs {path.get('jobs', '?')}"
     return [(f"{tag} seed {seed}", {short: {m: v[i] for m, v in res["rows"][long].items()}
                                     for short, long in ROWS.items() if long in res["rows"]})
-            for i, seed in enumerate(res["seeds"])], res["commit"], path
+            for i, seed in enumerate(res["seeds"])], res["commit"], path, res["seeds"]
 
 
 def findings(rows):
@@ -109,7 +109,7 @@ def held_text(every):
 
 def report(main_dir, other_dir):
     """The table of every draw of the two runs, the mean and spread over all, and the findings' counts (markdown)."""
-    (mine, sha, path), (theirs, sha2, path2) = draws(main_dir), draws(other_dir)
+    (mine, sha, path, _), (theirs, sha2, path2, _) = draws(main_dir), draws(other_dir)
     every = mine + theirs
     shared = [(a, b) for (la, a), (lb, b) in zip(mine, theirs)]  # the same seeds on the two paths
     moved = {x: statistics.mean(abs(a[x]["em"] - b[x]["em"]) for a, b in shared) for x in ROWS}
@@ -146,14 +146,13 @@ def paper_rows(name, seed, capability):
     return out
 
 
-def paper_report(main_dir, other_dir, other):
-    """report()'s table under the paper's protocol, for the same draws."""
+def paper_report(other):
+    """report()'s table under the paper's protocol, for the same draws (runs/tiny, and runs/tiny_<other> with ATen
+    capped at `other`)."""
     every = []
-    for run_dir, capability in ((main_dir, None), (other_dir, other)):
-        name = os.path.relpath(run_dir, os.path.join(HERE, "runs"))
-        with open(os.path.join(run_dir, "results.json")) as f:
-            seeds = json.load(f)["seeds"]
-        for (label, _), seed in zip(draws(run_dir)[0], seeds):
+    for name, capability in (("tiny", None), (f"tiny_{other}", other)):
+        per_draw, _, _, seeds = draws(os.path.join(HERE, "runs", name))
+        for (label, _), seed in zip(per_draw, seeds):
             print(f"paper protocol: {name} seed {seed}", flush=True)
             every.append((label, paper_rows(name, seed, capability)))
     return (table(every) + "\n\nThe same draws' models under the paper's protocol: test EM, the mean over 3 samples "
@@ -168,19 +167,19 @@ def main(argv):
         # record its commit as "-dirty"
         run_demo(f.other_seeds, other, f.other, False)
         run_demo(f.seeds, "tiny", None, f.readme)
-    dirs = os.path.join(HERE, "runs", "tiny"), os.path.join(HERE, "runs", other)
-    text = report(*dirs)
+    text = report(os.path.join(HERE, "runs", "tiny"), os.path.join(HERE, "runs", other))
     print(text)
     if f.readme:
         write_readme(os.path.join(HERE, "docs", "results.md"), text + "\n\nWritten by `python bench/draws.py "
                      + " ".join(argv) + "`.\n", "draws")
     if f.paper:
         sha = commit()  # the evals' code (the models' is in the table above)
-        text = paper_report(*dirs, f.other)
+        text = paper_report(f.other)
         print(text)
         if f.readme:
             write_readme(os.path.join(HERE, "docs", "results.md"), text + f" Evaluated on commit {sha} by `python "
                          "bench/draws.py " + " ".join(argv) + "`.\n", "draws paper")
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -56,13 +56,13 @@ def test_paper_protocol_evaluates_every_row_of_every_draw_on_its_own_float_path(
     """--paper: eval.py with 3 samples at 0.7 on each row's model of each draw, ATen capped for the other path's
     draws only; the table and the findings' counts come from the summaries those evals write."""
     runs = tmp_path / "runs"
-    a = results(runs / "tiny", "AVX512", [0.95, 0.90], [0.99, 0.99])
-    b = results(runs / "tiny_avx2", "AVX2", [0.93, 0.90], [0.99, 0.95])
+    results(runs / "tiny", "AVX512", [0.95, 0.90], [0.99, 0.99])  # the two paths' results.json: seeds and labels
+    results(runs / "tiny_avx2", "AVX2", [0.93, 0.90], [0.99, 0.95])
     sampled = {"sft123": 0.85, "rl_real": 0.93, "rl_rl2": 0.90, "rl_zs": 0.92}  # by model folder; the rest 0.80
     calls = []
 
     def fake_eval(cmd, cwd, env, capture_output, text):  # writes the summary eval.py would
-        over = dict(a.split("=", 1) for a in cmd if "=" in a)
+        over = dict(arg.split("=", 1) for arg in cmd if "=" in arg)
         calls.append((over, env.get("ATEN_CPU_CAPABILITY")))
         assert env["OMP_NUM_THREADS"] == "1"  # one thread: the same floats on a machine with more cores
         em = sampled.get(over["eval.init"], 0.80) - 0.01 * int(over["run.seed"])
@@ -74,7 +74,7 @@ def test_paper_protocol_evaluates_every_row_of_every_draw_on_its_own_float_path(
 
     monkeypatch.setattr(draws, "HERE", str(tmp_path))
     monkeypatch.setattr(draws.subprocess, "run", fake_eval)
-    text = draws.paper_report(a, b, "avx2")
+    text = draws.paper_report("avx2")
     assert len(calls) == 4 * len(draws.ROWS)  # 2 draws a path, every row
     for over, capability in calls:
         assert over["eval.samples"] == "3" and over["eval.temperature"] == "0.7" and over["eval.data"] == "test"
